@@ -1,0 +1,1 @@
+"""Actor roles (trainer, generation engine) and the pure objectives the trainer runs."""

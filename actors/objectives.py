@@ -1,0 +1,426 @@
+"""Pure training objectives: the one generic loss the algorithm-blind trainer runs.
+
+The trainer receives token ids, a loss mask, advantages (per token [B, T] or
+per sequence [B]), old log-probs and optional reference log-probs, and calls
+`policy_objective` (or `sft_loss`). Everything here is a pure function over
+tensors: no model, no Ray, no config file.
+
+Shapes: B = sequences, T = completion tokens (right-padded), V = vocabulary.
+`mask` is [B, T] with 1 on the tokens that count (completion, not padding).
+
+Micro-batch invariance (the reason `aggregate` takes global normalisers): a
+step's batch is usually split into micro-batches whose gradients are summed.
+If every micro-batch divided by its own token count, the sum would weight
+tokens differently depending on how the batch was split. So the caller counts
+the normalisers once over the WHOLE global batch (`loss_normalisers`) and
+passes them to every micro-batch; the micro-batch losses then sum exactly to
+the full-batch loss. Under data parallelism whose gradient reduction averages
+over W ranks (FSDP, DDP), multiply each rank's loss by W (equivalently pass
+normaliser / W) so that the average turns back into the global sum.
+
+Formulas follow verl's core_algos (PPO-clip with clip-higher and dual-clip,
+k1/k2/k3/low_var_kl, the aggregation modes) and EvoLMM for the REINFORCE form
+and the exact full-vocabulary KL; see /work/shared/spec/algorithms.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+POLICY_LOSSES = ("ppo", "reinforce")
+
+# verl clamps the log-ratio before exp so one wild token cannot overflow.
+_LOG_RATIO_CLAMP = 20.0
+# verl's "low_var_kl": k3 clamped to this range.
+_LOW_VAR_KL_CLAMP = 10.0
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """At least fp32 (bf16/fp16 -> fp32; fp64 stays fp64 for exact tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def token_logprobs(logits: Tensor, target_ids: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-probability of each target token, in fp32.
+
+    logits [B, T, V] (any float dtype), target_ids [B, T] (long) -> [B, T] in
+    fp32 (fp64 if the logits are fp64).
+    logits at position t must already be the prediction for target_ids[:, t]
+    (the caller does the usual shift by one). Computed as
+    `z[target] - logsumexp(z)` with z = logits / temperature in fp32, which
+    equals log_softmax + gather without materialising a [B, T, V] result.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    z = _upcast(logits) / temperature
+    picked = z.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(z, dim=-1)
+
+
+def per_token(advantages: Tensor, mask: Tensor) -> Tensor:
+    """Broadcast advantages to [B, T]: per-sequence [B] values are repeated over
+    the tokens; per-token [B, T] values are returned unchanged."""
+    if advantages.dim() == 1:
+        if advantages.shape[0] != mask.shape[0]:
+            raise ValueError(
+                f"advantages has {advantages.shape[0]} sequences but mask has {mask.shape[0]}"
+            )
+        return advantages.unsqueeze(-1).expand_as(mask)
+    if advantages.shape != mask.shape:
+        raise ValueError(
+            f"advantages must be [B] or [B, T] = {tuple(mask.shape)}, "
+            f"got {tuple(advantages.shape)}"
+        )
+    return advantages
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` over the positions where mask is 1 (0 if none)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _masked_float_stats(values: Tensor, mask: Tensor) -> tuple[float, float, float]:
+    """(mean, min, max) over valid positions as python floats; zeros if empty."""
+    valid = values.detach()[mask.bool()]
+    if valid.numel() == 0:
+        return 0.0, 0.0, 0.0
+    return valid.float().mean().item(), valid.min().item(), valid.max().item()
+
+
+# ------------------------------------------------------------ aggregation
+
+
+def loss_normalisers(mask: Tensor) -> tuple[int, int]:
+    """(valid tokens, sequences with >= 1 valid token) of a mask [B, T].
+
+    Call it on the WHOLE global batch's mask and pass the two numbers as
+    `global_tokens` / `global_seqs` to every micro-batch's `aggregate`.
+    """
+    tokens_per_seq = mask.sum(-1)
+    return int(tokens_per_seq.sum().item()), int((tokens_per_seq > 0).sum().item())
+
+
+def _normaliser(given: float | int | Tensor | None, default: Tensor, like: Tensor) -> Tensor:
+    denom = default if given is None else torch.as_tensor(given, device=like.device)
+    denom = denom.to(like.dtype)
+    # A zero normaliser means no valid token anywhere: the loss is 0, not NaN.
+    return torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def aggregate(
+    loss_tok: Tensor,
+    mask: Tensor,
+    mode: str,
+    global_tokens: float | int | Tensor | None = None,
+    global_seqs: float | int | Tensor | None = None,
+) -> Tensor:
+    """Reduce a per-token loss [B, T] to a scalar, split-invariantly.
+
+    Modes (verl's names), with N_tok / N_seq the global normalisers:
+      token-mean:          sum_{b,t} m*l / N_tok
+      seq-mean-token-mean: sum_b [ sum_t m*l / n_b ] / N_seq   (n_b = valid tokens of b)
+      seq-mean-token-sum:  sum_b [ sum_t m*l ] / N_seq
+    n_b is a property of one sequence, so it never depends on the split; only
+    N_tok and N_seq do, hence they come from the caller (see module docstring
+    and `loss_normalisers`). When None they default to this batch's own counts
+    (N_seq counts sequences with at least one valid token), which is right only
+    when this batch IS the global batch. Sequences with no valid token add 0.
+    """
+    if mode not in AGG_MODES:
+        raise ValueError(f"loss aggregation mode must be one of {AGG_MODES}, got {mode!r}")
+    m = mask.to(loss_tok.dtype)
+    masked = loss_tok * m
+    tokens_per_seq = m.sum(-1)
+    if mode == "token-mean":
+        return masked.sum() / _normaliser(global_tokens, tokens_per_seq.sum(), loss_tok)
+    n_seq = _normaliser(global_seqs, (tokens_per_seq > 0).sum(), loss_tok)
+    if mode == "seq-mean-token-mean":
+        per_seq = masked.sum(-1) / tokens_per_seq.clamp(min=1)
+    else:
+        per_seq = masked.sum(-1)
+    return per_seq.sum() / n_seq
+
+
+# ---------------------------------------------------------- policy losses
+
+
+def ppo_clip_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.3,
+    dual_clip: float | None = 3.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO-clip per-token loss with clip-higher and dual-clip (verl's vanilla loss).
+
+    logprobs, old_logprobs, mask [B, T]; advantages [B] or [B, T] -> loss [B, T].
+      ratio = exp(clamp(logp - old, -20, 20))
+      l     = max(-A * ratio, -A * clamp(ratio, 1 - clip_low, 1 + clip_high))
+      dual-clip (Ye et al. 2020), for A < 0 only:  l = min(l, -A * dual_clip)
+    i.e. a negative-advantage token whose ratio exploded contributes at most
+    dual_clip * |A| (and no gradient). Padding positions are returned as
+    computed; `aggregate` masks them. Metrics are means over this batch's
+    valid tokens:
+      policy/clip_frac       share where the clipped branch is active
+      policy/dual_clip_frac  share where the dual-clip bound is active
+      policy/ratio_mean, policy/ratio_min, policy/ratio_max
+      policy/approx_kl_old   mean of old - new (verl's ppo_kl)
+    """
+    adv = per_token(advantages, mask).detach()
+    log_ratio = (logprobs - old_logprobs).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(loss_unclipped, loss_clipped)
+    clipped = loss_clipped > loss_unclipped
+    dual_active = torch.zeros_like(clipped)
+    if dual_clip is not None:
+        loss_dual = -adv * dual_clip
+        negative = adv < 0
+        dual_active = negative & (loss > loss_dual)
+        loss = torch.where(negative, torch.minimum(loss, loss_dual), loss)
+    ratio_mean, ratio_min, ratio_max = _masked_float_stats(ratio, mask)
+    metrics = {
+        "policy/clip_frac": masked_mean(clipped.float(), mask).item(),
+        "policy/dual_clip_frac": masked_mean(dual_active.float(), mask).item(),
+        "policy/ratio_mean": ratio_mean,
+        "policy/ratio_min": ratio_min,
+        "policy/ratio_max": ratio_max,
+        "policy/approx_kl_old": masked_mean(-log_ratio.detach(), mask).item(),
+    }
+    return loss, metrics
+
+
+def reinforce_loss(
+    logprobs: Tensor, advantages: Tensor, mask: Tensor
+) -> tuple[Tensor, dict[str, float]]:
+    """Plain REINFORCE with a baseline: loss_t = -A * log pi(y_t), per token [B, T].
+
+    logprobs, mask [B, T]; advantages [B] or [B, T] (already r - b). This is
+    EvoLMM's `(r - b) * NLL(completion)`: with "seq-mean-token-mean" (or
+    "token-mean" on one sequence) the aggregate is exactly (r - b) times the
+    mean token NLL that a HF `labels=` loss returns. No ratio, no clipping:
+    it is on-policy by construction. Metric: policy/nll (mean -logp, valid tokens).
+    """
+    adv = per_token(advantages, mask).detach()
+    loss = -adv * logprobs
+    return loss, {"policy/nll": masked_mean(-logprobs.detach(), mask).item()}
+
+
+def sft_loss(
+    logprobs: Tensor,
+    mask: Tensor,
+    mode: str = "token-mean",
+    global_tokens: float | int | Tensor | None = None,
+    global_seqs: float | int | Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Masked negative log-likelihood: aggregate(-logprobs [B, T], mask, mode).
+
+    Metrics: sft/nll (mean over this batch's valid tokens), sft/tokens.
+    """
+    loss = aggregate(-logprobs, mask, mode, global_tokens, global_seqs)
+    metrics = {
+        "sft/nll": masked_mean(-logprobs.detach(), mask).item(),
+        "sft/tokens": float(mask.sum().item()),
+    }
+    return loss, metrics
+
+
+# ------------------------------------------------------- KL and entropy
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
+    """Per-token sampled estimate of KL(pi || pi_ref) from log-probs [B, T] -> [B, T].
+
+    With d = logp - ref (Schulman, "Approximating KL divergence"):
+      k1:         d                                (unbiased, can be negative)
+      k2:         0.5 * d^2
+      k3:         exp(-d) + d - 1                  (unbiased, >= 0)
+      low_var_kl: k3 with the log-ratio clamped to [-20, 20] and the result
+                  clamped to [-10, 10] (verl; the MM-Zero and MAYE default)
+    ref_logprobs is treated as a constant (detached).
+    """
+    d = logprobs - ref_logprobs.detach()
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d.square()
+    if estimator == "k3":
+        return torch.exp(-d) + d - 1.0
+    if estimator == "low_var_kl":
+        d = d.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+        k3 = torch.exp(-d) + d - 1.0
+        return k3.clamp(-_LOW_VAR_KL_CLAMP, _LOW_VAR_KL_CLAMP)
+    raise ValueError(f"KL estimator must be one of {KL_ESTIMATORS} or 'full', got {estimator!r}")
+
+
+def full_kl(logits: Tensor, ref_logits: Tensor) -> Tensor:
+    """Exact KL(pi || pi_ref) over the whole vocabulary, per token.
+
+    logits, ref_logits [B, T, V] -> [B, T] fp32:  sum_v p(v) (log p(v) - log q(v)).
+    EvoLMM's KL term (its loss uses the completion-token mean of this). Pass
+    temperature-scaled logits if the policy samples with a temperature.
+    ref_logits is treated as a constant (detached).
+    """
+    logp = F.log_softmax(_upcast(logits), dim=-1)
+    logq = F.log_softmax(_upcast(ref_logits.detach()), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the token distribution, logits [B, T, V] -> [B, T] fp32 (nats).
+
+    H = logsumexp(z) - sum_v softmax(z)_v z_v, the stable form verl uses.
+    """
+    z = _upcast(logits)
+    return torch.logsumexp(z, dim=-1) - (F.softmax(z, dim=-1) * z).sum(-1)
+
+
+# ------------------------------------------------------ generic objective
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """What the trainer's one generic loss computes. Defaults: MM-Zero's GRPO.
+
+    policy_loss:  "ppo" (clipped ratio against old_logprobs) or "reinforce"
+                  (-A * logp, EvoLMM).
+    clip_low:     PPO lower clip eps: ratio floor 1 - clip_low. In [0, 1).
+    clip_high:    PPO upper clip eps: ratio ceiling 1 + clip_high
+                  (clip-higher when > clip_low). >= 0.
+    dual_clip:    dual-clip constant c > 1 for negative advantages; None = off.
+    loss_agg:     one of AGG_MODES, used for every term (policy, KL, entropy).
+    kl_coef:      weight of the KL-to-reference loss term; 0 = no KL term.
+    kl_estimator: one of KL_ESTIMATORS (from ref_logprobs) or "full" (exact
+                  over the vocabulary, needs logits and ref_logits).
+    entropy_coef: weight of the entropy bonus (subtracted); 0 = off.
+    """
+
+    policy_loss: str = "ppo"
+    clip_low: float = 0.2
+    clip_high: float = 0.3
+    dual_clip: float | None = 3.0
+    loss_agg: str = "token-mean"
+    kl_coef: float = 0.0
+    kl_estimator: str = "low_var_kl"
+    entropy_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ValueError(
+                f"policy_loss must be one of {POLICY_LOSSES}, got {self.policy_loss!r}"
+            )
+        if not 0.0 <= self.clip_low < 1.0:
+            raise ValueError(f"clip_low must be in [0, 1), got {self.clip_low}")
+        if self.clip_high < 0.0:
+            raise ValueError(f"clip_high must be >= 0, got {self.clip_high}")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1 (or None to disable), got {self.dual_clip}")
+        if self.loss_agg not in AGG_MODES:
+            raise ValueError(f"loss_agg must be one of {AGG_MODES}, got {self.loss_agg!r}")
+        if self.kl_coef < 0.0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.kl_estimator not in KL_ESTIMATORS + ("full",):
+            raise ValueError(
+                f"kl_estimator must be one of {KL_ESTIMATORS + ('full',)}, "
+                f"got {self.kl_estimator!r}"
+            )
+        if self.entropy_coef < 0.0:
+            raise ValueError(f"entropy_coef must be >= 0, got {self.entropy_coef}")
+
+
+def _kl_per_token(
+    spec: ObjectiveSpec,
+    logprobs: Tensor,
+    ref_logprobs: Tensor | None,
+    logits: Tensor | None,
+    ref_logits: Tensor | None,
+) -> Tensor | None:
+    """Per-token KL [B, T] if its inputs were given, else None (or ValueError
+    when the spec needs the term)."""
+    if spec.kl_estimator == "full":
+        if logits is None or ref_logits is None:
+            if spec.kl_coef > 0:
+                raise ValueError("kl_estimator='full' with kl_coef > 0 needs logits and ref_logits")
+            return None
+        return full_kl(logits, ref_logits)
+    if ref_logprobs is None:
+        if spec.kl_coef > 0:
+            raise ValueError(
+                f"kl_coef={spec.kl_coef} > 0 needs ref_logprobs (or set kl_coef: 0)"
+            )
+        return None
+    return kl_penalty(logprobs, ref_logprobs, spec.kl_estimator)
+
+
+def policy_objective(
+    spec: ObjectiveSpec,
+    logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    logits: Tensor | None = None,
+    ref_logits: Tensor | None = None,
+    global_tokens: float | int | Tensor | None = None,
+    global_seqs: float | int | Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The trainer's one loss: policy term + kl_coef * KL - entropy_coef * H.
+
+    logprobs, mask, old_logprobs, ref_logprobs [B, T]; advantages [B] or [B, T];
+    logits, ref_logits [B, T, V] (only for the entropy bonus / "full" KL, and
+    for the entropy metric). Every term is reduced with `aggregate(...,
+    spec.loss_agg, global_tokens, global_seqs)`, so micro-batch losses sum to
+    the global-batch loss when the global normalisers are passed.
+    old_logprobs is required for "ppo" (for a strictly on-policy step pass
+    logprobs.detach(), which makes the ratio 1 and the gradient REINFORCE's).
+    The KL and entropy are logged whenever their inputs are given, even with
+    a zero coefficient. Metrics are over this micro-batch's valid tokens.
+    """
+    agg = dict(mode=spec.loss_agg, global_tokens=global_tokens, global_seqs=global_seqs)
+    if spec.policy_loss == "ppo":
+        if old_logprobs is None:
+            raise ValueError(
+                "policy_loss='ppo' needs old_logprobs (logprobs.detach() if on-policy)"
+            )
+        pg_tok, metrics = ppo_clip_loss(
+            logprobs, old_logprobs, advantages, mask,
+            spec.clip_low, spec.clip_high, spec.dual_clip,
+        )
+    else:
+        pg_tok, metrics = reinforce_loss(logprobs, advantages, mask)
+    pg_loss = aggregate(pg_tok, mask, **agg)
+    loss = pg_loss
+    metrics["policy/pg_loss"] = pg_loss.item()
+
+    kl_tok = _kl_per_token(spec, logprobs, ref_logprobs, logits, ref_logits)
+    if kl_tok is not None:
+        kl_loss = aggregate(kl_tok, mask, **agg)
+        metrics["policy/kl"] = masked_mean(kl_tok.detach(), mask).item()
+        metrics["policy/kl_loss"] = kl_loss.item()
+        if spec.kl_coef > 0:
+            loss = loss + spec.kl_coef * kl_loss
+
+    if spec.entropy_coef > 0 and logits is None:
+        raise ValueError(f"entropy_coef={spec.entropy_coef} > 0 needs logits")
+    if logits is not None:
+        ent_tok = entropy_from_logits(logits if spec.entropy_coef > 0 else logits.detach())
+        metrics["policy/entropy"] = masked_mean(ent_tok.detach(), mask).item()
+        if spec.entropy_coef > 0:
+            loss = loss - spec.entropy_coef * aggregate(ent_tok, mask, **agg)
+
+    metrics["policy/loss"] = loss.item()
+    return loss, metrics

@@ -1,0 +1,1 @@
+"""Recipes and driver-side math (rewards, advantages) that feed the actors."""
