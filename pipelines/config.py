@@ -1,0 +1,385 @@
+"""Typed configuration: one dataclass per component, YAML + dotted overrides.
+
+An experiment is a YAML file plus overrides such as ``trainer.lr=2e-6``.
+Every field carries its documentation and its range in the schema (the
+``param`` helper below), so defaults live here and nowhere else, and a wrong
+value fails on load with a message that names the field and says what to do:
+
+    >>> load_config("configs/mmzero/tiny-cpu.yaml", ["trainer.lr=-1"])
+    ValueError: trainer.lr: must be > 0, got -1.0
+
+Recipes add their own section by declaring a dataclass field on ``Config``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "param",
+]
+
+
+class ConfigError(ValueError):
+    """A user error in a configuration: the message names the field and the fix."""
+
+
+def param(default: Any, doc: str, *, gt=None, ge=None, lt=None, le=None) -> Any:
+    """A documented dataclass field with an optional numeric range.
+
+    ``doc`` is shown by ``coevolve config show --doc``; the bounds are checked
+    on load. Mutable defaults (lists, dicts, dataclasses) are copied per
+    instance.
+    """
+    meta = {"doc": doc, "gt": gt, "ge": ge, "lt": lt, "le": le}
+    if isinstance(default, (list, dict)) or is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------
+# The schema
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    name: str = param("tiny", "Run name; the run directory is <root>/<name>.")
+    root: str = param("runs", "Folder that holds run directories (shared storage on a cluster).")
+    recipe: str = param("mmzero", "Recipe to run: mmzero (others arrive in later releases).")
+    iterations: int = param(1, "Self-evolution iterations to run (resumable: raise it to continue).", ge=1)
+    seed: int = param(0, "Seed of every RNG stream of the run (data order, sampling, init).", ge=0)
+    save_every: int = param(10, "Checkpoint a training phase every K optimizer steps.", ge=1)
+    keep_checkpoints: int = param(2, "Step checkpoints kept per phase (the newest K).", ge=1)
+
+
+@dataclass
+class ModelConfig:
+    path: str = param(
+        "tiny://qwen2.5-vl",
+        "Base model: a hub id, a local folder, or tiny://<family>[?hidden=..&layers=..] "
+        "(families: qwen2-vl, qwen2.5-vl, qwen3-vl) for a tiny random model built offline.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = param(
+        "auto", "Compute dtype of engines and trainer: auto = bfloat16 on GPU, float32 on CPU."
+    )
+    max_pixels: int = param(
+        1280 * 28 * 28, "Largest image (in pixels) the processor keeps before downscaling.", gt=0
+    )
+
+
+@dataclass
+class GeneratorConfig:
+    max_model_len: int = param(4096, "Longest prompt + completion an engine accepts (tokens).", gt=0)
+    max_num_batched_tokens: int = param(
+        8192, "vLLM scheduler budget per step (also avoids split prefills on CPU).", gt=0
+    )
+    gpu_memory_utilization: float = param(
+        0.6, "Share of each engine GPU that vLLM may take (weights + KV cache).", gt=0, le=1
+    )
+    cpu_kvcache_gib: int = param(1, "KV-cache size per engine on a CPU host (whole GiB).", ge=1)
+    enforce_eager: bool = param(True, "Disable CUDA graphs (faster start, slower decode).")
+    bucket_mb: int = param(256, "Weight-sync bucket size in MiB (one object-store put each).", gt=0)
+    temperature: float = param(1.0, "Default sampling temperature.", ge=0)
+    top_p: float = param(0.99, "Default nucleus sampling threshold.", gt=0, le=1)
+    max_tokens: int = param(4096, "Default completion budget (tokens).", gt=0)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = param(False, "Train LoRA adapters instead of full weights.")
+    rank: int = param(16, "LoRA rank r.", gt=0)
+    alpha: int = param(32, "LoRA alpha (scale = alpha / r).", gt=0)
+    dropout: float = param(0.05, "LoRA dropout.", ge=0, lt=1)
+    target_modules: list[str] = param(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Module names that receive adapters.",
+    )
+
+
+@dataclass
+class TrainerConfig:
+    lr: float = param(1e-6, "AdamW learning rate.", gt=0)
+    weight_decay: float = param(1e-2, "AdamW weight decay.", ge=0)
+    betas: list[float] = param([0.9, 0.999], "AdamW betas (beta1, beta2).")
+    grad_clip: float = param(1.0, "Clip the global gradient norm to this value (0 = off).", ge=0)
+    schedule: Literal["constant", "warmup", "cosine"] = param(
+        "constant", "Learning-rate schedule: constant, linear warm-up then constant, or cosine."
+    )
+    warmup_ratio: float = param(0.0, "Share of steps spent warming up (warmup and cosine).", ge=0, le=1)
+    micro_batch_tokens: int = param(
+        16384, "Token budget of one micro-batch (prompt + completion, per rank).", gt=0
+    )
+    gradient_checkpointing: bool = param(True, "Recompute activations in the backward pass.")
+    freeze_vision: bool = param(False, "Freeze the vision tower.")
+    freeze_projector: bool = param(False, "Freeze the vision-language projector (merger).")
+    lora: LoraConfig = param(LoraConfig(), "LoRA settings.")
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage: Literal["grpo", "rloo", "drgrpo", "reinforce_pp", "reinforce"] = param(
+        "grpo", "Advantage estimator."
+    )
+    loss: Literal["ppo", "reinforce"] = param("ppo", "Policy objective.")
+    clip_low: float = param(0.2, "PPO ratio clip below 1 (1 - clip_low).", ge=0, lt=1)
+    clip_high: float = param(0.3, "PPO ratio clip above 1 (1 + clip_high); > clip_low = clip-higher.", ge=0)
+    dual_clip: float = param(3.0, "Dual-clip constant for negative advantages (0 = off).", ge=0)
+    kl_coef: float = param(1e-2, "Coefficient of the KL loss against the reference policy.", ge=0)
+    kl_estimator: Literal["k1", "k2", "k3", "low_var_kl", "full"] = param(
+        "low_var_kl", "KL estimator (low_var_kl = k3 clamped to [-10, 10])."
+    )
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = param(
+        "token-mean", "How per-token losses are reduced over the batch."
+    )
+    entropy_coef: float = param(0.0, "Entropy bonus coefficient.", ge=0)
+
+    def check(self) -> None:
+        if self.dual_clip and self.dual_clip <= 1:
+            raise ConfigError(f"dual_clip: must be 0 (off) or > 1, got {self.dual_clip}")
+
+
+@dataclass
+class RoleLayout:
+    engines: int = param(1, "Number of vLLM engines serving this role.", ge=0)
+    gpus_per_engine: int = param(0, "GPUs per engine (0 on a CPU host).", ge=0)
+    tensor_parallel: int = param(1, "Tensor-parallel size of each engine.", ge=1)
+    cpus_per_engine: int = param(1, "CPUs reserved per engine.", ge=0)
+
+    def check(self) -> None:
+        if self.gpus_per_engine and self.gpus_per_engine < self.tensor_parallel:
+            raise ConfigError(
+                f"gpus_per_engine: must be >= tensor_parallel ({self.tensor_parallel}), "
+                f"got {self.gpus_per_engine}"
+            )
+
+
+@dataclass
+class PlacementConfig:
+    trainer_ranks: int = param(1, "FSDP trainer ranks (one device each on a GPU host).", ge=1)
+    gpus_per_rank: int = param(0, "GPUs per trainer rank (0 on a CPU host, else 1).", ge=0, le=1)
+    cpus_per_rank: int = param(1, "CPUs reserved per trainer rank.", ge=0)
+    roles: dict[str, RoleLayout] = param(
+        {"proposer": RoleLayout(), "codegen": RoleLayout(), "solver": RoleLayout()},
+        "Engine layout per generating role.",
+    )
+
+
+@dataclass
+class LoggingConfig:
+    wandb: Literal["offline", "online", "disabled"] = param(
+        "offline", "wandb mode: offline (default, syncable later), online, or disabled."
+    )
+    project: str = param("coevolve", "wandb project.")
+    progress: bool = param(True, "Show progress bars in the job log.")
+
+
+@dataclass
+class Config:
+    run: RunConfig = param(RunConfig(), "Run identity, iterations, seed, checkpoint cadence.")
+    model: ModelConfig = param(ModelConfig(), "The base model.")
+    generator: GeneratorConfig = param(GeneratorConfig(), "vLLM engine settings.")
+    trainer: TrainerConfig = param(TrainerConfig(), "FSDP trainer and optimizer settings.")
+    algorithm: AlgorithmConfig = param(AlgorithmConfig(), "Policy-gradient objective.")
+    placement: PlacementConfig = param(PlacementConfig(), "Devices per role.")
+    logging: LoggingConfig = param(LoggingConfig(), "Metrics sinks and progress.")
+
+
+# --------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or start from defaults), apply ``a.b=value`` overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    for item in overrides:
+        _apply_override(data, item)
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data, "")
+
+
+def config_to_dict(cfg: Any) -> Any:
+    if is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
+    if isinstance(cfg, dict):
+        return {k: config_to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, list):
+        return [config_to_dict(v) for v in cfg]
+    return cfg
+
+
+def dump_config(cfg: Config, with_docs: bool = False) -> str:
+    """The resolved config as YAML; ``with_docs`` adds each field's doc as a comment."""
+    if not with_docs:
+        return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    lines: list[str] = []
+    _dump_documented(cfg, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _dump_documented(obj: Any, indent: int, out: list[str]) -> None:
+    pad = "  " * indent
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        out.append(f"{pad}# {f.metadata.get('doc', '')}")
+        if is_dataclass(value):
+            out.append(f"{pad}{f.name}:")
+            _dump_documented(value, indent + 1, out)
+        elif isinstance(value, dict) and value and all(is_dataclass(v) for v in value.values()):
+            out.append(f"{pad}{f.name}:")
+            for key, sub in value.items():
+                out.append(f"{pad}  {key}:")
+                _dump_documented(sub, indent + 2, out)
+        else:
+            text = yaml.safe_dump({f.name: config_to_dict(value)}, sort_keys=False).rstrip()
+            out.extend(pad + line for line in text.splitlines())
+
+
+def _apply_override(data: dict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. trainer.lr=2e-6")
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(_unknown_key_message(path, key, list(known)))
+    kwargs = {}
+    for name, value in data.items():
+        default = known[name].default_factory() if callable(known[name].default_factory) else None
+        if isinstance(default, dict) and isinstance(value, dict):
+            # A mapping section (e.g. placement.roles) overrides entries, not the whole map.
+            value = _merge(config_to_dict(default), value)
+        kwargs[name] = _coerce(hints[name], value, _join(path, name), known[name].metadata)
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        try:
+            check()  # cross-field rules; messages are relative to this section
+        except ConfigError as err:
+            raise ConfigError(_join(path, str(err))) from None
+    return obj
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        both = isinstance(out.get(key), dict) and isinstance(value, dict)
+        out[key] = _merge(out[key], value) if both else value
+    return out
+
+
+def _coerce(tp: Any, value: Any, path: str, meta: Any = None) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path, meta)
+    if is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is Literal:
+        if value not in args:
+            hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            extra = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"{path}: must be one of {list(args)}, got {value!r}{extra}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
+    value = _scalar(tp, value, path)
+    if meta:
+        _check_range(value, path, meta)
+    return value
+
+
+def _scalar(tp: type, value: Any, path: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads `1e-6` (no dot) as a string: accept any float literal.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r} (quote it in YAML)")
+    raise TypeError(f"config schema uses an unsupported type {tp!r} at {path}")
+
+
+def _check_range(value: Any, path: str, meta: Any) -> None:
+    bounds = (("gt", "> ", lambda v, b: v > b), ("ge", ">= ", lambda v, b: v >= b),
+              ("lt", "< ", lambda v, b: v < b), ("le", "<= ", lambda v, b: v <= b))
+    for key, text, ok in bounds:
+        bound = meta.get(key)
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"{path}: must be {text}{bound}, got {value!r}")
+
+
+def _unknown_key_message(path: str, key: str, valid: list[str]) -> str:
+    where = path or "the top level"
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+    hint = f"did you mean {_join(path, close[0])!r}? " if close else ""
+    return f"{_join(path, str(key))}: unknown key in {where}; {hint}valid keys: {', '.join(valid)}"
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+

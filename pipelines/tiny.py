@@ -1,0 +1,331 @@
+"""Tiny random Qwen-VL checkpoints, built offline from a ``tiny://`` reference.
+
+``tiny://qwen2.5-vl``, ``tiny://qwen3-vl`` and ``tiny://qwen2-vl`` build a
+small random model of that family, deterministically from a seed, into a
+folder that loads with ``transformers`` (AutoProcessor,
+AutoModelForImageTextToText) and with vLLM: weights, a byte-level BPE
+tokenizer trained here on a built-in corpus and carrying the Qwen-VL special
+tokens, the Qwen chat template, and an image processor with small pixel
+limits. The size is part of the reference::
+
+    tiny://qwen2.5-vl?hidden=512&layers=8&intermediate=2048
+
+Folders are cached under ``$COEVOLVE_CACHE/tiny`` (default
+``~/.cache/coevolve/tiny``), named by a hash of the family, the sizes, the
+seed and ``BUILDER_VERSION``; a build writes to a temporary folder and
+renames it, so concurrent builders (several Ray actors) are safe.
+
+Config facts that make vLLM and transformers agree exactly (checked in
+tests/test_tiny_models.py): Qwen3-VL needs an explicit ``head_dim``,
+``mrope_section`` summing to head_dim / 2, ``mrope_interleaved: true``,
+vision patch 16 with 32-pixel processor multiples, ``out_hidden_size`` equal
+to the text hidden size and unique ``deepstack_visual_indexes``; Qwen2 and
+Qwen2.5-VL need the vision merger's output equal to the text hidden size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl, urlparse
+
+BUILDER_VERSION = 1  # bump when the built folder would change for the same reference
+FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+# The Qwen2-VL / Qwen2.5-VL chat template (system prompt by default), and the
+# Qwen3-VL one (no default system prompt). Image parts become
+# <|vision_start|><|image_pad|><|vision_end|>; the processor expands the pad
+# to the image's merged patch count.
+_CONTENT = (
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+)
+QWEN2_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n" + _CONTENT + "<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN3_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n" + _CONTENT + "<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of a tiny model; every field can be set in the reference's query."""
+
+    family: str
+    hidden: int = 128            # text hidden size
+    layers: int = 2              # text decoder layers
+    heads: int = 4               # attention heads (head_dim = hidden / heads)
+    kv_heads: int = 2            # key/value heads (GQA)
+    intermediate: int = 256      # text MLP width
+    vision_hidden: int = 64      # vision tower width
+    vision_layers: int = 2       # vision blocks
+    vision_heads: int = 2        # vision attention heads
+    vocab: int = 1024            # BPE vocabulary trained here (before padding to 64)
+    max_pixels: int = 64 * 32 * 32  # processor pixel limit (small: few image tokens)
+    seed: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def key(self) -> str:
+        blob = json.dumps({**dataclasses.asdict(self), "v": BUILDER_VERSION}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def parse_tiny(ref: str) -> TinySpec:
+    """``tiny://qwen2.5-vl?hidden=256&layers=4`` -> TinySpec; ValueError naming the bad part."""
+    url = urlparse(ref)
+    if url.scheme != "tiny":
+        raise ValueError(f"not a tiny:// reference: {ref!r}")
+    family = (url.netloc + url.path).strip("/")
+    if family not in FAMILIES:
+        raise ValueError(f"{ref}: unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")
+    sizes = {f.name for f in dataclasses.fields(TinySpec)} - {"family"}
+    values = {}
+    for key, raw in parse_qsl(url.query, keep_blank_values=True):
+        if key not in sizes:
+            raise ValueError(f"{ref}: unknown size {key!r}; valid: {', '.join(sorted(sizes))}")
+        try:
+            values[key] = int(raw)
+        except ValueError:
+            raise ValueError(f"{ref}: {key} must be an integer, got {raw!r}") from None
+        if values[key] <= 0 and key != "seed":
+            raise ValueError(f"{ref}: {key} must be positive, got {values[key]}")
+    spec = TinySpec(family=family, **values)
+    if spec.hidden % spec.heads or spec.heads % spec.kv_heads:
+        raise ValueError(f"{ref}: hidden must divide by heads and heads by kv_heads")
+    if spec.head_dim % 8:
+        raise ValueError(f"{ref}: head_dim = hidden / heads = {spec.head_dim} must be a multiple of 8")
+    if spec.vision_hidden % spec.vision_heads:
+        raise ValueError(f"{ref}: vision_hidden must divide by vision_heads")
+    return spec
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("COEVOLVE_CACHE", Path.home() / ".cache" / "coevolve")) / "tiny"
+
+
+def build_tiny(ref: str | TinySpec, root: Path | None = None) -> Path:
+    """Return the folder of a tiny model, building it if it is not cached yet."""
+    spec = parse_tiny(ref) if isinstance(ref, str) else ref
+    root = Path(root) if root is not None else cache_root()
+    target = root / f"{spec.family}-{spec.key()}"
+    if (target / "DONE").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    try:
+        _write_model(spec, tmp)
+        (tmp / "DONE").write_text(json.dumps(dataclasses.asdict(spec)))
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "DONE").exists():  # not a concurrent builder's finished copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------
+
+
+def _write_model(spec: TinySpec, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+
+    tokenizer = _train_tokenizer(spec)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab_size = -(-len(tokenizer) // 64) * 64
+    config = _model_config(spec, vocab_size, ids)
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(spec.seed)
+    try:
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    finally:
+        torch.random.set_rng_state(state)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    model.save_pretrained(out)
+    _processor(spec, tokenizer).save_pretrained(out)
+
+
+def _model_config(spec: TinySpec, vocab_size: int, ids: dict[str, int]):
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+
+    half = spec.head_dim // 2
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=8192,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    tokens = dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    if spec.family == "qwen3-vl":
+        # Real Qwen3-VL splits head_dim/2 as 24/20/20 of 64; keep the shape.
+        t, h = half - 2 * (half * 5 // 16), half * 5 // 16
+        text.update(
+            head_dim=spec.head_dim,
+            rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                             "mrope_section": [t, h, h], "mrope_interleaved": True},
+        )
+        vision = dict(
+            depth=spec.vision_layers, hidden_size=spec.vision_hidden,
+            intermediate_size=spec.vision_hidden * 2, num_heads=spec.vision_heads,
+            patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+            out_hidden_size=spec.hidden, num_position_embeddings=256,
+            deepstack_visual_indexes=list(range(min(spec.vision_layers, 3))),
+        )
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
+
+    # Qwen2/2.5-VL split head_dim/2 as 16/24/24 of 64.
+    t = half // 4
+    h = (half - t) // 2
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6,
+                               "mrope_section": [half - 2 * h, h, h]}
+    if spec.family == "qwen2.5-vl":
+        vision = dict(
+            depth=spec.vision_layers, hidden_size=spec.vision_hidden,
+            intermediate_size=spec.vision_hidden * 2, num_heads=spec.vision_heads,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+            out_hidden_size=spec.hidden, fullatt_block_indexes=[spec.vision_layers - 1],
+        )
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+    vision = dict(
+        depth=spec.vision_layers, embed_dim=spec.vision_hidden, hidden_size=spec.hidden,
+        mlp_ratio=2, num_heads=spec.vision_heads, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    return Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
+
+
+def _processor(spec: TinySpec, tokenizer):
+    from transformers import AutoProcessor  # noqa: F401  (registers the processor classes)
+    from transformers import Qwen2VLImageProcessor
+
+    patch = 16 if spec.family == "qwen3-vl" else 14
+    unit = patch * 2  # pixels per merged image token side
+    size = {"shortest_edge": 4 * unit * unit, "longest_edge": spec.max_pixels}
+    image = Qwen2VLImageProcessor(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2)
+    if spec.family == "qwen3-vl":
+        from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+        video = Qwen3VLVideoProcessor(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2)
+        return Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                                chat_template=QWEN3_CHAT_TEMPLATE)
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    video = Qwen2VLVideoProcessor(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2)
+    cls = Qwen2_5_VLProcessor if spec.family == "qwen2.5-vl" else Qwen2VLProcessor
+    return cls(image_processor=image, tokenizer=tokenizer, video_processor=video,
+               chat_template=QWEN2_CHAT_TEMPLATE)
+
+
+def _train_tokenizer(spec: TinySpec):
+    """A byte-level BPE trained on a built-in corpus (deterministic), Qwen special tokens first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_corpus(), trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(
+        vocab=model["vocab"],
+        merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]],
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tokenizer.model_max_length = 8192
+    return tokenizer
+
+
+def _corpus() -> list[str]:
+    """Text close to what the recipes exchange: prompts, answers, SVG, reasoning."""
+    topics = [
+        "chart and graph understanding", "statistical and trend analysis",
+        "mathematical and quantitative reasoning", "spatial and geometric reasoning",
+        "logical and abstract reasoning", "diagram and structural comprehension",
+        "visual text recognition and OCR", "basic shape and object perception",
+    ]
+    sentences = [
+        "You are a helpful assistant.",
+        "Look at the image and answer the question. Think step by step inside <think></think>, "
+        "then give the final answer inside \\boxed{} as a single number, word or short phrase.",
+        "<content_type>data_chart</content_type><caption>A bar chart of monthly sales with five "
+        "bars labelled January to May.</caption><easy_question>How many bars are there?"
+        "</easy_question><easy_answer>5</easy_answer><hard_question>What is the difference "
+        "between the tallest and the shortest bar?</hard_question><hard_answer>12</hard_answer>",
+        '```svg\n<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 400 300" width="400" '
+        'height="300"><rect x="10" y="20" width="40" height="120" fill="#4477aa"/><text x="30" '
+        'y="160" font-size="14" text-anchor="middle">Jan</text><circle cx="200" cy="150" r="40" '
+        'stroke="black" fill="none"/><line x1="0" y1="0" x2="100" y2="100"/></svg>\n```',
+        "<think>Step 1: read the values. Step 2: compare them. The answer is 42.</think> "
+        "The final answer is \\boxed{42}.",
+        "<question>What is the value shown in the largest segment?</question>"
+        "<answer>A</answer><rationale>The image shows a pie chart.</rationale>",
+        "The triangle has sides 3, 4 and 5, so its area is \\frac{1}{2} \\times 3 \\times 4 = 6.",
+        "Which option is correct? (A) red (B) green (C) blue (D) yellow. Answer: B.",
+    ]
+    numbers = [f"{i} + {i * 7 % 13} = {i + i * 7 % 13}; {i * 0.25:.2f}%" for i in range(200)]
+    return [f"Topic: {t}. Generate a question about {t}." for t in topics] + sentences * 20 + numbers
