@@ -102,6 +102,7 @@ def cpu_engine_env(threads: int) -> dict[str, str]:
         # several engines on a small host they would all land on one core.
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "OMP_NUM_THREADS": str(threads),
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
 
 

@@ -168,7 +168,9 @@ def test_vllm_greedy_equals_transformers_in_fp32(family, engines):
     print(f"{family}: max |dlogp| = {diff.max():.2e}, mean = {diff.mean():.2e}")
     assert diff.max() < 1e-4
 
-    # The check is sensitive to multimodal RoPE: 1-D positions (what transformers 5
-    # silently uses without mm_token_type_ids) move the log-probs far past the tolerance.
-    flat = completion_logprobs().gather(-1, completion.T).squeeze(-1)
+    # The check is sensitive to multimodal RoPE: 1-D text positions for the image
+    # tokens (what a missing or wrong mm_token_type_ids silently gives) move the
+    # log-probs far past the tolerance.
+    flat = completion_logprobs(mm_token_type_ids=torch.zeros_like(ids)).gather(-1, completion.T)
+    flat = flat.squeeze(-1)
     assert (flat - torch.tensor(sample.logprobs)).abs().max() > 1e-3
