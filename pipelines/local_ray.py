@@ -30,6 +30,7 @@ def ray_session(num_cpus: int | None = None, num_gpus: int | None = None,
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
     else:
         # A private cluster of our own; ray.shutdown() below stops exactly it.
+        _loopback_only()
         ray.init(
             address="local",
             _node_ip_address="127.0.0.1",
@@ -40,7 +41,25 @@ def ray_session(num_cpus: int | None = None, num_gpus: int | None = None,
             runtime_env=runtime_env,
             log_to_driver=True,
         )
+        node_ip = ray.util.get_node_ip_address()
+        if node_ip != "127.0.0.1":
+            ray.shutdown()
+            raise RuntimeError(f"private Ray came up on {node_ip}, not 127.0.0.1; refusing to run")
     try:
         yield ray.cluster_resources()
     finally:
         ray.shutdown()
+
+
+def _loopback_only() -> None:
+    """Make a private Ray advertise and bind 127.0.0.1 only.
+
+    Ray resolves ``_node_ip_address="127.0.0.1"`` to the host's routable
+    address unless its "local cluster" switch is off; that switch is read
+    from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when ray is imported, so set the
+    variable (for the processes Ray starts) and the already-imported constant.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False

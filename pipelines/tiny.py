@@ -13,7 +13,8 @@ limits. The size is part of the reference::
 Folders are cached under ``$COEVOLVE_CACHE/tiny`` (default
 ``~/.cache/coevolve/tiny``), named by a hash of the family, the sizes, the
 seed and ``BUILDER_VERSION``; a build writes to a temporary folder and
-renames it, so concurrent builders (several Ray actors) are safe.
+renames it under a per-model file lock, so concurrent builders (several Ray
+actors) are safe.
 
 Config facts that make vLLM and transformers agree exactly (checked in
 tests/test_tiny_models.py): Qwen3-VL needs an explicit ``head_dim``,
@@ -26,6 +27,7 @@ Qwen2.5-VL need the vision merger's output equal to the text hidden size.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -146,17 +148,20 @@ def build_tiny(ref: str | TinySpec, root: Path | None = None) -> Path:
     if (target / "DONE").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    try:
-        _write_model(spec, tmp)
-        (tmp / "DONE").write_text(json.dumps(dataclasses.asdict(spec)))
+    # One builder at a time per model (several Ray actors resolve the same
+    # reference at once); the others wait and find the finished folder.
+    with open(root / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "DONE").exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
         try:
+            _write_model(spec, tmp)
+            (tmp / "DONE").write_text(json.dumps(dataclasses.asdict(spec)))
+            shutil.rmtree(target, ignore_errors=True)  # a partial folder from a killed builder
             os.rename(tmp, target)
-        except OSError:
-            if not (target / "DONE").exists():  # not a concurrent builder's finished copy
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -187,6 +192,11 @@ def _write_model(spec: TinySpec, out: Path) -> None:
     )
     model.save_pretrained(out)
     _processor(spec, tokenizer).save_pretrained(out)
+    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (out / f).exists()]
+    if missing:
+        # save_pretrained silently skips files on torch.distributed ranks other than 0.
+        raise RuntimeError(f"building {spec.family} wrote no {', '.join(missing)}; resolve tiny:// "
+                           "models before torch.distributed.init_process_group")
 
 
 def _model_config(spec: TinySpec, vocab_size: int, ids: dict[str, int]):

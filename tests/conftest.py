@@ -7,6 +7,8 @@ take it from a session fixture here instead of starting their own.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,11 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory) -> Path:
-    """A fresh model cache for the session, seen by this process and by Ray workers."""
-    path = tmp_path_factory.mktemp("coevolve-cache")
+def tiny_cache() -> Path:
+    """A fresh model cache for the session, seen by this process and by Ray workers.
+
+    Not under pytest's basetemp: a concurrent pytest session on the same host
+    prunes old basetemps, and Ray workers would lose the models mid-run.
+    """
+    path = Path(tempfile.mkdtemp(prefix="coevolve-test-cache-"))
     os.environ["COEVOLVE_CACHE"] = str(path)
-    return path
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +63,54 @@ def engines(ray_cluster):
     yield get
     for actor in created.values():
         ray.kill(actor)
+
+
+def chart_png(seed: int = 0, size: tuple[int, int] = (96, 72)) -> bytes:
+    """A small bar chart drawn locally; seed varies colours and bar heights."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    for i in range(3):
+        height = 10 + (seed * 17 + i * 23) % (size[1] - 20)
+        x = 8 + i * (size[0] - 16) // 3
+        draw.rectangle([x, size[1] - 6 - height, x + 18, size[1] - 6], fill=(60 * i, 40 * seed % 255, 200))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_train_batch(path: str, n_prompts: int = 3, n: int = 2, seed: int = 0, images: bool = True):
+    """A deterministic TrainBatch: image (or text) prompts through the real processor,
+    random completions of 3-8 tokens, one advantage per sample."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from actors.batching import TrainBatch
+
+    processor = AutoProcessor.from_pretrained(path)
+    rng = np.random.default_rng(seed)
+    ids, prompt_lens, prompt_index, all_images, adv = [], [], [], [], []
+    for p in range(n_prompts):
+        content = [{"type": "text", "text": f"Question {seed}-{p}: how many bars?"}]
+        if images:
+            content.insert(0, {"type": "image"})
+        text = processor.apply_chat_template([{"role": "user", "content": content}],
+                                             add_generation_prompt=True, tokenize=False)
+        png = chart_png(seed * 7 + p, (64 + 16 * p, 56))
+        kwargs = {"images": [Image.open(io.BytesIO(png))]} if images else {}
+        prompt = processor(text=[text], return_tensors="np", **kwargs)["input_ids"][0]
+        all_images.append([png] if images else [])
+        for _ in range(n):
+            completion = rng.integers(20, 500, size=int(rng.integers(3, 9)))
+            ids.append(np.concatenate([prompt, completion]).astype(np.int64))
+            prompt_lens.append(len(prompt))
+            prompt_index.append(p)
+            adv.append(float(rng.normal()))
+    return TrainBatch(ids, np.array(prompt_lens), np.array(prompt_index), all_images,
+                      np.array(adv, dtype=np.float32))

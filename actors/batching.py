@@ -1,0 +1,185 @@
+"""Training batches: columnar rollouts, rank shards, token-budget micro-batches.
+
+A ``TrainBatch`` is what the driver hands the trainer group: one row per
+sample (prompt + completion token ids), with the prompt's images stored once
+per prompt, not once per sample (a GRPO group of n samples shares one image
+set). Advantages are per sequence [S] or per completion token (a list of [T_i]
+arrays); old and reference log-probs are per completion token.
+
+``model_inputs`` turns a micro-batch into the tensors a Qwen-VL forward needs:
+right-padded ids, the attention mask, ``mm_token_type_ids`` (without it
+transformers 5 silently falls back to 1-D positions instead of multimodal
+RoPE), pixel values and image grid sizes from the model's own image
+processor, and the loss mask / aligned per-token inputs.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TrainBatch:
+    input_ids: list[np.ndarray]  # [S] int arrays: prompt + completion
+    prompt_lens: np.ndarray  # [S] int
+    prompt_index: np.ndarray  # [S] int, row of `images`
+    images: list[list[bytes]] = field(default_factory=list)  # [P] encoded images per prompt
+    advantages: np.ndarray | list[np.ndarray] | None = None  # [S] or [S][T_i]
+    old_logprobs: list[np.ndarray] | None = None  # [S][T_i]
+    ref_logprobs: list[np.ndarray] | None = None  # [S][T_i]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def completion_tokens(self) -> int:
+        return int(sum(len(ids) - p for ids, p in zip(self.input_ids, self.prompt_lens)))
+
+    def select(self, rows: list[int] | np.ndarray) -> "TrainBatch":
+        """The sub-batch of these sample rows, with only the prompts (images) they use."""
+        rows = [int(r) for r in rows]
+        used = sorted({int(self.prompt_index[r]) for r in rows})
+        remap = {p: i for i, p in enumerate(used)}
+
+        def pick(column):
+            if column is None:
+                return None
+            if isinstance(column, np.ndarray):
+                return column[rows]
+            return [column[r] for r in rows]
+
+        return TrainBatch(
+            input_ids=[self.input_ids[r] for r in rows],
+            prompt_lens=self.prompt_lens[rows],
+            prompt_index=np.array([remap[int(self.prompt_index[r])] for r in rows], dtype=np.int64),
+            images=[self.images[p] for p in used] if self.images else [],
+            advantages=pick(self.advantages),
+            old_logprobs=pick(self.old_logprobs),
+            ref_logprobs=pick(self.ref_logprobs),
+        )
+
+    def with_column(self, **columns) -> "TrainBatch":
+        return replace(self, **columns)
+
+
+def split_for_ranks(batch: TrainBatch, world_size: int) -> list[TrainBatch]:
+    """Contiguous, near-equal shards by completion tokens (keeps GRPO groups together)."""
+    if len(batch) < world_size:
+        raise ValueError(f"a batch of {len(batch)} samples cannot feed {world_size} trainer ranks")
+    cost = np.array([len(ids) for ids in batch.input_ids], dtype=np.float64)
+    bounds = np.searchsorted(np.cumsum(cost), np.arange(1, world_size) * cost.sum() / world_size)
+    bounds = np.clip(bounds, 1, len(batch) - 1)
+    # Every rank gets at least one sample.
+    for i in range(len(bounds)):
+        low = (bounds[i - 1] + 1) if i else 1
+        bounds[i] = min(max(bounds[i], low), len(batch) - (world_size - 1 - i))
+    edges = [0, *bounds.tolist(), len(batch)]
+    return [batch.select(range(edges[r], edges[r + 1])) for r in range(world_size)]
+
+
+def micro_batches(batch: TrainBatch, token_budget: int) -> list[list[int]]:
+    """Rows grouped in order so that rows x longest row <= token_budget (>= 1 row each)."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for row, ids in enumerate(batch.input_ids):
+        longest_if = max(longest, len(ids))
+        if current and longest_if * (len(current) + 1) > token_budget:
+            groups.append(current)
+            current, longest_if = [], len(ids)
+        current.append(row)
+        longest = longest_if
+    if current:
+        groups.append(current)
+    return groups
+
+
+class InputBuilder:
+    """Builds model inputs with the model's own image processor (cached per prompt)."""
+
+    def __init__(self, processor, image_token_id: int, video_token_id: int, pad_id: int):
+        self.processor = processor
+        self.image_token_id = image_token_id
+        self.video_token_id = video_token_id
+        self.pad_id = pad_id
+        self._pixels: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def for_model(cls, path: str) -> "InputBuilder":
+        from transformers import AutoConfig, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+        pad = processor.tokenizer.pad_token_id
+        return cls(processor, config.image_token_id, config.video_token_id, 0 if pad is None else pad)
+
+    def clear(self) -> None:
+        self._pixels.clear()
+
+    def build(self, batch: TrainBatch, rows: list[int], batch_key: int = 0) -> dict:
+        """Tensors for rows of batch. Log-prob-aligned tensors are [B, L-1]."""
+        lengths = [len(batch.input_ids[r]) for r in rows]
+        width = max(lengths)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        loss_mask = torch.zeros((len(rows), width - 1), dtype=torch.float32)
+        old = torch.zeros_like(loss_mask)
+        ref = torch.zeros_like(loss_mask)
+        adv_tok = torch.zeros_like(loss_mask)
+        adv_seq = torch.zeros(len(rows), dtype=torch.float32)
+        per_token_adv = isinstance(batch.advantages, list)
+        pixels, grids = [], []
+        for i, r in enumerate(rows):
+            seq = torch.tensor(np.asarray(batch.input_ids[r]), dtype=torch.long)  # copies read-only refs
+            n, p = len(seq), int(batch.prompt_lens[r])
+            ids[i, :n] = seq
+            attention[i, :n] = 1
+            loss_mask[i, p - 1:n - 1] = 1.0  # logits at t-1 predict the token at t
+            if batch.old_logprobs is not None:
+                old[i, p - 1:n - 1] = torch.tensor(batch.old_logprobs[r], dtype=torch.float32)
+            if batch.ref_logprobs is not None:
+                ref[i, p - 1:n - 1] = torch.tensor(batch.ref_logprobs[r], dtype=torch.float32)
+            if batch.advantages is not None:
+                if per_token_adv:
+                    adv_tok[i, p - 1:n - 1] = torch.tensor(batch.advantages[r], dtype=torch.float32)
+                else:
+                    adv_seq[i] = float(batch.advantages[r])
+            if batch.images:
+                images = batch.images[int(batch.prompt_index[r])]
+                if images:
+                    pv, grid = self._prompt_pixels(batch_key, int(batch.prompt_index[r]), images)
+                    pixels.append(pv)
+                    grids.append(grid)
+        mm_types = (ids == self.image_token_id).long() + 2 * (ids == self.video_token_id).long()
+        inputs = {"input_ids": ids, "attention_mask": attention, "mm_token_type_ids": mm_types}
+        if pixels:
+            inputs["pixel_values"] = torch.cat(pixels)
+            inputs["image_grid_thw"] = torch.cat(grids)
+        return {
+            "inputs": inputs,
+            "targets": ids[:, 1:],
+            "loss_mask": loss_mask,
+            "old_logprobs": old if batch.old_logprobs is not None else None,
+            "ref_logprobs": ref if batch.ref_logprobs is not None else None,
+            "advantages": None if batch.advantages is None else (adv_tok if per_token_adv else adv_seq),
+        }
+
+    def _prompt_pixels(self, batch_key: int, prompt: int, images: list[bytes]):
+        key = (batch_key, prompt)
+        if key not in self._pixels:
+            from PIL import Image
+
+            pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+            out = self.processor.image_processor(images=pil, return_tensors="pt")
+            self._pixels[key] = (out["pixel_values"], out["image_grid_thw"])
+        return self._pixels[key]
+
+    def dummy_vision_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The smallest image the processor accepts, to keep FSDP collectives aligned."""
+        from PIL import Image
+
+        out = self.processor.image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]

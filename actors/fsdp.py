@@ -1,0 +1,112 @@
+"""Distribution in one place: process groups and FSDP2 wrapping of a Qwen-VL model.
+
+Model and algorithm code elsewhere read like single-device code; this module
+is the only one that knows about process groups, DTensors and sharding.
+FSDP2 (``fully_shard``) runs over gloo on CPU and NCCL on GPU (FSDP1 and CPU
+offload do not work on CPU). The vision tower is one FSDP unit, each decoder
+block another, and the root holds embeddings, final norm and LM head.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def free_address() -> tuple[str, int]:
+    """An address this host can be reached at, and a free TCP port (rank 0's rendezvous)."""
+    host = os.environ.get("COEVOLVE_RENDEZVOUS_HOST") or _node_ip()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return host, s.getsockname()[1]
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return "127.0.0.1"
+
+
+def init_process_group(rank: int, world_size: int, host: str, port: int,
+                       timeout_s: float = 600.0) -> str:
+    """Join the trainer group's process group; returns the backend used."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0)  # Ray exposes exactly this rank's GPU as device 0
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{host}:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    return backend
+
+
+def hf_core(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under an optional peft wrapper."""
+    base = getattr(model, "base_model", None)
+    inner = getattr(base, "model", None)
+    return inner if inner is not None and hasattr(inner, "model") else model
+
+
+def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    return hf_core(model).model.visual
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return list(hf_core(model).model.language_model.layers)
+
+
+def apply_fsdp(model: torch.nn.Module, mixed_precision: bool) -> torch.nn.Module:
+    """Shard the vision tower as one unit, each decoder block, then the root."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {}
+    if mixed_precision:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                   reduce_dtype=torch.float32)
+    fully_shard(vision_tower(model), **kwargs)
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU tensors on rank 0 (empty dict elsewhere); every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of possibly sharded gradients."""
+    from torch.distributed.tensor import DTensor
+
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_reduce_max(value: int) -> int:
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

@@ -1,0 +1,472 @@
+"""TrainerActor: one FSDP2 rank of the policy trainer; TrainerGroup: N of them.
+
+The trainer does not know the recipe. A batch brings token ids, the prompt
+lengths (the loss covers completion tokens), advantages (per sequence or per
+token), old log-probs and optionally reference log-probs; the trainer runs
+one generic masked objective (``actors.objectives.policy_objective``) or the
+SFT loss. Verbs, called explicitly by the driver:
+
+    compute_logprobs(batch, reference=False) -> per-sample completion log-probs
+    forward_backward(batch) -> metrics      (accumulates gradients)
+    optim_step() -> metrics                 (clip, AdamW, LR schedule, zero grads)
+    weight_buckets(bucket_bytes) -> refs    (full tensors, or LoRA adapters only)
+    save(dir) / load(dir)                   (torch.distributed.checkpoint, reshardable)
+    export_hf(dir)                          (a folder for transformers / vLLM / peft)
+
+Gradients are the same whatever the micro-batch split and rank count: every
+loss term is normalised by counts taken over the whole global batch (all
+ranks), and the loss is multiplied by the world size because FSDP averages
+gradients over ranks. All ranks run the same number of forward passes, each
+touching the vision tower once, so FSDP's collectives stay aligned.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from actors import fsdp
+from actors.batching import InputBuilder, TrainBatch, micro_batches
+from actors.objectives import ObjectiveSpec, policy_objective, sft_loss, token_logprobs
+
+
+@dataclass
+class LoraSpec:
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class TrainerSpec:
+    """Everything a rank needs to build its model and optimizer (from the config)."""
+
+    model: str  # hub id, folder or tiny:// reference: the phase's starting weights
+    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
+    sft: bool = False  # run the masked NLL instead of the policy objective
+    lr: float = 1e-6
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    schedule: str = "constant"  # constant | warmup | cosine
+    warmup_steps: int = 0
+    total_steps: int = 1  # for cosine
+    micro_batch_tokens: int = 16384
+    gradient_checkpointing: bool = True
+    freeze_vision: bool = False
+    freeze_projector: bool = False
+    lora: LoraSpec | None = None
+    reference: bool = True  # keep the frozen starting policy for KL
+    mixed_precision: bool | None = None  # None: bf16 on GPU, fp32 on CPU
+    seed: int = 0
+    threads: int = 0  # torch threads on CPU (0: leave as is)
+
+
+class TrainerActor:
+    def __init__(self, spec: TrainerSpec, rank: int, world_size: int):
+        self.spec, self.rank, self.world_size = spec, rank, world_size
+        self.step = 0
+        self._batches_seen = 0
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        return fsdp.free_address()
+
+    def setup(self, host: str, port: int, timeout_s: float = 600.0) -> dict:
+        """Join the process group, build the sharded policy, reference and optimizer."""
+        from pipelines.models import resolve_model
+
+        # Resolve (and maybe build) the model before joining the process group:
+        # transformers' save_pretrained writes nothing on ranks other than 0.
+        self.path = resolve_model(self.spec.model)
+        self.backend = fsdp.init_process_group(self.rank, self.world_size, host, port, timeout_s)
+        _seed_everything(self.spec.seed)
+        self.inputs = InputBuilder.for_model(self.path)
+        self.model = self._build_policy()
+        self.reference = self._build_reference()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.spec.lr, betas=tuple(self.spec.betas),
+                                           weight_decay=self.spec.weight_decay, eps=1e-8)
+        _init_adam_state(self.optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        trainable = sum(p.numel() for p in params)
+        return {"rank": self.rank, "backend": self.backend, "trainable_params": trainable}
+
+    # -- verbs ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: TrainBatch, reference: bool = False) -> list[np.ndarray]:
+        model = self.reference if reference and self.reference is not None else self.model
+        out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(batch)
+        key = self._new_batch_key()
+        for rows, mb in self._aligned_micro_batches(batch, key):
+            if reference and self.reference is None:  # LoRA: the base with adapters disabled
+                with self.model.disable_adapter():
+                    logp = self._logprobs(self.model, mb)
+            else:
+                logp = self._logprobs(model, mb)
+            for i, r in enumerate(rows):
+                p, n = int(batch.prompt_lens[r]), len(batch.input_ids[r])
+                out[r] = logp[i, p - 1:n - 1].float().numpy()
+        self.inputs.clear()
+        return out
+
+    def forward_backward(self, batch: TrainBatch, micro_batch_tokens: int | None = None) -> dict:
+        """Accumulate the gradient of this rank's share of the global-batch loss."""
+        self.model.train()
+        masks = [len(ids) - p for ids, p in zip(batch.input_ids, batch.prompt_lens)]
+        tokens, seqs = fsdp.all_reduce_sum([float(sum(masks)), float(sum(1 for m in masks if m))])
+        key = self._new_batch_key()
+        parts = []
+        for rows, mb in self._aligned_micro_batches(batch, key, micro_batch_tokens):
+            loss, metrics = self._loss(mb, global_tokens=tokens, global_seqs=seqs)
+            scale = 0.0 if rows == [] else float(self.world_size)
+            (loss * scale).backward()
+            if rows:
+                parts.append({**metrics, "train/tokens": float(mb["loss_mask"].sum())})
+        self.inputs.clear()
+        return merge_metrics(parts)
+
+    def optim_step(self) -> dict:
+        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        norm = fsdp.total_norm([p.grad for p in params])
+        if self.spec.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.spec.grad_clip, norm)
+        lr = self.scheduler.get_last_lr()[0]
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return {"train/grad_norm": float(norm), "train/lr": lr, "train/step": self.step,
+                "train/skipped_nonfinite": 0.0 if finite else 1.0}
+
+    def weight_buckets(self, bucket_bytes: int = 256 << 20) -> list:
+        """Rank 0 returns object refs of the weight buckets; other ranks return []."""
+        from actors.weights import make_buckets, put_buckets
+
+        state = fsdp.full_state_dict(self.model)
+        if self.rank != 0:
+            return []
+        if self.spec.lora is not None:
+            state = {_peft_name(k): v for k, v in state.items() if "lora_" in k}
+        return put_buckets(make_buckets(state.items(), bucket_bytes))
+
+    def save(self, directory: str) -> None:
+        from actors.checkpoint import save_checkpoint
+
+        save_checkpoint(directory, self.model, self.optimizer, self.rank,
+                        extra={"step": self.step, "scheduler": self._scheduler_state(),
+                               "batches_seen": self._batches_seen})
+
+    def load(self, directory: str) -> dict:
+        from actors.checkpoint import load_checkpoint
+
+        extra = load_checkpoint(directory, self.model, self.optimizer, self.rank)
+        self.step = extra["step"]
+        self._batches_seen = extra.get("batches_seen", 0)
+        self.scheduler.load_state_dict({**extra["scheduler"], "lr_lambdas": [None]})
+        return {"step": self.step}
+
+    def _scheduler_state(self) -> dict:
+        # The LR function is rebuilt from the spec; only the counters are state.
+        return {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+
+    def export_hf(self, directory: str, merged: bool = True) -> None:
+        from actors.checkpoint import export_hf
+
+        export_hf(directory, self.model, self.path, self.rank, lora=self.spec.lora, merged=merged)
+
+    def parameters_digest(self) -> dict[str, np.ndarray]:
+        """Full parameters as numpy on rank 0 (tests compare runs with it)."""
+        state = fsdp.full_state_dict(self.model)
+        return {k: v.float().numpy() for k, v in state.items()} if self.rank == 0 else {}
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """Accumulated full gradients on rank 0 (for tests); every rank must call it."""
+        from torch.distributed.tensor import DTensor
+
+        out = {}
+        for name, p in self.model.named_parameters():
+            if p.grad is not None:
+                g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                out[name] = g.float().numpy().copy()
+        return out if self.rank == 0 else {}
+
+    def discard_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # -- model ---------------------------------------------------------------
+
+    def _build_policy(self) -> torch.nn.Module:
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(self.path, dtype=torch.float32)
+        if self.spec.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        visual = fsdp.vision_tower(model)
+        projector = [m for n, m in visual.named_children() if "merger" in n]
+        if self.spec.freeze_vision:
+            for name, p in visual.named_parameters():
+                if "merger" not in name:
+                    p.requires_grad_(False)
+        if self.spec.freeze_projector:
+            for module in projector:
+                module.requires_grad_(False)
+        if self.spec.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            lora = self.spec.lora
+            model = get_peft_model(model, LoraConfig(
+                r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                target_modules=_language_targets(model, lora.target_modules)))
+        return fsdp.apply_fsdp(model, self._mixed_precision())
+
+    def _build_reference(self) -> torch.nn.Module | None:
+        """The frozen starting policy; for LoRA, the base with adapters disabled (None)."""
+        if not self.spec.reference or self.spec.lora is not None:
+            return None
+        from transformers import AutoModelForImageTextToText
+
+        ref = AutoModelForImageTextToText.from_pretrained(self.path, dtype=torch.float32)
+        ref.requires_grad_(False)
+        ref.eval()
+        return fsdp.apply_fsdp(ref, self._mixed_precision())
+
+    def _mixed_precision(self) -> bool:
+        mp = self.spec.mixed_precision
+        return torch.cuda.is_available() if mp is None else mp
+
+    def _lr_factor(self, step: int) -> float:
+        s = self.spec
+        warm = max(s.warmup_steps, 0)
+        if s.schedule == "constant":
+            return 1.0
+        if step < warm:
+            return (step + 1) / warm
+        if s.schedule == "warmup":
+            return 1.0
+        progress = (step - warm) / max(1, s.total_steps - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    # -- forward -------------------------------------------------------------
+
+    def _new_batch_key(self) -> int:
+        self._batches_seen += 1
+        return self._batches_seen
+
+    def _aligned_micro_batches(self, batch: TrainBatch, key: int, budget: int | None = None):
+        """This rank's micro-batches, padded with empty ones to the group's maximum count."""
+        budget = budget or self.spec.micro_batch_tokens
+        groups = micro_batches(batch, budget) if len(batch) else []
+        count = fsdp.all_reduce_max(len(groups))
+        for i in range(count):
+            rows = groups[i] if i < len(groups) else []
+            # An empty slot re-runs row 0 (or a dummy) with zero weight: collectives match.
+            source = rows or ([0] if len(batch) else None)
+            mb = self.inputs.build(batch, source, key) if source else None
+            if mb is None:
+                raise RuntimeError(f"rank {self.rank} has no samples; split batches so every rank has one")
+            yield rows, mb
+
+    def _forward_logits(self, model, mb: dict) -> torch.Tensor:
+        inputs = dict(mb["inputs"])
+        dummy = None
+        if "pixel_values" not in inputs:
+            # Touch the vision tower anyway: FSDP all-gathers it on every rank.
+            pixels, grid = self.inputs.dummy_vision_inputs()
+            dummy = fsdp.vision_tower(model)(pixels, grid_thw=grid)
+        logits = model(**inputs, use_cache=False).logits[:, :-1]
+        if dummy is not None:
+            logits = logits + 0.0 * _first_tensor(dummy).float().sum()
+        return logits
+
+    def _logprobs(self, model, mb: dict) -> torch.Tensor:
+        return token_logprobs(self._forward_logits(model, mb), mb["targets"])
+
+    def _loss(self, mb: dict, global_tokens: float, global_seqs: float):
+        logits = self._forward_logits(self.model, mb)
+        logp = token_logprobs(logits, mb["targets"])
+        mask = mb["loss_mask"]
+        if self.spec.sft:
+            return sft_loss(logp, mask, self.spec.objective.loss_agg, global_tokens, global_seqs)
+        if mb["advantages"] is None:
+            raise ValueError("a policy batch needs advantages")
+        spec = self.spec.objective
+        extra = {}
+        if spec.kl_estimator == "full" and spec.kl_coef > 0:
+            extra["logits"], extra["ref_logits"] = logits, self._reference_logits(mb)
+        elif spec.entropy_coef > 0:
+            extra["logits"] = logits
+        old = mb["old_logprobs"] if mb["old_logprobs"] is not None else logp.detach()
+        return policy_objective(spec, logp, mb["advantages"], mask, old_logprobs=old,
+                                ref_logprobs=mb["ref_logprobs"], global_tokens=global_tokens,
+                                global_seqs=global_seqs, **extra)
+
+    @torch.no_grad()
+    def _reference_logits(self, mb: dict) -> torch.Tensor:
+        if self.reference is None:
+            with self.model.disable_adapter():
+                return self._forward_logits(self.model, mb)
+        return self._forward_logits(self.reference, mb)
+
+
+def _first_tensor(output) -> torch.Tensor:
+    """The first tensor of a module output (tensor, tuple or ModelOutput)."""
+    if torch.is_tensor(output):
+        return output
+    values = output.values() if hasattr(output, "values") else output
+    return next(v for v in values if torch.is_tensor(v))
+
+
+def _language_targets(model, names: list[str]) -> list[str]:
+    """Full module paths of the language model's target modules (not the vision tower's)."""
+    return [n for n, _ in model.named_modules()
+            if n.split(".")[-1] in names and ".visual." not in f".{n}."]
+
+
+def _peft_name(name: str) -> str:
+    """FSDP/peft state-dict name -> peft adapter-file name (no adapter suffix)."""
+    return name.replace(".default", "")
+
+
+def _init_adam_state(optimizer: torch.optim.AdamW) -> None:
+    """Give AdamW the state of a fresh optimizer (step 0, zero moments) up front.
+
+    Saving needs optimizer state, and torch.distributed.checkpoint creates a
+    missing one by running a zero-lr step, which advances Adam's step count and
+    so changes the bias correction of every later update: a run that saved
+    before its first step would diverge from one that did not.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+class TrainerGroup:
+    """N TrainerActor ranks as Ray actors, driven in lock-step."""
+
+    def __init__(self, spec: TrainerSpec, world_size: int, name: str = "coevolve/trainer",
+                 cpus_per_rank: float = 1, gpus_per_rank: float = 0, placement_group=None,
+                 runtime_env: dict | None = None, timeout_s: float = 600.0):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.spec, self.world_size = spec, world_size
+        cls = ray.remote(TrainerActor)
+        self.actors = []
+        for rank in range(world_size):
+            options = dict(num_cpus=cpus_per_rank, num_gpus=gpus_per_rank, name=f"{name}/{rank}",
+                           runtime_env=runtime_env)
+            if placement_group is not None:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group, placement_group_bundle_index=rank)
+            self.actors.append(cls.options(**options).remote(spec, rank, world_size))
+        host, port = ray.get(self.actors[0].rendezvous_address.remote())
+        self.info = ray.get([a.setup.remote(host, port, timeout_s) for a in self.actors])
+
+    def _all(self, verb: str, *args, per_rank: list | None = None) -> list:
+        import ray
+
+        calls = [getattr(a, verb).remote(*(per_rank[r],) if per_rank else (), *args)
+                 for r, a in enumerate(self.actors)]
+        return ray.get(calls)
+
+    def compute_logprobs(self, batch: TrainBatch, reference: bool = False) -> list[np.ndarray]:
+        from actors.batching import split_for_ranks
+
+        shards = split_for_ranks(batch, self.world_size)
+        parts = self._all("compute_logprobs", reference, per_rank=shards)
+        return [row for part in parts for row in part]
+
+    def forward_backward(self, batch: TrainBatch, micro_batch_tokens: int | None = None) -> dict:
+        from actors.batching import split_for_ranks
+
+        results = self._all("forward_backward", micro_batch_tokens,
+                            per_rank=split_for_ranks(batch, self.world_size))
+        return merge_metrics(results)
+
+    def optim_step(self) -> dict:
+        return self._all("optim_step")[0]
+
+    def weight_buckets(self, bucket_bytes: int = 256 << 20) -> list:
+        return self._all("weight_buckets", bucket_bytes)[0]
+
+    def save(self, directory: str) -> None:
+        self._all("save", directory)
+
+    def load(self, directory: str) -> dict:
+        return self._all("load", directory)[0]
+
+    def export_hf(self, directory: str, merged: bool = True) -> None:
+        self._all("export_hf", directory, merged)
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return self._all("parameters_digest")[0]
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        return self._all("gradients")[0]
+
+    def discard_gradients(self) -> None:
+        self._all("discard_gradients")
+
+    def shutdown(self) -> None:
+        import ray
+
+        try:
+            self._all("shutdown")
+        finally:
+            for actor in self.actors:
+                ray.kill(actor)
+
+
+def merge_metrics(parts: list[dict]) -> dict:
+    """Combine micro-batch or rank metrics.
+
+    Loss terms are already shares of the global-batch loss (normalised by
+    global counts), so they add up; ``train/tokens`` adds up; ``*_min`` and
+    ``*_max`` take the extreme; everything else is a token-weighted mean.
+    """
+    if not parts:
+        return {}
+    tokens = sum(p.get("train/tokens", 0.0) for p in parts)
+    merged: dict[str, float] = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        if key.endswith("loss") or key == "train/tokens":
+            merged[key] = sum(values)
+        elif key.endswith("_min"):
+            merged[key] = min(values)
+        elif key.endswith("_max"):
+            merged[key] = max(values)
+        else:
+            merged[key] = sum(v * p.get("train/tokens", 0.0) for v, p in zip(values, parts))
+            merged[key] /= max(tokens, 1.0)
+    return merged

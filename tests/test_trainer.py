@@ -1,0 +1,245 @@
+"""FSDP2 trainer group on CPU (gloo): numerics against a bare single-process loop,
+micro-batch invariance, reshardable resume, LoRA, the reference policy, export.
+
+Groups are expensive on 2 cores, so one 2-rank and one 1-rank group are shared
+by the module; tests restore the state they start from (load a checkpoint).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from actors.batching import InputBuilder
+from actors.objectives import ObjectiveSpec, policy_objective, token_logprobs
+from actors.trainer import LoraSpec, TrainerGroup, TrainerSpec, merge_metrics
+from pipelines.models import resolve_model
+
+from conftest import make_train_batch
+
+pytestmark = pytest.mark.slow
+MODEL = "tiny://qwen2.5-vl"
+OBJECTIVE = ObjectiveSpec(kl_coef=0.01)  # PPO clip-higher + dual-clip + low-var KL (MM-Zero)
+# Large enough that two steps move weights ~2e-4 (far past the 1e-5 tolerance), small
+# enough that Adam's first steps, which scale gradients near eps=1e-8 up to ~lr, do not
+# turn the ~1e-6 relative rounding differences of a sharded reduction into 1e-5 of
+# weight: at lr 1e-3 that reaches 3.5e-5 on elements with near-zero gradients.
+LR = 1e-4
+ENV = {"env_vars": {"OMP_NUM_THREADS": "1"}}
+
+
+def spec(**changes) -> TrainerSpec:
+    base = TrainerSpec(model=MODEL, objective=OBJECTIVE, lr=LR, micro_batch_tokens=160,
+                       gradient_checkpointing=True, threads=1)
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.fixture(scope="module")
+def path(ray_cluster):
+    return resolve_model(MODEL)
+
+
+@pytest.fixture(scope="module")
+def batches(path):
+    return [make_train_batch(path, n_prompts=3, n=2, seed=s) for s in range(4)]
+
+
+@pytest.fixture(scope="module")
+def group2(ray_cluster):
+    group = TrainerGroup(spec(), 2, name="test/trainer2", runtime_env=ENV)
+    yield group
+    group.shutdown()
+
+
+@pytest.fixture(scope="module")
+def group1(ray_cluster):
+    group = TrainerGroup(spec(), 1, name="test/trainer1", runtime_env=ENV)
+    yield group
+    group.shutdown()
+
+
+def train_step(group, batch) -> tuple[dict, dict]:
+    """One on-policy GRPO-style step: old and reference log-probs, then the update."""
+    batch = batch.with_column(old_logprobs=group.compute_logprobs(batch),
+                              ref_logprobs=group.compute_logprobs(batch, reference=True))
+    return group.forward_backward(batch), group.optim_step()
+
+
+def bare_loop(path, batches, lr=LR, grad_clip=1.0):
+    """The same update in one process without FSDP, Ray or micro-batches."""
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    ref = copy.deepcopy(model).eval()
+    builder = InputBuilder.for_model(path)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    history = []
+    for key, batch in enumerate(batches):
+        mb = builder.build(batch, list(range(len(batch))), key)
+        with torch.no_grad():
+            ref_lp = token_logprobs(ref(**mb["inputs"]).logits[:, :-1], mb["targets"])
+            old = token_logprobs(model(**mb["inputs"]).logits[:, :-1], mb["targets"])
+        logp = token_logprobs(model(**mb["inputs"]).logits[:, :-1], mb["targets"])
+        loss, _ = policy_objective(OBJECTIVE, logp, mb["advantages"], mb["loss_mask"],
+                                   old_logprobs=old, ref_logprobs=ref_lp)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        opt.zero_grad()
+        history.append((loss.item(), norm.item()))
+    return history, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def test_two_rank_fsdp_matches_single_process(group2, path, batches, tmp_path_factory):
+    start = tmp_path_factory.mktemp("ckpt") / "step0"
+    group2.save(str(start))
+    history, expected = bare_loop(path, batches[:2])
+    for (loss, norm), batch in zip(history, batches[:2]):
+        metrics, step = train_step(group2, batch)
+        assert metrics["policy/loss"] == pytest.approx(loss, rel=1e-5)
+        assert step["train/grad_norm"] == pytest.approx(norm, rel=1e-5)
+    diff = max_diff(group2.parameters(), expected)
+    print(f"2-rank FSDP vs single process after 2 steps: max |dparam| = {diff:.2e}")
+    assert diff < 1e-5
+    # Two steps move weights far beyond that tolerance: the check can fail.
+    assert max_diff(group2.parameters(), bare_loop(path, [])[1]) > 1e-4
+    group2.load(str(start))
+
+
+def test_micro_batch_split_does_not_change_the_gradient(group2, batches):
+    batch = batches[0].with_column(old_logprobs=group2.compute_logprobs(batches[0]),
+                                   ref_logprobs=group2.compute_logprobs(batches[0], reference=True))
+    one = group2.forward_backward(batch, micro_batch_tokens=100_000)  # 1 micro-batch per rank
+    grads_one = group2.gradients()
+    group2.discard_gradients()
+    longest = max(len(ids) for ids in batch.input_ids)
+    four = group2.forward_backward(batch, micro_batch_tokens=longest)  # 1 row each: 3 per rank
+    grads_four = group2.gradients()
+    group2.discard_gradients()
+    assert four["policy/loss"] == pytest.approx(one["policy/loss"], rel=1e-6)
+    worst = max(float(np.abs(grads_one[k] - grads_four[k]).max() / (np.abs(grads_one[k]).max() + 1e-12))
+                for k in grads_one)
+    print(f"1 vs 3 micro-batches per rank: max relative gradient difference {worst:.2e}")
+    assert worst < 1e-6
+    assert max(float(np.abs(g).max()) for g in grads_one.values()) > 1e-3  # real gradients
+
+
+def test_resume_matches_uninterrupted_also_across_rank_counts(group2, group1, batches, tmp_path):
+    start = tmp_path / "start"
+    group2.save(str(start))
+    for batch in batches[:2]:
+        train_step(group2, batch)
+    mid = tmp_path / "step_2"
+    group2.save(str(mid))
+    for batch in batches[2:]:
+        train_step(group2, batch)
+    uninterrupted = group2.parameters()
+
+    group2.load(str(mid))  # same rank count: bit-identical
+    assert group2.load(str(mid))["step"] == 2
+    for batch in batches[2:]:
+        train_step(group2, batch)
+    assert max_diff(group2.parameters(), uninterrupted) == 0.0
+
+    group1.load(str(mid))  # saved by 2 ranks, loaded into 1
+    for batch in batches[2:]:
+        train_step(group1, batch)
+    diff = max_diff(group1.parameters(), uninterrupted)
+    print(f"2-rank checkpoint resumed on 1 rank: max |dparam| after step 4 = {diff:.2e}")
+    assert diff < 1e-6
+
+    one_rank = tmp_path / "one_rank"  # and back: saved by 1 rank, loaded into 2
+    group1.load(str(mid))
+    group1.save(str(one_rank))
+    group2.load(str(one_rank))
+    for batch in batches[2:]:
+        train_step(group2, batch)
+    assert max_diff(group2.parameters(), uninterrupted) < 1e-6
+    group2.load(str(start))
+    group1.load(str(start))
+
+
+def test_reference_is_the_frozen_start_not_the_policy(group1, batches, tmp_path):
+    start = tmp_path / "start"
+    group1.save(str(start))
+    before = group1.compute_logprobs(batches[0])
+    train_step(group1, batches[1])
+    policy = group1.compute_logprobs(batches[0])
+    reference = group1.compute_logprobs(batches[0], reference=True)
+    assert all(np.array_equal(r, b) for r, b in zip(reference, before))
+    assert max(float(np.abs(p - r).max()) for p, r in zip(policy, reference)) > 1e-3
+    group1.load(str(start))
+
+
+def test_lora_trains_only_adapters_and_its_reference_is_the_base(ray_cluster, path, batches, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    group = TrainerGroup(spec(lora=LoraSpec(rank=4, alpha=8, dropout=0.0), lr=1e-2), 2,
+                         name="test/trainer-lora", runtime_env=ENV)
+    try:
+        initial = group.parameters()
+        for batch in batches[:2]:
+            train_step(group, batch)
+        after = group.parameters()
+        changed = {k for k in after if not np.array_equal(after[k], initial[k])}
+        assert changed and all("lora_B" in k or "lora_A" in k for k in changed)
+        assert any("lora_B" in k for k in changed)
+        # The reference is the base with adapters disabled: it equals a plain model.
+        base = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+        builder = InputBuilder.for_model(path)
+        mb = builder.build(batches[0], list(range(len(batches[0]))))
+        with torch.no_grad():
+            plain = token_logprobs(base(**mb["inputs"]).logits[:, :-1], mb["targets"])
+        reference = group.compute_logprobs(batches[0], reference=True)
+        policy = group.compute_logprobs(batches[0])
+        for i, (ids, p) in enumerate(zip(batches[0].input_ids, batches[0].prompt_lens)):
+            np.testing.assert_allclose(reference[i], plain[i, p - 1:len(ids) - 1].numpy(), atol=1e-5)
+        assert max(float(np.abs(a - b).max()) for a, b in zip(policy, reference)) > 1e-4
+        group.export_hf(str(tmp_path / "hf"))
+        merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+        with torch.no_grad():
+            exported = token_logprobs(merged(**mb["inputs"]).logits[:, :-1], mb["targets"])
+        for i, (ids, p) in enumerate(zip(batches[0].input_ids, batches[0].prompt_lens)):
+            np.testing.assert_allclose(exported[i, p - 1:len(ids) - 1].numpy(), policy[i], atol=1e-5)
+        assert (tmp_path / "hf" / "adapter" / "adapter_config.json").is_file()
+    finally:
+        group.shutdown()
+
+
+def test_export_hf_loads_in_transformers_with_the_trained_weights(group1, path, batches, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    group1.export_hf(str(tmp_path / "hf"))
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    mb = InputBuilder.for_model(str(tmp_path / "hf")).build(batches[0], list(range(len(batches[0]))))
+    with torch.no_grad():
+        logp = token_logprobs(model(**mb["inputs"]).logits[:, :-1], mb["targets"])
+    trained = group1.compute_logprobs(batches[0])
+    for i, (ids, p) in enumerate(zip(batches[0].input_ids, batches[0].prompt_lens)):
+        np.testing.assert_allclose(logp[i, p - 1:len(ids) - 1].numpy(), trained[i], atol=1e-5)
+
+
+def test_text_only_batches_keep_ranks_in_step(group2, path):
+    """No images on any rank: the vision tower still runs once per micro-batch per rank."""
+    batch = make_train_batch(path, n_prompts=2, n=2, seed=9, images=False)
+    metrics = group2.forward_backward(batch.with_column(old_logprobs=group2.compute_logprobs(batch)))
+    group2.discard_gradients()
+    assert metrics["train/tokens"] == batch.completion_tokens()
+
+
+def test_merge_metrics_sums_losses_and_weights_means():
+    parts = [{"policy/loss": 0.5, "policy/kl": 1.0, "policy/ratio_max": 1.2, "train/tokens": 3.0},
+             {"policy/loss": 0.25, "policy/kl": 3.0, "policy/ratio_max": 1.5, "train/tokens": 1.0}]
+    merged = merge_metrics(parts)
+    assert merged == {"policy/loss": 0.75, "policy/kl": (1.0 * 3 + 3.0 * 1) / 4,
+                      "policy/ratio_max": 1.5, "train/tokens": 4.0}
