@@ -119,8 +119,18 @@ class InputBuilder:
     def clear(self) -> None:
         self._pixels.clear()
 
-    def build(self, batch: TrainBatch, rows: list[int], batch_key: int = 0) -> dict:
-        """Tensors for rows of batch. Log-prob-aligned tensors are [B, L-1]."""
+    def build(self, batch: TrainBatch, rows: list[int], batch_key: int = 0,
+              ensure_image: bool = False) -> dict:
+        """Tensors for rows of batch. Log-prob-aligned tensors are [B, L-1].
+
+        ``ensure_image``: when none of the rows has an image, append one extra
+        row holding only a tiny dummy image (zero loss weight), so that the
+        vision tower runs inside this forward exactly where it runs on ranks
+        whose micro-batch has images (FSDP's collectives must match).
+        """
+        has_image = bool(batch.images) and any(batch.images[int(batch.prompt_index[r])] for r in rows)
+        if ensure_image and not has_image:
+            batch, rows = self._with_dummy_row(batch, rows)
         lengths = [len(batch.input_ids[r]) for r in rows]
         width = max(lengths)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -177,9 +187,35 @@ class InputBuilder:
             self._pixels[key] = (out["pixel_values"], out["image_grid_thw"])
         return self._pixels[key]
 
-    def dummy_vision_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The smallest image the processor accepts, to keep FSDP collectives aligned."""
+    def _with_dummy_row(self, batch: TrainBatch, rows: list[int]) -> tuple[TrainBatch, list[int]]:
+        """batch + one row that is just a tiny image (no completion tokens, so no loss)."""
         from PIL import Image
 
-        out = self.processor.image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")
-        return out["pixel_values"], out["image_grid_thw"]
+        image = Image.new("RGB", (8, 8))
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        grid = self.processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
+        n_tokens = int(grid.prod()) // self.processor.image_processor.merge_size ** 2
+        tok = self.processor.tokenizer
+        ids = np.array([tok.convert_tokens_to_ids("<|vision_start|>")] + [self.image_token_id] * n_tokens
+                       + [tok.convert_tokens_to_ids("<|vision_end|>")], dtype=np.int64)
+        sub = batch.select(rows)
+
+        def extend(column, value):
+            if column is None:
+                return None
+            if isinstance(column, np.ndarray):
+                return np.concatenate([column, np.array([value], dtype=column.dtype)])
+            return [*column, value]
+
+        per_token = isinstance(sub.advantages, list)
+        dummy = TrainBatch(
+            input_ids=[*sub.input_ids, ids],
+            prompt_lens=np.concatenate([sub.prompt_lens, [len(ids)]]),
+            prompt_index=np.concatenate([sub.prompt_index, [len(sub.images)]]),
+            images=[*(sub.images or [[] for _ in rows]), [buf.getvalue()]],
+            advantages=extend(sub.advantages, np.zeros(0, np.float32) if per_token else 0.0),
+            old_logprobs=extend(sub.old_logprobs, np.zeros(0, np.float32)),
+            ref_logprobs=extend(sub.ref_logprobs, np.zeros(0, np.float32)),
+        )
+        return dummy, list(range(len(rows) + 1))

@@ -272,30 +272,25 @@ class TrainerActor:
         return self._batches_seen
 
     def _aligned_micro_batches(self, batch: TrainBatch, key: int, budget: int | None = None):
-        """This rank's micro-batches, padded with empty ones to the group's maximum count."""
+        """This rank's micro-batches, the same count and the same module calls on every rank.
+
+        Ranks with fewer micro-batches re-run row 0 with zero weight; when any
+        rank has images, every micro-batch runs the vision tower (a dummy image
+        where it has none), since each FSDP unit's all-gather is a collective.
+        """
         budget = budget or self.spec.micro_batch_tokens
         groups = micro_batches(batch, budget) if len(batch) else []
+        if not groups:
+            raise RuntimeError(f"rank {self.rank} has no samples; split batches so every rank has one")
         count = fsdp.all_reduce_max(len(groups))
+        any_images = fsdp.all_reduce_max(int(any(bool(im) for im in batch.images)))
         for i in range(count):
             rows = groups[i] if i < len(groups) else []
-            # An empty slot re-runs row 0 (or a dummy) with zero weight: collectives match.
-            source = rows or ([0] if len(batch) else None)
-            mb = self.inputs.build(batch, source, key) if source else None
-            if mb is None:
-                raise RuntimeError(f"rank {self.rank} has no samples; split batches so every rank has one")
+            mb = self.inputs.build(batch, rows or [0], key, ensure_image=bool(any_images))
             yield rows, mb
 
     def _forward_logits(self, model, mb: dict) -> torch.Tensor:
-        inputs = dict(mb["inputs"])
-        dummy = None
-        if "pixel_values" not in inputs:
-            # Touch the vision tower anyway: FSDP all-gathers it on every rank.
-            pixels, grid = self.inputs.dummy_vision_inputs()
-            dummy = fsdp.vision_tower(model)(pixels, grid_thw=grid)
-        logits = model(**inputs, use_cache=False).logits[:, :-1]
-        if dummy is not None:
-            logits = logits + 0.0 * _first_tensor(dummy).float().sum()
-        return logits
+        return model(**mb["inputs"], use_cache=False).logits[:, :-1]
 
     def _logprobs(self, model, mb: dict) -> torch.Tensor:
         return token_logprobs(self._forward_logits(model, mb), mb["targets"])
@@ -325,14 +320,6 @@ class TrainerActor:
             with self.model.disable_adapter():
                 return self._forward_logits(self.model, mb)
         return self._forward_logits(self.reference, mb)
-
-
-def _first_tensor(output) -> torch.Tensor:
-    """The first tensor of a module output (tensor, tuple or ModelOutput)."""
-    if torch.is_tensor(output):
-        return output
-    values = output.values() if hasattr(output, "values") else output
-    return next(v for v in values if torch.is_tensor(v))
 
 
 def _language_targets(model, names: list[str]) -> list[str]:
@@ -389,8 +376,23 @@ class TrainerGroup:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group, placement_group_bundle_index=rank)
             self.actors.append(cls.options(**options).remote(spec, rank, world_size))
+        self._wait_scheduled(timeout_s, cpus_per_rank, gpus_per_rank)
         host, port = ray.get(self.actors[0].rendezvous_address.remote())
         self.info = ray.get([a.setup.remote(host, port, timeout_s) for a in self.actors])
+
+    def _wait_scheduled(self, timeout_s: float, cpus: float, gpus: float) -> None:
+        """Fail with the numbers when a rank cannot be placed (instead of a rendezvous hang)."""
+        import ray
+
+        pings = [a.rendezvous_address.remote() for a in self.actors]
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout_s)
+        if len(ready) < len(pings):
+            for actor in self.actors:
+                ray.kill(actor)
+            raise RuntimeError(
+                f"only {len(ready)} of {self.world_size} trainer ranks started within {timeout_s:.0f} s; "
+                f"each needs {cpus} CPU and {gpus} GPU; cluster has {ray.cluster_resources()}, "
+                f"free {ray.available_resources()}")
 
     def _all(self, verb: str, *args, per_rank: list | None = None) -> list:
         import ray

@@ -33,12 +33,13 @@ def tiny_cache() -> Path:
 def ray_cluster(tiny_cache):
     """The session's private Ray, bound to 127.0.0.1, shut down at the end.
 
-    Four logical CPUs on a 2-core host, so a few single-CPU actors can coexist.
+    Sixteen logical CPUs on a 2-core host, so that the session's engines and
+    trainer ranks (one logical CPU each) can coexist; Ray only counts them.
     """
     from pipelines.local_ray import ray_session
 
     env = {"env_vars": {"COEVOLVE_CACHE": str(tiny_cache), "PYTHONPATH": str(ROOT)}}
-    with ray_session(num_cpus=4, runtime_env=env) as resources:
+    with ray_session(num_cpus=16, runtime_env=env) as resources:
         yield resources
 
 

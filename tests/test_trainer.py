@@ -229,12 +229,41 @@ def test_export_hf_loads_in_transformers_with_the_trained_weights(group1, path, 
         np.testing.assert_allclose(logp[i, p - 1:len(ids) - 1].numpy(), trained[i], atol=1e-5)
 
 
-def test_text_only_batches_keep_ranks_in_step(group2, path):
-    """No images on any rank: the vision tower still runs once per micro-batch per rank."""
-    batch = make_train_batch(path, n_prompts=2, n=2, seed=9, images=False)
-    metrics = group2.forward_backward(batch.with_column(old_logprobs=group2.compute_logprobs(batch)))
-    group2.discard_gradients()
-    assert metrics["train/tokens"] == batch.completion_tokens()
+def concat(a, b):
+    """Samples of a then b (b's prompts renumbered after a's)."""
+    from actors.batching import TrainBatch
+
+    return TrainBatch(
+        input_ids=[*a.input_ids, *b.input_ids],
+        prompt_lens=np.concatenate([a.prompt_lens, b.prompt_lens]),
+        prompt_index=np.concatenate([a.prompt_index, b.prompt_index + len(a.images)]),
+        images=[*a.images, *b.images],
+        advantages=np.concatenate([a.advantages, b.advantages]))
+
+
+@pytest.mark.parametrize("kind", ["text-only", "images on one rank only"])
+def test_ranks_stay_in_step_without_images_on_some(kind, group2, group1, path):
+    """FSDP all-gathers each unit per forward: a rank without images still runs the
+    vision tower when another rank does, and the result equals the 1-rank gradient."""
+    text = make_train_batch(path, n_prompts=2, n=2, seed=9, images=False)
+    batch = text if kind == "text-only" else concat(
+        make_train_batch(path, n_prompts=1, n=2, seed=8), text)
+    grads = []
+    for group in (group2, group1):
+        b = batch.with_column(old_logprobs=group.compute_logprobs(batch),
+                              ref_logprobs=group.compute_logprobs(batch, reference=True))
+        metrics = group.forward_backward(b)
+        assert metrics["train/tokens"] == batch.completion_tokens()
+        grads.append(group.gradients())
+        group.discard_gradients()
+    worst = max(float(np.abs(grads[0][k] - grads[1][k]).max() / (np.abs(grads[1][k]).max() + 1e-12))
+                for k in grads[1])
+    assert worst < 1e-5
+    vision = [k for k in grads[1] if ".visual." in k]
+    if kind == "text-only":
+        assert not vision  # the vision tower was never run
+    else:
+        assert max(float(np.abs(grads[1][k]).max()) for k in vision) > 0
 
 
 def test_merge_metrics_sums_losses_and_weights_means():
@@ -243,3 +272,32 @@ def test_merge_metrics_sums_losses_and_weights_means():
     merged = merge_metrics(parts)
     assert merged == {"policy/loss": 0.75, "policy/kl": (1.0 * 3 + 3.0 * 1) / 4,
                       "policy/ratio_max": 1.5, "train/tokens": 4.0}
+
+
+def test_trainer_logprobs_match_the_engine_on_its_own_samples(group1, engines, path):
+    """The engine samples (temperature 1) with the starting weights; the trainer scores
+    the same token sequences with the same weights: fp32 agreement."""
+    import ray
+
+    from actors.batching import TrainBatch
+    from actors.generator import Request, Sampling
+
+    from conftest import chart_png
+
+    pngs = [chart_png(1), chart_png(2)]
+    requests = [Request([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": f"What is in chart {i}?"}]}],
+        images=[png], sampling=Sampling(n=2, temperature=1.0, max_tokens=12, seed=i))
+        for i, png in enumerate(pngs)]
+    results = ray.get(engines("qwen2.5-vl").generate.remote(requests))
+    samples = [(p, s) for p, group in enumerate(results) for s in group]
+    batch = TrainBatch(
+        input_ids=[np.array(s.prompt_ids + s.token_ids) for _, s in samples],
+        prompt_lens=np.array([len(s.prompt_ids) for _, s in samples]),
+        prompt_index=np.array([p for p, _ in samples]),
+        images=[[png] for png in pngs])
+    trainer = group1.compute_logprobs(batch, reference=True)  # the untouched starting weights
+    diffs = np.concatenate([np.abs(t - np.array(s.logprobs)) for t, (_, s) in zip(trainer, samples)])
+    print(f"trainer vs engine log-probs on {diffs.size} sampled tokens: "
+          f"max {diffs.max():.2e}, mean {diffs.mean():.2e}")
+    assert diffs.size > 20 and diffs.max() < 1e-4
