@@ -254,16 +254,7 @@ class TrainerActor:
         return torch.cuda.is_available() if mp is None else mp
 
     def _lr_factor(self, step: int) -> float:
-        s = self.spec
-        warm = max(s.warmup_steps, 0)
-        if s.schedule == "constant":
-            return 1.0
-        if step < warm:
-            return (step + 1) / warm
-        if s.schedule == "warmup":
-            return 1.0
-        progress = (step - warm) / max(1, s.total_steps - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return lr_factor(step, self.spec.schedule, self.spec.warmup_steps, self.spec.total_steps)
 
     # -- forward -------------------------------------------------------------
 
@@ -331,6 +322,25 @@ def _language_targets(model, names: list[str]) -> list[str]:
 def _peft_name(name: str) -> str:
     """FSDP/peft state-dict name -> peft adapter-file name (no adapter suffix)."""
     return name.replace(".default", "")
+
+
+def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the base LR before optimizer step ``step`` (0-based).
+
+    constant: 1. warmup: linear (step+1)/warmup over the first warmup_steps,
+    then 1. cosine: the same warm-up, then 0.5 * (1 + cos(pi * progress)) with
+    progress = (step - warmup) / (total - warmup), reaching 0 at total_steps.
+    """
+    if schedule not in ("constant", "warmup", "cosine"):
+        raise ValueError(f"schedule must be constant, warmup or cosine, got {schedule!r}")
+    if schedule == "constant":
+        return 1.0
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "warmup":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def _init_adam_state(optimizer: torch.optim.AdamW) -> None:

@@ -14,24 +14,15 @@ import time
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from pipelines.models import resolve_model
 from pipelines.tiny import build_tiny, parse_tiny
 
+from conftest import chart_png
+
 FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
 QUESTION = "How many bars are in the chart? Answer with a number."
-
-
-def chart_png() -> bytes:
-    """A small bar chart drawn locally (no data hub)."""
-    image = Image.new("RGB", (120, 90), "white")
-    draw = ImageDraw.Draw(image)
-    for i, height in enumerate([30, 60, 45]):
-        draw.rectangle([10 + 35 * i, 80 - height, 35 + 35 * i, 80], fill=(40 * i, 90, 200))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def image_messages() -> list[dict]:

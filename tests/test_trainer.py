@@ -16,12 +16,11 @@ import torch
 
 from actors.batching import InputBuilder
 from actors.objectives import ObjectiveSpec, policy_objective, token_logprobs
-from actors.trainer import LoraSpec, TrainerGroup, TrainerSpec, merge_metrics
+from actors.trainer import LoraSpec, TrainerGroup, TrainerSpec, lr_factor, merge_metrics
 from pipelines.models import resolve_model
 
 from conftest import make_train_batch
 
-pytestmark = pytest.mark.slow
 MODEL = "tiny://qwen2.5-vl"
 OBJECTIVE = ObjectiveSpec(kl_coef=0.01)  # PPO clip-higher + dual-clip + low-var KL (MM-Zero)
 # Large enough that two steps move weights ~2e-4 (far past the 1e-5 tolerance), small
@@ -100,6 +99,7 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)
 
 
+@pytest.mark.slow
 def test_two_rank_fsdp_matches_single_process(group2, path, batches, tmp_path_factory):
     start = tmp_path_factory.mktemp("ckpt") / "step0"
     group2.save(str(start))
@@ -116,6 +116,7 @@ def test_two_rank_fsdp_matches_single_process(group2, path, batches, tmp_path_fa
     group2.load(str(start))
 
 
+@pytest.mark.slow
 def test_micro_batch_split_does_not_change_the_gradient(group2, batches):
     batch = batches[0].with_column(old_logprobs=group2.compute_logprobs(batches[0]),
                                    ref_logprobs=group2.compute_logprobs(batches[0], reference=True))
@@ -134,6 +135,7 @@ def test_micro_batch_split_does_not_change_the_gradient(group2, batches):
     assert max(float(np.abs(g).max()) for g in grads_one.values()) > 1e-3  # real gradients
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_also_across_rank_counts(group2, group1, batches, tmp_path):
     start = tmp_path / "start"
     group2.save(str(start))
@@ -169,6 +171,7 @@ def test_resume_matches_uninterrupted_also_across_rank_counts(group2, group1, ba
     group1.load(str(start))
 
 
+@pytest.mark.slow
 def test_reference_is_the_frozen_start_not_the_policy(group1, batches, tmp_path):
     start = tmp_path / "start"
     group1.save(str(start))
@@ -181,6 +184,7 @@ def test_reference_is_the_frozen_start_not_the_policy(group1, batches, tmp_path)
     group1.load(str(start))
 
 
+@pytest.mark.slow
 def test_lora_trains_only_adapters_and_its_reference_is_the_base(ray_cluster, path, batches, tmp_path):
     from transformers import AutoModelForImageTextToText
 
@@ -216,6 +220,7 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_base(ray_cluster, pa
         group.shutdown()
 
 
+@pytest.mark.slow
 def test_export_hf_loads_in_transformers_with_the_trained_weights(group1, path, batches, tmp_path):
     from transformers import AutoModelForImageTextToText
 
@@ -241,6 +246,7 @@ def concat(a, b):
         advantages=np.concatenate([a.advantages, b.advantages]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["text-only", "images on one rank only"])
 def test_ranks_stay_in_step_without_images_on_some(kind, group2, group1, path):
     """FSDP all-gathers each unit per forward: a rank without images still runs the
@@ -274,6 +280,7 @@ def test_merge_metrics_sums_losses_and_weights_means():
                       "policy/ratio_max": 1.5, "train/tokens": 4.0}
 
 
+@pytest.mark.slow
 def test_trainer_logprobs_match_the_engine_on_its_own_samples(group1, engines, path):
     """The engine samples (temperature 1) with the starting weights; the trainer scores
     the same token sequences with the same weights: fp32 agreement."""
@@ -301,3 +308,18 @@ def test_trainer_logprobs_match_the_engine_on_its_own_samples(group1, engines, p
     print(f"trainer vs engine log-probs on {diffs.size} sampled tokens: "
           f"max {diffs.max():.2e}, mean {diffs.mean():.2e}")
     assert diffs.size > 20 and diffs.max() < 1e-4
+
+
+@pytest.mark.parametrize("schedule, step, expected", [
+    ("constant", 7, 1.0),
+    ("warmup", 0, 1 / 4),          # warm-up of 4 steps: (0 + 1) / 4
+    ("warmup", 3, 4 / 4),
+    ("warmup", 9, 1.0),
+    ("cosine", 1, 2 / 4),          # still warming up
+    ("cosine", 4, 1.0),            # progress 0: 0.5 * (1 + cos 0)
+    ("cosine", 7, 0.5),            # progress (7 - 4) / (10 - 4) = 1/2: 0.5 * (1 + cos pi/2)
+    ("cosine", 10, 0.0),           # progress 1: 0.5 * (1 + cos pi)
+    ("cosine", 12, 0.0),           # past the end it stays at 0
+])
+def test_lr_schedules(schedule, step, expected):
+    assert lr_factor(step, schedule, warmup_steps=4, total_steps=10) == pytest.approx(expected, abs=1e-12)
