@@ -299,7 +299,7 @@ class GeneratorActor:
         from safetensors.torch import save_file
         from vllm.lora.request import LoRARequest
 
-        from actors.weights import iter_bucket_tensors
+        from actors.weights import check_adapter, iter_bucket_tensors
 
         self._check_usable()
         if not self.spec.enable_lora:
@@ -307,6 +307,7 @@ class GeneratorActor:
         if isinstance(payload_ref, list):
             [payload_ref] = payload_ref
         payload = ray.get(payload_ref) if isinstance(payload_ref, ray.ObjectRef) else payload_ref
+        check_adapter(payload)
         if self._lora_root is None:
             self._lora_root = Path(tempfile.mkdtemp(prefix=f"coevolve-lora-{os.getpid()}-"))
         lora_id = self._next_lora_id

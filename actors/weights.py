@@ -210,7 +210,29 @@ def adapter_payload(config: dict, named_tensors: Iterable[tuple[str, torch.Tenso
     """
     clean = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
     [bucket] = make_buckets(named_tensors, bucket_bytes=1 << 62) or [[]]
-    return {"config": clean, "bucket": bucket}
+    payload = {"config": clean, "bucket": bucket}
+    check_adapter(payload)
+    return payload
+
+
+def check_adapter(payload: dict) -> None:
+    """ValueError for an adapter vLLM would serve differently from peft.
+
+    vLLM applies LoRA to the language model only and silently ignores
+    adapter weights on the vision tower. On Qwen2.5-VL the vision MLP is
+    named like the text MLP (gate_proj / up_proj / down_proj), so
+    ``target_modules=["gate_proj", ...]`` also adapts the vision tower in
+    peft, and the engine would then sample from a different policy than the
+    trainer's.
+    """
+    if not payload.get("bucket"):
+        raise ValueError("the adapter has no tensors")
+    visual = [n for n, _ in payload["bucket"] if ".visual." in n]
+    if visual:
+        raise ValueError(
+            f"{len(visual)} adapter tensors are on the vision tower (e.g. {visual[0]}), which "
+            "vLLM does not serve: restrict target_modules to the language model, e.g. "
+            "r'.*language_model.*\\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)'")
 
 
 # --------------------------------------------------------------------------
