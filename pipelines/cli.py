@@ -3,6 +3,7 @@
     coevolve config show [FILE] [key=value ...] [--doc]   the resolved config
     coevolve model build REF                               build/locate a model (tiny:// offline)
     coevolve generate [FILE] [key=value ...]               sample from the model in a vLLM actor
+    coevolve plan FILE [key=value ...] [--cluster FILE]    placement and memory per device, no GPU
 
 User errors (bad config values, missing files, bad model references) exit
 with status 2 and a one-line message; anything else is a bug and keeps its
@@ -57,6 +58,19 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("-n", type=int, default=4, help="samples")
     gen.add_argument("--max-tokens", type=int, default=32)
     gen.set_defaults(func=_generate)
+
+    plan = sub.add_parser("plan", help="check a layout against a cluster: placement and memory "
+                                       "per device (exit 2 if it does not fit)")
+    _config_args(plan)
+    plan.add_argument("--cluster", help="cluster YAML (configs/cluster/*.yaml)")
+    plan.add_argument("--nodes", type=int, help="nodes (default 1 with --gpus-per-node)")
+    plan.add_argument("--gpus-per-node", type=int)
+    plan.add_argument("--cpus-per-node", type=int, help="checked when given")
+    plan.add_argument("--gpu-memory-gib", type=float, help="memory of one GPU")
+    plan.add_argument("--probe", action="store_true",
+                      help="also create the placement groups on Ray (RAY_ADDRESS, else a private "
+                           "Ray with logical GPUs) and print the real node and GPU ids")
+    plan.set_defaults(func=_plan)
     return parser
 
 
@@ -83,6 +97,14 @@ def _model_build(args) -> int:
 
     print(resolve_model(args.ref))
     return 0
+
+
+def _plan(args) -> int:
+    from pipelines.plan import run_plan
+
+    return run_plan(_load(args), cluster_file=args.cluster, nodes=args.nodes,
+                    gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
+                    cpus_per_node=args.cpus_per_node, probe=args.probe)
 
 
 def _generate(args) -> int:

@@ -169,6 +169,38 @@ class RoleLayout:
 
 
 @dataclass
+class ClusterSpec:
+    nodes: int = param(0, "Nodes of the cluster the layout targets (0 = not declared).", ge=0)
+    gpus_per_node: int = param(0, "GPUs per node.", ge=0)
+    cpus_per_node: int = param(0, "CPUs per node (0 = not checked).", ge=0)
+    gpu_memory_gib: float = param(0.0, "Memory of one GPU in GiB (0 = unknown: no memory check).", ge=0)
+
+    @property
+    def declared(self) -> bool:
+        return self.nodes > 0
+
+    def check(self) -> None:
+        if self.declared and self.gpus_per_node == 0 and self.gpu_memory_gib:
+            raise ConfigError("gpu_memory_gib: set only with gpus_per_node > 0")
+
+
+@dataclass
+class PhaseLayout:
+    trainer_ranks: int | None = param(
+        None, "Trainer ranks in this phase (default: placement.trainer_ranks).", ge=1)
+    roles: dict[str, RoleLayout] = param(
+        {}, "Engines per role in this phase; when given it replaces placement.roles "
+            "(a role left out runs no engine in this phase).")
+    colocate: list[str] | None = param(
+        None, "Roles whose engines share the trainer ranks' GPUs in this phase, one engine "
+              "per rank (default: placement.colocate).")
+    gpu_memory_utilization: float | None = param(
+        None, "vLLM's share of each engine GPU in this phase (default: "
+              "generator.gpu_memory_utilization); lower it when engines share the trainer's GPUs.",
+        gt=0, le=1)
+
+
+@dataclass
 class PlacementConfig:
     trainer_ranks: int = param(1, "FSDP trainer ranks (one device each on a GPU host).", ge=1)
     gpus_per_rank: int = param(0, "GPUs per trainer rank (0 on a CPU host, else 1).", ge=0, le=1)
@@ -177,6 +209,23 @@ class PlacementConfig:
         {"proposer": RoleLayout(), "codegen": RoleLayout(), "solver": RoleLayout()},
         "Engine layout per generating role.",
     )
+    colocate: list[str] = param(
+        [], "Roles whose engines share the trainer ranks' GPUs, one engine per rank.")
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = param(
+        "PACK", "Ray placement strategy of each role's placement group (PACK: few nodes; "
+                "SPREAD: across nodes).")
+    phases: dict[str, PhaseLayout] = param(
+        {}, "Per-phase layouts by phase name (e.g. proposer, codegen, solver); placement "
+            "groups are released and re-created between phases whose layouts differ.")
+    cluster: ClusterSpec = param(
+        ClusterSpec(), "The cluster this layout is meant for; checked on load when declared.")
+
+    def check(self) -> None:
+        # Cross-field rules (GPU/CPU consistency, colocation, cluster size) live
+        # with the placement code; imported here to keep one source of truth.
+        from pipelines.placement import check_placement
+
+        check_placement(self)
 
 
 @dataclass

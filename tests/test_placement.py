@@ -1,0 +1,526 @@
+"""Placement: bundles from the config, validation, the PACK/SPREAD simulation,
+model sizes and the memory estimate (hand-checked), ``coevolve plan``, and
+real Ray placement groups with logical GPUs.
+
+The session's shared Ray (conftest ``ray_cluster``) has no GPUs, and a
+process holds one Ray: the Ray scenarios (one node x 8 logical GPUs; two
+nodes x 4 from ``ray.cluster_utils.Cluster``) run in a subprocess started
+from this very file (``python tests/test_placement.py single|two-nodes``),
+which starts its own private Ray on 127.0.0.1 and shuts down only that.
+Probes are tasks, not vLLM or trainers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":  # run as the scenario script: make the repo importable
+    sys.path.insert(0, str(ROOT))
+
+import pytest
+
+from pipelines.config import ConfigError, load_config
+from pipelines.placement import (
+    Node,
+    Placement,
+    PlacementError,
+    group_specs,
+    resolve_layout,
+    simulate,
+)
+from pipelines.plan import (
+    BUILTIN_MODELS,
+    CONTEXT_BYTES,
+    GIB,
+    ModelSizes,
+    engine_memory,
+    lora_params,
+    model_sizes,
+    trainer_memory,
+)
+
+LAYOUTS = ROOT / "configs" / "layouts"
+TWO_SIX = LAYOUTS / "mmzero-8gpu-2+6.yaml"
+PER_PHASE = LAYOUTS / "mmzero-8gpu-per-phase.yaml"
+
+
+# --------------------------------------------------------------------------
+# Bundles and layouts (pure)
+# --------------------------------------------------------------------------
+
+
+def test_two_plus_six_bundles():
+    layout = resolve_layout(load_config(TWO_SIX).placement)
+    specs = {g.role: g for g in group_specs(layout)}
+    assert list(specs) == ["trainer", "proposer", "codegen", "solver"]
+    assert specs["trainer"].bundles == ({"CPU": 8, "GPU": 1},) * 2
+    for role in ("proposer", "codegen", "solver"):
+        assert specs[role].bundles == ({"CPU": 4, "GPU": 1},) * 2
+        assert specs[role].members == ((0,), (1,))
+        assert specs[role].actor == {"num_cpus": 4, "num_gpus": 1}
+    assert layout.gpus() == 8 and layout.cpus() == 40
+
+
+def test_tensor_parallel_one_bundle_per_shard():
+    cfg = load_config(TWO_SIX, ["placement.roles.solver.gpus_per_engine=2",
+                                "placement.roles.solver.tensor_parallel=2",
+                                "placement.roles.codegen.engines=0",
+                                "placement.roles.proposer.engines=0"])
+    layout = resolve_layout(cfg.placement)
+    solver = {g.role: g for g in group_specs(layout)}["solver"]
+    assert solver.bundles == ({"CPU": 4, "GPU": 1}, {"GPU": 1}, {"CPU": 4, "GPU": 1}, {"GPU": 1})
+    assert solver.members == ((0, 1), (2, 3))
+    assert solver.actor["num_gpus"] == 0  # vLLM's Ray workers take the shards' GPUs
+    placement = Placement(layout, groups={})
+    assert placement.engine_env("solver", 1) == {"VLLM_RAY_BUNDLE_INDICES": "2,3"}
+    with pytest.raises(ValueError, match="VLLM_RAY_BUNDLE_INDICES per engine"):
+        placement.pool_kwargs("solver")
+
+
+def test_cpu_layout_and_pool_kwargs():
+    cfg = load_config(LAYOUTS / "cpu.yaml")
+    layout = resolve_layout(cfg.placement)
+    assert not layout.uses_gpus and layout.gpus() == 0 and layout.cpus() == 5
+    placement = Placement(layout, groups={"trainer": "pg-t", "solver": "pg-s",
+                                          "proposer": "pg-p", "codegen": "pg-c"})
+    assert placement.trainer_kwargs() == {"placement_group": "pg-t", "cpus_per_rank": 1,
+                                          "gpus_per_rank": 0}
+    assert placement.pool_kwargs("solver") == {"placement_group": "pg-s", "bundle_indices": [0],
+                                               "resources": {"num_cpus": 1}}
+
+
+def test_per_phase_layouts_replace_and_inherit():
+    placement = load_config(PER_PHASE).placement
+    proposer = resolve_layout(placement, "proposer")
+    assert proposer.trainer_ranks == 3
+    assert {n: r.engines for n, r in proposer.roles.items()} == {"proposer": 1, "codegen": 2, "solver": 2}
+    assert resolve_layout(placement, "codegen").gpus() == 8
+    solver = resolve_layout(placement, "solver")
+    assert list(solver.roles) == ["solver"] and solver.colocate == ("solver",)
+    assert solver.gpu_memory_utilization == 0.25
+    specs = {g.role: g for g in group_specs(solver)}
+    assert specs["trainer"].bundles == ({"CPU": 10, "GPU": 1},) * 8  # rank 8 + engine 2 CPUs
+    assert specs["trainer"].actor["num_gpus"] == 0.5
+    assert specs["solver"].bundles == () and specs["solver"].host == "trainer"
+    assert specs["solver"].members == tuple((i,) for i in range(8))
+    unknown = resolve_layout(placement, "evaluation")  # no entry: the top-level 2+6
+    assert unknown.phase is None and unknown.trainer_ranks == 2 and unknown.gpus() == 8
+    assert not solver.same_devices(proposer) and unknown.same_devices(resolve_layout(placement))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["placement.roles.solver.gpus_per_engine=2"],
+     "placement.roles.solver.gpus_per_engine: vLLM uses exactly tensor_parallel (1) GPUs per engine, got 2"),
+    (["placement.roles.proposer.gpus_per_engine=0"],
+     "placement.roles.proposer.gpus_per_engine: 0 in a GPU layout"),
+    (["placement.phases.proposer.trainer_ranks=4"],
+     ("placement.phases.proposer: phase proposer needs 9 GPUs (trainer 4 x {CPU: 8, GPU: 1} + "
+      "proposer 1 x {CPU: 4, GPU: 1} + codegen 2 x {CPU: 4, GPU: 1} + solver 2 x {CPU: 4, GPU: 1}) "
+      "but the cluster has 8 (1 node x 8 GPUs) (placement.cluster declares 1 node x 8 GPUs)")),
+    (["placement.phases.solver.trainer_ranks=4"],
+     ("placement.phases.solver.colocate: solver has 8 engines; colocation puts one engine on "
+      "each trainer rank (4)")),
+    (["placement.phases.solver.colocate=[proposer]"],
+     "placement.phases.solver.colocate: 'proposer' runs no engines in this phase; roles here: solver"),
+    (["placement.cluster.gpus_per_node=4"],
+     "placement.cluster: phase all needs 8 GPUs"),
+    (["placement.cluster.cpus_per_node=64"],
+     "placement.phases.solver: phase solver needs 80 CPUs"),
+])
+def test_invalid_layouts_name_the_field_and_the_numbers(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(PER_PHASE, overrides)
+    assert message in str(err.value)
+
+
+def test_cpu_gpu_mix_and_reserved_name():
+    with pytest.raises(ConfigError, match="placement.roles.proposer.gpus_per_engine: 0 in a GPU layout"):
+        load_config(LAYOUTS / "cpu.yaml", ["placement.gpus_per_rank=1"])
+    with pytest.raises(ConfigError, match="placement.gpus_per_rank: 0 while engines use GPUs"):
+        load_config(LAYOUTS / "cpu.yaml", ["placement.roles.solver.gpus_per_engine=1"])
+    with pytest.raises(ConfigError, match="roles.trainer: the name is reserved"):
+        load_config(LAYOUTS / "cpu.yaml", ["placement.roles.trainer.engines=1"])
+
+
+# --------------------------------------------------------------------------
+# Simulation
+# --------------------------------------------------------------------------
+
+
+def _where(slots):
+    return {(s.role, s.bundle): (s.node, s.devices) for s in slots}
+
+
+def test_simulate_pack_one_node():
+    slots = simulate(resolve_layout(load_config(TWO_SIX).placement), [Node("n", 8)])
+    assert [(s.role, s.devices) for s in slots] == [
+        ("trainer", (0,)), ("trainer", (1,)), ("proposer", (2,)), ("proposer", (3,)),
+        ("codegen", (4,)), ("codegen", (5,)), ("solver", (6,)), ("solver", (7,))]
+
+
+def test_simulate_pack_two_nodes_keeps_groups_whole():
+    slots = simulate(resolve_layout(load_config(TWO_SIX).placement), [Node("a", 4), Node("b", 4)])
+    where = _where(slots)
+    assert where[("trainer", 0)] == (0, (0,)) and where[("trainer", 1)] == (0, (1,))
+    assert where[("proposer", 0)] == (0, (2,)) and where[("proposer", 1)] == (0, (3,))
+    assert where[("codegen", 0)] == (1, (0,)) and where[("solver", 1)] == (1, (3,))
+    assert len({(s.node, s.devices) for s in slots}) == 8
+
+
+def test_simulate_spread_and_strict():
+    two = [Node("a", 4), Node("b", 4)]
+    spread = load_config(TWO_SIX, ["placement.strategy=SPREAD", "placement.cluster.nodes=2",
+                                   "placement.cluster.gpus_per_node=4"]).placement
+    where = _where(simulate(resolve_layout(spread), two))
+    for role in ("trainer", "proposer", "codegen", "solver"):
+        assert where[(role, 0)][0] != where[(role, 1)][0]
+    # 8 GPUs for 8 bundles, but no node keeps 3 GPUs for the last group once the others sit.
+    strict = load_config(TWO_SIX, ["placement.strategy=STRICT_PACK", "placement.roles.proposer.engines=0",
+                                   "placement.roles.codegen.engines=3",
+                                   "placement.roles.solver.engines=3"]).placement
+    with pytest.raises(PlacementError, match=r"the solver group \(3 bundles .* does not fit"):
+        simulate(resolve_layout(strict), [Node("a", 4), Node("b", 4)])
+
+
+def test_simulate_refuses_with_numbers():
+    layout = resolve_layout(load_config(TWO_SIX).placement)
+    with pytest.raises(PlacementError) as err:
+        simulate(layout, [Node("a", 7)])
+    assert "phase all needs 8 GPUs" in str(err.value) and "the cluster has 7" in str(err.value)
+    with pytest.raises(PlacementError, match=r"needs 40 CPUs .* has 32"):
+        simulate(layout, [Node("a", 8, 32)])
+
+
+# --------------------------------------------------------------------------
+# Model sizes and memory (hand-checked)
+# --------------------------------------------------------------------------
+
+
+def test_builtin_sizes_match_published_counts():
+    # The parameter counts the checkpoints publish (safetensors metadata).
+    counts = {"Qwen/Qwen3-VL-8B-Instruct": 8_767_123_696, "Qwen/Qwen3-VL-4B-Instruct": 4_437_815_808,
+              "Qwen/Qwen2.5-VL-7B-Instruct": 8_292_166_656}
+    for name, count in counts.items():
+        assert model_sizes(BUILTIN_MODELS[name]).params == count, name
+    m = model_sizes(BUILTIN_MODELS["Qwen/Qwen3-VL-8B-Instruct"])
+    # By hand: q 4096^2 + k,v 2 x 4096 x 1024 + o 4096^2 + MLP 3 x 4096 x 12288 + norms 2 x 4096
+    # + q/k norms 2 x 128 = 192,946,432; root = 2 x 151936 x 4096 + 4096 (untied).
+    assert m.layer == 192_946_432 and m.root == 1_244_663_808
+    assert (m.q_dim, m.kv_dim, m.head_dim) == (4096, 1024, 128)
+
+
+def test_sizes_match_transformers_modules():
+    """The formula against the modules transformers builds (meta device, no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    qwen2 = {"model_type": "qwen2_vl", "hidden_size": 64, "intermediate_size": 96,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "vocab_size": 300, "tie_word_embeddings": True,
+             "vision_config": {"depth": 2, "embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2,
+                               "num_heads": 2, "patch_size": 14, "spatial_merge_size": 2,
+                               "temporal_patch_size": 2}}
+    configs = [BUILTIN_MODELS["Qwen/Qwen3-VL-4B-Instruct"],
+               BUILTIN_MODELS["Qwen/Qwen2.5-VL-7B-Instruct"], qwen2]
+    for raw in configs:
+        config = AutoConfig.for_model(**json.loads(json.dumps(raw)))
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config)
+        m = model_sizes(raw)
+        assert m.params == sum(p.numel() for p in model.parameters()), raw["model_type"]
+        assert m.vision == sum(p.numel() for p in model.model.visual.parameters())
+        assert m.layer == sum(p.numel() for p in model.model.language_model.layers[0].parameters())
+
+
+SMALL = ModelSizes(family="qwen3_vl", vision=100, projector=10, root=1000, layer=200, layers=4,
+                   hidden=8, intermediate=16, q_dim=8, kv_dim=4, kv_heads=2, head_dim=2, vocab=50)
+
+
+def test_trainer_memory_by_hand():
+    assert SMALL.params == 100 + 1000 + 4 * 200 == 1900
+    parts = trainer_memory(SMALL, ranks=2, micro_batch_tokens=10, checkpointing=True, reference=True)
+    # per-token block activations a = 2 (4x8 + 3x8 + 3x4 + 4x16) = 264 bytes
+    assert parts == {
+        "master": 4 * 1900 / 2, "grads": 4 * 1900 / 2, "adamw": 8 * 1900 / 2,
+        "reference": 4 * 1900 / 2,
+        "gathered": 2 * (1000 + 2 * 200),        # root + two blocks in flight
+        "grad buffers": 2 * (1000 + 200),
+        "activations": 2 * 10 * 8 * 4 + 10 * 264,  # checkpointed inputs + one block = 3280
+        "logits": 10 * 10 * 50,
+        "context": CONTEXT_BYTES,
+    }
+    no_ckpt = trainer_memory(SMALL, ranks=2, micro_batch_tokens=10, checkpointing=False, reference=False)
+    assert no_ckpt["activations"] == 10 * 264 * 4 and no_ckpt["reference"] == 0
+    frozen = trainer_memory(SMALL, ranks=2, micro_batch_tokens=10, checkpointing=True,
+                            reference=True, freeze_vision=True)
+    assert frozen["grads"] == 4 * (1900 - 90) / 2  # the 10 merger parameters still train
+    assert frozen["grad buffers"] == 2 * (1000 + 200)
+    lora = trainer_memory(SMALL, ranks=2, micro_batch_tokens=10, checkpointing=True,
+                          reference=True, lora=50)
+    assert (lora["master"], lora["grads"], lora["adamw"], lora["reference"], lora["grad buffers"]) == (
+        4 * 1950 / 2, 4 * 50 / 2, 8 * 50 / 2, 0, 2 * 50)
+
+
+def test_trainer_memory_qwen3_vl_8b_two_ranks():
+    m = model_sizes(BUILTIN_MODELS["Qwen/Qwen3-VL-8B-Instruct"])
+    parts = trainer_memory(m, ranks=2, micro_batch_tokens=16384, checkpointing=True, reference=True)
+    assert parts["master"] == 17_534_247_392 and parts["adamw"] == 35_068_494_784
+    assert parts["logits"] == 24_893_194_240  # 10 x 16384 x 151936
+    assert parts["activations"] == 2 * 16384 * 4096 * 36 + 16384 * 161_792
+    assert round(sum(parts.values()) / GIB, 1) == 120.7
+
+
+def test_engine_memory_by_hand():
+    m = model_sizes(BUILTIN_MODELS["Qwen/Qwen3-VL-8B-Instruct"])
+    e = engine_memory(m, tensor_parallel=1, device_bytes=80 * GIB, utilization=0.85,
+                      max_num_batched_tokens=8192)
+    assert e.budget == 0.85 * 80 * GIB
+    assert e.parts["weights"] == 17_534_247_392
+    assert e.parts["activations"] == 2 * 8192 * (3 * 12288 + 4 * 4096) + 6 * 256 * 151936
+    assert e.kv_bytes_per_token == 2 * 36 * 8 * 128 * 2 == 147_456
+    assert e.parts["KV cache"] == e.budget - 17_534_247_392 - 1_105_788_928 - GIB
+    assert e.kv_tokens == 361_468
+    tp2 = engine_memory(m, tensor_parallel=2, device_bytes=80 * GIB, utilization=0.85,
+                        max_num_batched_tokens=8192)
+    assert tp2.parts["weights"] == 17_534_247_392 / 2 and tp2.kv_bytes_per_token == 147_456 / 2
+    tp16 = engine_memory(m, tensor_parallel=16, device_bytes=80 * GIB, utilization=0.85,
+                         max_num_batched_tokens=8192)
+    assert tp16.kv_bytes_per_token == 2 * 36 * 1 * 128 * 2  # 8 KV heads replicated, one per GPU
+
+
+def test_lora_params_by_hand():
+    m = model_sizes(BUILTIN_MODELS["Qwen/Qwen3-VL-8B-Instruct"])
+    # r (in + out): q 16 (4096 + 4096) + v 16 (4096 + 1024) per block, 36 blocks
+    assert lora_params(m, 16, ["q_proj", "v_proj"]) == 36 * 16 * (8192 + 5120) == 7_667_712
+
+
+# --------------------------------------------------------------------------
+# coevolve plan
+# --------------------------------------------------------------------------
+
+
+def _plan(capsys, *argv):
+    from pipelines.cli import main
+
+    code = main(["plan", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_plan_refuses_two_plus_six_with_qwen3_vl_8b(capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code, out = _plan(capsys, TWO_SIX)
+    assert code == 2
+    assert "node0     0  trainer rank 0" in out and "node0     7  solver engine 1" in out
+    assert "a trainer rank needs 120.7 GiB on a 80 GiB device (over by 40.7 GiB)" in out
+    assert "logits 23.2" in out and "KV 49.6 GiB = 361,468 tokens" in out
+
+
+def test_plan_fits_and_overrides(capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code, out = _plan(capsys, TWO_SIX, "model.path=Qwen/Qwen3-VL-4B-Instruct",
+                      "trainer.lora.enabled=true", "--cluster", ROOT / "configs/cluster/2x4gpu-80g.yaml")
+    assert code == 0, out
+    assert "2 nodes x 4 GPUs x 80 GiB" in out and "node1" in out and out.rstrip().endswith("fits")
+    code, out = _plan(capsys, LAYOUTS / "cpu.yaml")
+    assert code == 0 and "0 GPUs, 5 CPUs" in out
+
+
+def test_plan_refusals(capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code, out = _plan(capsys, TWO_SIX, "--gpus-per-node", 4)
+    assert code == 2 and "phase all needs 8 GPUs" in out and "the cluster has 4" in out
+    code, out = _plan(capsys, TWO_SIX, "model.path=Qwen/Qwen9-VL")
+    assert code == 2 and "no sizes for model 'Qwen/Qwen9-VL'" in out
+    code, out = _plan(capsys, TWO_SIX, "placement.cluster.nodes=0")
+    assert code == 2 and "which cluster?" in out
+    # A local folder: sizes from its config.json; a short KV cache is refused.
+    (tmp_path / "config.json").write_text(json.dumps(BUILTIN_MODELS["Qwen/Qwen2.5-VL-7B-Instruct"]))
+    code, out = _plan(capsys, TWO_SIX, f"model.path={tmp_path}", "trainer.lora.enabled=true",
+                      "generator.gpu_memory_utilization=0.25", "generator.max_model_len=65536")
+    assert code == 2 and f"sizes from {tmp_path / 'config.json'}" in out
+    assert "proposer engine: KV cache" in out and "less than one max_model_len sequence (65536" in out
+
+
+# --------------------------------------------------------------------------
+# Real placement groups (subprocess: its own Ray with logical GPUs)
+# --------------------------------------------------------------------------
+
+
+def _start_scenario(name: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.Popen([sys.executable, __file__, name], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _result(name: str, proc: subprocess.Popen) -> dict:
+    try:
+        out, err = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the scenario's own process group only
+        out, err = proc.communicate()
+        pytest.fail(f"scenario {name} timed out\n{err[-3000:]}")
+    assert proc.returncode == 0, f"scenario {name} failed\n{err[-3000:]}"
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def scenarios():
+    """Both Ray scenarios, started together (each waits mostly on Ray starting up)."""
+    procs = {name: _start_scenario(name) for name in ("single", "two-nodes")}
+    return {name: _result(name, proc) for name, proc in procs.items()}
+
+
+@pytest.fixture(scope="module")
+def one_node(scenarios):
+    return scenarios["single"]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(scenarios):
+    return scenarios["two-nodes"]
+
+
+def _gpus(report):
+    return [(r["node_id"], g) for r in report for g in r["gpu_ids"]]
+
+
+def test_ray_two_plus_six_distinct_gpus(one_node):
+    report = one_node["2+6"]
+    assert [r["role"] for r in report] == ["trainer"] * 2 + ["proposer"] * 2 + ["codegen"] * 2 + ["solver"] * 2
+    assert all(len(r["gpu_ids"]) == 1 for r in report)
+    assert sorted(g for _, g in _gpus(report)) == [str(i) for i in range(8)]
+
+
+def test_ray_phases_released_and_recreated(one_node):
+    for phase, trainer_ranks in (("proposer", 3), ("codegen", 4), ("solver", 8)):
+        report = one_node["phases"][phase]
+        assert sum(r["role"] == "trainer" for r in report) == trainer_ranks
+        assert sorted(g for _, g in _gpus(report)) == [str(i) for i in range(8)], phase
+    # Between phases every GPU was free again, and after the manager closed.
+    assert one_node["phases"]["free_between"] == [8.0, 8.0]
+    assert one_node["phases"]["free_after"] == 8.0
+
+
+def test_ray_impossible_layout_fails_fast(one_node):
+    err = one_node["impossible"]
+    assert "phase all needs 9 GPUs" in err["error"] and "the cluster has 8" in err["error"]
+    assert err["seconds"] < 5
+    busy = one_node["busy"]
+    assert "not ready after 2 s" in busy["error"] and "free now: 0 GPUs" in busy["error"]
+
+
+def test_ray_two_nodes_span_correctly(two_nodes):
+    report = two_nodes["PACK"]
+    pairs = _gpus(report)
+    assert len(pairs) == 8 and len(set(pairs)) == 8  # 8 GPUs used, none twice
+    nodes = {node for node, _ in pairs}
+    assert len(nodes) == 2 and sorted(sum(1 for n, _ in pairs if n == x) for x in nodes) == [4, 4]
+    for role in ("trainer", "proposer", "codegen", "solver"):
+        assert len({r["node_id"] for r in report if r["role"] == role}) == 1, role  # PACK
+    for role in ("trainer", "proposer", "codegen", "solver"):
+        spread = [r["node_id"] for r in two_nodes["SPREAD"] if r["role"] == role]
+        assert len(set(spread)) == 2, role
+    assert len(set(_gpus(two_nodes["SPREAD"]))) == 8
+
+
+# --------------------------------------------------------------------------
+# The scenarios (run in the subprocess)
+# --------------------------------------------------------------------------
+
+
+def _report(placement) -> list[dict]:
+    from pipelines.placement import bundle_report
+
+    return [{"role": r.role, "bundle": r.bundle, "node_id": r.node_id, "gpu_ids": list(r.gpu_ids)}
+            for r in bundle_report(placement)]
+
+
+def _wait_free_gpus(total: float, timeout_s: float = 20.0) -> float:
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        free = ray.available_resources().get("GPU", 0.0)
+        if free == total or time.monotonic() > deadline:
+            return free
+        time.sleep(0.1)
+
+
+def _scenario_single() -> dict:
+    from pipelines.local_ray import ray_session
+    from pipelines.placement import PlacementManager, create_placement
+
+    out: dict = {}
+    with ray_session(num_cpus=96, num_gpus=8):
+        with PlacementManager(load_config(TWO_SIX).placement, run="test") as places:
+            out["2+6"] = _report(places.enter())
+            try:  # a second job asking for the same GPUs: a clear error, not a hang
+                create_placement(resolve_layout(load_config(TWO_SIX).placement), timeout_s=2)
+            except PlacementError as err:
+                out["busy"] = {"error": str(err)}
+        _wait_free_gpus(8)
+        phases: dict = {"free_between": []}
+        with PlacementManager(load_config(PER_PHASE).placement, run="test") as places:
+            for i, phase in enumerate(("proposer", "codegen", "solver")):
+                if i:
+                    places.release()
+                    phases["free_between"].append(_wait_free_gpus(8))
+                phases[phase] = _report(places.enter(phase))
+        phases["free_after"] = _wait_free_gpus(8)
+        out["phases"] = phases
+        start = time.monotonic()
+        nine = load_config(TWO_SIX, ["placement.trainer_ranks=3", "placement.cluster.nodes=0"])
+        try:
+            create_placement(resolve_layout(nine.placement))
+        except PlacementError as err:
+            out["impossible"] = {"error": str(err), "seconds": time.monotonic() - start}
+    return out
+
+
+def _scenario_two_nodes() -> dict:
+    import shutil
+    import tempfile
+
+    # Cluster() writes its address file under Ray's temp dir: keep ours private.
+    tmp = tempfile.mkdtemp(prefix="cvplace-")
+    os.environ["RAY_TMPDIR"] = tmp
+    from pipelines.local_ray import _loopback_only
+
+    _loopback_only()
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipelines.placement import PlacementManager
+
+    node = {"num_cpus": 48, "num_gpus": 4, "node_ip_address": "127.0.0.1"}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    out: dict = {}
+    try:
+        cluster.add_node(**node)
+        ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
+        cluster.wait_for_nodes()
+        for strategy in ("PACK", "SPREAD"):
+            cfg = load_config(TWO_SIX, [f"placement.strategy={strategy}", "placement.cluster.nodes=2",
+                                        "placement.cluster.gpus_per_node=4"])
+            with PlacementManager(cfg.placement, run="test") as places:
+                out[strategy] = _report(places.enter())
+            _wait_free_gpus(8)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+if __name__ == "__main__":
+    scenarios = {"single": _scenario_single, "two-nodes": _scenario_two_nodes}
+    print(json.dumps(scenarios[sys.argv[1]]()))
