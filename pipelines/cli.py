@@ -1,5 +1,7 @@
 """The ``coevolve`` command.
 
+    coevolve run FILE [key=value ...]                      run (or resume) a recipe
+    coevolve status RUN_DIR                                where a run stands
     coevolve config show [FILE] [key=value ...] [--doc]   the resolved config
     coevolve model build REF                               build/locate a model (tiny:// offline)
     coevolve generate [FILE] [key=value ...]               sample from the model in a vLLM actor
@@ -37,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
         description="Self-evolving vision-language models on Ray + vLLM + FSDP2.",
     )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a recipe; the same command resumes after any failure")
+    _config_args(run)
+    run.set_defaults(func=_run)
+
+    status = sub.add_parser("status", help="where a run stands: iteration, phase, step, metrics")
+    status.add_argument("run_dir", help="runs/<name>")
+    status.set_defaults(func=_status)
 
     config = sub.add_parser("config", help="inspect configurations")
     config_sub = config.add_subparsers(title="config commands", metavar="ACTION")
@@ -85,6 +95,39 @@ def _load(args) -> object:
     if file is not None and "=" in file:
         file, overrides = None, [file, *overrides]
     return load_config(file, overrides)
+
+
+def _run(args) -> int:
+    from pipelines.driver import Driver
+    from pipelines.local_ray import ray_session
+
+    cfg = _load(args)
+    with ray_session(num_cpus=_local_cpus(cfg)):
+        state = Driver(cfg).run()
+    print(f"run {cfg.run.name} finished: {state.get('roles')}")
+    return 0
+
+
+def _local_cpus(cfg) -> int:
+    """CPUs a private local Ray advertises: the host's, or what the layout asks if more.
+
+    Ray counts CPUs logically; on a laptop the trainer ranks and engines of the
+    CPU layout share the cores (each sets its own thread count), so the layout
+    must be schedulable even when it asks for more than the host has.
+    """
+    import os
+
+    p = cfg.placement
+    need = p.trainer_ranks * p.cpus_per_rank + sum(
+        r.engines * max(1, r.cpus_per_engine) for r in p.roles.values())
+    return max(os.cpu_count() or 1, need)
+
+
+def _status(args) -> int:
+    from pipelines.status import render_status
+
+    print(render_status(args.run_dir))
+    return 0
 
 
 def _config_show(args) -> int:

@@ -60,11 +60,16 @@ def param(default: Any, doc: str, *, gt=None, ge=None, lt=None, le=None) -> Any:
 class RunConfig:
     name: str = param("tiny", "Run name; the run directory is <root>/<name>.")
     root: str = param("runs", "Folder that holds run directories (shared storage on a cluster).")
-    recipe: str = param("mmzero", "Recipe to run: mmzero (others arrive in later releases).")
+    recipe: Literal["simple"] = param(
+        "simple", "Recipe to run: simple (your prompts and reward function); more recipes arrive "
+        "with their issues.")
     iterations: int = param(1, "Self-evolution iterations to run (resumable: raise it to continue).", ge=1)
     seed: int = param(0, "Seed of every RNG stream of the run (data order, sampling, init).", ge=0)
     save_every: int = param(10, "Checkpoint a training phase every K optimizer steps.", ge=1)
     keep_checkpoints: int = param(2, "Step checkpoints kept per phase (the newest K).", ge=1)
+    sync_weights: bool = param(
+        True, "Push trained weights to the engines after every step (off only for experiments "
+        "that need a frozen sampler).")
 
 
 @dataclass
@@ -238,6 +243,24 @@ class LoggingConfig:
 
 
 @dataclass
+class SimpleConfig:
+    """The `simple` recipe: one GRPO phase on your prompts with your reward function."""
+
+    reward: str = param(
+        "pipelines.simple:answer_length_reward",
+        "Reward function as module:function, called as fn(sample) -> float for each completion "
+        "(sample: prompt, response, token_ids, prompt_index; see README).")
+    prompts: list[str] = param(
+        ["Describe the chart.", "How many bars are in the chart?", "Which bar is the tallest?",
+         "What colour are the bars?"], "Questions asked about the drawn charts, cycled.")
+    images: bool = param(True, "Attach a locally drawn bar chart to each prompt.")
+    steps: int = param(4, "Optimizer steps of the phase.", ge=1)
+    prompts_per_step: int = param(4, "Prompts per step (GRPO groups).", ge=1)
+    n: int = param(4, "Samples per prompt (GRPO group size).", ge=2)
+    max_tokens: int = param(32, "Completion budget (tokens).", ge=1)
+
+
+@dataclass
 class Config:
     run: RunConfig = param(RunConfig(), "Run identity, iterations, seed, checkpoint cadence.")
     model: ModelConfig = param(ModelConfig(), "The base model.")
@@ -246,6 +269,7 @@ class Config:
     algorithm: AlgorithmConfig = param(AlgorithmConfig(), "Policy-gradient objective.")
     placement: PlacementConfig = param(PlacementConfig(), "Devices per role.")
     logging: LoggingConfig = param(LoggingConfig(), "Metrics sinks and progress.")
+    simple: SimpleConfig = param(SimpleConfig(), "The simple recipe (recipe: simple).")
 
 
 # --------------------------------------------------------------------------

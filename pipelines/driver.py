@@ -1,0 +1,124 @@
+"""The resumable driver: iterations x phases, each phase a GRPO run.
+
+    for iteration in 1..I:
+        for phase in recipe.phases(iteration):
+            skip if its DONE marker exists
+            resume from its newest complete step checkpoint, or start fresh
+            for step: generate -> reward -> advantages -> log-probs -> update -> weight sync
+            checkpoint every run.save_every steps; export hf/; write DONE
+
+Run directory (see docs/architecture.md)::
+
+    runs/<name>/config.yaml  state.json
+    runs/<name>/iter_0001/<phase>/rollouts-000001.parquet  metrics.jsonl  ckpt/step_000002/  hf/  DONE
+
+Determinism: the requests and sampling seeds of a step are a pure function of
+(run.seed, iteration, phase, step); the trainer restores its RNG states and
+optimizer from the checkpoint, and the engines get the checkpoint's weights,
+so a resumed run takes the same steps as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.config import Config, dump_config
+from pipelines.recipe import Phase, build_recipe
+
+STATE = "state.json"
+
+
+class Timer:
+    """Named wall-clock timers for one step: ``with timer("generate"): ...``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class Driver:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.root) / cfg.run.name
+        self.recipe = build_recipe(cfg)
+        self.state = self._load_state()
+
+    # -- the story -------------------------------------------------------------
+
+    def run(self) -> dict:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.run_dir / "config.yaml", dump_config(self.cfg))
+        for iteration in range(1, self.cfg.run.iterations + 1):
+            for index, phase in enumerate(self.recipe.phases(iteration)):
+                phase_dir = self.run_dir / f"iter_{iteration:04d}" / phase.name
+                if (phase_dir / "DONE").exists():
+                    continue
+                self._update_state(iteration=iteration, phase=phase.name, step=0)
+                self.run_phase(iteration, index, phase, phase_dir)
+                atomic_write(phase_dir / "DONE", "ok\n")
+        self._update_state(finished=True)
+        return self.state
+
+    def run_phase(self, iteration: int, index: int, phase: Phase, phase_dir: Path) -> None:
+        from pipelines.phase import PhaseRunner
+
+        start = self.state.get("roles", {}).get(phase.role, {}).get("path", self.cfg.model.path)
+        with PhaseRunner(self.cfg, phase, phase_dir, start_weights=start, run_dir=self.run_dir,
+                         seed_path=(self.cfg.run.seed, iteration, index)) as runner:
+            runner.run(on_step=lambda step: self._update_state(step=step))
+            roles = dict(self.state.get("roles", {}))
+            roles[phase.role] = {"path": str(phase_dir / "hf"), "iteration": iteration,
+                                 "version": runner.version}
+            self._update_state(roles=roles)
+
+    # -- state.json ----------------------------------------------------------
+
+    def _load_state(self) -> dict:
+        path = self.run_dir / STATE
+        return json.loads(path.read_text()) if path.exists() else {"roles": {}}
+
+    def _update_state(self, **changes) -> None:
+        self.state.update(changes, updated=time.time())
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.run_dir / STATE, json.dumps(self.state, indent=1))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> tuple[int, Path] | None:
+    """The newest complete ``step_NNNNNN`` folder, or None."""
+    from actors.checkpoint import is_complete
+
+    found = [(int(p.name.split("_")[1]), p) for p in ckpt_dir.glob("step_*")
+             if p.name.split("_")[1].isdigit() and is_complete(p)]
+    return max(found) if found else None
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    complete = sorted((int(p.name.split("_")[1]), p) for p in ckpt_dir.glob("step_*")
+                      if p.name.split("_")[1].isdigit())
+    for _, path in complete[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def step_rng(seed_path: tuple[int, ...], step: int) -> np.random.Generator:
+    return np.random.default_rng([*seed_path, step])

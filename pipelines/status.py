@@ -1,0 +1,59 @@
+"""``coevolve status RUN_DIR``: where a run stands, for a person."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pipelines.metrics import read_metrics
+
+SHOWN = ("reward/mean", "train/grad_norm", "policy/loss", "policy/kl", "rollout/response_tokens",
+         "perf/tokens_per_s")
+
+
+def render_status(run_dir: str | Path) -> str:
+    run_dir = Path(run_dir)
+    state_path = run_dir / "state.json"
+    if not state_path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a coevolve run directory (no state.json)")
+    state = json.loads(state_path.read_text())
+    lines = [f"run {run_dir.name}: " + ("finished" if state.get("finished") else
+                                        f"iteration {state.get('iteration')}, phase "
+                                        f"{state.get('phase')}, step {state.get('step')} "
+                                        "(not finished: `coevolve run` with the same config resumes)"),
+             f"  last update {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(state['updated']))}"
+             if "updated" in state else "  never updated"]
+    for role, info in sorted(state.get("roles", {}).items()):
+        lines.append(f"  role {role}: iteration {info.get('iteration')}, weight version "
+                     f"{info.get('version')}, weights {info.get('path')}")
+    for phase_dir in sorted(run_dir.glob("iter_*/*")):
+        if not phase_dir.is_dir():
+            continue
+        metrics = [m for m in read_metrics(phase_dir / "metrics.jsonl") if "reward/mean" in m]
+        done = (phase_dir / "DONE").exists()
+        ckpts = sorted(p.name for p in (phase_dir / "ckpt").glob("step_*")
+                       if (p / "COMPLETE").exists())
+        lines.append(f"\n{phase_dir.parent.name}/{phase_dir.name}: {'done' if done else 'in progress'}"
+                     f", {len(metrics)} steps logged, checkpoints: {', '.join(ckpts) or 'none'}")
+        if metrics:
+            last = metrics[-1]
+            shown = ", ".join(f"{k} {last[k]:.4g}" for k in SHOWN if k in last)
+            lines.append(f"  step {last['step']}: {shown}")
+            lines.append(_timing_table(metrics))
+    return "\n".join(lines)
+
+
+def _timing_table(metrics: list[dict]) -> str:
+    totals: dict[str, float] = {}
+    for m in metrics:
+        for k, v in m.items():
+            if k.startswith("timing/") and k != "timing/step":
+                totals[k[7:]] = totals.get(k[7:], 0.0) + v
+    wall = sum(m.get("timing/step", 0.0) for m in metrics)
+    rows = [f"  {'timing':<12} {'seconds':>9} {'share':>7}"]
+    for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
+        rows.append(f"  {name:<12} {seconds:9.1f} {seconds / wall:7.1%}" if wall else
+                    f"  {name:<12} {seconds:9.1f}")
+    rows.append(f"  {'step total':<12} {wall:9.1f}")
+    return "\n".join(rows)
