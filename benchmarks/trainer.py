@@ -40,6 +40,7 @@ def make_batch(path: str, prompts: int, n: int, completion: int):
     from actors.batching import TrainBatch
 
     processor = AutoProcessor.from_pretrained(path)
+    vocab = len(processor.tokenizer)  # the trained BPE may be smaller than the requested vocab
     rng = np.random.default_rng(0)
     ids, plens, pidx, images = [], [], [], []
     for p in range(prompts):
@@ -53,7 +54,7 @@ def make_batch(path: str, prompts: int, n: int, completion: int):
         prompt = processor(text=[text], images=[image], return_tensors="np")["input_ids"][0]
         images.append([buf.getvalue()])
         for _ in range(n):
-            ids.append(np.concatenate([prompt, rng.integers(20, 4000, size=completion)]).astype(np.int64))
+            ids.append(np.concatenate([prompt, rng.integers(20, vocab - 20, size=completion)]).astype(np.int64))
             plens.append(len(prompt))
             pidx.append(p)
     adv = rng.normal(size=len(ids)).astype(np.float32)
