@@ -43,7 +43,7 @@ def rewards(run_dir: Path) -> list[float]:
 
 
 def test_grpo_raises_a_dense_reward_and_not_without_weight_sync(ray_cluster, tmp_path):
-    steps = ["simple.steps=30", "simple.prompts_per_step=4", "simple.n=8", "simple.max_tokens=16",
+    steps = ["simple.steps=24", "simple.prompts_per_step=4", "simple.n=8", "simple.max_tokens=16",
              "trainer.lr=2e-3", "algorithm.kl_coef=0", "run.save_every=100"]
     learning = Driver(config(tmp_path, "sync", *steps))
     learning.run()
