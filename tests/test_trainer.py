@@ -117,20 +117,21 @@ def test_two_rank_fsdp_matches_single_process(group2, path, batches, tmp_path_fa
 
 
 @pytest.mark.slow
-def test_micro_batch_split_does_not_change_the_gradient(group2, batches):
-    batch = batches[0].with_column(old_logprobs=group2.compute_logprobs(batches[0]),
-                                   ref_logprobs=group2.compute_logprobs(batches[0], reference=True))
+def test_micro_batch_split_does_not_change_the_gradient(group2, path):
+    batch = make_train_batch(path, n_prompts=4, n=2, seed=5)  # 8 rows: 4 per rank
+    batch = batch.with_column(old_logprobs=group2.compute_logprobs(batch),
+                              ref_logprobs=group2.compute_logprobs(batch, reference=True))
     one = group2.forward_backward(batch, micro_batch_tokens=100_000)  # 1 micro-batch per rank
     grads_one = group2.gradients()
     group2.discard_gradients()
     longest = max(len(ids) for ids in batch.input_ids)
-    four = group2.forward_backward(batch, micro_batch_tokens=longest)  # 1 row each: 3 per rank
+    four = group2.forward_backward(batch, micro_batch_tokens=longest)  # 1 row each: 4 per rank
     grads_four = group2.gradients()
     group2.discard_gradients()
     assert four["policy/loss"] == pytest.approx(one["policy/loss"], rel=1e-6)
     worst = max(float(np.abs(grads_one[k] - grads_four[k]).max() / (np.abs(grads_one[k]).max() + 1e-12))
                 for k in grads_one)
-    print(f"1 vs 3 micro-batches per rank: max relative gradient difference {worst:.2e}")
+    print(f"1 vs 4 micro-batches per rank: max relative gradient difference {worst:.2e}")
     assert worst < 1e-6
     assert max(float(np.abs(g).max()) for g in grads_one.values()) > 1e-3  # real gradients
 
@@ -323,3 +324,77 @@ def test_trainer_logprobs_match_the_engine_on_its_own_samples(group1, engines, p
 ])
 def test_lr_schedules(schedule, step, expected):
     assert lr_factor(step, schedule, warmup_steps=4, total_steps=10) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_qwen3_vl_frozen_vision_and_engine_agreement(ray_cluster, engines, tmp_path):
+    """Qwen3-VL batches (deepstack, interleaved M-RoPE) through the trainer: its log-probs
+    equal the engine's, and freeze_vision keeps the vision tower (not the merger) fixed."""
+    import ray
+
+    from actors.batching import TrainBatch
+    from actors.generator import Request, Sampling
+
+    from conftest import chart_png
+
+    group = TrainerGroup(spec(model="tiny://qwen3-vl", freeze_vision=True), 1,
+                         name="test/trainer-qwen3", runtime_env=ENV)
+    try:
+        png = chart_png(3)
+        request = Request([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": "What is in the chart?"}]}],
+            images=[png], sampling=Sampling(n=4, temperature=1.0, max_tokens=12, seed=3))
+        [samples] = ray.get(engines("qwen3-vl").generate.remote([request]))
+        batch = TrainBatch(
+            input_ids=[np.array(s.prompt_ids + s.token_ids) for s in samples],
+            prompt_lens=np.array([len(s.prompt_ids) for s in samples]),
+            prompt_index=np.zeros(len(samples), dtype=np.int64), images=[[png]],
+            advantages=np.array([1.0, -1.0, 0.5, -0.5], dtype=np.float32))
+        trainer = group.compute_logprobs(batch)
+        diffs = np.concatenate([np.abs(t - np.array(s.logprobs)) for t, s in zip(trainer, samples)])
+        print(f"qwen3-vl trainer vs engine: max {diffs.max():.2e}, mean {diffs.mean():.2e}")
+        assert diffs.max() < 1e-4
+        before = group.parameters()
+        train_step(group, batch)
+        after = group.parameters()
+        changed = {k for k in after if not np.array_equal(after[k], before[k])}
+        vision = {k for k in after if ".visual." in f".{k}" and "merger" not in k}
+        assert vision and not (changed & vision)
+        assert any("merger" in k for k in changed) and any("language_model" in k for k in changed)
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.slow
+def test_exported_folder_serves_in_vllm(group1, batches, tmp_path):
+    """export_hf after training: a vLLM engine on the folder scores like the trainer."""
+    import ray
+
+    from actors.generator import EngineSpec, GeneratorActor, Request, Sampling, cpu_engine_env
+
+    from conftest import chart_png
+
+    start = tmp_path / "start"
+    group1.save(str(start))
+    train_step(group1, batches[0])
+    group1.export_hf(str(tmp_path / "hf"))
+    actor = ray.remote(num_cpus=1, runtime_env={"env_vars": cpu_engine_env(2)})(GeneratorActor)
+    engine = actor.remote(EngineSpec(model=str(tmp_path / "hf"), dtype="float32", max_model_len=2048,
+                                     max_num_batched_tokens=4096), "exported")
+    try:
+        png = chart_png(4)
+        request = Request([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": "Read the chart."}]}],
+            images=[png], sampling=Sampling(n=2, temperature=1.0, max_tokens=10, seed=1))
+        [samples] = ray.get(engine.generate.remote([request]))
+    finally:
+        ray.kill(engine)
+    from actors.batching import TrainBatch
+
+    batch = TrainBatch([np.array(s.prompt_ids + s.token_ids) for s in samples],
+                       np.array([len(s.prompt_ids) for s in samples]), np.zeros(2, dtype=np.int64),
+                       [[png]])
+    trainer = group1.compute_logprobs(batch)
+    diffs = np.concatenate([np.abs(t - np.array(s.logprobs)) for t, s in zip(trainer, samples)])
+    assert diffs.max() < 1e-4
+    group1.load(str(start))
