@@ -359,6 +359,10 @@ def _worker_main(memory_bytes: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watchdog, daemon=True).start()
+    # Warm up before reporting ready: the first parse builds math-verify's LaTeX
+    # grammar (about a second on a loaded host), which must not count against
+    # the time limit of a real check.
+    math_verify_equal("x+x", "2x")
     out.write('{"ready": true}\n')
     while line := sys.stdin.readline():
         request = json.loads(line)
