@@ -129,10 +129,15 @@ def test_micro_batch_split_does_not_change_the_gradient(group2, path):
     grads_four = group2.gradients()
     group2.discard_gradients()
     assert four["policy/loss"] == pytest.approx(one["policy/loss"], rel=1e-6)
+    one_flat = np.concatenate([grads_one[k].ravel() for k in grads_one])
+    four_flat = np.concatenate([grads_four[k].ravel() for k in grads_one])
+    relative = float(np.linalg.norm(one_flat - four_flat) / np.linalg.norm(one_flat))
     worst = max(float(np.abs(grads_one[k] - grads_four[k]).max() / (np.abs(grads_one[k]).max() + 1e-12))
                 for k in grads_one)
-    print(f"1 vs 4 micro-batches per rank: max relative gradient difference {worst:.2e}")
-    assert worst < 1e-6
+    print(f"1 vs 4 micro-batches per rank: |g1 - g4| / |g1| = {relative:.2e}; "
+          f"worst element relative to its tensor's largest gradient {worst:.2e}")
+    assert relative < 1e-6  # fp32 summation order is all that differs
+    assert worst < 1e-5
     assert max(float(np.abs(g).max()) for g in grads_one.values()) > 1e-3  # real gradients
 
 
