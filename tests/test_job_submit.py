@@ -1,0 +1,68 @@
+"""`ray job submit` of a tiny run to a local head on loopback, watched through the
+dashboard's job API; the test stops only the head it started."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_a_tiny_config_to_success(tmp_path, monkeypatch):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(COEVOLVE_HEAD_DIR=str(tmp_path / "head"), DASHBOARD_PORT=str(port),
+               PYTHON=sys.executable)
+    started = subprocess.run(["bash", str(ROOT / "cluster/start_head.sh"), "--num-cpus", "4"],
+                             env=env, capture_output=True, text=True, timeout=240)
+    assert started.returncode == 0, started.stderr[-3000:]
+    pids = (tmp_path / "head/head.pids").read_text().split()  # the processes of our head
+    assert pids
+    try:
+        address = f"http://127.0.0.1:{port}"
+        if "RAY_AUTH_MODE=token" in started.stdout:
+            env["RAY_AUTH_MODE"] = "token"
+            monkeypatch.setenv("RAY_AUTH_MODE", "token")
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        submit = subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--no-wait",
+             "--working-dir", str(ROOT), "--runtime-env", str(ROOT / "cluster/runtime_env.yaml"),
+             "--", "python", "-m", "pipelines.cli", "run", "configs/simple/tiny-cpu.yaml",
+             f"run.root={tmp_path / 'runs'}", "simple.steps=2", "logging.progress=false"],
+            env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
+        assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
+        job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
+
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(address)
+        deadline = time.monotonic() + 600
+        while (status := client.get_job_status(job_id)) not in JobStatus.__members__.values() or \
+                not status.is_terminal():
+            assert time.monotonic() < deadline, f"job {job_id} still {status}"
+            time.sleep(2)
+        logs = client.get_job_logs(job_id)
+        assert status == JobStatus.SUCCEEDED, logs[-3000:]
+        assert "run simple-tiny finished" in logs
+        assert (tmp_path / "runs/simple-tiny/iter_0001/policy/DONE").exists()
+        assert (tmp_path / "runs/simple-tiny/iter_0001/policy/hf/model.safetensors").exists()
+    finally:
+        stopped = subprocess.run(["bash", str(ROOT / "cluster/stop_head.sh")], env=env,
+                                 capture_output=True, text=True, timeout=120)
+        assert stopped.returncode == 0, stopped.stderr[-2000:]
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
