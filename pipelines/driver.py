@@ -62,6 +62,7 @@ class Driver:
     def run(self) -> dict:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.run_dir / "config.yaml", dump_config(self.cfg))
+        self._update_state(finished=False)  # e.g. run.iterations raised after a finished run
         for iteration in range(1, self.cfg.run.iterations + 1):
             for index, phase in enumerate(self.recipe.phases(iteration)):
                 phase_dir = self.run_dir / f"iter_{iteration:04d}" / phase.name
