@@ -126,7 +126,8 @@ class GeneratorPool:
                 results[j] = samples
         return results  # type: ignore[return-value]
 
-    def update_weights(self, buckets: Sequence, version: int, manifest=None) -> list[dict]:
+    def update_weights(self, buckets: Sequence, version: int, manifest=None,
+                       rollback: bool = False) -> list[dict]:
         """Load full weights into every engine; returns each engine's timing metrics.
 
         ``buckets``: buckets from ``make_buckets`` (put here, once each), or
@@ -134,13 +135,15 @@ class GeneratorPool:
         then fetches whole to check the names unless ``manifest`` (their
         ``WeightVersion``) is given. The same refs go to all engines in
         parallel. The pool serves ``version`` only once every engine has it; a
-        name or shape error is raised before any engine changed.
+        name or shape error is raised before any engine changed. Versions must
+        increase, except with ``rollback`` (a phase restored from a checkpoint
+        after a trainer failure serves that checkpoint's version again).
         """
         import ray
 
         from actors.weights import WeightVersion, put_buckets
 
-        if version <= self.version:
+        if version <= self.version and not rollback:
             raise ValueError(f"weight versions must increase: {version} after {self.version}")
         if buckets and all(isinstance(b, ray.ObjectRef) for b in buckets):
             refs = list(buckets)
@@ -296,7 +299,7 @@ def _wait_dead(actor, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            ray.get(actor.health.remote())
+            ray.get(actor.__ray_ready__.remote())
         except ray.exceptions.RayActorError:
             return
     raise RuntimeError(f"actor still alive {timeout:.0f} s after ray.kill")

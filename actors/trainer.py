@@ -367,6 +367,10 @@ def _seed_everything(seed: int) -> None:
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
 
 
+class TrainerGroupFailed(RuntimeError):
+    """A trainer rank died; the group has been killed and must be rebuilt."""
+
+
 class TrainerGroup:
     """N TrainerActor ranks as Ray actors, driven in lock-step."""
 
@@ -405,10 +409,26 @@ class TrainerGroup:
                 f"free {ray.available_resources()}")
 
     def _all(self, verb: str, *args, per_rank: list | None = None) -> list:
+        """Call ``verb`` on every rank; the results in rank order.
+
+        Fails fast: when one rank dies, the others would wait in a collective
+        until gloo's/NCCL's timeout, so the whole group is killed and
+        ``TrainerGroupFailed`` raised at once (the phase rebuilds the group
+        from its last checkpoint).
+        """
         import ray
 
         calls = [getattr(a, verb).remote(*(per_rank[r],) if per_rank else (), *args)
                  for r, a in enumerate(self.actors)]
+        pending = list(calls)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done[0])
+            except ray.exceptions.RayActorError as err:
+                rank = calls.index(done[0])
+                self.kill()
+                raise TrainerGroupFailed(f"trainer rank {rank} died during {verb}: {err}") from err
         return ray.get(calls)
 
     def compute_logprobs(self, batch: TrainBatch, reference: bool = False) -> list[np.ndarray]:
@@ -450,13 +470,23 @@ class TrainerGroup:
         self._all("discard_gradients")
 
     def shutdown(self) -> None:
-        import ray
-
         try:
             self._all("shutdown")
+        except TrainerGroupFailed:
+            pass  # already killed
         finally:
-            for actor in self.actors:
-                ray.kill(actor)
+            self.kill()
+
+    def kill(self) -> None:
+        """Kill every rank and wait until Ray reports them dead (names and bundles free)."""
+        import ray
+
+        from actors.pool import _wait_dead
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        for actor in self.actors:
+            _wait_dead(actor)
 
 
 def merge_metrics(parts: list[dict]) -> dict:

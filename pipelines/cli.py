@@ -6,6 +6,7 @@
     coevolve model build REF                               build/locate a model (tiny:// offline)
     coevolve generate [FILE] [key=value ...]               sample from the model in a vLLM actor
     coevolve plan FILE [key=value ...] [--cluster FILE]    placement and memory per device, no GPU
+    coevolve plot RUN_DIR                                  co-evolution figures of an MM-Zero run
 
 User errors (bad config values, missing files, bad model references) exit
 with status 2 and a one-line message; anything else is a bug and keeps its
@@ -81,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="also create the placement groups on Ray (RAY_ADDRESS, else a private "
                            "Ray with logical GPUs) and print the real node and GPU ids")
     plan.set_defaults(func=_plan)
+
+    plot = sub.add_parser("plot", help="draw the co-evolution figures of an MM-Zero run from its "
+                                       "iter_*/coevo.json (iter_*/coevo.png and coevo.png)")
+    plot.add_argument("run_dir", help="runs/<name>")
+    plot.set_defaults(func=_plot)
     return parser
 
 
@@ -117,9 +123,16 @@ def _local_cpus(cfg) -> int:
     """
     import os
 
+    from pipelines.placement import resolve_layout
+    from pipelines.recipe import build_recipe
+
+    roles = build_recipe(cfg).roles
     p = cfg.placement
-    need = p.trainer_ranks * p.cpus_per_rank + sum(
-        r.engines * max(1, r.cpus_per_engine) for r in p.roles.values())
+    need = 0
+    for phase in [None, *p.phases]:
+        layout = resolve_layout(p, phase, roles)
+        need = max(need, layout.trainer_ranks * p.cpus_per_rank + sum(
+            r.engines * max(1, r.cpus_per_engine) for r in layout.roles.values()))
     return max(os.cpu_count() or 1, need)
 
 
@@ -148,6 +161,14 @@ def _plan(args) -> int:
     return run_plan(_load(args), cluster_file=args.cluster, nodes=args.nodes,
                     gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
                     cpus_per_node=args.cpus_per_node, probe=args.probe)
+
+
+def _plot(args) -> int:
+    from pipelines.mmzero.coevo import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
 
 
 def _generate(args) -> int:

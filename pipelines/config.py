@@ -60,9 +60,9 @@ def param(default: Any, doc: str, *, gt=None, ge=None, lt=None, le=None) -> Any:
 class RunConfig:
     name: str = param("tiny", "Run name; the run directory is <root>/<name>.")
     root: str = param("runs", "Folder that holds run directories (shared storage on a cluster).")
-    recipe: Literal["simple"] = param(
-        "simple", "Recipe to run: simple (your prompts and reward function); more recipes arrive "
-        "with their issues.")
+    recipe: Literal["simple", "mmzero"] = param(
+        "simple", "Recipe to run: simple (your prompts and reward function) or mmzero "
+        "(Proposer -> SVG CodeGen -> Solver self-play, section mmzero).")
     iterations: int = param(1, "Self-evolution iterations to run (resumable: raise it to continue).", ge=1)
     seed: int = param(0, "Seed of every RNG stream of the run (data order, sampling, init).", ge=0)
     save_every: int = param(10, "Checkpoint a training phase every K optimizer steps.", ge=1)
@@ -70,6 +70,9 @@ class RunConfig:
     sync_weights: bool = param(
         True, "Push trained weights to the engines after every step (off only for experiments "
         "that need a frozen sampler).")
+    max_restarts: int = param(
+        3, "Times a phase rebuilds its trainer group from the last checkpoint after a rank dies "
+           "before the run fails.", ge=0)
 
 
 @dataclass
@@ -260,6 +263,62 @@ class SimpleConfig:
     max_tokens: int = param(32, "Completion budget (tokens).", ge=1)
 
 
+def _range(value: list[float], name: str) -> None:
+    if len(value) != 2 or not 0 <= value[0] <= value[1] <= 1:
+        raise ConfigError(f"{name}: expected [low, high] with 0 <= low <= high <= 1, got {value}")
+
+
+@dataclass
+class MMZeroConfig:
+    """The `mmzero` recipe (algorithms.md, MM-Zero); defaults are the original's."""
+
+    train_steps: int = param(20, "GRPO steps of each phase (Proposer, CodeGen, Solver).", ge=1)
+    max_tokens: int = param(4096, "Response budget of every role (tokens).", ge=1)
+    judge_samples: int = param(
+        4, "k: SVGs the previous CodeGen writes per proposal to reward the Proposer.", ge=1)
+    eval_samples: int = param(
+        10, "Solver answers per question for solvability and self-consistency.", ge=2)
+    proposer_batch: int = param(18, "Proposer prompts (seed topics) per step.", ge=1)
+    proposer_n: int = param(4, "Proposals sampled per prompt (GRPO group).", ge=2)
+    proposer_temperature: float = param(1.0, "Proposer sampling temperature.", gt=0)
+    proposer_top_p: float = param(0.99, "Proposer nucleus sampling.", gt=0, le=1)
+    codegen_batch: int = param(64, "Proposals per CodeGen step.", ge=1)
+    codegen_n: int = param(4, "SVGs sampled per proposal (GRPO group).", ge=2)
+    codegen_temperature: float = param(0.7, "CodeGen sampling temperature.", gt=0)
+    codegen_top_p: float = param(0.95, "CodeGen nucleus sampling.", gt=0, le=1)
+    codegen_proposals: int = param(
+        1280, "Proposals the new Proposer writes for the CodeGen data set.", ge=1)
+    codegen_filter_samples: int = param(
+        4, "SVGs the current CodeGen writes per proposal for the render-rate filter.", ge=1)
+    codegen_render_rate: list[float] = param(
+        [0.25, 0.75], "Keep proposals whose render success rate is in [low, high].")
+    solver_batch: int = param(64, "Items per Solver step.", ge=1)
+    solver_n: int = param(8, "Answers sampled per item (GRPO group).", ge=2)
+    solver_temperature: float = param(1.0, "Solver sampling temperature (also for evaluation).", gt=0)
+    solver_top_p: float = param(0.99, "Solver nucleus sampling.", gt=0, le=1)
+    solver_proposals: int = param(
+        5000, "Proposals the new Proposer writes for the Solver data set.", ge=1)
+    solver_easy_min: float = param(
+        0.5, "Keep items whose easy-question self-consistency is at least this.", ge=0, le=1)
+    solver_hard_range: list[float] = param(
+        [0.25, 0.75], "Keep items whose hard-question self-consistency is in [low, high].")
+    batch_floor: int = param(
+        16, "A filtered data set smaller than the batch clamps the batch to the largest power "
+            "of two <= its size, but not below this.", ge=1)
+    bootstrap: int = param(
+        0, "Fill a CodeGen or Solver data set that has fewer items than this with built-in "
+           "example items (0 = off, the original's behaviour; for tiny random models that "
+           "write nothing usable).", ge=0)
+    render_seconds: float = param(30.0, "Wall-clock limit of one SVG render.", gt=0)
+    render_workers: int = param(0, "SVG render processes (0 = one per CPU).", ge=0)
+    image_side: int = param(1280, "Rendered images are downscaled to at most this side.", ge=16)
+    samples_saved: int = param(16, "Rendered items saved per phase for a person to look at.", ge=0)
+
+    def check(self) -> None:
+        _range(self.codegen_render_rate, "codegen_render_rate")
+        _range(self.solver_hard_range, "solver_hard_range")
+
+
 @dataclass
 class Config:
     run: RunConfig = param(RunConfig(), "Run identity, iterations, seed, checkpoint cadence.")
@@ -270,6 +329,7 @@ class Config:
     placement: PlacementConfig = param(PlacementConfig(), "Devices per role.")
     logging: LoggingConfig = param(LoggingConfig(), "Metrics sinks and progress.")
     simple: SimpleConfig = param(SimpleConfig(), "The simple recipe (recipe: simple).")
+    mmzero: MMZeroConfig = param(MMZeroConfig(), "The MM-Zero recipe (recipe: mmzero).")
 
 
 # --------------------------------------------------------------------------

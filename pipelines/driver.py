@@ -60,27 +60,53 @@ class Driver:
     # -- the story -------------------------------------------------------------
 
     def run(self) -> dict:
+        from pipelines.engines import Engines
+        from pipelines.placement import PlacementManager
+
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.run_dir / "config.yaml", dump_config(self.cfg))
         self._update_state(finished=False)  # e.g. run.iterations raised after a finished run
-        for iteration in range(1, self.cfg.run.iterations + 1):
-            for index, phase in enumerate(self.recipe.phases(iteration)):
-                phase_dir = self.run_dir / f"iter_{iteration:04d}" / phase.name
-                if (phase_dir / "DONE").exists():
-                    continue
-                self._update_state(iteration=iteration, phase=phase.name, step=0)
-                self.run_phase(iteration, index, phase, phase_dir)
-                atomic_write(phase_dir / "DONE", "ok\n")
+        engines = Engines(self.cfg)
+        places = PlacementManager(self.cfg.placement, run=self.cfg.run.name,
+                                  roles_used=self.recipe.roles)
+        try:
+            for iteration in range(1, self.cfg.run.iterations + 1):
+                for index, phase in enumerate(self.recipe.phases(iteration)):
+                    phase_dir = self.run_dir / f"iter_{iteration:04d}" / phase.name
+                    if (phase_dir / "DONE").exists():
+                        continue
+                    if not places.keeps(phase.name):
+                        engines.shutdown()  # removing a placement group kills its actors
+                    placement = places.enter(phase.name)
+                    self._update_state(iteration=iteration, phase=phase.name, step=0)
+                    self.run_phase(iteration, index, phase, phase_dir, engines, placement)
+                    atomic_write(phase_dir / "DONE", "ok\n")
+        finally:
+            engines.shutdown()
+            places.release()
+            close = getattr(self.recipe, "close", None)
+            if close is not None:
+                close()
         self._update_state(finished=True)
         return self.state
 
-    def run_phase(self, iteration: int, index: int, phase: Phase, phase_dir: Path) -> None:
+    def weights(self, role: str) -> str:
+        """The newest weights of ``role``: its last phase's hf/ export, else the base model."""
+        return self.state.get("roles", {}).get(role, {}).get("path", self.cfg.model.path)
+
+    def run_phase(self, iteration: int, index: int, phase: Phase, phase_dir: Path,
+                  engines, placement) -> None:
         from pipelines.phase import PhaseRunner
 
-        start = self.state.get("roles", {}).get(phase.role, {}).get("path", self.cfg.model.path)
-        with PhaseRunner(self.cfg, phase, phase_dir, start_weights=start, run_dir=self.run_dir,
-                         seed_path=(self.cfg.run.seed, iteration, index)) as runner:
+        role = self.state.get("roles", {}).get(phase.role, {})
+        with PhaseRunner(self.cfg, phase, phase_dir, run_dir=self.run_dir,
+                         seed_path=(self.cfg.run.seed, iteration, index), engines=engines,
+                         placement=placement, weights=self.weights,
+                         base_version=role.get("version", 0)) as runner:
             runner.run(on_step=lambda step: self._update_state(step=step))
+            finish = getattr(phase, "finish", None)
+            if finish is not None:
+                finish(runner)
             roles = dict(self.state.get("roles", {}))
             roles[phase.role] = {"path": str(phase_dir / "hf"), "iteration": iteration,
                                  "version": runner.version}

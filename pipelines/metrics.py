@@ -21,13 +21,8 @@ class MetricsSink:
                  total_steps: int | None = None):
         self.path = Path(path)
         self.phase = phase
-        if truncate_after is not None and self.path.exists():
-            # A resumed phase repeats the steps after its checkpoint: drop their old lines.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= truncate_after]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
+        if truncate_after is not None:
+            self._truncate(truncate_after)
         self._file = open(self.path, "a")
         self._wandb = _start_wandb(cfg, phase, self.path.parent)
         self._gauges = _ray_gauges()
@@ -48,6 +43,22 @@ class MetricsSink:
             self._progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
                                        step_s=f"{metrics.get('timing/step', 0.0):.1f}")
             self._progress.refresh()
+
+    def rewind(self, step: int) -> None:
+        """Forget the lines after ``step`` (the phase went back to that checkpoint)."""
+        self._file.close()
+        self._truncate(step)
+        self._file = open(self.path, "a")
+
+    def _truncate(self, step: int) -> None:
+        # A resumed phase repeats the steps after its checkpoint: drop their old lines.
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
 
     def close(self) -> None:
         self._file.close()

@@ -11,76 +11,114 @@ A step, each part in a named timer logged as ``timing/<name>``:
 
 ``timing/overhead`` is the rest of the step's wall time (batch building,
 serialisation, the driver's own work).
+
+Before the first step the phase may ``prepare`` its data (MM-Zero builds the
+CodeGen and Solver data sets with other roles' engines); a phase left with
+no data trains no step and exports its starting weights unchanged.
+
+Failures: a dead engine is restarted by its pool; a dead trainer rank kills
+the group (``TrainerGroupFailed``), and the phase rebuilds it from its last
+checkpoint (or its starting weights), brings the engines back to those
+weights and takes the lost steps again, at most ``run.max_restarts`` times.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from actors.batching import TrainBatch
-from actors.generator import EngineSpec
 from actors.objectives import ObjectiveSpec
-from actors.trainer import LoraSpec, TrainerGroup, TrainerSpec
+from actors.trainer import LoraSpec, TrainerGroup, TrainerGroupFailed, TrainerSpec
 from pipelines.advantages import grpo_advantages
-from pipelines.driver import Timer, atomic_write, latest_checkpoint, prune_checkpoints, step_rng
+from pipelines.driver import Timer, latest_checkpoint, prune_checkpoints, step_rng
 from pipelines.metrics import MetricsSink
+
+logger = logging.getLogger(__name__)
 
 
 class PhaseRunner:
-    def __init__(self, cfg, phase, phase_dir: Path, start_weights: str, run_dir: Path,
-                 seed_path: tuple[int, ...]):
+    """Runs one phase; also the ``ctx`` a recipe's hooks get (``pool``, ``dir``, ...)."""
+
+    def __init__(self, cfg, phase, phase_dir: Path, *, run_dir: Path, seed_path: tuple[int, ...],
+                 engines, placement, weights, base_version: int = 0):
         self.cfg, self.phase, self.dir = cfg, phase, Path(phase_dir)
-        self.start_weights, self.run_dir, self.seed_path = start_weights, run_dir, seed_path
-        self.version = 0
+        self.run_dir, self.seed_path = run_dir, seed_path
+        self.engines, self.placement, self.weights = engines, placement, weights
+        self.start_weights = weights(phase.role)
+        self.base_version = base_version  # the role's version before this phase
+        self.version = base_version
+        self.group_restarts = 0
+        self.data_metrics: dict[str, float] = {}
         self.group = None
         self.pool = None
 
-    def __enter__(self) -> "PhaseRunner":
-        from actors.pool import GeneratorPool
+    @property
+    def iteration(self) -> int:
+        return self.seed_path[1]
 
-        cfg = self.cfg
+    def other_pool(self, role: str):
+        """The engines of ``role`` (its newest weights) for scoring or data making."""
+        if role == self.phase.role:
+            return self.pool
+        return self.engines.pool(role, self.weights(role), self.placement)
+
+    def __enter__(self) -> "PhaseRunner":
         self.dir.mkdir(parents=True, exist_ok=True)
-        run = cfg.run.name
-        self.group = TrainerGroup(
-            self._trainer_spec(), cfg.placement.trainer_ranks, name=f"coevolve/{run}/trainer",
-            cpus_per_rank=cfg.placement.cpus_per_rank, gpus_per_rank=cfg.placement.gpus_per_rank,
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, cfg.placement.cpus_per_rank))}})
-        layout = cfg.placement.roles.get(self.phase.role)
-        if layout is None:
-            raise ValueError(f"placement.roles has no layout for role {self.phase.role!r}; "
-                             f"add placement.roles.{self.phase.role}.engines=1")
-        resources = ({"num_gpus": layout.gpus_per_engine} if layout.gpus_per_engine
-                     else {"num_cpus": max(1, layout.cpus_per_engine)})
-        self.pool = GeneratorPool(self.phase.role, self._engine_spec(layout), layout.engines,
-                                  resources=resources, run=run)
+        self.pool = self.engines.pool(self.phase.role, self.start_weights, self.placement)
+        prepare = getattr(self.phase, "prepare", None)
+        if prepare is not None:
+            self.data_metrics = {f"data/{k}": v for k, v in (prepare(self) or {}).items()}
+        if self.phase.steps > 0:
+            self.group = self._start_group()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
         if self.group is not None:
             self.group.shutdown()
 
     # -- the loop --------------------------------------------------------------
 
     def run(self, on_step=None) -> None:
-        start = self._resume()
+        if self.phase.steps == 0:
+            logger.warning("%s: no data to train on; exporting the starting weights unchanged",
+                           self.phase.name)
+            self._export_unchanged()
+            return
+        step = self._resume()
         sink = MetricsSink(self.dir / "metrics.jsonl", self.cfg, phase=self.phase.name,
-                           truncate_after=start, total_steps=self.phase.steps)
+                           truncate_after=step, total_steps=self.phase.steps)
         try:
-            for step in range(start, self.phase.steps):
-                metrics = self.step(step)
-                sink.log(step + 1, metrics)
-                if on_step is not None:
-                    on_step(step + 1)
-            timer = Timer()
-            with timer("export"):
-                self.group.export_hf(str(self.dir / "hf"))
+            while True:
+                try:
+                    while step < self.phase.steps:
+                        metrics = self.step(step)
+                        sink.log(step + 1, metrics)
+                        step += 1
+                        if on_step is not None:
+                            on_step(step)
+                    timer = Timer()
+                    with timer("export"):
+                        self.group.export_hf(str(self.dir / "hf"))
+                    break
+                except TrainerGroupFailed as err:
+                    self.group_restarts += 1
+                    if self.group_restarts > self.cfg.run.max_restarts:
+                        raise
+                    logger.warning("%s: %s; rebuilding the trainer group (restart %d of %d)",
+                                   self.phase.name, err, self.group_restarts,
+                                   self.cfg.run.max_restarts)
+                    self.group = self._start_group()
+                    step = self._resume(rollback=True)
+                    sink.rewind(step)
+            if self.cfg.run.sync_weights and self.version == self.base_version + self.phase.steps:
+                self.engines.served(self.phase.role, str(self.dir / "hf"))
             sink.log(self.phase.steps, {"timing/export": timer.seconds["export"]})
         finally:
             sink.close()
@@ -104,11 +142,10 @@ class PhaseRunner:
                 train.update(self.group.optim_step())
             if self.cfg.run.sync_weights:
                 with timer("weight_sync"):
-                    refs = self.group.weight_buckets(self.cfg.generator.bucket_mb << 20)
-                    self.pool.update_weights(refs, step + 1)
-                    self.version = step + 1
+                    self._push_weights(self.base_version + step + 1)
             with timer("save"):
-                self._write_rollouts(step, requests, completions, rewards, advantages)
+                self._write_rollouts(step, requests, completions, rewards, advantages,
+                                     scores.columns)
                 if (step + 1) % self.cfg.run.save_every == 0 or step + 1 == self.phase.steps:
                     self.group.save(str(self.dir / "ckpt" / f"step_{step + 1:06d}"))
                     prune_checkpoints(self.dir / "ckpt", self.cfg.run.keep_checkpoints)
@@ -121,6 +158,9 @@ class PhaseRunner:
             "rollout/truncated": float(np.mean([c.finish_reason == "length"
                                                 for group in completions for c in group])),
             "rollout/version": float(self.version),
+            "rollout/engine_restarts": float(self.pool.restarts),
+            "train/group_restarts": float(self.group_restarts),
+            **self.data_metrics,
             "perf/tokens_per_s": sum(tokens) / max(timer.seconds["generate"], 1e-9),
             **{f"timing/{k}": v for k, v in timer.seconds.items()},
             "timing/overhead": timer.seconds["step"] - sum(
@@ -130,16 +170,57 @@ class PhaseRunner:
 
     # -- pieces ------------------------------------------------------------------
 
-    def _resume(self) -> int:
+    def _start_group(self) -> TrainerGroup:
+        cfg = self.cfg
+        kwargs = self.placement.trainer_kwargs()
+        threads = max(1, int(kwargs["cpus_per_rank"]))
+        return TrainerGroup(self._trainer_spec(), self.placement.layout.trainer_ranks,
+                            name=f"coevolve/{cfg.run.name}/trainer", **kwargs,
+                            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
+
+    def _resume(self, rollback: bool = False) -> int:
+        """Load the newest complete checkpoint into the group and the engines; its step.
+
+        ``rollback`` (after a trainer failure): the engines may serve newer
+        weights than the checkpoint, so they get the group's weights even
+        without a checkpoint.
+        """
         found = latest_checkpoint(self.dir / "ckpt")
-        if found is None:
-            return 0
-        step, path = found
-        self.group.load(str(path))
-        if self.cfg.run.sync_weights:
-            self.pool.update_weights(self.group.weight_buckets(self.cfg.generator.bucket_mb << 20), step)
-            self.version = step
+        step = 0
+        if found is not None:
+            step, path = found
+            self.group.load(str(path))
+        if (found is not None or rollback) and self.cfg.run.sync_weights:
+            self._push_weights(self.base_version + step, rollback=rollback)
         return step
+
+    def _push_weights(self, version: int, rollback: bool = False) -> None:
+        refs = self.group.weight_buckets(self.cfg.generator.bucket_mb << 20)
+        self.pool.update_weights(refs, version, rollback=rollback)
+        self.version = version
+        self.engines.served(self.phase.role, f"{self.dir}@{version}")
+
+    def _export_unchanged(self) -> None:
+        """hf/ = the starting weights (hard links where the filesystem allows)."""
+        from pipelines.models import resolve_model
+
+        source = Path(resolve_model(self.start_weights))
+        target = self.dir / "hf"
+        if not source.is_dir():
+            raise ValueError(f"{self.phase.name}: cannot export {self.start_weights}: not a folder")
+        tmp = target.with_name(".hf.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+
+        def link(src, dst):
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+        shutil.copytree(source, tmp, copy_function=link)
+        tmp.replace(target)
+        self.engines.served(self.phase.role, str(target))
 
     def _batch(self, requests, completions, rewards):
         flat, groups, ids, prompt_lens, prompt_index = [], [], [], [], []
@@ -160,7 +241,8 @@ class PhaseRunner:
                            [list(r.images) for r in requests], advantages)
         return batch, np.array(flat), advantages
 
-    def _write_rollouts(self, step, requests, completions, rewards, advantages) -> None:
+    def _write_rollouts(self, step, requests, completions, rewards, advantages,
+                        columns: dict) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -176,6 +258,7 @@ class PhaseRunner:
             "version": [c.version for _, _, c in rows],
             "reward": rewards.tolist(),
             "advantage": advantages.tolist(),
+            **{name: [values[p][s] for p, s, _ in rows] for name, values in columns.items()},
         })
         path = self.dir / f"rollouts-{step + 1:06d}.parquet"
         tmp = path.with_name(f".{path.name}.tmp")
@@ -199,17 +282,6 @@ class PhaseRunner:
             if lora.enabled else None,
             reference=a.kl_coef > 0, seed=self.cfg.run.seed,
             threads=max(1, self.cfg.placement.cpus_per_rank))
-
-    def _engine_spec(self, layout) -> EngineSpec:
-        g = self.cfg.generator
-        dtype = self.cfg.model.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-        return EngineSpec(model=self.start_weights, dtype=dtype, max_model_len=g.max_model_len,
-                          max_num_batched_tokens=g.max_num_batched_tokens,
-                          gpu_memory_utilization=g.gpu_memory_utilization,
-                          cpu_kvcache_gib=g.cpu_kvcache_gib, tensor_parallel=layout.tensor_parallel,
-                          enforce_eager=g.enforce_eager, seed=self.cfg.run.seed)
 
 
 def _prompt_text(request) -> str:

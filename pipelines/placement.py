@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -92,10 +93,13 @@ class Layout:
         return group_specs(self) == group_specs(other)
 
 
-def resolve_layout(placement: PlacementConfig, phase: str | None = None) -> Layout:
+def resolve_layout(placement: PlacementConfig, phase: str | None = None,
+                   roles_used: Collection[str] | None = None) -> Layout:
     """The layout of ``phase``: its ``placement.phases`` entry over the top level.
 
     A phase without an entry (or ``phase`` None) uses the top-level layout.
+    ``roles_used``: the roles the recipe runs engines for; other configured
+    roles (e.g. the defaults of another recipe) get no devices.
     """
     entry = placement.phases.get(phase) if phase is not None else None
     ranks = placement.trainer_ranks
@@ -112,7 +116,8 @@ def resolve_layout(placement: PlacementConfig, phase: str | None = None) -> Layo
         trainer_ranks=ranks,
         gpus_per_rank=placement.gpus_per_rank,
         cpus_per_rank=placement.cpus_per_rank,
-        roles={name: r for name, r in roles.items() if r.engines > 0},
+        roles={name: r for name, r in roles.items()
+               if r.engines > 0 and (roles_used is None or name in roles_used)},
         colocate=tuple(colocate),
         strategy=placement.strategy,
         gpu_memory_utilization=utilization,
@@ -446,14 +451,21 @@ class PlacementManager:
                 ...  # stop the phase's actors before the next enter()
     """
 
-    def __init__(self, placement: PlacementConfig, run: str = "default", timeout_s: float = 120.0):
+    def __init__(self, placement: PlacementConfig, run: str = "default", timeout_s: float = 120.0,
+                 roles_used: Collection[str] | None = None):
         self.config = placement
         self.run = run
         self.timeout_s = timeout_s
+        self.roles_used = roles_used
         self.current: Placement | None = None
 
+    def keeps(self, phase: str | None = None) -> bool:
+        """True when entering ``phase`` keeps the current groups (and the actors in them)."""
+        layout = resolve_layout(self.config, phase, self.roles_used)
+        return self.current is not None and self.current.layout.same_devices(layout)
+
     def enter(self, phase: str | None = None) -> Placement:
-        layout = resolve_layout(self.config, phase)
+        layout = resolve_layout(self.config, phase, self.roles_used)
         if self.current is not None and self.current.layout.same_devices(layout):
             self.current = Placement(layout, self.current.groups)
             return self.current

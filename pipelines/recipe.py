@@ -8,8 +8,9 @@ metrics). A phase is one GRPO run of ``steps`` optimizer steps on one role:
     phase.score(requests, completions, ctx) -> Scores  one reward per completion
 
 ``rng`` is a pure function of (seed, iteration, phase, step), so a resumed
-run makes the same requests as an uninterrupted one. ``ctx`` lets a scorer
-sample from other roles' engines (MM-Zero judges proposals with the Solver).
+run makes the same requests as an uninterrupted one. ``ctx`` (the phase
+runner) lets a scorer sample from other roles' engines with
+``ctx.other_pool(role)`` (MM-Zero judges proposals with the Solver).
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from actors.generator import Completion, Request
 class Scores:
     rewards: list[list[float]]  # [request][sample]
     metrics: dict[str, float] = field(default_factory=dict)  # logged under reward/
+    columns: dict[str, list[list]] = field(default_factory=dict)  # extra rollout columns [request][sample]
 
 
 class Phase(Protocol):
     name: str  # folder and metric namespace, e.g. "solver"
     role: str  # the role whose weights this phase trains
-    steps: int
+    steps: int  # may be lowered by prepare(), e.g. to 0 when no data survived the filters
 
     def requests(self, step: int, rng: np.random.Generator) -> list[Request]: ...
 
@@ -41,7 +43,16 @@ class Phase(Protocol):
 
 
 class Recipe(Protocol):
+    roles: tuple[str, ...]  # every role the recipe runs engines for
+
     def phases(self, iteration: int) -> list[Phase]: ...
+
+
+# Optional hooks, looked up with getattr:
+#   phase.prepare(ctx) -> dict   once before the first step (also on resume): build or
+#                                reload the phase's data; returned figures are logged as data/*
+#   phase.finish(ctx) -> None    after the phase exported hf/, before its DONE marker
+#   recipe.close() -> None       when the run ends (helper processes)
 
 
 def load_function(ref: str) -> Callable:
@@ -65,4 +76,8 @@ def build_recipe(cfg) -> Recipe:
         from pipelines.simple import SimpleRecipe
 
         return SimpleRecipe(cfg)
+    if cfg.run.recipe == "mmzero":
+        from pipelines.mmzero.recipe import MMZeroRecipe
+
+        return MMZeroRecipe(cfg)
     raise ValueError(f"run.recipe: unknown recipe {cfg.run.recipe!r}")

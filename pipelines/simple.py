@@ -84,6 +84,8 @@ class SimplePhase:
 
 
 class SimpleRecipe:
+    roles = ("policy",)
+
     def __init__(self, cfg):
         self.cfg = cfg
 

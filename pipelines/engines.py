@@ -1,0 +1,73 @@
+"""The run's generator pools, one per role, kept alive across phases.
+
+A pool is expensive to start (a vLLM engine per device) and MM-Zero's phases
+keep needing the same weights: Proposer_i trains on its own pool, then serves
+the CodeGen and Solver phases' data from that same pool; CodeGen_{i-1} judges
+proposals and then starts the CodeGen phase. So the driver asks for "role R
+serving weights W" and gets the live pool when it already serves W; otherwise
+the pool is restarted on W. What a pool serves is a label: the folder it was
+started from, or what the phase that trains it set (``served``).
+
+Pools live in the placement groups of the current phase; when the next phase
+moves devices, ``shutdown`` runs before the groups are released.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from actors.generator import EngineSpec
+
+logger = logging.getLogger(__name__)
+
+
+class Engines:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.pools: dict = {}  # role -> GeneratorPool
+        self.serving: dict[str, str] = {}  # role -> label of the weights it serves
+
+    def pool(self, role: str, weights: str, placement):
+        """The pool of ``role`` serving ``weights``, started in ``placement`` if needed."""
+        from actors.pool import GeneratorPool
+
+        if self.serving.get(role) == weights:
+            return self.pools[role]
+        self.stop(role)
+        layout = placement.layout.roles.get(role)
+        if layout is None or layout.engines == 0:
+            raise ValueError(f"phase {placement.layout.name} needs engines of role {role!r}; "
+                             f"add placement.roles.{role}.engines=1 (or to this phase's layout)")
+        logger.info("starting %d %s engine(s) on %s", layout.engines, role, weights)
+        self.pools[role] = GeneratorPool(role, self.engine_spec(weights, layout.tensor_parallel),
+                                         layout.engines, run=self.cfg.run.name,
+                                         **placement.pool_kwargs(role))
+        self.serving[role] = weights
+        return self.pools[role]
+
+    def served(self, role: str, weights: str) -> None:
+        """Record that the pool of ``role`` now serves ``weights`` (after a weight sync)."""
+        self.serving[role] = weights
+
+    def stop(self, role: str) -> None:
+        pool = self.pools.pop(role, None)
+        self.serving.pop(role, None)
+        if pool is not None:
+            pool.shutdown()
+
+    def shutdown(self) -> None:
+        for role in list(self.pools):
+            self.stop(role)
+
+    def engine_spec(self, model: str, tensor_parallel: int) -> EngineSpec:
+        g = self.cfg.generator
+        dtype = self.cfg.model.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        return EngineSpec(model=model, dtype=dtype, max_model_len=g.max_model_len,
+                          max_num_batched_tokens=g.max_num_batched_tokens,
+                          gpu_memory_utilization=g.gpu_memory_utilization,
+                          cpu_kvcache_gib=g.cpu_kvcache_gib, tensor_parallel=tensor_parallel,
+                          enforce_eager=g.enforce_eager, seed=self.cfg.run.seed)
