@@ -1,0 +1,1 @@
+"""MM-Zero: Proposer, CodeGen and Solver co-evolving through rendered SVG images."""
