@@ -107,6 +107,7 @@ class EngineSpec:
     enable_lora: bool = False
     max_lora_rank: int = 16
     max_loras: int = 2
+    version: int = 0  # the weight version ``model`` holds (a pool rebased on an export)
 
 
 def cpu_engine_env(threads: int) -> dict[str, str]:
@@ -131,7 +132,7 @@ class GeneratorActor:
 
         self.spec = spec
         self.name = name
-        self.version = 0
+        self.version = spec.version
         self._broken: str | None = None
         self._counters = {"requests": 0, "samples": 0, "prompt_tokens": 0, "tokens": 0,
                           "seconds": 0.0, "weight_updates": 0, "weight_bytes": 0,

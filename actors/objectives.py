@@ -61,9 +61,54 @@ def token_logprobs(logits: Tensor, target_ids: Tensor, temperature: float = 1.0)
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    z = _upcast(logits) / temperature
+    z = _upcast(logits)
+    if temperature != 1.0:  # a copy of [B, T, V] in fp32: skip it when it changes nothing
+        z = z / temperature
     picked = z.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(z, dim=-1)
+
+
+def _head_chunk(hidden: Tensor, weight: Tensor, target_ids: Tensor,
+                with_entropy: bool) -> tuple[Tensor, Tensor]:
+    """One chunk of `chunked_token_logprobs`: [N, H] x [V, H] -> ([N], [N] or [0])."""
+    logits = F.linear(hidden, weight)  # the LM head (no bias), in the weights' dtype
+    logp = token_logprobs(logits, target_ids)
+    entropy = entropy_from_logits(logits) if with_entropy else logp.new_zeros(0)
+    return logp, entropy
+
+
+def chunked_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    target_ids: Tensor,
+    chunk_tokens: int,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Token log-probs (and entropies) from final hidden states and the LM head, by chunks.
+
+    hidden [N, H] (the final norm's output at the scored positions), weight
+    [V, H] (the LM head), target_ids [N] -> (log-probs [N], entropies [N] or
+    None), fp32. Equals ``token_logprobs(hidden @ weight.T, target_ids)`` (and
+    ``entropy_from_logits``) but never holds more than chunk_tokens x V logits:
+    with gradients on, each chunk runs under ``torch.utils.checkpoint``, which
+    keeps only the chunk's inputs and recomputes its logits in the backward
+    (Liger's / verl's chunked linear cross-entropy, without a fused kernel).
+    N = 0 still runs one empty chunk, so the head's weight always gets a
+    gradient (FSDP reduces it on every rank).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    logps, entropies = [], []
+    for start in range(0, max(1, hidden.shape[0]), chunk_tokens):
+        args = (hidden[start:start + chunk_tokens], weight,
+                target_ids[start:start + chunk_tokens], with_entropy)
+        logp, entropy = checkpoint(_head_chunk, *args, use_reentrant=False) if grad else _head_chunk(*args)
+        logps.append(logp)
+        entropies.append(entropy)
+    return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
 
 
 def per_token(advantages: Tensor, mask: Tensor) -> Tensor:

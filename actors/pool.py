@@ -156,6 +156,15 @@ class GeneratorPool:
         self._weights, self.version = new, version
         return metrics
 
+    def rebase(self, model: str) -> None:
+        """The engines now serve exactly the weights saved in ``model`` (e.g. the hf/
+        export of the trainer that pushed them): a restarted engine loads that folder
+        instead of the pushed buckets, whose owner (a trainer rank) may be gone."""
+        import dataclasses
+
+        self.spec = dataclasses.replace(self.spec, model=model, version=self.version)
+        self._weights = None
+
     def load_adapter(self, name: str, payload, version: int) -> list[dict]:
         """Serve a LoRA adapter on every engine.
 

@@ -78,7 +78,10 @@ class Driver:
                     if not places.keeps(phase.name):
                         engines.shutdown()  # removing a placement group kills its actors
                     placement = places.enter(phase.name)
-                    self._update_state(iteration=iteration, phase=phase.name, step=0)
+                    order = self.state.get("order", [])
+                    name = f"{phase_dir.parent.name}/{phase.name}"
+                    self._update_state(iteration=iteration, phase=phase.name, step=0,
+                                       order=order if name in order else [*order, name])
                     self.run_phase(iteration, index, phase, phase_dir, engines, placement)
                     atomic_write(phase_dir / "DONE", "ok\n")
         finally:

@@ -47,9 +47,15 @@ class Engines:
         self.serving[role] = weights
         return self.pools[role]
 
-    def served(self, role: str, weights: str) -> None:
-        """Record that the pool of ``role`` now serves ``weights`` (after a weight sync)."""
+    def served(self, role: str, weights: str, saved: bool = False) -> None:
+        """Record that the pool of ``role`` now serves ``weights`` (after a weight sync).
+
+        ``saved``: ``weights`` is a folder holding exactly those weights; engines
+        restarted later load it (the pushed buckets die with the trainer group).
+        """
         self.serving[role] = weights
+        if saved:
+            self.pools[role].rebase(weights)
 
     def stop(self, role: str) -> None:
         pool = self.pools.pop(role, None)

@@ -69,12 +69,18 @@ class PhaseRunner:
             return self.pool
         return self.engines.pool(role, self.weights(role), self.placement)
 
-    def __enter__(self) -> "PhaseRunner":
+    def __enter__(self) -> PhaseRunner:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.pool = self.engines.pool(self.phase.role, self.start_weights, self.placement)
+        timer = Timer()
+        with timer("engines"):
+            self.pool = self.engines.pool(self.phase.role, self.start_weights, self.placement)
+            for role in getattr(self.phase, "uses", ()):  # judges: started here, not in a step
+                self.other_pool(role)
         prepare = getattr(self.phase, "prepare", None)
         if prepare is not None:
-            self.data_metrics = {f"data/{k}": v for k, v in (prepare(self) or {}).items()}
+            with timer("prepare"):
+                self.data_metrics = {f"data/{k}": v for k, v in (prepare(self) or {}).items()}
+        self.data_metrics.update({f"phase/{k}_seconds": v for k, v in timer.seconds.items()})
         if self.phase.steps > 0:
             self.group = self._start_group()
         return self
@@ -118,7 +124,7 @@ class PhaseRunner:
                     step = self._resume(rollback=True)
                     sink.rewind(step)
             if self.cfg.run.sync_weights and self.version == self.base_version + self.phase.steps:
-                self.engines.served(self.phase.role, str(self.dir / "hf"))
+                self.engines.served(self.phase.role, str(self.dir / "hf"), saved=True)
             sink.log(self.phase.steps, {"timing/export": timer.seconds["export"]})
         finally:
             sink.close()

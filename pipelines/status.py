@@ -27,9 +27,12 @@ def render_status(run_dir: str | Path) -> str:
     for role, info in sorted(state.get("roles", {}).items()):
         lines.append(f"  role {role}: iteration {info.get('iteration')}, weight version "
                      f"{info.get('version')}, weights {info.get('path')}")
-    for phase_dir in sorted(run_dir.glob("iter_*/*")):
-        if not phase_dir.is_dir():
-            continue
+    order = {name: i for i, name in enumerate(state.get("order", []))}
+    phase_dirs = sorted((d for d in run_dir.glob("iter_*/*") if (d / "metrics.jsonl").exists()
+                         or (d / "DONE").exists() or f"{d.parent.name}/{d.name}" in order),
+                        key=lambda d: (d.parent.name, order.get(f"{d.parent.name}/{d.name}",
+                                                                len(order)), d.name))
+    for phase_dir in phase_dirs:
         metrics = [m for m in read_metrics(phase_dir / "metrics.jsonl") if "reward/mean" in m]
         done = (phase_dir / "DONE").exists()
         ckpts = sorted(p.name for p in (phase_dir / "ckpt").glob("step_*")
@@ -41,7 +44,22 @@ def render_status(run_dir: str | Path) -> str:
             shown = ", ".join(f"{k} {last[k]:.4g}" for k in SHOWN if k in last)
             lines.append(f"  step {last['step']}: {shown}")
             lines.append(_timing_table(metrics))
+    for path in sorted(run_dir.glob("iter_*/coevo.json")):
+        lines.append(_coevo_line(path))
     return "\n".join(lines)
+
+
+def _coevo_line(path: Path) -> str:
+    c = json.loads(path.read_text())
+
+    def fmt(v) -> str:
+        return "n/a" if v is None else f"{v:.3g}"
+
+    funnel = c.get("funnel", {})
+    return (f"\n{path.parent.name} co-evolution: difficulty {fmt(c.get('difficulty'))}, "
+            f"solvability {fmt(c.get('solvability'))}, render rate {fmt(c.get('render_rate'))}, "
+            f"funnel " + " -> ".join(f"{k} {v}" for k, v in funnel.items()) +
+            f", kept codegen {c.get('codegen_kept')} solver {c.get('solver_kept')}")
 
 
 def _timing_table(metrics: list[dict]) -> str:

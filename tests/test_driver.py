@@ -94,7 +94,7 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted(ray_cluster, tmp_pa
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
 
     def comparable(run: str) -> list[dict]:
-        return [{k: v for k, v in m.items() if not k.startswith(("timing/", "perf/"))}
+        return [{k: v for k, v in m.items() if not k.startswith(("timing/", "perf/", "phase/"))}
                 for m in read_metrics(tmp_path / run / "iter_0001/policy/metrics.jsonl")
                 if "reward/mean" in m]
 
@@ -110,3 +110,43 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted(ray_cluster, tmp_pa
     again = _run_cli([*common, "run.name=killed"], env)
     assert again.wait(timeout=300) == 0
     assert comparable("killed") == comparable("whole")
+
+
+KILLS: dict[str, object] = {}  # what kill_actors_reward kills, and when (set by the test)
+
+
+def kill_actors_reward(sample: dict) -> float:
+    """even_token_share, and on the calls named in KILLS, kill an actor by name (once)."""
+    import ray
+
+    KILLS["calls"] = KILLS.get("calls", 0) + 1
+    for call, name in list(KILLS.get("plan", {}).items()):
+        if KILLS["calls"] == call:
+            del KILLS["plan"][call]
+            ray.kill(ray.get_actor(name), no_restart=True)
+    return even_token_share(sample)
+
+
+def test_dead_engine_and_dead_trainer_rank_mid_step_are_recovered(ray_cluster, tmp_path):
+    """An engine killed while the step scores (step 2) is restarted by its pool; a trainer
+    rank killed in step 3 makes the phase rebuild the group from the step-2 checkpoint
+    and take step 3 again. The run completes with one line per step."""
+    per_step = 2 * 2  # prompts_per_step x n reward calls
+    KILLS.clear()
+    KILLS["plan"] = {per_step + 1: "coevolve/failing/policy/0",
+                     2 * per_step + 1: "coevolve/failing/trainer/1"}
+    cfg = config(tmp_path, "failing", "simple.reward=test_driver:kill_actors_reward",
+                 "simple.steps=4", "simple.prompts_per_step=2", "simple.n=2",
+                 "simple.max_tokens=8", "run.save_every=2")
+    state = Driver(cfg).run()
+    assert KILLS["plan"] == {}, "both actors were killed"
+    assert state["finished"] and state["roles"]["policy"]["version"] == 4
+    lines = [m for m in read_metrics(tmp_path / "failing/iter_0001/policy/metrics.jsonl")
+             if "reward/mean" in m]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    # The engine died during step 2's scoring; the weight sync of step 2 found and restarted it.
+    assert [m["rollout/engine_restarts"] for m in lines] == [0, 1, 1, 1]
+    assert [m["train/group_restarts"] for m in lines] == [0, 0, 1, 1]
+    # Step 3 ran twice (the second time after the rollback to step 2): 5 steps of calls.
+    assert KILLS["calls"] == 5 * per_step
+    assert (tmp_path / "failing/iter_0001/policy/hf/model.safetensors").exists()

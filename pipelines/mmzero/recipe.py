@@ -95,6 +95,7 @@ class MMZeroRecipe:
 
 class ProposerPhase:
     name = role = "proposer"
+    uses = ("codegen", "solver")  # the previous CodeGen and Solver judge the proposals
 
     def __init__(self, recipe: MMZeroRecipe):
         self.recipe, self.m = recipe, recipe.m
@@ -142,6 +143,7 @@ class ProposerPhase:
 
 class CodeGenPhase:
     name = role = "codegen"
+    uses = ("solver",)  # the latest Solver judges the SVGs
 
     def __init__(self, recipe: MMZeroRecipe):
         self.recipe, self.m = recipe, recipe.m
