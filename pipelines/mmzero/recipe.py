@@ -81,8 +81,8 @@ class MMZeroRecipe:
                 PoolConfig(num_workers=self.m.render_workers))
         return self._renderer
 
-    def render(self, codes: list[str | None]) -> list:
-        return self.renderer.render_many(codes) if codes else []
+    def render(self, codes: list[str | None], early_stop: bool = True) -> list:
+        return self.renderer.render_many(codes, early_stop=early_stop) if codes else []
 
     def close(self) -> None:
         if self._renderer is not None:
@@ -288,7 +288,8 @@ class SolverPhase:
         kept = len(items)
         if kept < m.bootstrap:
             examples = [EXAMPLES[j % len(EXAMPLES)] for j in range(m.bootstrap - kept)]
-            for example, result in zip(examples, self.recipe.render([e["svg"] for e in examples])):
+            renders = self.recipe.render([e["svg"] for e in examples], early_stop=False)
+            for example, result in zip(examples, renders):
                 if result.ok:
                     items.append({"png": result.png, "question": example["hard_question"],
                                   "label": example["hard_answer"], "bootstrap": True})
