@@ -2,9 +2,10 @@
 
 Model and algorithm code elsewhere read like single-device code; this module
 is the only one that knows about process groups, DTensors and sharding.
-FSDP2 (``fully_shard``) runs over gloo on CPU and NCCL on GPU (FSDP1 and CPU
-offload do not work on CPU). The vision tower is one FSDP unit, each decoder
-block another, and the root holds embeddings, final norm and LM head.
+FSDP2 (``fully_shard``) runs over gloo on CPU and NCCL on GPU (FSDP1 does not
+work on CPU; FSDP2's CPU offload does, without pinned memory). The vision
+tower is one FSDP unit, each decoder block another, and the root holds
+embeddings, final norm and LM head.
 """
 
 from __future__ import annotations
@@ -67,14 +68,25 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(hf_core(model).model.language_model.layers)
 
 
-def apply_fsdp(model: torch.nn.Module, mixed_precision: bool) -> torch.nn.Module:
-    """Shard the vision tower as one unit, each decoder block, then the root."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def apply_fsdp(model: torch.nn.Module, mixed_precision: bool, offload: bool = False) -> torch.nn.Module:
+    """Shard the vision tower as one unit, each decoder block, then the root.
+
+    ``offload``: FSDP2's CPUOffloadPolicy. The parameter shards, their
+    gradients and therefore AdamW's moments live in host memory; each unit's
+    shards are copied to the device for its all-gather, gradients are copied
+    back after the reduce-scatter, and the optimizer step runs on the CPU.
+    Pinned host memory (faster, overlapped copies) needs CUDA; on a CPU-only
+    host the policy still runs (every "device" is the CPU), which is what the
+    tests check.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kwargs = {}
     if mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                                    reduce_dtype=torch.float32)
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     fully_shard(vision_tower(model), **kwargs)
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)

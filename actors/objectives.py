@@ -68,13 +68,43 @@ def token_logprobs(logits: Tensor, target_ids: Tensor, temperature: float = 1.0)
     return picked - torch.logsumexp(z, dim=-1)
 
 
+class _TargetLogprob(torch.autograd.Function):
+    """``token_logprobs`` (temperature 1) with a backward that keeps one fp32 copy.
+
+    The same numbers as autograd through ``token_logprobs``: the forward is
+    z[target] - logsumexp(z) with z = fp32 logits, the backward PyTorch's own
+    formula g * (onehot(target) - exp(z - logsumexp z)), in the same order of
+    operations. Autograd would save the fp32 upcast and allocate three more
+    [N, V] fp32 temporaries in the backward (peak 16 bytes per bf16 logit,
+    ``benchmarks/logprob_memory.py``); here only the input logits and
+    logsumexp [N] are saved and the backward works in place on one fp32 copy
+    (peak 8 bytes per bf16 logit).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target_ids: Tensor) -> Tensor:  # [N, V], [N] -> [N]
+        z = _upcast(logits)
+        lse = torch.logsumexp(z, dim=-1)
+        picked = z.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(logits, target_ids, lse)
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, target_ids, lse = ctx.saved_tensors
+        g = logits.to(lse.dtype, copy=True).sub_(lse.unsqueeze(-1)).exp_()  # softmax
+        g.mul_(-grad.unsqueeze(-1))
+        g.scatter_add_(-1, target_ids.unsqueeze(-1), grad.unsqueeze(-1))
+        return g.to(logits.dtype), None
+
+
 def _head_chunk(hidden: Tensor, weight: Tensor, target_ids: Tensor,
                 with_entropy: bool) -> tuple[Tensor, Tensor]:
     """One chunk of `chunked_token_logprobs`: [N, H] x [V, H] -> ([N], [N] or [0])."""
     logits = F.linear(hidden, weight)  # the LM head (no bias), in the weights' dtype
-    logp = token_logprobs(logits, target_ids)
-    entropy = entropy_from_logits(logits) if with_entropy else logp.new_zeros(0)
-    return logp, entropy
+    if not with_entropy:
+        return _TargetLogprob.apply(logits, target_ids.long()), logits.new_zeros(0, dtype=torch.float32)
+    return token_logprobs(logits, target_ids), entropy_from_logits(logits)
 
 
 def chunked_token_logprobs(
@@ -420,6 +450,7 @@ def policy_objective(
     ref_logprobs: Tensor | None = None,
     logits: Tensor | None = None,
     ref_logits: Tensor | None = None,
+    entropy: Tensor | None = None,
     global_tokens: float | int | Tensor | None = None,
     global_seqs: float | int | Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
@@ -427,7 +458,9 @@ def policy_objective(
 
     logprobs, mask, old_logprobs, ref_logprobs [B, T]; advantages [B] or [B, T];
     logits, ref_logits [B, T, V] (only for the entropy bonus / "full" KL, and
-    for the entropy metric). Every term is reduced with `aggregate(...,
+    for the entropy metric); entropy [B, T]: per-token entropies computed
+    elsewhere (``chunked_token_logprobs``), used instead of logits for the
+    entropy bonus and metric. Every term is reduced with `aggregate(...,
     spec.loss_agg, global_tokens, global_seqs)`, so micro-batch losses sum to
     the global-batch loss when the global normalisers are passed.
     old_logprobs is required for "ppo" (for a strictly on-policy step pass
@@ -459,10 +492,12 @@ def policy_objective(
         if spec.kl_coef > 0:
             loss = loss + spec.kl_coef * kl_loss
 
-    if spec.entropy_coef > 0 and logits is None:
-        raise ValueError(f"entropy_coef={spec.entropy_coef} > 0 needs logits")
-    if logits is not None:
-        ent_tok = entropy_from_logits(logits if spec.entropy_coef > 0 else logits.detach())
+    if spec.entropy_coef > 0 and logits is None and entropy is None:
+        raise ValueError(f"entropy_coef={spec.entropy_coef} > 0 needs logits or entropy")
+    if entropy is None and logits is not None:
+        entropy = entropy_from_logits(logits if spec.entropy_coef > 0 else logits.detach())
+    if entropy is not None:
+        ent_tok = entropy if spec.entropy_coef > 0 else entropy.detach()
         metrics["policy/entropy"] = masked_mean(ent_tok.detach(), mask).item()
         if spec.entropy_coef > 0:
             loss = loss - spec.entropy_coef * aggregate(ent_tok, mask, **agg)

@@ -32,7 +32,13 @@ import torch
 
 from actors import fsdp
 from actors.batching import InputBuilder, TrainBatch, micro_batches
-from actors.objectives import ObjectiveSpec, policy_objective, sft_loss, token_logprobs
+from actors.objectives import (
+    ObjectiveSpec,
+    chunked_token_logprobs,
+    policy_objective,
+    sft_loss,
+    token_logprobs,
+)
 
 
 @dataclass
@@ -65,8 +71,22 @@ class TrainerSpec:
     lora: LoraSpec | None = None
     reference: bool = True  # keep the frozen starting policy for KL
     mixed_precision: bool | None = None  # None: bf16 on GPU, fp32 on CPU
+    # Memory levers (see pipelines/plan.py for what each saves):
+    logprob_chunk_tokens: int = 2048  # score tokens from hidden states in chunks (0: full logits)
+    reference_dtype: str = "float32"  # float32 | bfloat16: storage of the frozen reference
+    offload: bool = False  # FSDP2 CPUOffloadPolicy: parameter/gradient/AdamW shards in host memory
     seed: int = 0
     threads: int = 0  # torch threads on CPU (0: leave as is)
+
+    def __post_init__(self) -> None:
+        if self.logprob_chunk_tokens < 0:
+            raise ValueError(f"logprob_chunk_tokens must be >= 0, got {self.logprob_chunk_tokens}")
+        if self.reference_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"reference_dtype must be float32 or bfloat16, got {self.reference_dtype!r}")
+        if (self.logprob_chunk_tokens and not self.sft and self.objective.kl_estimator == "full"
+                and self.objective.kl_coef > 0):
+            raise ValueError("kl_estimator 'full' needs the whole-vocabulary logits of policy and "
+                             "reference: set trainer.logprob_chunk_tokens: 0")
 
 
 class TrainerActor:
@@ -74,6 +94,8 @@ class TrainerActor:
         self.spec, self.rank, self.world_size = spec, rank, world_size
         self.step = 0
         self._batches_seen = 0
+        # Micro-batch tensors go where the model computes (FSDP2 moves only the model inputs).
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         if spec.threads:
             torch.set_num_threads(spec.threads)
 
@@ -115,7 +137,7 @@ class TrainerActor:
                 logp = self._logprobs(model, mb)
             for i, r in enumerate(rows):
                 p, n = int(batch.prompt_lens[r]), len(batch.input_ids[r])
-                out[r] = logp[i, p - 1:n - 1].float().numpy()
+                out[r] = logp[i, p - 1:n - 1].float().cpu().numpy()
         self.inputs.clear()
         return out
 
@@ -236,15 +258,22 @@ class TrainerActor:
             model = get_peft_model(model, LoraConfig(
                 r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                 target_modules=_language_targets(model, lora.target_modules)))
-        return fsdp.apply_fsdp(model, self._mixed_precision())
+        return fsdp.apply_fsdp(model, self._mixed_precision(), offload=self.spec.offload)
 
     def _build_reference(self) -> torch.nn.Module | None:
-        """The frozen starting policy; for LoRA, the base with adapters disabled (None)."""
+        """The frozen starting policy; for LoRA, the base with adapters disabled (None).
+
+        ``reference_dtype: bfloat16`` halves its memory. Under bf16 mixed precision
+        (the GPU default) FSDP2 casts fp32 shards to bf16 before computing anyway,
+        so the bf16 reference gives the same log-probs; in fp32 compute (CPU) it
+        differs by bf16 rounding (tests/test_memory_levers.py pins both).
+        """
         if not self.spec.reference or self.spec.lora is not None:
             return None
         from transformers import AutoModelForImageTextToText
 
-        ref = AutoModelForImageTextToText.from_pretrained(self.path, dtype=torch.float32)
+        dtype = getattr(torch, self.spec.reference_dtype)
+        ref = AutoModelForImageTextToText.from_pretrained(self.path, dtype=dtype)
         ref.requires_grad_(False)
         ref.eval()
         return fsdp.apply_fsdp(ref, self._mixed_precision())
@@ -278,28 +307,36 @@ class TrainerActor:
         for i in range(count):
             rows = groups[i] if i < len(groups) else []
             mb = self.inputs.build(batch, rows or [0], key, ensure_image=bool(any_images))
-            yield rows, mb
+            yield rows, _to_device(mb, self.device)
 
     def _forward_logits(self, model, mb: dict) -> torch.Tensor:
         return model(**mb["inputs"], use_cache=False).logits[:, :-1]
 
     def _logprobs(self, model, mb: dict) -> torch.Tensor:
+        if self.spec.logprob_chunk_tokens:
+            return chunked_model_logprobs(model, mb, self.spec.logprob_chunk_tokens)[0]
         return token_logprobs(self._forward_logits(model, mb), mb["targets"])
 
     def _loss(self, mb: dict, global_tokens: float, global_seqs: float):
-        logits = self._forward_logits(self.model, mb)
-        logp = token_logprobs(logits, mb["targets"])
-        mask = mb["loss_mask"]
+        spec, mask = self.spec.objective, mb["loss_mask"]
         if self.spec.sft:
-            return sft_loss(logp, mask, self.spec.objective.loss_agg, global_tokens, global_seqs)
+            return sft_loss(self._logprobs(self.model, mb), mask, spec.loss_agg, global_tokens,
+                            global_seqs)
         if mb["advantages"] is None:
             raise ValueError("a policy batch needs advantages")
-        spec = self.spec.objective
         extra = {}
-        if spec.kl_estimator == "full" and spec.kl_coef > 0:
-            extra["logits"], extra["ref_logits"] = logits, self._reference_logits(mb)
-        elif spec.entropy_coef > 0:
-            extra["logits"] = logits
+        if self.spec.logprob_chunk_tokens:
+            logp, entropy = chunked_model_logprobs(self.model, mb, self.spec.logprob_chunk_tokens,
+                                                   with_entropy=spec.entropy_coef > 0)
+            if entropy is not None:
+                extra["entropy"] = entropy
+        else:
+            logits = self._forward_logits(self.model, mb)
+            logp = token_logprobs(logits, mb["targets"])
+            if spec.kl_estimator == "full" and spec.kl_coef > 0:
+                extra["logits"], extra["ref_logits"] = logits, self._reference_logits(mb)
+            elif spec.entropy_coef > 0:
+                extra["logits"] = logits
         old = mb["old_logprobs"] if mb["old_logprobs"] is not None else logp.detach()
         return policy_objective(spec, logp, mb["advantages"], mask, old_logprobs=old,
                                 ref_logprobs=mb["ref_logprobs"], global_tokens=global_tokens,
@@ -311,6 +348,50 @@ class TrainerActor:
             with self.model.disable_adapter():
                 return self._forward_logits(self.model, mb)
         return self._forward_logits(self.reference, mb)
+
+
+def chunked_model_logprobs(model, mb: dict, chunk_tokens: int, with_entropy: bool = False):
+    """Log-probs [B, L-1] (and entropies) of a micro-batch at its loss-mask positions, 0 elsewhere.
+
+    Never builds [tokens, vocabulary] logits: a forward pre-hook on the LM
+    head takes its input (the final norm's output [B, L, H]), scores the
+    loss-mask positions in chunks with the head's weight
+    (``chunked_token_logprobs``: each chunk recomputed in the backward), and
+    hands the head an empty slice, so transformers computes no logits. The
+    scoring runs inside the model's forward, where FSDP has the root unit
+    (embeddings, final norm, head) gathered, in the head's compute dtype like
+    the full-logits path.
+    """
+    mask = mb["loss_mask"]
+    where = mask.nonzero(as_tuple=True)
+    out = {}
+
+    def score(head, args):
+        hidden = args[0][:, :-1][where]  # [M, H]: the hidden state at t-1 predicts the token at t
+        logp, entropy = chunked_token_logprobs(hidden, head.weight, mb["targets"][where],
+                                               chunk_tokens, with_entropy)
+        out["logp"] = mask.new_zeros(mask.shape).index_put(where, logp)
+        if entropy is not None:
+            out["entropy"] = mask.new_zeros(mask.shape).index_put(where, entropy)
+        return (args[0][:, :0],)
+
+    handle = fsdp.hf_core(model).lm_head.register_forward_pre_hook(score)
+    try:
+        model(**mb["inputs"], use_cache=False)
+    finally:
+        handle.remove()
+    return out["logp"], out.get("entropy")
+
+
+def _to_device(mb: dict, device: torch.device) -> dict:
+    """The micro-batch's tensors on the compute device (a no-op on CPU)."""
+    if device.type == "cpu":
+        return mb
+    def move(value):
+        return value.to(device) if isinstance(value, torch.Tensor) else value
+
+    return {k: ({n: move(t) for n, t in v.items()} if isinstance(v, dict) else move(v))
+            for k, v in mb.items()}
 
 
 def _language_targets(model, names: list[str]) -> list[str]:

@@ -136,6 +136,16 @@ class TrainerConfig:
     freeze_vision: bool = param(False, "Freeze the vision tower.")
     freeze_projector: bool = param(False, "Freeze the vision-language projector (merger).")
     lora: LoraConfig = param(LoraConfig(), "LoRA settings.")
+    logprob_chunk_tokens: int = param(
+        2048, "Score tokens from the final hidden states and the LM head in chunks of this many "
+              "tokens, recomputed in the backward, instead of materialising [tokens, vocabulary] "
+              "logits (0 = full logits; the 'full' KL estimator needs 0).", ge=0)
+    reference_dtype: Literal["float32", "bfloat16"] = param(
+        "float32", "Storage dtype of the frozen KL reference; bfloat16 halves it and, under bf16 "
+                   "mixed precision (GPU), gives the same log-probs.")
+    offload: bool = param(
+        False, "FSDP2 CPU offload: parameter, gradient and AdamW shards in host memory, "
+               "optimizer step on the CPU (saves 16 bytes per parameter / ranks of GPU memory).")
 
 
 @dataclass
@@ -330,6 +340,12 @@ class Config:
     logging: LoggingConfig = param(LoggingConfig(), "Metrics sinks and progress.")
     simple: SimpleConfig = param(SimpleConfig(), "The simple recipe (recipe: simple).")
     mmzero: MMZeroConfig = param(MMZeroConfig(), "The MM-Zero recipe (recipe: mmzero).")
+
+    def check(self) -> None:
+        a = self.algorithm
+        if self.trainer.logprob_chunk_tokens and a.kl_estimator == "full" and a.kl_coef > 0:
+            raise ConfigError("trainer.logprob_chunk_tokens: kl_estimator 'full' needs the "
+                              "whole-vocabulary logits; set trainer.logprob_chunk_tokens=0")
 
 
 # --------------------------------------------------------------------------

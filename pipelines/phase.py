@@ -284,6 +284,8 @@ class PhaseRunner:
             total_steps=self.phase.steps, micro_batch_tokens=t.micro_batch_tokens,
             gradient_checkpointing=t.gradient_checkpointing, freeze_vision=t.freeze_vision,
             freeze_projector=t.freeze_projector,
+            logprob_chunk_tokens=t.logprob_chunk_tokens, reference_dtype=t.reference_dtype,
+            offload=t.offload,
             lora=LoraSpec(lora.rank, lora.alpha, lora.dropout, list(lora.target_modules))
             if lora.enabled else None,
             reference=a.kl_coef > 0, seed=self.cfg.run.seed,

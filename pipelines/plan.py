@@ -11,10 +11,11 @@ Memory per device, in bytes (the estimate; every term is printed):
 trainer rank (N ranks, FSDP2 full shard, P parameters of which T train; the
 trainer loads fp32 weights and computes in bf16 through FSDP2's mixed
 precision, as ``actors/trainer.py`` and ``actors/fsdp.py`` do):
-  master       4 P / N          fp32 parameter shards
-  grads        4 T / N          fp32 gradient shards
-  adamw        8 T / N          two fp32 moments
-  reference    4 P / N          the frozen policy for the KL term (kl_coef > 0, not LoRA)
+  master       4 P / N          fp32 parameter shards           } host memory instead with
+  grads        4 T / N          fp32 gradient shards            } trainer.offload (FSDP2
+  adamw        8 T / N          two fp32 moments                } CPUOffloadPolicy)
+  reference    r P / N          the frozen policy for the KL term (kl_coef > 0, not LoRA);
+                                r = 4 (trainer.reference_dtype float32) or 2 (bfloat16)
   gathered     2 (R + 2 U)      bf16 unsharded copies: the root unit R (embeddings, final
                                 norm, LM head) for the whole step, and two blocks in
                                 flight (current + prefetched); U = largest unit (a decoder
@@ -25,8 +26,14 @@ precision, as ``actors/trainer.py`` and ``actors/fsdp.py`` do):
                a = 2 (4 H + 3 q + 3 kv + 4 I) bytes per token and block: the two
                norms' inputs and outputs, q/k/v with their rotary copies and the
                attention output, the MLP's gate, up, activation and product
-  logits       10 t V           bf16 logits + their fp32 upcast + the fp32 scaled copy
-                                that ``token_logprobs`` keeps for the backward
+  logits       k c V            peak of the log-prob head's backward, measured
+                                (``python -m benchmarks.logprob_memory``: live tensor bytes,
+                                bf16 logits): full logits (trainer.logprob_chunk_tokens 0):
+                                c = t, k = 16 (the fp32 upcast autograd saves 4 + three fp32
+                                [t, V] temporaries of its backward 12), +8 with the entropy
+                                bonus, +10 with the "full" KL (reference logits, log-softmaxes);
+                                chunked: c = min(chunk, t), k = 8 (bf16 logits 2 + one fp32
+                                copy worked in place 4 + bf16 gradient 2), 24 with entropy
   context      1 GiB            CUDA context, allocator slack
   (t = trainer.micro_batch_tokens, H hidden, I MLP width, q = heads x head_dim,
   kv = kv_heads x head_dim, V vocabulary, L decoder blocks; vision-tower
@@ -42,6 +49,13 @@ gpu_memory_utilization u of the device and fills what the rest leaves with KV ca
   vLLM refuses to start when the KV cache holds less than one max_model_len sequence.
 
 A colocated engine shares its trainer rank's device: rank + u D must fit D.
+
+host memory (trainer.offload): each rank holds master + grads + adamw = 16 T / N
+(+ 4 (P - T) / N) in host memory; the plan sums the ranks of each node. No
+cluster field declares host memory, so it is reported, not checked; loading
+adds a transient 4 P per rank (each rank reads the whole fp32 checkpoint before
+sharding it). With offload, the shard copies for each unit's all-gather and the
+gradient shards before their copy to the host are transient and not counted.
 """
 
 from __future__ import annotations
@@ -223,36 +237,71 @@ def activation_bytes_per_token(m: ModelSizes) -> int:
     return 2 * (4 * m.hidden + 3 * m.q_dim + 3 * m.kv_dim + 4 * m.intermediate)
 
 
-def trainer_memory(m: ModelSizes, *, ranks: int, micro_batch_tokens: int, checkpointing: bool,
-                   reference: bool, lora: int = 0, freeze_vision: bool = False,
-                   freeze_projector: bool = False) -> dict[str, float]:
-    """Bytes per trainer rank by term; ``lora`` = adapter parameters (0: full fine-tuning)."""
-    n, t = ranks, micro_batch_tokens
-    vision_trainable = m.vision
-    if freeze_vision:
-        vision_trainable = m.projector
+# Peak bytes per logit of the log-prob head (module docstring), measured on CPU by
+# benchmarks/logprob_memory.py (live tensor storage over forward + backward of the head).
+LOGIT_BYTES_FULL = 16
+LOGIT_BYTES_FULL_ENTROPY = 8
+LOGIT_BYTES_FULL_KL = 10
+LOGIT_BYTES_CHUNKED = 8
+LOGIT_BYTES_CHUNKED_ENTROPY = 24
+
+
+def logits_bytes(m: ModelSizes, micro_batch_tokens: int, chunk_tokens: int = 0,
+                 entropy: bool = False, full_kl: bool = False) -> int:
+    """Peak bytes of the log-prob head for one micro-batch (chunk_tokens 0: full logits)."""
+    if chunk_tokens:
+        if full_kl:
+            raise ValueError("the full KL needs the full logits: chunk_tokens must be 0")
+        per = LOGIT_BYTES_CHUNKED_ENTROPY if entropy else LOGIT_BYTES_CHUNKED
+        return per * min(chunk_tokens, micro_batch_tokens) * m.vocab
+    per = (LOGIT_BYTES_FULL + LOGIT_BYTES_FULL_ENTROPY * entropy + LOGIT_BYTES_FULL_KL * full_kl)
+    return per * micro_batch_tokens * m.vocab
+
+
+def _trained(m: ModelSizes, lora: int, freeze_vision: bool,
+             freeze_projector: bool) -> tuple[int, int, int]:
+    """(parameters held, parameters trained, unsharded gradient buffer bytes)."""
+    if lora:
+        return m.params + lora, lora, 2 * lora
+    vision_trainable = m.projector if freeze_vision else m.vision
     if freeze_projector:
         vision_trainable -= m.projector
-    if lora:
-        trainable, params = lora, m.params + lora
-        grad_buffers = 2 * lora
-    else:
-        trainable, params = m.params - (m.vision - vision_trainable), m.params
-        grad_buffers = 2 * (m.root + max(m.layer, vision_trainable))
+    trainable = m.params - (m.vision - vision_trainable)
+    return m.params, trainable, 2 * (m.root + max(m.layer, vision_trainable))
+
+
+def optimizer_state(m: ModelSizes, *, ranks: int, lora: int = 0, freeze_vision: bool = False,
+                    freeze_projector: bool = False) -> dict[str, float]:
+    """Bytes per rank of the fp32 parameter shards, gradient shards and AdamW moments:
+    on the device, or in host memory with trainer.offload."""
+    params, trainable, _ = _trained(m, lora, freeze_vision, freeze_projector)
+    return {"master": 4 * params / ranks, "grads": 4 * trainable / ranks,
+            "adamw": 8 * trainable / ranks}
+
+
+def trainer_memory(m: ModelSizes, *, ranks: int, micro_batch_tokens: int, checkpointing: bool,
+                   reference: bool, lora: int = 0, freeze_vision: bool = False,
+                   freeze_projector: bool = False, logprob_chunk_tokens: int = 0,
+                   entropy: bool = False, full_kl: bool = False, reference_bytes: int = 4,
+                   offload: bool = False) -> dict[str, float]:
+    """Bytes per trainer rank on its device, by term; ``lora`` = adapter parameters (0: full
+    fine-tuning). With ``offload`` the master/grads/adamw terms are 0 here: they are host
+    memory (``optimizer_state``)."""
+    t = micro_batch_tokens
+    frozen = dict(lora=lora, freeze_vision=freeze_vision, freeze_projector=freeze_projector)
+    state = optimizer_state(m, ranks=ranks, **frozen)
     a = activation_bytes_per_token(m)
     if checkpointing:
         activations = 2 * t * m.hidden * m.layers + t * a
     else:
         activations = t * a * m.layers
     return {
-        "master": 4 * params / n,
-        "grads": 4 * trainable / n,
-        "adamw": 8 * trainable / n,
-        "reference": 4 * m.params / n if reference and not lora else 0,
+        **{k: 0 if offload else v for k, v in state.items()},
+        "reference": reference_bytes * m.params / ranks if reference and not lora else 0,
         "gathered": 2 * (m.root + 2 * max(m.layer, m.vision)),
-        "grad buffers": grad_buffers,
+        "grad buffers": _trained(m, **frozen)[2],
         "activations": activations,
-        "logits": 10 * t * m.vocab,
+        "logits": logits_bytes(m, t, logprob_chunk_tokens, entropy, full_kl),
         "context": CONTEXT_BYTES,
     }
 
@@ -306,13 +355,20 @@ class PhasePlan:
     problems: list[str] = field(default_factory=list)
 
 
-def _trainer_terms(cfg: Config, m: ModelSizes, ranks: int) -> dict[str, float]:
-    tr = cfg.trainer
+def _trainer_terms(cfg: Config, m: ModelSizes, ranks: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(device bytes per rank by term, host bytes per rank by term: empty without offload)."""
+    tr, alg = cfg.trainer, cfg.algorithm
     lora = lora_params(m, tr.lora.rank, tr.lora.target_modules) if tr.lora.enabled else 0
-    return trainer_memory(m, ranks=ranks, micro_batch_tokens=tr.micro_batch_tokens,
-                          checkpointing=tr.gradient_checkpointing,
-                          reference=cfg.algorithm.kl_coef > 0, lora=lora,
-                          freeze_vision=tr.freeze_vision, freeze_projector=tr.freeze_projector)
+    frozen = dict(lora=lora, freeze_vision=tr.freeze_vision, freeze_projector=tr.freeze_projector)
+    device = trainer_memory(m, ranks=ranks, micro_batch_tokens=tr.micro_batch_tokens,
+                            checkpointing=tr.gradient_checkpointing, reference=alg.kl_coef > 0,
+                            logprob_chunk_tokens=tr.logprob_chunk_tokens,
+                            entropy=alg.entropy_coef > 0,
+                            full_kl=alg.kl_estimator == "full" and alg.kl_coef > 0,
+                            reference_bytes=2 if tr.reference_dtype == "bfloat16" else 4,
+                            offload=tr.offload, **frozen)
+    host = optimizer_state(m, ranks=ranks, **frozen) if tr.offload else {}
+    return device, host
 
 
 def plan_phase(cfg: Config, layout: Layout, nodes: list[Node], device_bytes: float,
@@ -328,7 +384,7 @@ def plan_phase(cfg: Config, layout: Layout, nodes: list[Node], device_bytes: flo
         return plan
     dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
     specs = {g.role: g for g in group_specs(layout)}
-    trainer = _trainer_terms(cfg, m, layout.trainer_ranks)
+    trainer, host = _trainer_terms(cfg, m, layout.trainer_ranks)
     utilization = layout.gpu_memory_utilization or cfg.generator.gpu_memory_utilization
     engines = {name: engine_memory(m, tensor_parallel=r.tensor_parallel, device_bytes=device_bytes,
                                    utilization=utilization,
@@ -337,6 +393,8 @@ def plan_phase(cfg: Config, layout: Layout, nodes: list[Node], device_bytes: flo
                for name, r in layout.roles.items()}
     known = device_bytes > 0
     plan.breakdown.append(f"trainer rank ({layout.trainer_ranks} ranks): " + _terms(trainer))
+    if host:
+        plan.breakdown.append("trainer rank host memory (trainer.offload): " + _terms(host))
     for name, e in engines.items():
         if known:
             plan.breakdown.append(f"{name} engine: {utilization:g} x "
@@ -364,9 +422,25 @@ def plan_phase(cfg: Config, layout: Layout, nodes: list[Node], device_bytes: flo
             note = (f"KV {e.parts['KV cache'] / GIB:.1f} GiB = {e.kv_tokens:,} tokens "
                     f"({e.kv_tokens / max_len:.1f} x max_model_len)") if known else ""
         plan.rows.append(DeviceRow(slot.node, slot.devices[0], who, total, note))
+    if host:
+        plan.breakdown.extend(_host_lines(plan.slots, nodes, host, 4 * m.params))
     if known:
         _check_memory(plan, layout, trainer, engines, device_bytes, max_len)
     return plan
+
+
+def _host_lines(slots: list[Slot], nodes: list[Node], host: dict, load_bytes: float) -> list[str]:
+    """Host memory of the offloaded trainer state, per node (reported: no cluster field
+    declares host memory to check it against)."""
+    ranks: dict[int, int] = {}
+    for slot in slots:
+        if slot.role == TRAINER:
+            ranks[slot.node] = ranks.get(slot.node, 0) + 1
+    per_rank = sum(host.values())
+    return [f"host memory {nodes[node].name}: {count} trainer rank{'s' * (count > 1)} x "
+            f"{per_rank / GIB:.1f} = {count * per_rank / GIB:.1f} GiB offloaded state "
+            f"(+ {load_bytes / GIB:.1f} GiB per rank while loading the fp32 checkpoint)"
+            for node, count in sorted(ranks.items())]
 
 
 def _check_memory(plan: PhasePlan, layout: Layout, trainer: dict, engines: dict,
@@ -502,8 +576,10 @@ def render(cfg: Config, plans: list[PhasePlan], nodes: list[Node], device_bytes:
         lines.append("does not fit:")
         lines.extend(f"  - {p}" for p in problems)
         if any("trainer rank needs" in p for p in problems):
-            lines.append("  (trainer levers: more ranks, trainer.micro_batch_tokens (activations, "
-                         "logits), trainer.lora.enabled, a smaller model)")
+            lines.append("  (trainer levers: trainer.offload (master, grads, adamw to host memory), "
+                         "trainer.reference_dtype=bfloat16, trainer.logprob_chunk_tokens (logits), "
+                         "trainer.micro_batch_tokens (activations, logits), more ranks, "
+                         "trainer.lora.enabled, a smaller model)")
     else:
         lines.append("fits" + ("" if device_bytes or not any(n.gpus for n in nodes)
                                else " (placement only: give --gpu-memory-gib for memory)"))

@@ -41,8 +41,10 @@ from pipelines.plan import (
     GIB,
     ModelSizes,
     engine_memory,
+    logits_bytes,
     lora_params,
     model_sizes,
+    optimizer_state,
     trainer_memory,
 )
 
@@ -253,7 +255,7 @@ def test_trainer_memory_by_hand():
         "gathered": 2 * (1000 + 2 * 200),        # root + two blocks in flight
         "grad buffers": 2 * (1000 + 200),
         "activations": 2 * 10 * 8 * 4 + 10 * 264,  # checkpointed inputs + one block = 3280
-        "logits": 10 * 10 * 50,
+        "logits": 16 * 10 * 50,                  # full logits: 16 bytes per logit (measured)
         "context": CONTEXT_BYTES,
     }
     no_ckpt = trainer_memory(SMALL, ranks=2, micro_batch_tokens=10, checkpointing=False, reference=False)
@@ -268,13 +270,50 @@ def test_trainer_memory_by_hand():
         4 * 1950 / 2, 4 * 50 / 2, 8 * 50 / 2, 0, 2 * 50)
 
 
+def test_trainer_memory_levers_by_hand():
+    base = dict(ranks=2, micro_batch_tokens=10, checkpointing=True, reference=True)
+    full = trainer_memory(SMALL, **base)
+    # Log-prob head: full logits 16 t V, +8 with the entropy bonus, +10 with the full KL;
+    # chunked 8 c V (24 with entropy), c = min(chunk, t).
+    assert logits_bytes(SMALL, 10) == 16 * 10 * 50 == 8000
+    assert logits_bytes(SMALL, 10, entropy=True) == 24 * 10 * 50
+    assert logits_bytes(SMALL, 10, full_kl=True) == 26 * 10 * 50
+    assert logits_bytes(SMALL, 10, 4) == 8 * 4 * 50 == 1600
+    assert logits_bytes(SMALL, 10, 4, entropy=True) == 24 * 4 * 50
+    assert logits_bytes(SMALL, 10, 100) == 8 * 10 * 50  # a chunk never exceeds the micro-batch
+    with pytest.raises(ValueError, match="full logits"):
+        logits_bytes(SMALL, 10, 4, full_kl=True)
+    chunked = trainer_memory(SMALL, **base, logprob_chunk_tokens=4)
+    assert chunked == {**full, "logits": 1600}
+    bf16_ref = trainer_memory(SMALL, **base, reference_bytes=2)
+    assert bf16_ref == {**full, "reference": 2 * 1900 / 2}
+    offload = trainer_memory(SMALL, **base, offload=True)
+    assert offload == {**full, "master": 0, "grads": 0, "adamw": 0}
+    # What offload moves to host memory, per rank: 4 + 4 + 8 bytes per trained parameter.
+    assert optimizer_state(SMALL, ranks=2) == {"master": 3800, "grads": 3800, "adamw": 7600}
+    assert optimizer_state(SMALL, ranks=2, lora=50) == {"master": 4 * 1950 / 2, "grads": 100, "adamw": 200}
+
+
 def test_trainer_memory_qwen3_vl_8b_two_ranks():
     m = model_sizes(BUILTIN_MODELS["Qwen/Qwen3-VL-8B-Instruct"])
     parts = trainer_memory(m, ranks=2, micro_batch_tokens=16384, checkpointing=True, reference=True)
     assert parts["master"] == 17_534_247_392 and parts["adamw"] == 35_068_494_784
-    assert parts["logits"] == 24_893_194_240  # 10 x 16384 x 151936
+    assert parts["logits"] == 39_829_110_784  # 16 x 16384 x 151936
     assert parts["activations"] == 2 * 16384 * 4096 * 36 + 16384 * 161_792
-    assert round(sum(parts.values()) / GIB, 1) == 120.7
+    assert round(sum(parts.values()) / GIB, 1) == 134.6
+    # The levers of configs/mmzero/qwen3-vl-8b-8gpu.yaml: chunked log-probs and offload.
+    levers = trainer_memory(m, ranks=2, micro_batch_tokens=16384, checkpointing=True,
+                            reference=True, logprob_chunk_tokens=2048, offload=True)
+    assert levers["logits"] == 8 * 2048 * 151936 == 2_489_319_424
+    assert levers["master"] == levers["grads"] == levers["adamw"] == 0
+    assert sum(levers.values()) == (17_534_247_392 + 4_794_880_960 + 3_642_104_288 + 7_482_638_336
+                                    + 2_489_319_424 + GIB)  # 34.5 GiB
+    host = optimizer_state(m, ranks=2)
+    assert sum(host.values()) == 16 * 8_767_123_696 / 2  # 65.3 GiB per rank
+    bf16 = trainer_memory(m, ranks=2, micro_batch_tokens=16384, checkpointing=True,
+                          reference=True, logprob_chunk_tokens=2048, reference_bytes=2)
+    assert bf16["reference"] == 8_767_123_696  # 2 bytes x P / 2 ranks
+    assert round(sum(bf16.values()) / GIB, 1) == 91.6  # still over 80 without offload
 
 
 def test_engine_memory_by_hand():
@@ -319,8 +358,12 @@ def test_plan_refuses_two_plus_six_with_qwen3_vl_8b(capsys, monkeypatch):
     code, out = _plan(capsys, TWO_SIX)
     assert code == 2
     assert "node0     0  trainer rank 0" in out and "node0     7  solver engine 1" in out
-    assert "a trainer rank needs 120.7 GiB on a 80 GiB device (over by 40.7 GiB)" in out
-    assert "logits 23.2" in out and "KV 49.6 GiB = 361,468 tokens" in out
+    # Chunked log-probs are the default: 8 x 2048 x 151936 bytes of logits.
+    assert "a trainer rank needs 99.8 GiB on a 80 GiB device (over by 19.8 GiB)" in out
+    assert "logits 2.3" in out and "KV 49.6 GiB = 361,468 tokens" in out
+    assert "trainer.offload" in out  # the levers are named
+    code, out = _plan(capsys, TWO_SIX, "trainer.logprob_chunk_tokens=0")
+    assert code == 2 and "a trainer rank needs 134.6 GiB" in out and "logits 37.1" in out
 
 
 def test_plan_fits_and_overrides(capsys, monkeypatch):
@@ -347,6 +390,46 @@ def test_plan_refusals(capsys, monkeypatch, tmp_path):
                       "generator.gpu_memory_utilization=0.25", "generator.max_model_len=65536")
     assert code == 2 and f"sizes from {tmp_path / 'config.json'}" in out
     assert "proposer engine: KV cache" in out and "less than one max_model_len sequence (65536" in out
+
+
+PRESETS = sorted((ROOT / "configs" / "mmzero").glob("*8gpu*.yaml"))
+
+
+def test_there_are_the_three_gpu_presets():
+    assert [p.name for p in PRESETS] == [
+        "qwen2.5-vl-7b-8gpu.yaml", "qwen3-vl-4b-8gpu.yaml", "qwen3-vl-8b-8gpu.yaml"]
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_gpu_preset_fits_with_the_spec_defaults(preset, capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(preset)
+    hub = {"qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct", "qwen3-vl-4b": "Qwen/Qwen3-VL-4B-Instruct",
+           "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct"}[preset.stem.removesuffix("-8gpu")]
+    assert cfg.run.recipe == "mmzero" and cfg.model.path == hub and cfg.model.dtype == "bfloat16"
+    t = cfg.trainer
+    assert (t.lr, t.gradient_checkpointing, t.lora.enabled, t.freeze_vision) == (1e-6, True, False, False)
+    assert cfg.mmzero.max_tokens == 4096 and cfg.generator.max_model_len >= 4096 + 4096
+    assert cfg.placement == load_config(TWO_SIX).placement  # the 2 + 6 split, as the layout
+    code, out = _plan(capsys, preset)
+    assert code == 0, out
+    assert out.rstrip().endswith("fits")
+    if t.offload:
+        assert "host memory node0: 2 trainer ranks x" in out
+
+
+def test_qwen3_vl_8b_preset_trainer_rank(capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code, out = _plan(capsys, ROOT / "configs/mmzero/qwen3-vl-8b-8gpu.yaml")
+    assert code == 0
+    assert "node0     0  trainer rank 0                                 34.5" in out
+    assert ("trainer rank (2 ranks): reference 16.3 + gathered 4.5 + grad buffers 3.4 + "
+            "activations 7.0 + logits 2.3 + context 1.0 = 34.5 GiB") in out
+    assert "trainer rank host memory (trainer.offload): master 16.3 + grads 16.3 + adamw 32.7 = 65.3 GiB" in out
+    assert "host memory node0: 2 trainer ranks x 65.3 = 130.6 GiB offloaded state" in out
+    # Without offload the same preset does not fit: the reason it is on.
+    code, out = _plan(capsys, ROOT / "configs/mmzero/qwen3-vl-8b-8gpu.yaml", "trainer.offload=false")
+    assert code == 2 and "a trainer rank needs 99.8 GiB" in out
 
 
 # --------------------------------------------------------------------------

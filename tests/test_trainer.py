@@ -1,5 +1,8 @@
 """FSDP2 trainer group on CPU (gloo): numerics against a bare single-process loop,
-micro-batch invariance, reshardable resume, LoRA, the reference policy, export.
+micro-batch invariance, reshardable resume, LoRA, the reference policy, export,
+and the memory levers (CPU offload, chunked log-probs, bf16 reference) against group2.
+The groups score tokens in chunks (the default) and bare_loop from full logits, so
+the comparisons with it also check the chunked path; the LoRA group uses full logits.
 
 Groups are expensive on 2 cores, so one 2-rank and one 1-rank group are shared
 by the module; tests restore the state they start from (load a checkpoint).
@@ -191,10 +194,65 @@ def test_reference_is_the_frozen_start_not_the_policy(group1, batches, tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("chunk", [2048, 5], ids=["offload", "offload+5-token-chunks"])
+def test_memory_levers_in_the_two_rank_group(chunk, group2, batches, tmp_path):
+    """CPU offload (FSDP2 CPUOffloadPolicy) and a bf16 reference in a 2-rank group, with
+    group2's log-prob chunks (the default 2048: one holds a micro-batch) or 5-token chunks,
+    against group2 (no offload, fp32 reference). Fed the same old and reference
+    log-probs, two updates with offload alone are bit-identical; with 5-token chunks
+    log-probs and gradients differ by fp32 summation order only. The bf16 reference is
+    close to the fp32 one (fp32 compute on CPU)."""
+    levers = TrainerGroup(spec(offload=True, logprob_chunk_tokens=chunk, reference_dtype="bfloat16"),
+                          2, name="test/trainer-levers", runtime_env=ENV)
+    start = tmp_path / "start"
+    group2.save(str(start))
+    try:
+        initial = group2.parameters()
+        assert max_diff(levers.parameters(), initial) == 0.0
+        ref32 = group2.compute_logprobs(batches[0], reference=True)
+        ref16 = levers.compute_logprobs(batches[0], reference=True)
+        ref_diff = np.concatenate([np.abs(a - b) for a, b in zip(ref16, ref32)])
+        policy = zip(levers.compute_logprobs(batches[0]), group2.compute_logprobs(batches[0]))
+        lp_diff = max(float(np.abs(a - b).max()) for a, b in policy)
+        print(f"bf16 vs fp32 reference (fp32 compute): max {ref_diff.max():.2e}, mean "
+              f"{ref_diff.mean():.2e}; {chunk}-token chunks: max |dlogp| {lp_diff:.2e}")
+        assert 0 < ref_diff.max() < 1e-2 and ref_diff.mean() < 3e-3  # measured 3.7e-3 / 1.2e-3
+        assert lp_diff < 3e-6  # measured 4.8e-7 (5-token chunks), 0 (one chunk)
+        for batch in batches[:2]:
+            batch = batch.with_column(old_logprobs=group2.compute_logprobs(batch),
+                                      ref_logprobs=group2.compute_logprobs(batch, reference=True))
+            plain, lever = group2.forward_backward(batch), levers.forward_backward(batch)
+            grads, lever_grads = group2.gradients(), levers.gradients()
+            flat = np.concatenate([grads[k].ravel() for k in grads])
+            lever_flat = np.concatenate([lever_grads[k].ravel() for k in grads])
+            relative = float(np.linalg.norm(flat - lever_flat) / np.linalg.norm(flat))
+            step, lever_step = group2.optim_step(), levers.optim_step()
+            print(f"loss {lever['policy/loss']:.8f} vs {plain['policy/loss']:.8f}, |dg|/|g| {relative:.1e}")
+            assert lever["policy/loss"] == pytest.approx(plain["policy/loss"], rel=1e-6)
+            assert lever_step["train/grad_norm"] == pytest.approx(step["train/grad_norm"], rel=1e-6)
+            assert relative < 5e-6  # measured 4.1e-7, then 1.2e-6 once the weights differ
+        after = group2.parameters()
+        diff = max_diff(levers.parameters(), after)
+        print(f"after 2 steps: max |dparam| = {diff:.2e}")
+        if chunk == 2048:
+            assert lp_diff == 0.0 and diff == 0.0  # offload moves memory, not numbers
+        else:
+            # Adam turns ~1e-7 relative gradient differences on elements with near-zero
+            # gradients into up to ~lr x 3e-2 (measured 3.0e-6; see LR above).
+            assert diff < 1e-5
+        assert max_diff(after, initial) > 1e-4  # two steps moved the weights past the tolerance
+    finally:
+        levers.shutdown()
+        group2.load(str(start))
+
+
+@pytest.mark.slow
 def test_lora_trains_only_adapters_and_its_reference_is_the_base(ray_cluster, path, batches, tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    group = TrainerGroup(spec(lora=LoraSpec(rank=4, alpha=8, dropout=0.0), lr=1e-2), 2,
+    # Also the one group on the full-logits path (logprob_chunk_tokens 0); the others chunk.
+    group = TrainerGroup(spec(lora=LoraSpec(rank=4, alpha=8, dropout=0.0), lr=1e-2,
+                              logprob_chunk_tokens=0), 2,
                          name="test/trainer-lora", runtime_env=ENV)
     try:
         initial = group.parameters()
