@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from ray.util import placement_group_table
 
 from pipelines.config import load_config
 from pipelines.driver import Driver
@@ -68,13 +69,28 @@ def test_one_iteration_resume_and_a_second_iteration(ray_cluster, tmp_path):
     assert Driver(config(tmp_path)).run()["finished"]
     assert snapshot(run) == before
 
-    # One more iteration: every role starts from its iteration-1 export (loaded by vLLM
-    # and by the trainer), and the co-evolution figures cover both iterations.
-    state = Driver(config(tmp_path, "run.iterations=2")).run()
+    # One more iteration, now without bootstrap (the original's behaviour): every role
+    # starts from its iteration-1 export (loaded by vLLM and by the trainer); the empty
+    # CodeGen and Solver data sets train no step and export their starting weights.
+    # The proposer phase gets its own layout (1 trainer rank): its placement groups are
+    # released, and the engines stopped, before the codegen phase's are created.
+    state = Driver(config(tmp_path, "run.iterations=2", "mmzero.bootstrap=0",
+                          "placement.phases.proposer.trainer_ranks=1")).run()
     assert state["finished"] and len(state["order"]) == 6
+    groups = {g["name"]: g["state"] for g in placement_group_table().values()
+              if g["name"].startswith("coevolve/mmz/")}
+    assert groups == {f"coevolve/mmz/{layout}/{role}": "REMOVED"
+                      for layout in ("proposer", "all")
+                      for role in ("trainer", "proposer", "codegen", "solver")}
+    assert {p: state["roles"][p]["version"] for p in PHASES} == {
+        "proposer": 2, "codegen": 1, "solver": 1}
     for phase in PHASES:
-        assert state["roles"][phase]["version"] == 2
         assert (run / "iter_0002" / phase / "DONE").exists()
+    for phase in ("codegen", "solver"):
+        assert not (run / "iter_0002" / phase / "metrics.jsonl").exists()
+        assert ((run / "iter_0002" / phase / "hf/model.safetensors").read_bytes()
+                == (run / "iter_0001" / phase / "hf/model.safetensors").read_bytes())
+    assert json.loads((run / "iter_0002/codegen/data.json").read_text())["metrics"]["kept"] == 0
     assert json.loads((run / "iter_0002/coevo.json").read_text())["iteration"] == 2
     text = render_status(run)
     assert "finished" in text and "iter_0002 co-evolution" in text
