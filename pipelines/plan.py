@@ -526,10 +526,14 @@ def _ray_nodes() -> list[Node]:
 
 
 def _layouts(cfg: Config) -> list[Layout]:
-    """The phases to show: each declared phase, else the one layout of every phase."""
+    """The phases to show: each declared phase, else the one layout of every phase;
+    only the roles the recipe runs engines for."""
+    from pipelines.recipe import build_recipe
+
+    roles = build_recipe(cfg).roles
     if cfg.placement.phases:
-        return [resolve_layout(cfg.placement, p) for p in cfg.placement.phases]
-    return [resolve_layout(cfg.placement)]
+        return [resolve_layout(cfg.placement, p, roles) for p in cfg.placement.phases]
+    return [resolve_layout(cfg.placement, None, roles)]
 
 
 def build_plan(cfg: Config, nodes: list[Node], device_bytes: float,
