@@ -74,7 +74,12 @@ def test_chunked_token_logprobs_equal_the_full_logits(chunk, with_entropy):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lean_logprob_backward_is_autograds_bit_for_bit(dtype):
-    """The in-place backward of _TargetLogprob repeats PyTorch's own formula."""
+    """The in-place backward of _TargetLogprob repeats PyTorch's own formula.
+
+    Bit-identical by construction, on any CPU: forward and backward are the same
+    element-wise kernels (exp, sub, mul, scatter-add) and the same logsumexp reduction,
+    applied in the same order to the same data; no matmul or reordered sum is involved.
+    """
     hidden, weight, targets, coef = _inputs(v=300, dtype=dtype)
     logits = torch.nn.functional.linear(hidden, weight).detach()
     a = logits.clone().requires_grad_()
@@ -155,12 +160,16 @@ def test_chunked_model_logprobs_equal_the_full_logits_on_tiny_models(family, tin
                     for k, g in grads.items())
         print(f"{family} chunk {chunk} ({int(mask.sum())} tokens): |dlogp| {d_logp:.1e}, "
               f"|dentropy| {d_ent:.1e}, |dg|/|g| {relative:.1e}, worst element {worst:.1e}")
-        # Measured: <= 1.5e-6 on log-probs of about -6.9, 1.5e-6 worst gradient element;
-        # one chunk holding every token is bit-identical.
+        # fp32: the chunked path multiplies [chunk, H] x [H, V] instead of one [N, H] x [H, V]
+        # and sums the backward's head gradient chunk by chunk, so BLAS/oneDNN may pick
+        # other kernels and reduction orders, and which ones depends on the CPU. Measured:
+        # <= 1.5e-6 on log-probs of about -6.9, 1.5e-6 worst gradient element (Intel Xeon);
+        # one chunk holding every token: bit-identical on that Xeon, relative gradient
+        # difference 3.8e-8 on an AMD EPYC. The bounds are ~2x the largest measured error,
+        # two orders of magnitude above fp32's epsilon (1.2e-7) times the ~50 terms summed
+        # per element, and far below what a wrong formula moves (> 1e-3).
         assert d_logp <= 3e-6 and d_ent <= 3e-6
         assert relative <= 1e-6 and worst <= 1e-5
-        if chunk == 2048:
-            assert d_logp == 0.0 and relative == 0.0
 
 
 def _reference_logprobs(family: str) -> dict:
