@@ -7,7 +7,9 @@
             for step: generate -> reward -> advantages -> log-probs -> update -> weight sync
             checkpoint every run.save_every steps; export hf/; write DONE
 
-Run directory (see docs/architecture.md)::
+Run directory (see docs/architecture.md), always absolute; on a Ray cluster
+``run.root`` must be absolute and shared by every node, which is checked
+before a phase starts (pipelines/storage.py)::
 
     runs/<name>/config.yaml  state.json
     runs/<name>/iter_0001/<phase>/rollouts-000001.parquet  metrics.jsonl  ckpt/step_000002/  hf/  DONE
@@ -52,17 +54,27 @@ class Timer:
 
 class Driver:
     def __init__(self, cfg: Config):
+        from pipelines.storage import attached_to_cluster, run_root
+
         self.cfg = cfg
-        self.run_dir = Path(cfg.run.root) / cfg.run.name
+        self.on_cluster = attached_to_cluster()
+        # Absolute: actors on other nodes and later resumes from another working
+        # directory must find the same folder (docs/architecture.md, Run directories).
+        self.run_dir = run_root(cfg.run.root, self.on_cluster) / cfg.run.name
+        self._shared_nodes: set[str] = set()  # nodes proven to share run.root
         self.recipe = build_recipe(cfg)
         self.state = self._load_state()
 
     # -- the story -------------------------------------------------------------
 
     def run(self) -> dict:
+        import ray
+
         from pipelines.engines import Engines
         from pipelines.placement import PlacementManager
 
+        if self.on_cluster:  # the driver's node first: it writes state.json and reads checkpoints
+            self._check_shared({ray.get_runtime_context().get_node_id()})
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.run_dir / "config.yaml", dump_config(self.cfg))
         self._update_state(finished=False)  # e.g. run.iterations raised after a finished run
@@ -78,6 +90,10 @@ class Driver:
                     if not places.keeps(phase.name):
                         engines.shutdown()  # removing a placement group kills its actors
                     placement = places.enter(phase.name)
+                    if self.on_cluster:
+                        from pipelines.storage import placement_nodes
+
+                        self._check_shared(placement_nodes(placement))
                     order = self.state.get("order", [])
                     name = f"{phase_dir.parent.name}/{phase.name}"
                     self._update_state(iteration=iteration, phase=phase.name, step=0,
@@ -93,9 +109,22 @@ class Driver:
         self._update_state(finished=True)
         return self.state
 
+    def _check_shared(self, nodes: set[str]) -> None:
+        """Prove that ``nodes`` (with the ones proven before) share run.root."""
+        from pipelines.storage import check_shared
+
+        if nodes - self._shared_nodes:
+            check_shared(self.run_dir.parent, nodes | self._shared_nodes)
+            self._shared_nodes |= nodes
+
     def weights(self, role: str) -> str:
-        """The newest weights of ``role``: its last phase's hf/ export, else the base model."""
-        return self.state.get("roles", {}).get(role, {}).get("path", self.cfg.model.path)
+        """The newest weights of ``role``: its last phase's hf/ export, else the base model.
+
+        state.json records exports relative to the run directory, so a run moved or
+        resumed from another working directory still finds them.
+        """
+        path = self.state.get("roles", {}).get(role, {}).get("path")
+        return str(self.run_dir / path) if path else self.cfg.model.path
 
     def run_phase(self, iteration: int, index: int, phase: Phase, phase_dir: Path,
                   engines, placement) -> None:
@@ -111,7 +140,8 @@ class Driver:
             if finish is not None:
                 finish(runner)
             roles = dict(self.state.get("roles", {}))
-            roles[phase.role] = {"path": str(phase_dir / "hf"), "iteration": iteration,
+            roles[phase.role] = {"path": str((phase_dir / "hf").relative_to(self.run_dir)),
+                                 "iteration": iteration,
                                  "version": runner.version}
             self._update_state(roles=roles)
 

@@ -13,7 +13,7 @@ SHOWN = ("reward/mean", "train/grad_norm", "policy/loss", "policy/kl", "rollout/
 
 
 def render_status(run_dir: str | Path) -> str:
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).absolute()
     state_path = run_dir / "state.json"
     if not state_path.exists():
         raise FileNotFoundError(f"{run_dir} is not a coevolve run directory (no state.json)")
@@ -26,7 +26,7 @@ def render_status(run_dir: str | Path) -> str:
              if "updated" in state else "  never updated"]
     for role, info in sorted(state.get("roles", {}).items()):
         lines.append(f"  role {role}: iteration {info.get('iteration')}, weight version "
-                     f"{info.get('version')}, weights {info.get('path')}")
+                     f"{info.get('version')}, weights {run_dir / info['path'] if info.get('path') else 'n/a'}")
     order = {name: i for i, name in enumerate(state.get("order", []))}
     phase_dirs = sorted((d for d in run_dir.glob("iter_*/*") if (d / "metrics.jsonl").exists()
                          or (d / "DONE").exists() or f"{d.parent.name}/{d.name}" in order),

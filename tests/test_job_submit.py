@@ -23,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_job_submit_runs_a_tiny_config_to_success(tmp_path, monkeypatch):
+def test_ray_job_submit_runs_a_tiny_config_and_the_same_submission_resumes_it(tmp_path, monkeypatch):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(COEVOLVE_HEAD_DIR=str(tmp_path / "head"), DASHBOARD_PORT=str(port),
@@ -39,28 +39,40 @@ def test_ray_job_submit_runs_a_tiny_config_to_success(tmp_path, monkeypatch):
             env["RAY_AUTH_MODE"] = "token"
             monkeypatch.setenv("RAY_AUTH_MODE", "token")
         ray_bin = str(Path(sys.executable).parent / "ray")
-        submit = subprocess.run(
-            [ray_bin, "job", "submit", "--address", address, "--no-wait",
-             "--working-dir", str(ROOT), "--runtime-env", str(ROOT / "cluster/runtime_env.yaml"),
-             "--", "python", "-m", "pipelines.cli", "run", "configs/simple/tiny-cpu.yaml",
-             f"run.root={tmp_path / 'runs'}", "simple.steps=2", "logging.progress=false"],
-            env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
-        assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
-        job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
 
         from ray.job_submission import JobStatus, JobSubmissionClient
 
         client = JobSubmissionClient(address)
-        deadline = time.monotonic() + 600
-        while (status := client.get_job_status(job_id)) not in JobStatus.__members__.values() or \
-                not status.is_terminal():
-            assert time.monotonic() < deadline, f"job {job_id} still {status}"
-            time.sleep(2)
-        logs = client.get_job_logs(job_id)
+
+        def submit() -> tuple[JobStatus, str]:
+            done = subprocess.run(
+                [ray_bin, "job", "submit", "--address", address, "--no-wait",
+                 "--working-dir", str(ROOT), "--runtime-env", str(ROOT / "cluster/runtime_env.yaml"),
+                 "--", "python", "-m", "pipelines.cli", "run", "configs/simple/tiny-cpu.yaml",
+                 f"run.root={tmp_path / 'runs'}", "simple.steps=2", "logging.progress=false"],
+                env=env, capture_output=True, text=True, timeout=180, cwd=ROOT, check=False)
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+            job_id = re.search(r"raysubmit_\w+", done.stdout + done.stderr).group(0)
+            deadline = time.monotonic() + 600
+            while (status := client.get_job_status(job_id)) not in JobStatus.__members__.values() \
+                    or not status.is_terminal():
+                assert time.monotonic() < deadline, f"job {job_id} still {status}"
+                time.sleep(2)
+            return status, client.get_job_logs(job_id)
+
+        status, logs = submit()
         assert status == JobStatus.SUCCEEDED, logs[-3000:]
         assert "run simple-tiny finished" in logs
-        assert (tmp_path / "runs/simple-tiny/iter_0001/policy/DONE").exists()
-        assert (tmp_path / "runs/simple-tiny/iter_0001/policy/hf/model.safetensors").exists()
+        phase = tmp_path / "runs/simple-tiny/iter_0001/policy"
+        assert (phase / "DONE").exists()
+        assert (phase / "hf/model.safetensors").exists()
+        metrics = (phase / "metrics.jsonl").read_text()
+        # The same submission again (another job, another working-directory copy) finds
+        # the run under the absolute run.root: finished, nothing redone.
+        status, logs = submit()
+        assert status == JobStatus.SUCCEEDED, logs[-3000:]
+        assert "run simple-tiny finished" in logs
+        assert (phase / "metrics.jsonl").read_text() == metrics
     finally:
         stopped = subprocess.run(["bash", str(ROOT / "cluster/stop_head.sh")], env=env,
                                  capture_output=True, text=True, timeout=120)

@@ -41,7 +41,9 @@ def test_one_iteration_resume_and_a_second_iteration(ray_cluster, tmp_path):
     for phase in PHASES:
         folder = run / "iter_0001" / phase
         assert (folder / "DONE").exists() and (folder / "hf/model.safetensors").exists()
-        assert state["roles"][phase] == {"path": str(folder / "hf"), "iteration": 1, "version": 1}
+        # relative to the run directory: a resume from another working directory finds it
+        assert state["roles"][phase] == {"path": f"iter_0001/{phase}/hf", "iteration": 1,
+                                         "version": 1}
         table = pq.read_table(folder / "rollouts-000001.parquet")
         assert table.num_rows == {"proposer": 2 * 4, "codegen": 2 * 4, "solver": 2 * 4}[phase]
         assert list(folder.glob("wandb/offline-run-*")), "wandb ran offline"

@@ -1,0 +1,240 @@
+"""Run directories on a cluster: relative roots refused, paths recorded relative to the
+run directory, and the shared-storage probe on a simulated two-node Ray.
+
+The two-node check runs in a subprocess started from this file (``python
+tests/test_storage.py two-nodes TMP``): it starts its own head and a second node
+with ``ray start --block`` on 127.0.0.1, the second one in a mount namespace of its
+own (``unshare -m``) where the run root is bind-mounted over another folder, which
+is what two machines with local disks look like: one path, two folders. It stops
+exactly the processes it started (their process groups), never ``ray stop``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import pytest
+
+from pipelines.config import ConfigError, load_config
+from pipelines.storage import run_root
+
+
+def test_relative_root_refused_on_a_cluster_absolute_elsewhere(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"run.root: 'runs' is relative.*run.root=/mnt/shared"):
+        run_root("runs", on_cluster=True)
+    assert run_root("/data/runs", on_cluster=True) == Path("/data/runs")
+    monkeypatch.chdir(tmp_path)
+    assert run_root("runs", on_cluster=False) == tmp_path / "runs"
+    assert run_root("~/runs", on_cluster=False) == Path.home() / "runs"
+
+
+def test_driver_refuses_a_relative_root_under_ray_address(monkeypatch):
+    from pipelines.driver import Driver
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")  # never contacted: refused first
+    with pytest.raises(ConfigError, match="run.root: 'runs' is relative"):
+        Driver(load_config(ROOT / "configs/simple/tiny-cpu.yaml"))
+
+
+def test_state_paths_are_relative_to_the_run_directory(tmp_path, monkeypatch):
+    """A run resumed, or looked at, from another working directory finds its weights."""
+    from pipelines.driver import Driver
+    from pipelines.status import render_status
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(ROOT / "configs/simple/tiny-cpu.yaml", ["run.root=runs", "run.name=moved"])
+    driver = Driver(cfg)
+    assert driver.run_dir == tmp_path / "runs/moved" and driver.run_dir.is_absolute()
+    assert driver.weights("policy") == cfg.model.path  # nothing trained yet: the base model
+    driver._update_state(roles={"policy": {"path": "iter_0001/policy/hf", "iteration": 1,
+                                           "version": 3}})
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(tmp_path / "runs", elsewhere / "runs")  # the whole run directory moves
+    monkeypatch.chdir(elsewhere)
+    again = Driver(cfg)
+    assert again.weights("policy") == str(elsewhere / "runs/moved/iter_0001/policy/hf")
+    monkeypatch.chdir(tmp_path)
+    status = render_status("elsewhere/runs/moved")
+    assert f"weights {elsewhere}/runs/moved/iter_0001/policy/hf" in status
+
+
+def test_state_of_older_runs_with_absolute_paths_still_resolves(tmp_path, monkeypatch):
+    from pipelines.driver import Driver
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(ROOT / "configs/simple/tiny-cpu.yaml", [f"run.root={tmp_path}"])
+    driver = Driver(cfg)
+    driver._update_state(roles={"policy": {"path": "/models/exported/hf"}})
+    assert Driver(cfg).weights("policy") == "/models/exported/hf"
+
+
+def _can_unshare() -> str | None:
+    if not shutil.which("unshare") or os.geteuid() != 0:
+        return "needs root and unshare(1) to give a simulated node a folder of its own"
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, text=True, check=False)
+    return None if probe.returncode == 0 else f"unshare -m fails here: {probe.stderr.strip()}"
+
+
+@pytest.mark.slow
+def test_probe_on_two_nodes_names_the_node_with_its_own_folder(tmp_path):
+    why = _can_unshare()
+    if why:
+        pytest.skip(why)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen([sys.executable, __file__, "two-nodes", str(tmp_path)], cwd=ROOT,
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the scenario's own process group only
+        out, err = proc.communicate()
+        pytest.fail(f"two-node scenario timed out\n{err[-3000:]}")
+    assert proc.returncode == 0, f"two-node scenario failed\n{err[-3000:]}"
+    result = json.loads(out.strip().splitlines()[-1])
+    head, other = result["head"], result["other"]
+
+    # Local folders: the node with its own folder is named, with its IP and id.
+    error = result["local"]
+    assert "is not one folder shared by the 2 nodes" in error, error
+    assert f"({other[:8]}) does not see the files of node 127.0.0.1 ({head[:8]})" in error
+    assert f"({head[:8]}) does not see the files of node 127.0.0.1 ({other[:8]})" in error
+    assert "mount one shared filesystem at the same path on every node" in error
+    # Each node's token went into its own folder, and each removed its own.
+    assert result["local_leftovers"] == {"head": [], "other": []}
+    # One folder that both nodes see: the probe passes and leaves nothing behind.
+    assert result["shared"] is None
+    assert result["shared_leftovers"] == []
+    # A node that cannot write there is named with the reason.
+    assert f"({other[:8]}): cannot write there" in result["read_only"]
+
+
+# --------------------------------------------------------------------------
+# The scenario (run in the subprocess)
+# --------------------------------------------------------------------------
+
+
+def _start_node(address: str, log: Path, mounts: str) -> subprocess.Popen:
+    """A second Ray node on 127.0.0.1, in a mount namespace of its own where ``mounts``
+    (shell commands) ran first; its process group holds everything it starts."""
+    script = f"{mounts} && exec {shlex.join([sys.executable, __file__, 'node', address])}"
+    return subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                            stdin=subprocess.DEVNULL, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _run_node(address: str) -> None:
+    """Child: a worker node joined to ``address`` (as cluster_utils adds one), until SIGTERM."""
+    from pipelines.local_ray import _loopback_only
+
+    _loopback_only()
+    from ray._private.node import Node
+    from ray._private.parameter import RayParams
+
+    params = RayParams(node_ip_address="127.0.0.1", gcs_address=address, num_cpus=1, num_gpus=0,
+                       object_store_memory=150 << 20, min_worker_port=0, max_worker_port=0,
+                       include_log_monitor=False, node_manager_port=0)
+    params.dashboard_agent_listen_port = None
+    Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)  # stops its processes at exit
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print("node started", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the node process (it stops what it started), then its process group."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _scenario_two_nodes(tmp: Path) -> dict:
+    import tempfile
+
+    # Cluster() writes its address file under Ray's temp dir: keep ours private (and short:
+    # Ray's socket paths live under it).
+    ray_tmp = tempfile.mkdtemp(prefix="cvst-")
+    os.environ["RAY_TMPDIR"] = ray_tmp
+    from pipelines.local_ray import _loopback_only
+
+    _loopback_only()
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipelines.storage import alive_nodes, check_shared
+
+    local, own, shared, locked = (tmp / "local", tmp / "own-disk", tmp / "shared",
+                                  tmp / "locked")
+    for folder in (local, own, shared, locked):
+        folder.mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    # The second node: the same machine, but `local` is another folder there, and
+    # `locked` is read-only, as on a node that mounts the storage read-only.
+    other = _start_node(cluster.address, tmp / "other.log",
+                        f"mount --bind {own} {local} && mount --bind {locked} {locked} && "
+                        f"mount -o remount,bind,ro {locked}")
+    out: dict = {}
+    try:
+        ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
+        deadline = time.monotonic() + 120
+        while len(alive_nodes()) < 2:
+            if time.monotonic() > deadline or other.poll() is not None:
+                raise RuntimeError("the second node did not join:\n"
+                                   + (tmp / "other.log").read_text()[-3000:])
+            time.sleep(0.5)
+        head_id = ray.get_runtime_context().get_node_id()
+        [other_id] = [n for n in alive_nodes() if n != head_id]
+        out.update(head=head_id, other=other_id)
+        nodes = {head_id, other_id}
+
+        def attempt(root: Path) -> str | None:
+            try:
+                check_shared(root, nodes, timeout_s=60)
+                return None
+            except Exception as err:  # noqa: BLE001 - the message is what the test reads
+                return str(err)
+
+        out["local"] = attempt(local)
+        out["local_leftovers"] = {"head": sorted(p.name for p in local.iterdir()),
+                                  "other": sorted(p.name for p in own.iterdir())}
+        out["shared"] = attempt(shared)
+        out["shared_leftovers"] = sorted(p.name for p in shared.iterdir())
+        out["read_only"] = attempt(locked)
+    finally:
+        ray.shutdown()
+        _stop(other)
+        cluster.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    return out
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "two-nodes":
+        print(json.dumps(_scenario_two_nodes(Path(sys.argv[2]))))
+    elif sys.argv[1] == "node":
+        _run_node(sys.argv[2])
