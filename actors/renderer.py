@@ -13,21 +13,26 @@ raw payload); the parent never unpickles anything from a child.
 Before cairosvg sees a document, the child:
   1. drops a DOCTYPE without internal subset (the SVG 1.1 boilerplate); any
      other DTD or entity declaration is refused by defusedxml;
-  2. refuses external references: every href must be `#id` or a `data:` URI of
-     a raster image, every `url(...)` must be `url(#id)`, no CSS `@import`;
+  2. refuses external references: every href (and src) must be `#id` or a
+     `data:` URI declared as PNG/JPEG/GIF/WebP whose decoded bytes start with
+     that type's magic bytes (no SVG inside: a nested document would escape
+     these checks); every `url(...)` must be `url(#id)`; no CSS `@import`. CSS
+     (style elements and attributes) is searched after decoding its escapes,
+     with and without its comments, so `@\69mport` or `@im/**/port` count;
   3. bounds the element count, the nesting depth and the element count after
      expanding `<use>` and `url(#id)` references (the `<use>` bomb);
   4. reads the canvas size, refuses a side > max_side or an aspect ratio >
      max_aspect, and renders straight at the downscaled output size.
 cairosvg then gets `fetch_data_only` as its url_fetcher, the single point
 through which it reads images, `<use>` targets and stylesheets: it serves only
-`data:` URIs whose bytes are PNG/JPEG/GIF/WebP, so nothing is read from disk
-or network even if the validation above missed a reference.
+images, from `data:` URIs that pass the same check as in 2., so nothing is read
+from disk or network even if the validation above missed a reference.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import math
 import os
@@ -132,8 +137,32 @@ def early_stop_reached(n_ok: int, n_done: int, n_total: int, config: PoolConfig)
 
 # ---------------------------------------------------------------- extraction
 
-_FENCE = re.compile(r"```[ \t]*(\w*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
-_RAW_SVG_TAG = re.compile(r"<svg(?=[\s>/])[^>]*?(/?)>|</svg\s*>", re.IGNORECASE)
+# The language after a fence's ```, and the pieces of raw <svg> tags. Both are
+# scanned forward once: lazy `(.*?)```` and `<svg[^>]*?>` patterns rescan the
+# rest of the text for every unclosed opener instead (minutes on tens of
+# kilobytes of repeated openers).
+_FENCE_LANG = re.compile(r"[ \t]*(\w*)")
+_SVG_PIECE = re.compile(r"<svg(?=[\s>/])|</svg\s*>|>", re.IGNORECASE)
+
+
+def _fences(text: str) -> list[tuple[str, str]]:
+    """(language, body) of each ``` fence, in order: a fence opens at ```, an
+    optional language and the rest of that line, and closes at the next ```;
+    an unclosed one runs to the end. ``` with no line end after it opens
+    nothing. Each character is scanned a bounded number of times."""
+    fences, pos = [], 0
+    while (i := text.find("```", pos)) >= 0:
+        line_end = text.find("\n", i + 3)
+        if line_end < 0:
+            break
+        lang = _FENCE_LANG.match(text, i + 3, line_end).group(1).lower()
+        end = text.find("```", line_end + 1)
+        if end < 0:
+            fences.append((lang, text[line_end + 1:]))
+            break
+        fences.append((lang, text[line_end + 1:end]))
+        pos = end + 3
+    return fences
 
 
 def extract_svg(text: str | None) -> str | None:
@@ -142,30 +171,38 @@ def extract_svg(text: str | None) -> str | None:
     An ```svg fence, else an ```xml fence containing `<svg`, else the first raw
     `<svg ...</svg>`. An unclosed fence runs to the end of the text (truncated
     generations); the raw match balances nested `<svg>` tags instead of stopping
-    at the first `</svg>`.
+    at the first `</svg>`. An opening tag runs to the next `>` (so `<svg <svg a>`
+    is one tag); `<svg .../>` is self-closing. Linear time in the text.
     """
     if not text:
         return None
-    fences = [(m.group(1).lower(), m.group(2)) for m in _FENCE.finditer(text)]
+    fences = _fences(text)
     for lang, body in fences:
         if lang == "svg":
             return body.strip()
     for lang, body in fences:
         if lang == "xml" and "<svg" in body.lower():
             return body.strip()
-    depth, start = 0, None
-    for m in _RAW_SVG_TAG.finditer(text):
-        if m.group(0).startswith("</"):
-            if start is not None:
-                depth -= 1
-                if depth == 0:
-                    return text[start:m.end()]
-        elif m.group(1):  # self-closing <svg .../>
-            if start is None:
-                return m.group(0)
-        else:
-            start = m.start() if start is None else start
-            depth += 1
+    depth, start, tag_start = 0, None, None  # tag_start: inside an opening tag
+    for m in _SVG_PIECE.finditer(text):
+        piece = m.group(0)
+        if tag_start is not None:
+            if piece.lower() == "<svg":
+                continue  # attribute text of the open tag
+            # ">" (or the ">" of a "</svg>") ends the opening tag
+            self_closing = text[m.end() - 2] == "/" and piece == ">"
+            if self_closing and start is None:
+                return text[tag_start:m.end()]
+            if not self_closing:
+                start = tag_start if start is None else start
+                depth += 1
+            tag_start = None
+        elif piece.lower() == "<svg":
+            tag_start = m.start()
+        elif piece.startswith("</") and start is not None:
+            depth -= 1
+            if depth == 0:
+                return text[start:m.end()]
     return None
 
 
@@ -178,8 +215,15 @@ def svg_like(code: str | None) -> bool:
 
 _DOCTYPE_WITHOUT_SUBSET = re.compile(rb"<!DOCTYPE[^\[>]*>", re.IGNORECASE)
 _URL_REF = re.compile(r"url\(\s*['\"]?\s*([^'\")\s]*)", re.IGNORECASE)
-_RASTER_DATA_URI = re.compile(r"data:image/(png|jpeg|jpg|gif|webp)[;,]", re.IGNORECASE)
-_RASTER_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
+# CSS Syntax 4.3.7: a backslash and 1-6 hex digits plus one optional whitespace,
+# or a backslash and any other character, which stands for itself; a backslash
+# before a newline continues the line. One pass, like the CSS tokenizer.
+_CSS_ESCAPE = re.compile(r"\\(?:([0-9a-fA-F]{1,6})(?:\r\n|[ \t\n\r\f])?|(\r\n|[\n\r\f])|(.))",
+                         re.DOTALL)
+_CSS_COMMENT = re.compile(r"/\*.*?(?:\*/|\Z)", re.DOTALL)  # an unclosed comment runs to the end
+# Declared media type of a data: URI -> the image format its bytes must be.
+_RASTER_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG",
+                 "image/gif": "GIF", "image/webp": "WebP"}
 
 
 class RefusedFetch(Exception):
@@ -192,38 +236,139 @@ class _Reject(Exception):
         self.failure, self.detail = failure, detail
 
 
+def _raster_format(data: bytes) -> str | None:
+    """The image format that `data`'s magic bytes announce, if it is one the sandbox serves."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return None
+
+
+def _decode_raster_data_uri(uri: str) -> bytes:
+    """The bytes of a `data:` URI of a raster image; ValueError says why it is not one.
+
+    The declared type must be PNG/JPEG/GIF/WebP (image/svg+xml is refused: it is
+    a nested document these checks never saw) and the decoded bytes must start
+    with that type's magic bytes. cairosvg sniffs content, not the declared type,
+    and parses anything but a PNG that contains `<svg` as SVG, so that is refused
+    too. Linear in the length of `uri`.
+    """
+    header, comma, body = uri[5:].partition(",")
+    media_type = header.split(";", 1)[0].strip().lower()
+    expected = _RASTER_TYPES.get(media_type)
+    if not comma or expected is None:
+        raise ValueError(f"data: URI of type {media_type or 'text/plain'!r} is not a PNG, "
+                         f"JPEG, GIF or WebP image")
+    try:
+        data = (base64.b64decode(body) if header.lower().endswith(";base64")
+                else unquote_to_bytes(body))
+    except (binascii.Error, ValueError) as exc:  # bad padding, non-ASCII characters
+        raise ValueError(f"data: URI of type {media_type!r} does not decode: {exc}") from exc
+    found = _raster_format(data)
+    if found != expected:
+        raise ValueError(f"data: URI declared {media_type!r} holds "
+                         f"{found + ' data' if found else 'bytes without its magic number'}")
+    if expected != "PNG" and b"<svg" in data:
+        raise ValueError(f"data: URI declared {media_type!r} contains '<svg' "
+                         f"(cairosvg would parse it as a nested SVG document)")
+    return data
+
+
 def fetch_data_only(url: str, resource_type: str) -> bytes:
     """cairosvg url_fetcher: decode a `data:` URI of a raster image, refuse anything else.
 
-    A data: URI holding SVG is refused too: cairosvg would parse it as a nested
-    document that the validator never saw.
+    Only images are served (cairosvg asks for "image/*"); a `<use>` target
+    ("image/svg+xml") or an @import ("text/css") is refused whatever the URI,
+    and so is a data: URI holding SVG or bytes that are not the declared image:
+    cairosvg would parse those as documents that the validator never saw.
     """
-    if not url.startswith("data:"):
+    if not url.startswith("data:") or resource_type != "image/*":
         raise RefusedFetch(f"refused to fetch {url[:80]!r} ({resource_type})")
-    header, _, body = url[5:].partition(",")
-    data = base64.b64decode(body) if header.endswith(";base64") else unquote_to_bytes(body)
-    is_webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
-    if not (data.startswith(_RASTER_MAGIC) or is_webp):
-        raise RefusedFetch("data: URI is not a PNG, JPEG, GIF or WebP image")
-    return data
+    try:
+        return _decode_raster_data_uri(url)
+    except ValueError as exc:
+        raise RefusedFetch(str(exc)) from None
 
 
 def _local(name: str) -> str:
     return name.rsplit("}", 1)[-1]
 
 
-def _references(el, include_external: bool = True) -> list[str]:
-    """The href and url(...) targets of one element (`<a href>` is a link, not drawn)."""
+def _css_unescape(match: re.Match) -> str:
+    hex_digits, newline, char = match.groups()
+    if hex_digits is not None:
+        code = int(hex_digits, 16)
+        return chr(code) if 0 < code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else "\ufffd"
+    return "" if newline is not None else char
+
+
+def _css_readings(text: str) -> list[str]:
+    """`text` with its CSS escapes decoded, that without comments, and as written.
+
+    A keyword is looked for in all three: a real `@import` or `url(` appears
+    in the decoded text; the one without comments also catches `@im/**/port`
+    (not an import to a CSS parser; refused anyway), and keeping the one with
+    comments means `/*` inside a string cannot hide what follows it.
+    """
+    decoded = _CSS_ESCAPE.sub(_css_unescape, text) if "\\" in text else text
+    readings = [decoded]
+    if "/*" in decoded:
+        readings.append(_CSS_COMMENT.sub("", decoded))
+    if decoded is not text:
+        readings.append(text)
+    return readings
+
+
+def _css_references(css: str, imports: bool) -> list[tuple[str, str]]:
+    """("url", target) for each url(...) (and ("@import", "") if `imports`) in one CSS
+    text, found in any of its readings; one found n times in a reading is listed n times."""
+    readings = _css_readings(css)
+    found: Counter[tuple[str, str]] = Counter()
+    if imports and any("@import" in reading.lower() for reading in readings):
+        found["@import", ""] = 1
+    for reading in readings:  # the most of each, not the sum: readings repeat one another
+        found |= Counter(("url", m.group(1)) for m in _URL_REF.finditer(reading) if m.group(1))
+    return list(found.elements())
+
+
+def _references(el, include_external: bool = True) -> list[tuple[str, str]]:
+    """(kind, target) of one element's references, kind "href" (href or src; `<a href>` is
+    a link, not drawn), "url" or "@import"; without `include_external`, the `#id`s only."""
     refs = []
     for name, value in el.attrib.items():
-        if _local(name) == "href" and _local(el.tag) != "a":
-            refs.append(value.strip())
-        refs.extend(m.group(1) for m in _URL_REF.finditer(value) if m.group(1))
+        if _local(name) in ("href", "src") and _local(el.tag) != "a":
+            refs.append(("href", value.strip()))
+        refs.extend(_css_references(value, imports=_local(name) == "style"))
     if _local(el.tag) == "style" and el.text:
-        if "@import" in el.text.lower():
-            refs.append("@import")
-        refs.extend(m.group(1) for m in _URL_REF.finditer(el.text) if m.group(1))
-    return [r for r in refs if include_external or r.startswith("#")]
+        refs.extend(_css_references(el.text, imports=True))
+    return [r for r in refs if include_external or r[1].startswith("#")]
+
+
+def _check_reference(kind: str, ref: str) -> None:
+    """Refuse an @import, a url() other than url(#id), an href other than #id or a
+    data: URI of a raster image."""
+    if kind == "@import":
+        raise _Reject("external_reference",
+                      "CSS @import (found after decoding CSS escapes and comments)")
+    if ref.startswith("#") and len(ref) > 1:
+        return
+    if kind == "url":
+        # cairosvg resolves url() only to elements (fill, clip-path, mask, ...): an image
+        # in it has no use, and nothing fetched for CSS is ever looked at again.
+        raise _Reject("external_reference",
+                      f"url({ref[:80]!r}) is not url(#id) (found after decoding CSS escapes)")
+    if ref[:5].lower() != "data:":
+        raise _Reject("external_reference",
+                      f"reference {ref[:80]!r} is neither #id nor a data: raster image")
+    try:
+        _decode_raster_data_uri(ref)
+    except ValueError as exc:
+        raise _Reject("external_reference", f"{exc} (href {ref[:40]!r}...)") from None
 
 
 def _scan(root, limits: RenderLimits) -> dict:
@@ -236,10 +381,8 @@ def _scan(root, limits: RenderLimits) -> dict:
             raise _Reject("too_large", f"more than max_elements={limits.max_elements} elements")
         if depth > limits.max_depth:
             raise _Reject("too_large", f"nesting deeper than max_depth={limits.max_depth}")
-        for ref in _references(el):
-            if not (ref.startswith("#") and len(ref) > 1) and not _RASTER_DATA_URI.match(ref):
-                raise _Reject("external_reference",
-                              f"reference {ref[:80]!r} is neither #id nor a data: raster image")
+        for kind, ref in _references(el):
+            _check_reference(kind, ref)
         stack.extend((child, depth + 1) for child in el)
     ids: dict = {}
     for el in root.iter():
@@ -260,7 +403,7 @@ def _check_expansion(root, ids: dict, limits: RenderLimits) -> None:
     on_path: set[int] = set()
 
     def deps(el) -> list:
-        targets = [ids.get(r[1:]) for r in _references(el, include_external=False)]
+        targets = [ids.get(r[1:]) for _, r in _references(el, include_external=False)]
         return list(el) + [t for t in targets if t is not None]
 
     stack = [(root, False)]

@@ -16,6 +16,19 @@ recipes), MM-Zero's solvability share and EvoLMM's voting normalisation.
      `_worth_symbolic`): plain words such as "dog"/"god" would otherwise parse
      as products of symbols and compare equal.
 
+Hedges never grade as correct. math-verify picks an expression out of any text,
+so an answer reaches it only when it reads as one value (`_single_expression`):
+junk symbols around a value ("@#$ 5"), several candidate values ("3 or 5",
+"3 \\lor 5", "3, 5" against "5", "a) 3 b) 5") and unbalanced brackets are
+False. An answer over `MAX_ANSWER_CHARS` is False without being read.
+
+Hostile text costs linear time: every pattern over answer text is
+unambiguous or anchored, `\\text{}` unwrapping and tag extraction are single
+passes, and the one step that can still take long, the symbolic check, runs
+in the worker under its limit; `Grader.budget(seconds)` caps what one batch
+of checks may spend in all (the phase wraps each step's scoring in one and
+logs what it cut as `reward/timeouts`).
+
 Units are stripped only in this safe way: "<number> <unit>" with the unit
 from `_UNIT_ALIASES` (plural/spelling variants map to one canonical name).
 "5 cm" == "5" == "5 centimeters", but "5 cm" != "5 m" (both carry units and
@@ -53,6 +66,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -62,6 +76,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 5.0  # per symbolic check; math-verify's own default is 5 s
 DEFAULT_REL_TOL = 1e-4  # spec
 _MAX_SYMBOLIC_CHARS = 500  # longer "answers" are rambles, not expressions: never sent
+# An extracted answer longer than this is degenerate output, not an answer: it
+# grades False at once (counted as `too_long`), so normalising it costs nothing.
+MAX_ANSWER_CHARS = 2000
 
 # ---------------------------------------------------------------- extraction
 
@@ -105,9 +122,29 @@ def extract_boxed(text: str | None) -> str | None:
 
 
 @lru_cache(maxsize=32)
-def _tag_re(tag: str) -> re.Pattern:
-    t = re.escape(tag)
-    return re.compile(rf"<\s*{t}\s*>(.*?)<\s*/\s*{t}\s*>", re.IGNORECASE | re.DOTALL)
+def _tag_token_re(tag: str) -> re.Pattern:
+    """`<tag>` or `</tag>` (case and inner whitespace ignored); group 1 is the slash."""
+    return re.compile(rf"<\s*(/?)\s*{re.escape(tag)}\s*>", re.IGNORECASE)
+
+
+def tag_blocks(text: str, tag: str) -> list[tuple[int, int]]:
+    """(start, end) of each closed `<tag>...</tag>` block's content, in order.
+
+    One left-to-right pass over the tags: a block opens at the first opener
+    while none is open and closes at the next closer; openers inside an open
+    block and closers outside one are text. The same blocks as a lazy
+    `<tag>(.*?)</tag>` scan, in linear time: the lazy pattern rescans the rest
+    of the text for every unclosed opener (quadratic in degenerate output).
+    """
+    blocks, start = [], None
+    for m in _tag_token_re(tag).finditer(text):
+        if not m.group(1):
+            if start is None:
+                start = m.end()
+        elif start is not None:
+            blocks.append((start, m.start()))
+            start = None
+    return blocks
 
 
 def extract_tag(text: str | None, tag: str) -> str | None:
@@ -115,8 +152,8 @@ def extract_tag(text: str | None, tag: str) -> str | None:
     whitespace inside the angle brackets ignored); None when absent or empty."""
     if not text:
         return None
-    blocks = _tag_re(tag).findall(text)
-    return (blocks[-1].strip() or None) if blocks else None
+    blocks = tag_blocks(text, tag)
+    return (text[slice(*blocks[-1])].strip() or None) if blocks else None
 
 
 def extract_answer(text: str | None,
@@ -155,14 +192,33 @@ _PREFIX_RE = re.compile(
 _THOUSANDS_RE = re.compile(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d,])")
 
 
+_UNWRAP_TOKEN_RE = re.compile(_WRAPPERS_RE.pattern + r"|\\.|[{}]", re.DOTALL)
+
+
 def _unwrap(s: str) -> str:
-    """`\\text{5 cm}` -> `5 cm` for each wrapper command, nested ones included."""
-    while (m := _WRAPPERS_RE.search(s)) is not None:
-        end = _balanced(s, m.end())
-        if end is None:
-            return s[:m.start()] + s[m.end():]
-        s = s[:m.start()] + s[m.end():end] + s[end + 1:]
-    return s
+    """`\\text{5 cm}` -> `5 cm` for each wrapper command, nested ones included.
+
+    One pass with a stack of open groups: a wrapper's braces are dropped and
+    its content kept, other groups are copied as they are, escaped characters
+    are never braces. A wrapper left open at the end loses its command (the
+    rest is kept). Linear in the length of `s`, also for thousands of nested
+    wrappers.
+    """
+    out, stack, pos = [], [], 0
+    for m in _UNWRAP_TOKEN_RE.finditer(s):
+        token = m.group(0)
+        if token == "{":
+            stack.append(False)
+        elif token == "}":
+            if stack and stack.pop():  # the end of a wrapper: drop the brace
+                out.append(s[pos:m.start()])
+                pos = m.end()
+        elif token.endswith("{") and token[1:2].isalpha():  # a wrapper: drop the command
+            out.append(s[pos:m.start()])
+            stack.append(True)
+            pos = m.end()
+    out.append(s[pos:])
+    return "".join(out)
 
 
 def _strip_thousands(s: str) -> str:
@@ -227,7 +283,9 @@ def _option(s: str) -> tuple[str, str | None] | None:
 
 # ------------------------------------------------------------------- numbers
 
-_NUM = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?"
+# Unambiguous (no two ways to split a digit run), so a fullmatch that fails on
+# a long run of digits fails in linear time.
+_NUM = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?"
 _NUMBER_FORMS = (
     (re.compile(rf"({_NUM})"), lambda g: float(g[0])),
     (re.compile(rf"({_NUM})\s*(?:\\times|\\cdot|\*|×|·)\s*10\s*\^\s*\{{?\s*([+-]?\d+)\s*\}}?"),
@@ -255,6 +313,9 @@ _UNITS = {alias: canon for canon, aliases in _UNIT_ALIASES.items()
 _UNIT_RE = re.compile(r"(.*?\S)\s*((?:square |sq |cubic )?[a-z°$/]+(?:\^\{?[23]\}?|²|³)?)")
 
 
+_MAX_QUANTITY_CHARS = 100  # "<number> <unit>" is short; the unit pattern backtracks on long text
+
+
 def _number(s: str) -> float | None:
     for pattern, value in _NUMBER_FORMS:
         if m := pattern.fullmatch(s):
@@ -270,6 +331,8 @@ def _quantity(raw: str, norm: str) -> tuple[float, bool, str | None] | None:
     """(value, has percent sign, canonical unit or None) when `norm` is a number
     with at most one known unit; None otherwise. `raw` is consulted for `%`,
     which normalisation has already dropped."""
+    if len(norm) > _MAX_QUANTITY_CHARS:
+        return None
     percent = "%" in raw
     value, unit = _number(norm), None
     if value is None and (m := _UNIT_RE.fullmatch(norm)):
@@ -304,21 +367,82 @@ _MATH_SIGNAL_RE = re.compile(r"[\d\\^_+\-*/=<>()\[\]{}|√π∞]")
 _MATH_WORDS = frozenset({"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan",
                         "sinh", "cosh", "tanh", "log", "exp", "sqrt", "inf", "infty", "max",
                         "min", "lim", "mod", "gcd", "lcm"})  # 3+ letters; shorter never count
+# What a single mathematical answer is written with (after `normalize`). Anything
+# else is junk the normaliser cannot account for, and math-verify would quietly
+# pick an expression out of it ("@#$ 5" -> 5): such answers never reach it.
+_EXPRESSION_RE = re.compile(r"[0-9a-z\s\\^_+\-*/=<>()\[\]{}|.,!'°√π∞×·]*")
+_COMMAND_RE = re.compile(r"\\([a-z]+|.)")
+# LaTeX commands of one value: no connectives such as \lor, \vee or line breaks.
+_EXPRESSION_COMMANDS = frozenset({
+    "frac", "sqrt", "pi", "cdot", "times", "div", "pm", "mp", "infty", "circ", "degree",
+    "le", "leq", "ge", "geq", "lt", "gt", "ne", "neq", "approx", "sim", "in", "cup", "cap",
+    "emptyset", "varnothing", "mathbb", "overline", "vec", "hat", "bar", "binom", "dbinom",
+    "angle", "triangle", "perp", "parallel", "prime", "log", "ln", "exp", "sin", "cos", "tan",
+    "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "max", "min",
+    "lim", "gcd", "lcm", "mod", "bmod", "pmod", "alpha", "beta", "gamma", "delta", "epsilon",
+    "varepsilon", "theta", "lambda", "mu", "sigma", "phi", "varphi", "omega", "{", "}", "|",
+})
+_CONNECTIVES = frozenset({"or", "vs", "nor"})  # 2-letter hedges; longer words are refused anyway
+_BRACKETS = {")": "(", "]": "[", "}": "{"}
+
+
+def _single_expression(s: str) -> bool:
+    """Whether a normalised answer reads as one mathematical value: only
+    characters of mathematics, known LaTeX commands, no connective words, and
+    balanced brackets (a half-open interval "[0,1)" may pair "[" with ")").
+    "@#$ 5", "3 \\lor 5", "3 or 5" and "a) 3 b) 5" are not."""
+    if not _EXPRESSION_RE.fullmatch(s):
+        return False
+    if any(c not in _EXPRESSION_COMMANDS for c in _COMMAND_RE.findall(s)):
+        return False
+    if any(w in _CONNECTIVES for w in re.findall(r"[a-z]+", _COMMAND_RE.sub(" ", s))):
+        return False
+    depth = 0
+    for ch in _COMMAND_RE.sub(" ", s):  # escaped braces \{ \} are set notation, not groups
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth < 0:
+                return False
+    return depth == 0
 
 
 def _worth_symbolic(p: str, r: str) -> bool:
     """Whether a normalised pair may be sent to math-verify: neither side a bare
-    letter (option letters and lone variables were settled by steps 1-2), at
-    least one side with a digit, command or operator, and no word of three or
-    more letters outside LaTeX commands and `_MATH_WORDS` on either side."""
+    letter (option letters and lone variables were settled by steps 1-2), each
+    side a single expression (`_single_expression`), at least one side with a
+    digit, command or operator, and no word of three or more letters outside
+    LaTeX commands and `_MATH_WORDS` on either side; when the reference has
+    no top-level comma or "=", the prediction has at most one "=" and no
+    comma either (several candidate values are a hedge, not an answer)."""
     if max(len(p), len(r)) > _MAX_SYMBOLIC_CHARS:
         return False
     if any(re.fullmatch(r"\(?[a-z]\)?", s) for s in (p, r)):
         return False
+    if not (_single_expression(p) and _single_expression(r)):
+        return False
     if not (_MATH_SIGNAL_RE.search(p) or _MATH_SIGNAL_RE.search(r)):
+        return False
+    if "," not in _top_level(r) and "," in _top_level(p):
+        return False
+    if p.count("=") > max(1, r.count("=")):
         return False
     words = re.findall(r"[a-z]{3,}", re.sub(r"\\[a-z]+", " ", p + " " + r))
     return all(w in _MATH_WORDS for w in words)
+
+
+def _top_level(s: str) -> str:
+    """The characters of `s` outside any bracket (escaped braces count as brackets)."""
+    out, depth = [], 0
+    for ch in s:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+        elif depth == 0:
+            out.append(ch)
+    return "".join(out)
 
 
 def math_verify_equal(pred: str, ref: str) -> bool:
@@ -464,7 +588,9 @@ class Grader:
         self._cache_size = cache_size
         self._counts = dict.fromkeys(
             ("calls", "equal", "string", "option", "numeric", "symbolic", "symbolic_cached",
-             "symbolic_timeouts", "symbolic_errors", "worker_starts"), 0)
+             "symbolic_timeouts", "symbolic_over_budget", "symbolic_errors", "too_long",
+             "worker_starts"), 0)
+        self._local = threading.local()  # the calling thread's budget deadline
 
     def grade(self, pred: str | None, ref: str | None, *, percent_equiv: bool = False,
               rel_tol: float = DEFAULT_REL_TOL, timeout: float | None = None,
@@ -484,6 +610,9 @@ class Grader:
                 return False
             raise TypeError(f"grade takes str answers, got {type(pred).__name__} and "
                             f"{type(ref).__name__}")
+        if max(len(pred), len(ref)) > MAX_ANSWER_CHARS:
+            self._count("too_long")
+            return False
         p, r = normalize(pred), normalize(ref)
         if not p or not r:
             return False
@@ -522,21 +651,50 @@ class Grader:
                 return True
         return None
 
+    @contextmanager
+    def budget(self, seconds: float):
+        """Symbolic checks made by this thread inside the block share ``seconds``
+        of wall-clock time: each gets at most what is left, and once it is spent
+        the rest count False without running (``symbolic_over_budget``). A
+        step's scoring wraps itself in one, so a batch of pathological answers
+        costs at most ``seconds``, never a stalled step. Nested budgets keep
+        the tighter deadline."""
+        if not seconds > 0:
+            raise ValueError(f"budget must be > 0 seconds, got {seconds}")
+        outer = getattr(self._local, "deadline", None)
+        deadline = time.monotonic() + seconds
+        self._local.deadline = deadline if outer is None else min(outer, deadline)
+        try:
+            yield
+        finally:
+            self._local.deadline = outer
+
     def _symbolic(self, p: str, r: str, timeout: float) -> bool:
         with self._lock:
             if (p, r) in self._cache:
                 self._cache.move_to_end((p, r))
                 self._counts["symbolic_cached"] += 1
                 return self._cache[(p, r)]
+        deadline = getattr(self._local, "deadline", None)
+        cut = False
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._count("symbolic_over_budget")
+                return False
+            cut, timeout = left < timeout, min(timeout, left)
         self._count("symbolic")
-        verdict = self._run(self._fn, [p, r], timeout)
+        verdict, timed_out = self._run(self._fn, [p, r], timeout)
+        if timed_out and cut:  # stopped by the budget, not by the limit: not a verdict
+            return False
         with self._lock:
             self._cache[(p, r)] = verdict
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return verdict
 
-    def _run(self, fn: str, args: list, timeout: float) -> bool:
+    def _run(self, fn: str, args: list, timeout: float) -> tuple[bool, bool]:
+        """(verdict, whether the check ran out of time) of one worker call."""
         with self._slots:
             worker, reply = self._take(), None
             try:
@@ -552,13 +710,13 @@ class Grader:
             self._count("symbolic_timeouts")
             logger.warning("symbolic check over %.1f s, counted False: %.80r vs %.80r",
                            timeout, *args)
-            return False
+            return False, True
         if not healthy or not reply["ok"]:
             self._count("symbolic_errors")
             logger.warning("symbolic check failed (%s): %.80r vs %.80r",
                            reply if not healthy else reply["error"], *args)
-            return False
-        return reply["value"]
+            return False, False
+        return reply["value"], False
 
     def _take(self) -> _Worker:
         with self._lock:
@@ -582,7 +740,8 @@ class Grader:
     def stats(self) -> dict[str, int]:
         """Cumulative counters (for metrics; the caller adds a prefix such as
         `reward/grade_`): calls, equal, how each True/False was decided, symbolic
-        timeouts and errors, worker starts."""
+        timeouts, checks skipped past a budget, errors, answers over
+        `MAX_ANSWER_CHARS`, worker starts."""
         with self._lock:
             return dict(self._counts)
 
@@ -604,6 +763,11 @@ def grade(pred: str | None, ref: str | None, *, percent_equiv: bool = False,
     """`Grader.grade` on the module's shared grader (see `grading_stats`)."""
     return _default.grade(pred, ref, percent_equiv=percent_equiv, rel_tol=rel_tol,
                           timeout=timeout, options=options)
+
+
+def budget(seconds: float):
+    """`Grader.budget` of the module's shared grader (the one `grade` uses)."""
+    return _default.budget(seconds)
 
 
 def grading_stats() -> dict[str, int]:

@@ -30,7 +30,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
 from actors.renderer import svg_like
-from pipelines.grading import _balanced, extract_answer, grade, is_valid_answer
+from pipelines.grading import _balanced, extract_answer, grade, is_valid_answer, tag_blocks
 
 CONTENT_TYPES = ("data_chart", "diagram", "geometry", "timeline", "map", "table", "other")
 SEED_TOPICS = (  # spec order
@@ -87,8 +87,9 @@ class Proposal:
 
 
 def _first_tag(text: str, tag: str) -> str | None:
-    m = re.search(rf"<\s*{tag}\s*>(.*?)<\s*/\s*{tag}\s*>", text, re.IGNORECASE | re.DOTALL)
-    return m.group(1).strip() if m else None
+    """Stripped content of the first closed `<tag>...</tag>` block (linear time)."""
+    blocks = tag_blocks(text, tag)
+    return text[slice(*blocks[0])].strip() if blocks else None
 
 
 def parse_proposal(text: str | None) -> Proposal | None:
