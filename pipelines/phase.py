@@ -38,6 +38,8 @@ from actors.objectives import ObjectiveSpec
 from actors.trainer import LoraSpec, TrainerGroup, TrainerGroupFailed, TrainerSpec
 from pipelines.advantages import grpo_advantages
 from pipelines.driver import Timer, latest_checkpoint, prune_checkpoints, step_rng
+from pipelines.grading import budget as grading_budget
+from pipelines.grading import grading_stats
 from pipelines.metrics import MetricsSink
 
 logger = logging.getLogger(__name__)
@@ -136,7 +138,10 @@ class PhaseRunner:
             with timer("generate"):
                 completions = self.pool.generate(requests)
             with timer("reward"):
-                scores = self.phase.score(requests, completions, self)
+                before = grading_stats()
+                with grading_budget(self.cfg.algorithm.reward_budget_s):
+                    scores = self.phase.score(requests, completions, self)
+                after = grading_stats()
             batch, rewards, advantages = self._batch(requests, completions, scores.rewards)
             with timer("logprobs"):
                 batch = batch.with_column(old_logprobs=self.group.compute_logprobs(batch))
@@ -160,6 +165,10 @@ class PhaseRunner:
             **{k if "/" in k else f"train/{k}": v for k, v in train.items()},
             **{f"reward/{k}": v for k, v in scores.metrics.items()},
             "reward/mean": float(np.mean(rewards)), "reward/std": float(np.std(rewards)),
+            # answer checks cut by their time limit or the step's budget (counted wrong)
+            "reward/timeouts": float(sum(after[k] - before[k] for k in
+                                         ("symbolic_timeouts", "symbolic_over_budget"))),
+            "reward/answers_too_long": float(after["too_long"] - before["too_long"]),
             "rollout/response_tokens": float(np.mean(tokens)),
             "rollout/truncated": float(np.mean([c.finish_reason == "length"
                                                 for group in completions for c in group])),

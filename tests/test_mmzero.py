@@ -52,6 +52,7 @@ def test_one_iteration_resume_and_a_second_iteration(ray_cluster, tmp_path):
     proposer = [m for m in read_metrics(run / "iter_0001/proposer/metrics.jsonl")
                 if "reward/mean" in m][0]
     assert proposer["reward/mean"] == -1.0 and proposer["reward/parse_rate"] == 0.0
+    assert proposer["reward/timeouts"] == 0.0 and proposer["reward/answers_too_long"] == 0.0
     rollouts = pq.read_table(run / "iter_0001/proposer/rollouts-000001.parquet").to_pylist()
     assert {r["reward"] for r in rollouts} == {-1.0} and not any(r["parsed"] for r in rollouts)
     # Nothing survives the filters: the bootstrap examples fill both data sets.
