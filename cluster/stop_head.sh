@@ -28,10 +28,14 @@ wait_gone() {  # wait until the head's process group is empty, at most $1 second
   [[ -z "$(group)" ]]
 }
 
-if kill -0 "$PID" 2>/dev/null && ours "$PID"; then
+# A head killed outright (SIGKILL, a crash) can linger as a zombie until reaped:
+# it is gone, so only its group's stragglers and its temp dir are left to clean.
+alive() { kill -0 "$1" 2>/dev/null && [[ "$(awk '/^State:/ {print $2}' "/proc/$1/status" 2>/dev/null)" != Z ]]; }
+
+if alive "$PID" && ours "$PID"; then
   kill -TERM "$PID"
   wait_gone "$GRACE_S" || true
-elif kill -0 "$PID" 2>/dev/null; then
+elif alive "$PID"; then
   echo "stop_head: PID $PID is not the head this script started; leaving it alone" >&2
   rm -f "$STATE_DIR/head.pid"
   exit 1

@@ -16,6 +16,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipelines.config import ConfigError, dump_config, load_config
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"coevolve: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `coevolve status RUN | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _parser() -> argparse.ArgumentParser:
