@@ -40,7 +40,10 @@ def _node_ip() -> str:
 def init_process_group(rank: int, world_size: int, host: str, port: int,
                        timeout_s: float = 600.0) -> str:
     """Join the trainer group's process group; returns the backend used."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # On GPU hosts NCCL for CUDA tensors and gloo for CPU ones: the small CPU
+    # all-reduces below and FSDP2's CPU offload (gradients, hence the gradient norm,
+    # live in host memory) need a CPU backend too; NCCL alone refuses CPU tensors.
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(0)  # Ray exposes exactly this rank's GPU as device 0
     dist.init_process_group(
@@ -87,6 +90,16 @@ def apply_fsdp(model: torch.nn.Module, mixed_precision: bool, offload: bool = Fa
                                                    reduce_dtype=torch.float32)
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    if mixed_precision:
+        # LoRA adapters compute and keep their gradients in fp32, each in a unit of
+        # its own: inside a bf16 decoder unit FSDP2 (torch 2.11, one rank) handed the
+        # adapters bf16 gradients that their fp32 parameters refuse. peft casts the
+        # layer input to the adapter's dtype and the adapter's output back.
+        fp32 = {**kwargs, "mp_policy": MixedPrecisionPolicy(param_dtype=torch.float32,
+                                                            reduce_dtype=torch.float32)}
+        for name, module in model.named_modules():
+            if name.rsplit(".", 2)[-2:-1] in (["lora_A"], ["lora_B"]):
+                fully_shard(module, **fp32)
     fully_shard(vision_tower(model), **kwargs)
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)

@@ -209,9 +209,10 @@ class TrainerActor:
         export_hf(directory, self.model, self.path, self.rank, lora=self.spec.lora, merged=merged)
 
     def parameters_digest(self) -> dict[str, np.ndarray]:
-        """Full parameters as numpy on rank 0 (tests compare runs with it)."""
+        """Full parameters as numpy on rank 0 (tests compare runs with it); copies, never
+        views of the live weights (one rank's full state dict can share their memory)."""
         state = fsdp.full_state_dict(self.model)
-        return {k: v.float().numpy() for k, v in state.items()} if self.rank == 0 else {}
+        return {k: v.float().numpy().copy() for k, v in state.items()} if self.rank == 0 else {}
 
     def gradients(self) -> dict[str, np.ndarray]:
         """Accumulated full gradients on rank 0 (for tests); every rank must call it."""
