@@ -108,10 +108,13 @@ class InputBuilder:
         self._pixels: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def for_model(cls, path: str) -> "InputBuilder":
+    def for_model(cls, path: str, max_pixels: int = 0) -> "InputBuilder":
+        """The model folder's processor; ``max_pixels`` (if set) overrides its image size
+        limit, as the engines' ``mm_processor_kwargs`` do, so both count the same tokens."""
         from transformers import AutoConfig, AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(path)
+        processor = AutoProcessor.from_pretrained(path, **({"max_pixels": max_pixels}
+                                                           if max_pixels else {}))
         config = AutoConfig.from_pretrained(path)
         pad = processor.tokenizer.pad_token_id
         return cls(processor, config.image_token_id, config.video_token_id, 0 if pad is None else pad)

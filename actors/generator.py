@@ -104,6 +104,7 @@ class EngineSpec:
     enforce_eager: bool = True
     seed: int = 0
     max_images_per_prompt: int = 4
+    max_pixels: int = 0  # the processor's image size limit; 0 = the model folder's own
     enable_lora: bool = False
     max_lora_rank: int = 16
     max_loras: int = 2
@@ -151,7 +152,8 @@ class GeneratorActor:
 
         if on_cpu and spec.enable_lora:
             fix_cpu_lora_base_rows()
-        self.processor = AutoProcessor.from_pretrained(path)
+        pixels = {"max_pixels": spec.max_pixels} if spec.max_pixels else {}
+        self.processor = AutoProcessor.from_pretrained(path, **pixels)
         self.llm = LLM(
             model=path,
             dtype=spec.dtype,
@@ -162,6 +164,7 @@ class GeneratorActor:
             tensor_parallel_size=spec.tensor_parallel,
             enforce_eager=spec.enforce_eager,
             limit_mm_per_prompt={"image": spec.max_images_per_prompt, "video": 0},
+            mm_processor_kwargs=pixels or None,
             enable_lora=spec.enable_lora,
             max_lora_rank=spec.max_lora_rank,
             max_loras=spec.max_loras,

@@ -75,6 +75,7 @@ class TrainerSpec:
     logprob_chunk_tokens: int = 2048  # score tokens from hidden states in chunks (0: full logits)
     reference_dtype: str = "float32"  # float32 | bfloat16: storage of the frozen reference
     offload: bool = False  # FSDP2 CPUOffloadPolicy: parameter/gradient/AdamW shards in host memory
+    max_pixels: int = 0  # the processor's image size limit, as the engines' (0: the model's own)
     seed: int = 0
     threads: int = 0  # torch threads on CPU (0: leave as is)
 
@@ -111,7 +112,7 @@ class TrainerActor:
         self.path = resolve_model(self.spec.model)
         self.backend = fsdp.init_process_group(self.rank, self.world_size, host, port, timeout_s)
         _seed_everything(self.spec.seed)
-        self.inputs = InputBuilder.for_model(self.path)
+        self.inputs = InputBuilder.for_model(self.path, self.spec.max_pixels)
         self.model = self._build_policy()
         self.reference = self._build_reference()
         params = [p for p in self.model.parameters() if p.requires_grad]

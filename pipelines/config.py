@@ -99,11 +99,14 @@ class ModelConfig:
         "Base model: a hub id, a local folder, or tiny://<family>[?hidden=..&layers=..] "
         "(families: qwen2-vl, qwen2.5-vl, qwen3-vl) for a tiny random model built offline.",
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = param(
-        "auto", "Compute dtype of engines and trainer: auto = bfloat16 on GPU, float32 on CPU."
+    dtype: Literal["auto", "float32", "bfloat16"] = param(
+        "auto", "Compute dtype of engines and trainer: auto = bfloat16 on GPU, float32 on CPU; "
+        "bfloat16 = bf16 engines and FSDP2 bf16 mixed precision (fp32 master weights)."
     )
     max_pixels: int = param(
-        1280 * 28 * 28, "Largest image (in pixels) the processor keeps before downscaling.", gt=0
+        0, "Largest image (in pixels) the processor keeps before downscaling; 0 = the model's "
+        "own processor setting. Engines (vLLM mm_processor_kwargs) and the trainer's processor "
+        "get the same value, so both count the same image tokens.", ge=0
     )
 
 
@@ -167,8 +170,9 @@ class TrainerConfig:
 
 @dataclass
 class AlgorithmConfig:
-    advantage: Literal["grpo", "rloo", "drgrpo", "reinforce_pp", "reinforce"] = param(
-        "grpo", "Advantage estimator."
+    advantage: Literal["grpo", "drgrpo", "rloo"] = param(
+        "grpo", "Advantage estimator over each prompt's samples: grpo (r - mean) / std, drgrpo "
+        "r - mean, rloo r - mean of the others (pipelines/advantages.py)."
     )
     loss: Literal["ppo", "reinforce"] = param("ppo", "Policy objective.")
     clip_low: float = param(0.2, "PPO ratio clip below 1 (1 - clip_low).", ge=0, lt=1)

@@ -36,7 +36,7 @@ import torch
 from actors.batching import TrainBatch
 from actors.objectives import ObjectiveSpec
 from actors.trainer import LoraSpec, TrainerGroup, TrainerGroupFailed, TrainerSpec
-from pipelines.advantages import grpo_advantages
+from pipelines.advantages import drgrpo_advantages, grpo_advantages, rloo_advantages
 from pipelines.driver import Timer, latest_checkpoint, prune_checkpoints, step_rng
 from pipelines.grading import budget as grading_budget
 from pipelines.grading import grading_stats
@@ -189,7 +189,8 @@ class PhaseRunner:
         cfg = self.cfg
         kwargs = self.placement.trainer_kwargs()
         threads = max(1, int(kwargs["cpus_per_rank"]))
-        return TrainerGroup(self._trainer_spec(), self.placement.layout.trainer_ranks,
+        return TrainerGroup(trainer_spec(cfg, self.start_weights, self.phase.steps),
+                            self.placement.layout.trainer_ranks,
                             name=f"coevolve/{cfg.run.name}/trainer", **kwargs,
                             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
 
@@ -250,7 +251,8 @@ class PhaseRunner:
                 ids.append(np.asarray(c.prompt_ids + c.token_ids, dtype=np.int64))
                 prompt_lens.append(len(c.prompt_ids))
                 prompt_index.append(p)
-        adv, _ = grpo_advantages(torch.tensor(flat, dtype=torch.float64), groups)
+        estimator = ESTIMATORS[self.cfg.algorithm.advantage]
+        adv, _ = estimator(torch.tensor(flat, dtype=torch.float64), groups)
         advantages = adv.float().numpy()
         batch = TrainBatch(ids, np.array(prompt_lens), np.array(prompt_index),
                            [list(r.images) for r in requests], advantages)
@@ -280,25 +282,34 @@ class PhaseRunner:
         pq.write_table(table, tmp)
         tmp.replace(path)
 
-    def _trainer_spec(self) -> TrainerSpec:
-        t, a = self.cfg.trainer, self.cfg.algorithm
-        lora = t.lora
-        return TrainerSpec(
-            model=self.start_weights,
-            objective=ObjectiveSpec(policy_loss=a.loss, clip_low=a.clip_low, clip_high=a.clip_high,
-                                    dual_clip=a.dual_clip, loss_agg=a.loss_agg, kl_coef=a.kl_coef,
-                                    kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef),
-            lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), grad_clip=t.grad_clip,
-            schedule=t.schedule, warmup_steps=int(round(t.warmup_ratio * self.phase.steps)),
-            total_steps=self.phase.steps, micro_batch_tokens=t.micro_batch_tokens,
-            gradient_checkpointing=t.gradient_checkpointing, freeze_vision=t.freeze_vision,
-            freeze_projector=t.freeze_projector,
-            logprob_chunk_tokens=t.logprob_chunk_tokens, reference_dtype=t.reference_dtype,
-            offload=t.offload,
-            lora=LoraSpec(lora.rank, lora.alpha, lora.dropout, list(lora.target_modules))
-            if lora.enabled else None,
-            reference=a.kl_coef > 0, seed=self.cfg.run.seed,
-            threads=max(1, self.cfg.placement.cpus_per_rank))
+
+def trainer_spec(cfg, start_weights: str, steps: int) -> TrainerSpec:
+    """How the config builds the trainer group of a phase of ``steps`` optimizer steps
+    that starts from ``start_weights`` (no actor started)."""
+    t, a = cfg.trainer, cfg.algorithm
+    lora = t.lora
+    return TrainerSpec(
+        model=start_weights,
+        objective=ObjectiveSpec(policy_loss=a.loss, clip_low=a.clip_low, clip_high=a.clip_high,
+                                dual_clip=a.dual_clip or None, loss_agg=a.loss_agg,
+                                kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
+                                entropy_coef=a.entropy_coef),
+        lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), grad_clip=t.grad_clip,
+        schedule=t.schedule, warmup_steps=int(round(t.warmup_ratio * steps)),
+        total_steps=steps, micro_batch_tokens=t.micro_batch_tokens,
+        gradient_checkpointing=t.gradient_checkpointing, freeze_vision=t.freeze_vision,
+        freeze_projector=t.freeze_projector,
+        logprob_chunk_tokens=t.logprob_chunk_tokens, reference_dtype=t.reference_dtype,
+        offload=t.offload, max_pixels=cfg.model.max_pixels,
+        mixed_precision={"auto": None, "bfloat16": True, "float32": False}[cfg.model.dtype],
+        lora=LoraSpec(lora.rank, lora.alpha, lora.dropout, list(lora.target_modules))
+        if lora.enabled else None,
+        reference=a.kl_coef > 0, seed=cfg.run.seed,
+        threads=max(1, cfg.placement.cpus_per_rank))
+
+
+# algorithm.advantage -> per-sample estimator over each prompt's group of samples
+ESTIMATORS = {"grpo": grpo_advantages, "drgrpo": drgrpo_advantages, "rloo": rloo_advantages}
 
 
 def _prompt_text(request) -> str:

@@ -437,3 +437,41 @@ def test_broken_engine_is_restarted_before_it_serves_again(pool, hf):
     assert pool.restarts == restarts + 1
     assert [a[0].token_ids for a in after] == [b[0].token_ids for b in before]
     assert not any(h["broken"] for h in pool.health())
+
+
+@pytest.mark.slow
+def test_max_pixels_gives_engine_and_trainer_the_same_image_tokens(ray_cluster):
+    """``model.max_pixels`` reaches the engine (vLLM ``mm_processor_kwargs``) and the
+    trainer's processor alike: the same prompt ids, fewer image tokens than the
+    model folder's own limit (a 400x300 image: a 6x10 patch grid, 15 tokens after the
+    2x2 merge, at 16384 pixels; 14x20, 70 tokens, at the folder's 65536)."""
+    import ray
+
+    from actors.batching import InputBuilder
+    from actors.generator import GeneratorActor, cpu_engine_env
+    from pipelines.models import resolve_model
+
+    buf = io.BytesIO()
+    Image.new("RGB", (400, 300), "white").save(buf, format="PNG")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
+    request = Request(messages, images=[buf.getvalue()], sampling=Sampling(max_tokens=1))
+    spec = EngineSpec(model=MODEL, dtype="float32", max_model_len=2048, max_num_batched_tokens=4096,
+                      max_pixels=16384)
+    engine = ray.remote(num_cpus=1, runtime_env={"env_vars": cpu_engine_env(1)})(
+        GeneratorActor).options(name="test/max-pixels").remote(spec, "max-pixels")
+    try:
+        [samples] = ray.get(engine.generate.remote([request]))
+    finally:
+        ray.kill(engine)
+    path = resolve_model(MODEL)
+    counts = {}
+    for limit in (16384, 0):
+        processor = InputBuilder.for_model(path, limit).processor
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = processor(text=[text], images=[Image.open(io.BytesIO(request.images[0]))])[
+            "input_ids"][0]
+        ids = list(np.asarray(ids).tolist())
+        counts[limit] = ids.count(processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+        if limit:
+            assert samples[0].prompt_ids == ids
+    assert counts == {16384: 15, 0: 70}

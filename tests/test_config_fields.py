@@ -1,0 +1,147 @@
+"""Every config field does what its documentation says: a field of the sections that
+build actors (model, generator, trainer, algorithm, placement) changes what the config
+builds (engine spec, trainer spec and objective, placement layouts) when set to a
+non-default value, or it is on an explicit list with the reason and the tests that
+cover it. No actor is started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILT_SECTIONS = ("model", "generator", "trainer", "algorithm", "placement")
+
+# Fields of those sections read elsewhere than in the specs built here.
+ELSEWHERE = {
+    "generator.bucket_mb": "bucket size of the weight sync (phase._push_weights); "
+                           "tests/test_generator.py buckets",
+    "generator.temperature": "default sampling of the recipes' requests; tests/test_driver.py",
+    "generator.top_p": "default sampling of the recipes' requests; tests/test_driver.py",
+    "generator.max_tokens": "default completion budget of the recipes; tests/test_driver.py",
+    "algorithm.advantage": "the phase's estimator (phase.ESTIMATORS); test below",
+    "algorithm.reward_budget_s": "the grading budget of a step's scoring; "
+                                 "tests/test_hostile_output.py budget test",
+    "placement.strategy": "placement groups' strategy; tests/test_placement.py two-node scenario",
+}
+SECTION_ELSEWHERE = ("placement.roles", "placement.phases", "placement.cluster")
+
+
+def leaves(cls, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from leaves(kind, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", kind
+
+
+def other_value(path: str, kind, current):
+    """A valid value of ``kind`` other than ``current`` (as an override string)."""
+    if typing.get_origin(kind) is typing.Literal:
+        return next(str(v) for v in typing.get_args(kind) if v != current)
+    if kind is bool:
+        return str(not current).lower()
+    if kind is int:
+        return str(current + 1 if path != "placement.gpus_per_rank" else 1)
+    if kind is float:
+        return str(round(current * 0.5 + 0.01, 6) if current < 1 else current * 2)
+    if path == "placement.colocate":
+        return "[solver]"
+    if path == "model.dtype":
+        return "bfloat16"
+    if kind is str:
+        return "tiny://qwen3-vl" if path == "model.path" else f"{current}x"
+    if typing.get_origin(kind) in (list, tuple):
+        if path == "trainer.betas":
+            return "[0.8, 0.99]"
+        if path == "trainer.lora.target_modules":
+            return "[q_proj]"
+    raise AssertionError(f"{path}: no non-default value known for {kind}")
+
+
+def built(cfg) -> dict:
+    from pipelines.engines import engine_spec
+    from pipelines.phase import trainer_spec
+    from pipelines.placement import phase_layouts
+
+    return {"engine": engine_spec(cfg, cfg.model.path, 1),
+            "trainer": trainer_spec(cfg, cfg.model.path, steps=100),
+            "layouts": phase_layouts(cfg.placement)}
+
+
+def value_at(cfg, path: str):
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+FIELDS = [(path, kind) for path, kind in leaves(Config)
+          if path.split(".")[0] in BUILT_SECTIONS
+          and not path.startswith(SECTION_ELSEWHERE)]
+
+
+@pytest.mark.parametrize("path, kind", FIELDS, ids=[p for p, _ in FIELDS])
+def test_a_non_default_value_changes_what_is_built(path, kind):
+    base = load_config(None)
+    change = other_value(path, kind, value_at(base, path))
+    extra = ["trainer.lora.enabled=true"] if path.startswith("trainer.lora.") and \
+        path != "trainer.lora.enabled" else []
+    if path == "placement.gpus_per_rank":  # a GPU trainer needs GPU engines beside it
+        extra += [f"placement.roles.{r}.gpus_per_engine=1" for r in ("proposer", "codegen",
+                                                                      "solver")]
+    if path == "trainer.logprob_chunk_tokens":
+        change = "0"
+    if path == "algorithm.kl_estimator":
+        extra.append("trainer.logprob_chunk_tokens=0")  # "full" needs the full logits
+    cfg = load_config(None, [*extra, f"{path}={change}"])
+    assert value_at(cfg, path) != value_at(base, path)
+    if path in ELSEWHERE:
+        pytest.skip(f"read elsewhere: {ELSEWHERE[path]}")
+    # (a GPU trainer beside GPU engines is compared with the CPU default layout)
+    baseline = load_config(None, [] if path == "placement.gpus_per_rank" else extra)
+    assert built(cfg) != built(baseline), (
+        f"{path}={change} changes nothing that is built; wire it or list it in ELSEWHERE")
+
+
+def test_every_built_section_field_is_walked_or_listed():
+    walked = {p for p, _ in FIELDS}
+    listed = set(ELSEWHERE)
+    every = {p for p, _ in leaves(Config) if p.split(".")[0] in BUILT_SECTIONS}
+    assert every - walked <= {p for p in every if p.startswith(SECTION_ELSEWHERE)}
+    assert listed <= every, listed - every
+
+
+def test_advantage_estimators_are_the_phase_loops():
+    from pipelines.advantages import drgrpo_advantages, grpo_advantages, rloo_advantages
+    from pipelines.phase import ESTIMATORS
+
+    assert ESTIMATORS == {"grpo": grpo_advantages, "drgrpo": drgrpo_advantages,
+                          "rloo": rloo_advantages}
+    options = typing.get_args(typing.get_type_hints(type(load_config(None).algorithm))["advantage"])
+    assert set(options) == set(ESTIMATORS)  # nothing offered that the loop cannot run
+
+
+def test_dual_clip_zero_is_off():
+    from pipelines.phase import trainer_spec
+
+    cfg = load_config(None, ["algorithm.dual_clip=0"])
+    assert trainer_spec(cfg, "m", 1).objective.dual_clip is None
+    assert trainer_spec(load_config(None), "m", 1).objective.dual_clip == 3.0
+
+
+def test_max_pixels_reaches_engines_and_trainer_alike():
+    from pipelines.engines import engine_spec
+    from pipelines.phase import trainer_spec
+
+    cfg = load_config(None, ["model.max_pixels=16384"])
+    assert engine_spec(cfg, "m", 1).max_pixels == trainer_spec(cfg, "m", 1).max_pixels == 16384
+    default = load_config(None)
+    assert engine_spec(default, "m", 1).max_pixels == 0  # the model folder's own setting
