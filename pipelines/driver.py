@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.config import Config, dump_config
-from pipelines.recipe import Phase, build_recipe
+from pipelines.recipe import Phase, build_recipe, check_layouts
 
 STATE = "state.json"
 
@@ -73,6 +73,7 @@ class Driver:
         from pipelines.engines import Engines
         from pipelines.placement import PlacementManager
 
+        check_layouts(self.cfg, self.recipe)  # a phase without the engines it needs: fail now
         if self.on_cluster:  # the driver's node first: it writes state.json and reads checkpoints
             self._check_shared({ray.get_runtime_context().get_node_id()})
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -87,17 +88,12 @@ class Driver:
                     phase_dir = self.run_dir / f"iter_{iteration:04d}" / phase.name
                     if (phase_dir / "DONE").exists():
                         continue
-                    if not places.keeps(phase.name):
-                        engines.shutdown()  # removing a placement group kills its actors
-                    placement = places.enter(phase.name)
-                    if self.on_cluster:
-                        from pipelines.storage import placement_nodes
-
-                        self._check_shared(placement_nodes(placement))
                     order = self.state.get("order", [])
                     name = f"{phase_dir.parent.name}/{phase.name}"
                     self._update_state(iteration=iteration, phase=phase.name, step=0,
                                        order=order if name in order else [*order, name])
+                    self._make_data_first(iteration, index, phase, phase_dir, engines, places)
+                    placement = self._enter(places, phase.name, engines)
                     self.run_phase(iteration, index, phase, phase_dir, engines, placement)
                     atomic_write(phase_dir / "DONE", "ok\n")
         finally:
@@ -108,6 +104,37 @@ class Driver:
                 close()
         self._update_state(finished=True)
         return self.state
+
+    def _enter(self, places, phase: str | None, engines):
+        """The placement of ``phase`` (None: the top-level layout), its nodes checked."""
+        if not places.keeps(phase):
+            engines.shutdown()  # removing a placement group kills its actors
+        placement = places.enter(phase)
+        if self.on_cluster:
+            from pipelines.storage import placement_nodes
+
+            self._check_shared(placement_nodes(placement))
+        return placement
+
+    def _make_data_first(self, iteration: int, index: int, phase: Phase, phase_dir: Path,
+                         engines, places) -> None:
+        """Make the phase's data under the top-level layout when the phase's own layout
+        lacks engines the data needs (MM-Zero's Solver may train on every GPU, but its
+        data takes Proposer and CodeGen engines). The phase then loads it as a resume
+        would; ``DATA`` marks it made."""
+        from pipelines.phase import PhaseRunner
+        from pipelines.placement import resolve_layout
+
+        needs = set(getattr(phase, "data_roles", ()))
+        own = resolve_layout(self.cfg.placement, phase.name, self.recipe.roles).roles
+        if not needs - {r for r, layout in own.items() if layout.engines > 0} \
+                or (phase_dir / "DATA").exists():
+            return
+        placement = self._enter(places, None, engines)
+        PhaseRunner(self.cfg, phase, phase_dir, run_dir=self.run_dir,
+                    seed_path=(self.cfg.run.seed, iteration, index), engines=engines,
+                    placement=placement, weights=self.weights).make_data()
+        atomic_write(phase_dir / "DATA", "ok\n")
 
     def _check_shared(self, nodes: set[str]) -> None:
         """Prove that ``nodes`` (with the ones proven before) share run.root."""

@@ -87,6 +87,14 @@ class PhaseRunner:
             self.group = self._start_group()
         return self
 
+    def make_data(self) -> None:
+        """Only the phase's data (``prepare``), under this runner's placement, which must
+        serve the phase's ``data_roles``; no trainer group is started."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.phase.role in getattr(self.phase, "data_roles", ()):
+            self.pool = self.engines.pool(self.phase.role, self.start_weights, self.placement)
+        self.phase.prepare(self)
+
     def __exit__(self, *exc) -> None:
         if self.group is not None:
             self.group.shutdown()

@@ -596,7 +596,10 @@ def run_plan(cfg: Config, *, cluster_file: str | None = None, nodes: int | None 
     """Print the plan; 0 if it fits, 2 if not (the numbers are printed)."""
     import sys
 
+    from pipelines.recipe import build_recipe, check_layouts
+
     out = out or sys.stdout
+    check_layouts(cfg, build_recipe(cfg))  # a phase without engines it needs: refused first
     node_list, device_bytes, source = resolve_cluster(cfg, cluster_file, nodes, gpus_per_node,
                                                       gpu_memory_gib, cpus_per_node)
     m, model_source = None, ""

@@ -48,7 +48,11 @@ class Recipe(Protocol):
     def phases(self, iteration: int) -> list[Phase]: ...
 
 
-# Optional hooks, looked up with getattr:
+# Optional attributes and hooks, looked up with getattr:
+#   phase.uses: tuple[str, ...]        roles whose engines score the phase's samples (judges)
+#   phase.data_roles: tuple[str, ...]  roles whose engines prepare() samples from to make the
+#                                      data; when the phase's own layout lacks one, the data
+#                                      is made under the top-level layout first
 #   phase.prepare(ctx) -> dict   once before the first step (also on resume): build or
 #                                reload the phase's data; returned figures are logged as data/*
 #   phase.finish(ctx) -> None    after the phase exported hf/, before its DONE marker
@@ -81,3 +85,34 @@ def build_recipe(cfg) -> Recipe:
 
         return MMZeroRecipe(cfg)
     raise ValueError(f"run.recipe: unknown recipe {cfg.run.recipe!r}")
+
+
+def check_layouts(cfg, recipe: Recipe) -> None:
+    """Refuse a placement that leaves a phase without engines it needs, before any work.
+
+    A phase's own layout must serve its role and the roles that score it
+    (``uses``); the roles it makes data with (``data_roles``) must be in its own
+    layout or in the top-level one, where the driver then makes the data first.
+    """
+    from pipelines.config import ConfigError
+    from pipelines.placement import resolve_layout
+
+    def serving(phase: str | None) -> set[str]:
+        layout = resolve_layout(cfg.placement, phase, recipe.roles)
+        return {role for role, r in layout.roles.items() if r.engines > 0}
+
+    top = serving(None)
+    for phase in recipe.phases(1):
+        own = serving(phase.name)
+        where = f"placement.phases.{phase.name}" if phase.name in cfg.placement.phases \
+            else "placement"
+        missing = sorted({phase.role, *getattr(phase, "uses", ())} - own)
+        if missing:
+            raise ConfigError(f"{where}: phase {phase.name} trains {phase.role} and is scored "
+                              f"with {', '.join(getattr(phase, 'uses', ())) or 'no other role'}, "
+                              f"but its layout has no engines for {', '.join(missing)}")
+        data = set(getattr(phase, "data_roles", ()))
+        if data - own - top:
+            raise ConfigError(f"placement: phase {phase.name} makes its data with "
+                              f"{', '.join(sorted(data))}; neither its layout nor the top-level "
+                              f"one has engines for {', '.join(sorted(data - own - top))}")

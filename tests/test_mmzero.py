@@ -77,14 +77,21 @@ def test_one_iteration_resume_and_a_second_iteration(ray_cluster, tmp_path):
     # CodeGen and Solver data sets train no step and export their starting weights.
     # The proposer phase gets its own layout (1 trainer rank): its placement groups are
     # released, and the engines stopped, before the codegen phase's are created.
+    # The Solver phase gets a layout with Solver engines only (as MM-Zero's per-phase
+    # layout on 8 GPUs): its data, which takes Proposer and CodeGen engines, is made
+    # under the top-level layout first (DATA marker), then the phase's layout is entered.
     state = Driver(config(tmp_path, "run.iterations=2", "mmzero.bootstrap=0",
-                          "placement.phases.proposer.trainer_ranks=1")).run()
+                          "placement.phases.proposer.trainer_ranks=1",
+                          "placement.phases.solver.roles={solver: {engines: 1}}")).run()
     assert state["finished"] and len(state["order"]) == 6
     groups = {g["name"]: g["state"] for g in placement_group_table().values()
               if g["name"].startswith("coevolve/mmz/")}
-    assert groups == {f"coevolve/mmz/{layout}/{role}": "REMOVED"
-                      for layout in ("proposer", "all")
-                      for role in ("trainer", "proposer", "codegen", "solver")}
+    assert groups == {**{f"coevolve/mmz/{layout}/{role}": "REMOVED"
+                         for layout in ("proposer", "all")
+                         for role in ("trainer", "proposer", "codegen", "solver")},
+                      "coevolve/mmz/solver/trainer": "REMOVED",
+                      "coevolve/mmz/solver/solver": "REMOVED"}
+    assert (run / "iter_0002/solver/DATA").exists() and not (run / "iter_0001/solver/DATA").exists()
     assert {p: state["roles"][p]["version"] for p in PHASES} == {
         "proposer": 2, "codegen": 1, "solver": 1}
     for phase in PHASES:

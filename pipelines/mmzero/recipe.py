@@ -144,6 +144,7 @@ class ProposerPhase:
 class CodeGenPhase:
     name = role = "codegen"
     uses = ("solver",)  # the latest Solver judges the SVGs
+    data_roles = ("proposer", "codegen")  # proposals, and the render-rate filter's SVGs
 
     def __init__(self, recipe: MMZeroRecipe):
         self.recipe, self.m = recipe, recipe.m
@@ -233,6 +234,7 @@ class CodeGenPhase:
 
 class SolverPhase:
     name = role = "solver"
+    data_roles = ("proposer", "codegen", "solver")  # proposals, SVGs, pseudo-labels
 
     def __init__(self, recipe: MMZeroRecipe):
         self.recipe, self.m = recipe, recipe.m
