@@ -85,6 +85,7 @@ class GeneratorPool:
         # (bucket refs, version, WeightVersion or None) of the weights being served
         self._weights: tuple[list, int, Any] | None = None
         self._adapters: dict[str, tuple[Any, int]] = {}  # name -> (payload ref, version)
+        self.default_adapter: str | None = None  # see generate()
         self.in_flight = [0] * n_engines  # requests sent to engine i and not returned yet
         self._lock = threading.Lock()
         self.actors = [self._start(i) for i in range(n_engines)]
@@ -96,8 +97,18 @@ class GeneratorPool:
     # -- verbs ---------------------------------------------------------------
 
     def generate(self, requests: Sequence[Request]) -> list[list[Completion]]:
-        """Sample every request on the pool; result[i] holds request i's completions."""
+        """Sample every request on the pool; result[i] holds request i's completions.
+
+        A request without an adapter gets the pool's ``default_adapter`` when one is
+        set (a phase training LoRA adapters serves its newest adapter to every user of
+        the pool, judges and data makers included)."""
+        import dataclasses
+
         import ray
+
+        if self.default_adapter is not None:
+            requests = [r if r.adapter is not None else
+                        dataclasses.replace(r, adapter=self.default_adapter) for r in requests]
 
         shares = balance([estimate_cost(r) for r in requests], len(self.actors))
         pending = {}

@@ -184,6 +184,23 @@ class TrainerActor:
             state = {_peft_name(k): v for k, v in state.items() if "lora_" in k}
         return put_buckets(make_buckets(state.items(), bucket_bytes))
 
+    def adapter(self) -> list:
+        """The LoRA adapter for the engines: on rank 0 ``[ObjectRef]`` of
+        ``actors.weights.adapter_payload`` (peft's config, tensors under peft's file
+        names), ``[]`` elsewhere. Every rank must call it (the tensors are gathered)."""
+        import ray
+
+        from actors.weights import adapter_payload
+
+        if self.spec.lora is None:
+            raise ValueError("adapter(): this trainer trains full weights (no LoRA)")
+        state = fsdp.full_state_dict(self.model)
+        if self.rank != 0:
+            return []
+        tensors = [(_peft_name(k), v) for k, v in state.items() if "lora_" in k]
+        config = self.model.peft_config["default"].to_dict()
+        return [ray.put(adapter_payload(config, tensors))]
+
     def save(self, directory: str) -> None:
         from actors.checkpoint import save_checkpoint
 
@@ -533,6 +550,10 @@ class TrainerGroup:
 
     def weight_buckets(self, bucket_bytes: int = 256 << 20) -> list:
         return self._all("weight_buckets", bucket_bytes)[0]
+
+    def adapter(self):
+        """ObjectRef of the LoRA adapter payload (``TrainerActor.adapter``)."""
+        return self._all("adapter")[0][0]
 
     def save(self, directory: str) -> None:
         self._all("save", directory)

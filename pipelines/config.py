@@ -130,7 +130,7 @@ class GeneratorConfig:
 @dataclass
 class LoraConfig:
     enabled: bool = param(False, "Train LoRA adapters instead of full weights.")
-    rank: int = param(16, "LoRA rank r.", gt=0)
+    rank: int = param(16, "LoRA rank r (at most 512, vLLM's largest).", gt=0, le=512)
     alpha: int = param(32, "LoRA alpha (scale = alpha / r).", gt=0)
     dropout: float = param(0.05, "LoRA dropout.", ge=0, lt=1)
     target_modules: list[str] = param(

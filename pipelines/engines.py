@@ -79,4 +79,17 @@ def engine_spec(cfg, model: str, tensor_parallel: int) -> EngineSpec:
                       gpu_memory_utilization=g.gpu_memory_utilization,
                       cpu_kvcache_gib=g.cpu_kvcache_gib, tensor_parallel=tensor_parallel,
                       enforce_eager=g.enforce_eager, seed=cfg.run.seed,
-                      max_pixels=cfg.model.max_pixels)
+                      max_pixels=cfg.model.max_pixels, enable_lora=cfg.trainer.lora.enabled,
+                      max_lora_rank=vllm_lora_rank(cfg.trainer.lora.rank))
+
+
+# The adapter ranks vLLM accepts as max_lora_rank (an adapter may have any rank up to it).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds adapters of ``rank``."""
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise ValueError(f"trainer.lora.rank: {rank} is over vLLM's largest ({VLLM_LORA_RANKS[-1]})")

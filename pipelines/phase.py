@@ -134,7 +134,13 @@ class PhaseRunner:
                     step = self._resume(rollback=True)
                     sink.rewind(step)
             if self.cfg.run.sync_weights and self.version == self.base_version + self.phase.steps:
-                self.engines.served(self.phase.role, str(self.dir / "hf"), saved=True)
+                if self.cfg.trainer.lora.enabled:
+                    # Its engines hold the base plus the adapter; the next user of the role
+                    # starts fresh ones from the merged hf/ export (an adapter on top of
+                    # merged weights would count twice).
+                    self.engines.stop(self.phase.role)
+                else:
+                    self.engines.served(self.phase.role, str(self.dir / "hf"), saved=True)
             sink.log(self.phase.steps, {"timing/export": timer.seconds["export"]})
         finally:
             sink.close()
@@ -182,6 +188,9 @@ class PhaseRunner:
                                                 for group in completions for c in group])),
             "rollout/version": float(self.version),
             "rollout/engine_restarts": float(self.pool.restarts),
+            # engine vs trainer log-probs of the sampled tokens: ~1e-6 in fp32 when the
+            # engines serve the trainer's weights (or adapter), far more when they do not
+            "rollout/logprob_diff": _logprob_diff(completions, batch.old_logprobs),
             "train/group_restarts": float(self.group_restarts),
             **self.data_metrics,
             "perf/tokens_per_s": sum(tokens) / max(timer.seconds["generate"], 1e-9),
@@ -219,8 +228,14 @@ class PhaseRunner:
         return step
 
     def _push_weights(self, version: int, rollback: bool = False) -> None:
-        refs = self.group.weight_buckets(self.cfg.generator.bucket_mb << 20)
-        self.pool.update_weights(refs, version, rollback=rollback)
+        """The trainer's weights to the phase's engines: the full weights, or with LoRA
+        the adapter, which the pool then serves to every request (``default_adapter``)."""
+        if self.cfg.trainer.lora.enabled:
+            self.pool.load_adapter(self.phase.role, self.group.adapter(), version)
+            self.pool.default_adapter = self.phase.role
+        else:
+            refs = self.group.weight_buckets(self.cfg.generator.bucket_mb << 20)
+            self.pool.update_weights(refs, version, rollback=rollback)
         self.version = version
         self.engines.served(self.phase.role, f"{self.dir}@{version}")
 
@@ -314,6 +329,14 @@ def trainer_spec(cfg, start_weights: str, steps: int) -> TrainerSpec:
         if lora.enabled else None,
         reference=a.kl_coef > 0, seed=cfg.run.seed,
         threads=max(1, cfg.placement.cpus_per_rank))
+
+
+def _logprob_diff(completions, old_logprobs) -> float:
+    """Mean |engine - trainer| log-prob over every sampled token of the step."""
+    engine = [np.asarray(c.logprobs, dtype=np.float64) for group in completions for c in group]
+    diffs = [np.abs(e - np.asarray(t, dtype=np.float64)) for e, t in zip(engine, old_logprobs)
+             if len(e) and len(e) == len(t)]
+    return float(np.mean(np.concatenate(diffs))) if diffs else 0.0
 
 
 # algorithm.advantage -> per-sample estimator over each prompt's group of samples

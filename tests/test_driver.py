@@ -58,6 +58,54 @@ def test_grpo_raises_a_dense_reward_and_not_without_weight_sync(ray_cluster, tmp
     assert abs(np.mean(flat[-5:]) - np.mean(flat[:5])) < 0.05
 
 
+_ALIGNED: set[int] = set()
+
+
+def aligned_token_share(sample: dict) -> float:
+    """Share of completion tokens among the 5% of the vocabulary whose LM-head rows
+    point most along one fixed random direction of the hidden space (~0.05 for the
+    base model). A LoRA adapter on the decoder can raise it by steering the final
+    hidden state along that direction; "even token ids" is not such a direction
+    (it needs the LM head itself, which adapters leave frozen)."""
+    if not _ALIGNED:
+        from safetensors.numpy import load_file
+
+        from pipelines.models import resolve_model
+
+        weights = load_file(f"{resolve_model('tiny://qwen2.5-vl')}/model.safetensors")
+        head = weights.get("lm_head.weight", weights.get("model.language_model.embed_tokens.weight"))
+        score = head @ np.random.default_rng(0).standard_normal(head.shape[1])
+        _ALIGNED.update(np.argsort(-score)[: head.shape[0] // 20].tolist())
+    ids = sample["token_ids"]
+    return sum(1 for t in ids if t in _ALIGNED) / max(len(ids), 1)
+
+
+def test_grpo_with_lora_adapters_serves_each_adapter_version(ray_cluster, tmp_path):
+    """LoRA end to end: the engines start with LoRA enabled, each step's adapter is
+    pushed as a new version and sampled from (engine and trainer log-probs agree),
+    the KL reference is the base with the adapter disabled, and the phase exports
+    merged weights."""
+    steps = ["simple.steps=24", "simple.prompts_per_step=4", "simple.n=8", "simple.max_tokens=16",
+             "simple.reward=test_driver:aligned_token_share", "trainer.lr=1e-2",
+             "algorithm.kl_coef=0.01", "run.save_every=100", "trainer.lora.enabled=true",
+             "trainer.lora.rank=8", "trainer.lora.alpha=16", "trainer.lora.dropout=0"]
+    state = Driver(config(tmp_path, "lora", *steps)).run()
+    lines = [m for m in read_metrics(tmp_path / "lora/iter_0001/policy/metrics.jsonl")
+             if "reward/mean" in m]
+    curve = [m["reward/mean"] for m in lines]
+    print("reward with LoRA adapters:  " + " ".join(f"{r:.2f}" for r in curve))
+    print("engine - trainer |dlogp|:   " + " ".join(f"{m['rollout/logprob_diff']:.0e}"
+                                                  for m in lines[::4]))
+    assert [m["rollout/version"] for m in lines] == list(range(1, 25))  # adapter versions
+    assert max(m["rollout/logprob_diff"] for m in lines) < 1e-5  # the engines serve the adapter
+    assert lines[-1]["policy/kl"] > 1e-3  # ... which moved the policy off the base
+    # Not asserted yet: the reward does not rise within 24 steps with adapters (flat at
+    # lr 1e-2 and 5e-2, KL to the base ~0.05), although on a fixed batch the adapter's
+    # updates move log-probs along the advantages (correlation 0.99). Open: see the notes.
+    assert state["roles"]["policy"]["version"] == 24
+    hf = tmp_path / "lora/iter_0001/policy/hf"
+    assert (hf / "model.safetensors").exists() and not (hf / "adapter_config.json").exists()
+
 def _run_cli(cfg_args: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run",
                              str(ROOT / "configs/simple/tiny-cpu.yaml"), *cfg_args],
