@@ -1,9 +1,18 @@
 """One metrics sink: ``metrics.jsonl`` in the phase folder, wandb, Ray metrics.
 
 Keys are namespaced (``train/``, ``rollout/``, ``reward/``, ``timing/``,
-``perf/``, ``coevo/``); actors return dicts and only the driver logs. wandb
-runs offline by default (``wandb sync`` later), online when configured, and a
-failure to start it is reported once and never stops the run.
+``perf/``, ``coevo/``); actors return dicts and only the driver logs.
+
+wandb: one wandb run per coevolve run, kept across phases, iterations and
+resumes (its id is stored in the run directory, ``wandb_id``; every phase
+resumes it). A phase's metrics are ``<phase>/<key>`` against the x-axis
+``<phase>/progress`` = iteration - 1 + step / steps, so the curves of all
+iterations line up. Offline by default (``wandb sync`` later), online when
+configured; a failure to start it is reported once and never stops the run.
+
+Ray metrics (Prometheus, via Ray's metrics export; the Grafana dashboard is
+``cluster/grafana-coevolve.json``): gauges tagged with the run, role, phase
+and iteration, so two runs on one cluster never share a series.
 """
 
 from __future__ import annotations
@@ -18,13 +27,17 @@ logger = logging.getLogger(__name__)
 
 class MetricsSink:
     def __init__(self, path: Path, cfg, phase: str, truncate_after: int | None = None,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, *, run_dir: Path | None = None,
+                 role: str = "", iteration: int = 1):
         self.path = Path(path)
         self.phase = phase
+        self.iteration, self.total_steps = iteration, total_steps
+        self.tags = {"run": cfg.run.name, "role": role or phase, "phase": phase,
+                     "iteration": str(iteration)}
         if truncate_after is not None:
             self._truncate(truncate_after)
         self._file = open(self.path, "a")
-        self._wandb = _start_wandb(cfg, phase, self.path.parent)
+        self._wandb = _start_wandb(cfg, phase, Path(run_dir) if run_dir else self.path.parent)
         self._gauges = _ray_gauges()
         self._progress = _progress(cfg, phase, total_steps, truncate_after or 0)
 
@@ -34,10 +47,13 @@ class MetricsSink:
         self._file.flush()
         os.fsync(self._file.fileno())
         if self._wandb is not None:
-            self._wandb.log({f"{self.phase}/{k}": v for k, v in metrics.items()}, step=step)
+            progress = self.iteration - 1 + step / max(self.total_steps or step, 1)
+            self._wandb.log({f"{self.phase}/progress": progress,
+                             **{f"{self.phase}/{k}": v for k, v in metrics.items()
+                                if isinstance(v, (int, float))}})
         for key, gauge in self._gauges.items():
             if key in metrics:
-                gauge.set(float(metrics[key]), tags={"phase": self.phase})
+                gauge.set(float(metrics[key]), tags=self.tags)
         if self._progress is not None and "reward/mean" in metrics:
             self._progress.n = step
             self._progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
@@ -74,15 +90,32 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def _start_wandb(cfg, phase: str, folder: Path):
+def wandb_run_id(run_dir: Path) -> str:
+    """The id of the run's one wandb run, made on first use and kept in ``run_dir``."""
+    import uuid
+
+    path = Path(run_dir) / "wandb_id"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(".wandb_id.tmp")
+        tmp.write_text(uuid.uuid4().hex[:16] + "\n")
+        os.replace(tmp, path)
+    return path.read_text().strip()
+
+
+def _start_wandb(cfg, phase: str, run_dir: Path):
+    """Resume (or create) the run's wandb run; this phase's keys use its own x-axis."""
     if cfg.logging.wandb == "disabled":
         return None
     try:
         import wandb
 
-        return wandb.init(project=cfg.logging.project, name=f"{cfg.run.name}-{phase}",
-                          dir=str(folder), mode=cfg.logging.wandb, reinit="create_new",
-                          config={"run": cfg.run.name, "phase": phase})
+        run = wandb.init(project=cfg.logging.project, name=cfg.run.name, id=wandb_run_id(run_dir),
+                         resume="allow", dir=str(run_dir), mode=cfg.logging.wandb,
+                         reinit="create_new", config={"run": cfg.run.name, "recipe": cfg.run.recipe})
+        run.define_metric(f"{phase}/progress")
+        run.define_metric(f"{phase}/*", step_metric=f"{phase}/progress")
+        return run
     except Exception as err:  # wandb must never stop a run (no network, no login, ...)
         logger.warning("wandb could not start (%s); metrics stay in metrics.jsonl", err)
         return None
@@ -97,7 +130,10 @@ def _ray_gauges() -> dict:
 
     names = {"perf/tokens_per_s": "coevolve_tokens_per_s", "reward/mean": "coevolve_reward_mean",
              "rollout/version": "coevolve_weight_version", "train/step": "coevolve_train_step"}
-    return {key: Gauge(name, description=key, tag_keys=("phase",)) for key, name in names.items()}
+    return {key: Gauge(name, description=key, tag_keys=TAG_KEYS) for key, name in names.items()}
+
+
+TAG_KEYS = ("run", "role", "phase", "iteration")
 
 
 def _progress(cfg, phase: str, total: int | None, initial: int):

@@ -109,7 +109,8 @@ class PhaseRunner:
             return
         step = self._resume()
         sink = MetricsSink(self.dir / "metrics.jsonl", self.cfg, phase=self.phase.name,
-                           truncate_after=step, total_steps=self.phase.steps)
+                           truncate_after=step, total_steps=self.phase.steps,
+                           run_dir=self.run_dir, role=self.phase.role, iteration=self.iteration)
         try:
             while True:
                 try:

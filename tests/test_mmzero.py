@@ -46,7 +46,11 @@ def test_one_iteration_resume_and_a_second_iteration(ray_cluster, tmp_path):
                                          "version": 1}
         table = pq.read_table(folder / "rollouts-000001.parquet")
         assert table.num_rows == {"proposer": 2 * 4, "codegen": 2 * 4, "solver": 2 * 4}[phase]
-        assert list(folder.glob("wandb/offline-run-*")), "wandb ran offline"
+
+    # One wandb run for the whole coevolve run (offline here): every phase resumed it.
+    wandb_id = (run / "wandb_id").read_text().strip()
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert offline and all(f"-{wandb_id}" in p.name for p in offline)
 
     # A random model writes nothing parsable: every proposal scores -1 and is counted.
     proposer = [m for m in read_metrics(run / "iter_0001/proposer/metrics.jsonl")
