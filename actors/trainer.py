@@ -192,12 +192,19 @@ class TrainerActor:
 
         from actors.weights import adapter_payload
 
+        from torch.distributed.tensor import DTensor
+
         if self.spec.lora is None:
             raise ValueError("adapter(): this trainer trains full weights (no LoRA)")
-        state = fsdp.full_state_dict(self.model)
+        # Only the adapter's parameters are gathered (every rank, in the same order), not
+        # the whole model: a few MB instead of the full weights each step.
+        tensors = []
+        for name, p in self.model.named_parameters():
+            if "lora_" in name:
+                full = p.full_tensor() if isinstance(p, DTensor) else p
+                tensors.append((_peft_name(name), full.detach().float().cpu()))
         if self.rank != 0:
             return []
-        tensors = [(_peft_name(k), v) for k, v in state.items() if "lora_" in k]
         config = self.model.peft_config["default"].to_dict()
         return [ray.put(adapter_payload(config, tensors))]
 

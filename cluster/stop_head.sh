@@ -40,8 +40,17 @@ elif alive "$PID"; then
   rm -f "$STATE_DIR/head.pid"
   exit 1
 fi
-# Stragglers in the head's own process group (pgid = PID, made by start_head.sh).
-if [[ -n "$(group)" ]]; then
+# Stragglers in the head's own process group (pgid = PID, made by start_head.sh),
+# only if one of them is visibly ours (its command line names our temp dir): after a
+# crash the PID may have been reused by someone else's group leader.
+group_is_ours() {
+  local p
+  for p in $(group); do
+    [[ -n "$TEMP_DIR" && -r "/proc/$p/cmdline" ]] && tr '\0' ' ' < "/proc/$p/cmdline" | grep -qF -- "$TEMP_DIR" && return 0
+  done
+  return 1
+}
+if [[ -n "$(group)" ]] && group_is_ours; then
   kill -TERM -- "-$PID" 2>/dev/null || true
   wait_gone 10 || kill -KILL -- "-$PID" 2>/dev/null || true
 fi

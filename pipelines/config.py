@@ -187,8 +187,9 @@ class AlgorithmConfig:
     )
     entropy_coef: float = param(0.0, "Entropy bonus coefficient.", ge=0)
     reward_budget_s: float = param(
-        60.0, "Seconds of symbolic answer checks (math-verify, in the grading worker) one "
-        "step's scoring may spend in all; checks past it count as wrong and in reward/timeouts.",
+        60.0, "Seconds of symbolic answer checks (math-verify, in the grading worker, worker "
+        "starts included) one step's scoring may spend in all (judge sampling and rendering "
+        "are not charged); checks past it count as wrong and in reward/timeouts.",
         gt=0)
 
     def check(self) -> None:

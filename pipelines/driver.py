@@ -97,6 +97,9 @@ class Driver:
                     self.run_phase(iteration, index, phase, phase_dir, engines, placement)
                     atomic_write(phase_dir / "DONE", "ok\n")
         finally:
+            from pipelines.metrics import finish_wandb
+
+            finish_wandb()
             engines.shutdown()
             places.release()
             close = getattr(self.recipe, "close", None)
@@ -138,8 +141,9 @@ class Driver:
 
     def _check_shared(self, nodes: set[str]) -> None:
         """Prove that ``nodes`` (with the ones proven before) share run.root."""
-        from pipelines.storage import check_shared
+        from pipelines.storage import alive_nodes, check_shared
 
+        self._shared_nodes &= set(alive_nodes())  # a node that left is not asked again
         if nodes - self._shared_nodes:
             check_shared(self.run_dir.parent, nodes | self._shared_nodes)
             self._shared_nodes |= nodes
@@ -176,12 +180,26 @@ class Driver:
 
     def _load_state(self) -> dict:
         path = self.run_dir / STATE
-        return json.loads(path.read_text()) if path.exists() else {"roles": {}}
+        state = json.loads(path.read_text()) if path.exists() else {"roles": {}}
+        for info in state.get("roles", {}).values():
+            info["path"] = run_relative(info.get("path"))
+        return state
 
     def _update_state(self, **changes) -> None:
         self.state.update(changes, updated=time.time())
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.run_dir / STATE, json.dumps(self.state, indent=1))
+
+
+def run_relative(path: str | None) -> str | None:
+    """A role path as state.json keeps it: absolute, or relative to the run directory.
+    Runs written before that kept ``<run.root>/<name>/iter_.../hf`` relative to the
+    working directory: their ``iter_...`` tail is the path inside the run."""
+    if not path or Path(path).is_absolute():
+        return path
+    parts = Path(path).parts
+    start = next((i for i, p in enumerate(parts) if p.startswith("iter_")), 0)
+    return str(Path(*parts[start:]))
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -41,7 +41,9 @@ class Engines:
             raise ValueError(f"phase {placement.layout.name} needs engines of role {role!r}; "
                              f"add placement.roles.{role}.engines=1 (or to this phase's layout)")
         logger.info("starting %d %s engine(s) on %s", layout.engines, role, weights)
-        self.pools[role] = GeneratorPool(role, engine_spec(self.cfg, weights, layout.tensor_parallel),
+        spec = engine_spec(self.cfg, weights, layout.tensor_parallel,
+                           gpu_memory_utilization=placement.layout.gpu_memory_utilization)
+        self.pools[role] = GeneratorPool(role, spec,
                                          layout.engines, run=self.cfg.run.name,
                                          **placement.pool_kwargs(role))
         self.serving[role] = weights
@@ -68,15 +70,17 @@ class Engines:
             self.stop(role)
 
 
-def engine_spec(cfg, model: str, tensor_parallel: int) -> EngineSpec:
-    """How the config builds one engine serving ``model`` (no actor started)."""
+def engine_spec(cfg, model: str, tensor_parallel: int,
+                gpu_memory_utilization: float | None = None) -> EngineSpec:
+    """How the config builds one engine serving ``model`` (no actor started);
+    ``gpu_memory_utilization``: a phase layout's own share (colocated engines)."""
     g = cfg.generator
     dtype = cfg.model.dtype
     if dtype == "auto":
         dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     return EngineSpec(model=model, dtype=dtype, max_model_len=g.max_model_len,
                       max_num_batched_tokens=g.max_num_batched_tokens,
-                      gpu_memory_utilization=g.gpu_memory_utilization,
+                      gpu_memory_utilization=gpu_memory_utilization or g.gpu_memory_utilization,
                       cpu_kvcache_gib=g.cpu_kvcache_gib, tensor_parallel=tensor_parallel,
                       enforce_eager=g.enforce_eager, seed=cfg.run.seed,
                       max_pixels=cfg.model.max_pixels, enable_lora=cfg.trainer.lora.enabled,

@@ -370,7 +370,7 @@ _MATH_WORDS = frozenset({"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "ar
 # What a single mathematical answer is written with (after `normalize`). Anything
 # else is junk the normaliser cannot account for, and math-verify would quietly
 # pick an expression out of it ("@#$ 5" -> 5): such answers never reach it.
-_EXPRESSION_RE = re.compile(r"[0-9a-z\s\\^_+\-*/=<>()\[\]{}|.,!'°√π∞×·]*")
+_EXPRESSION_RE = re.compile(r"[0-9a-z\s\\^_+\-*/=<>()\[\]{}|.,!'°√π∞×·≤≥≠²³]*")
 _COMMAND_RE = re.compile(r"\\([a-z]+|.)")
 # LaTeX commands of one value: no connectives such as \lor, \vee or line breaks.
 _EXPRESSION_COMMANDS = frozenset({
@@ -379,8 +379,13 @@ _EXPRESSION_COMMANDS = frozenset({
     "emptyset", "varnothing", "mathbb", "overline", "vec", "hat", "bar", "binom", "dbinom",
     "angle", "triangle", "perp", "parallel", "prime", "log", "ln", "exp", "sin", "cos", "tan",
     "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "max", "min",
-    "lim", "gcd", "lcm", "mod", "bmod", "pmod", "alpha", "beta", "gamma", "delta", "epsilon",
-    "varepsilon", "theta", "lambda", "mu", "sigma", "phi", "varphi", "omega", "{", "}", "|",
+    "lim", "gcd", "lcm", "mod", "bmod", "pmod", "to", "infin", "dots", "ldots", "cdots",
+    "lfloor", "rfloor", "lceil", "rceil", "lvert", "rvert", "mid", "nmid", "subset", "subseteq",
+    "setminus", "forall", "exists", "partial", "nabla", "int", "sum", "prod", "log_", "ge", "neg",
+    "alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta",
+    "vartheta", "iota", "kappa", "lambda", "mu", "nu", "xi", "rho", "varrho", "sigma", "tau",
+    "upsilon", "phi", "varphi", "chi", "psi", "omega", "Gamma", "Delta", "Theta", "Lambda",
+    "Xi", "Pi", "Sigma", "Phi", "Psi", "Omega", "{", "}", "|",
 })
 _CONNECTIVES = frozenset({"or", "vs", "nor"})  # 2-letter hedges; longer words are refused anyway
 _BRACKETS = {")": "(", "]": "[", "}": "{"}
@@ -654,20 +659,22 @@ class Grader:
     @contextmanager
     def budget(self, seconds: float):
         """Symbolic checks made by this thread inside the block share ``seconds``
-        of wall-clock time: each gets at most what is left, and once it is spent
-        the rest count False without running (``symbolic_over_budget``). A
-        step's scoring wraps itself in one, so a batch of pathological answers
-        costs at most ``seconds``, never a stalled step. Nested budgets keep
-        the tighter deadline."""
+        of their own time (worker starts included; whatever else the block does,
+        such as sampling judges, is not charged): each gets at most what is left,
+        and once it is spent the rest count False without running
+        (``symbolic_over_budget``). A step's scoring wraps itself in one, so a
+        batch of pathological answers costs at most about ``seconds``, never a
+        stalled step. A nested budget cannot give more than its outer one has left."""
         if not seconds > 0:
             raise ValueError(f"budget must be > 0 seconds, got {seconds}")
-        outer = getattr(self._local, "deadline", None)
-        deadline = time.monotonic() + seconds
-        self._local.deadline = deadline if outer is None else min(outer, deadline)
+        outer = getattr(self._local, "left", None)
+        self._local.left = seconds if outer is None else min(outer, seconds)
+        start_left = self._local.left
         try:
             yield
         finally:
-            self._local.deadline = outer
+            spent = start_left - self._local.left
+            self._local.left = None if outer is None else outer - spent
 
     def _symbolic(self, p: str, r: str, timeout: float) -> bool:
         with self._lock:
@@ -675,16 +682,20 @@ class Grader:
                 self._cache.move_to_end((p, r))
                 self._counts["symbolic_cached"] += 1
                 return self._cache[(p, r)]
-        deadline = getattr(self._local, "deadline", None)
+        left = getattr(self._local, "left", None)
         cut = False
-        if deadline is not None:
-            left = deadline - time.monotonic()
+        if left is not None:
             if left <= 0:
                 self._count("symbolic_over_budget")
                 return False
             cut, timeout = left < timeout, min(timeout, left)
         self._count("symbolic")
-        verdict, timed_out = self._run(self._fn, [p, r], timeout)
+        start = time.monotonic()
+        try:
+            verdict, timed_out = self._run(self._fn, [p, r], timeout)
+        finally:
+            if left is not None:
+                self._local.left = left - (time.monotonic() - start)
         if timed_out and cut:  # stopped by the budget, not by the limit: not a verdict
             return False
         with self._lock:

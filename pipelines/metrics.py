@@ -3,12 +3,14 @@
 Keys are namespaced (``train/``, ``rollout/``, ``reward/``, ``timing/``,
 ``perf/``, ``coevo/``); actors return dicts and only the driver logs.
 
-wandb: one wandb run per coevolve run, kept across phases, iterations and
-resumes (its id is stored in the run directory, ``wandb_id``; every phase
-resumes it). A phase's metrics are ``<phase>/<key>`` against the x-axis
-``<phase>/progress`` = iteration - 1 + step / steps, so the curves of all
-iterations line up. Offline by default (``wandb sync`` later), online when
-configured; a failure to start it is reported once and never stops the run.
+wandb: one wandb run per coevolve run. Its id is kept in the run directory
+(``wandb_id``); a driver process opens it once for all its phases
+(``finish_wandb`` closes it) and a resumed or resubmitted driver resumes it
+online. Offline (the default) wandb ignores resuming: each driver process
+writes its own ``offline-run-*-<id>`` folder. A phase's metrics are
+``<phase>/<key>`` against the x-axis ``<phase>/progress`` = iteration - 1 +
+step / steps, so the curves of all iterations line up. A failure to start
+wandb is reported once and never stops the run.
 
 Ray metrics (Prometheus, via Ray's metrics export; the Grafana dashboard is
 ``cluster/grafana-coevolve.json``): gauges tagged with the run, role, phase
@@ -80,8 +82,7 @@ class MetricsSink:
         self._file.close()
         if self._progress is not None:
             self._progress.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -103,16 +104,34 @@ def wandb_run_id(run_dir: Path) -> str:
     return path.read_text().strip()
 
 
+_OPEN_WANDB: dict[str, object] = {}  # run id -> the wandb run this process has open
+
+
+def finish_wandb() -> None:
+    """Close the wandb runs this process opened (the driver calls it when it stops)."""
+    while _OPEN_WANDB:
+        _, run = _OPEN_WANDB.popitem()
+        try:
+            run.finish()
+        except Exception as err:  # noqa: BLE001 - wandb must never stop a run
+            logger.warning("wandb could not finish (%s)", err)
+
+
 def _start_wandb(cfg, phase: str, run_dir: Path):
-    """Resume (or create) the run's wandb run; this phase's keys use its own x-axis."""
+    """The run's wandb run (opened once per process); this phase's keys get their x-axis."""
     if cfg.logging.wandb == "disabled":
         return None
     try:
         import wandb
 
-        run = wandb.init(project=cfg.logging.project, name=cfg.run.name, id=wandb_run_id(run_dir),
-                         resume="allow", dir=str(run_dir), mode=cfg.logging.wandb,
-                         reinit="create_new", config={"run": cfg.run.name, "recipe": cfg.run.recipe})
+        run_id = wandb_run_id(run_dir)
+        run = _OPEN_WANDB.get(run_id)
+        if run is None:
+            run = wandb.init(project=cfg.logging.project, name=cfg.run.name, id=run_id,
+                             resume="allow", dir=str(run_dir), mode=cfg.logging.wandb,
+                             reinit="create_new",
+                             config={"run": cfg.run.name, "recipe": cfg.run.recipe})
+            _OPEN_WANDB[run_id] = run
         run.define_metric(f"{phase}/progress")
         run.define_metric(f"{phase}/*", step_metric=f"{phase}/progress")
         return run

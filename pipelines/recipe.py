@@ -112,7 +112,8 @@ def check_layouts(cfg, recipe: Recipe) -> None:
                               f"with {', '.join(getattr(phase, 'uses', ())) or 'no other role'}, "
                               f"but its layout has no engines for {', '.join(missing)}")
         data = set(getattr(phase, "data_roles", ()))
-        if data - own - top:
+        if not (data <= own or data <= top):  # the data is made under one layout or the other
             raise ConfigError(f"placement: phase {phase.name} makes its data with "
-                              f"{', '.join(sorted(data))}; neither its layout nor the top-level "
-                              f"one has engines for {', '.join(sorted(data - own - top))}")
+                              f"{', '.join(sorted(data))} under one layout, but its own lacks "
+                              f"{', '.join(sorted(data - own))} and the top-level one lacks "
+                              f"{', '.join(sorted(data - top))}")

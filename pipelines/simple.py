@@ -55,7 +55,14 @@ class SimplePhase:
         self.steps = self.cfg.steps
         self.temperature = cfg.generator.temperature
         self.top_p = cfg.generator.top_p
-        self.reward_fn = load_function(self.cfg.reward)
+        self._reward_fn = None
+
+    @property
+    def reward_fn(self):
+        """The user's reward, imported on first use (a plan needs no user package)."""
+        if self._reward_fn is None:
+            self._reward_fn = load_function(self.cfg.reward)
+        return self._reward_fn
 
     def requests(self, step: int, rng: np.random.Generator) -> list[Request]:
         out = []

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+from pipelines.driver import run_relative
 from pipelines.metrics import read_metrics
 
 SHOWN = ("reward/mean", "train/grad_norm", "policy/loss", "policy/kl", "rollout/response_tokens",
@@ -26,7 +27,8 @@ def render_status(run_dir: str | Path) -> str:
              if "updated" in state else "  never updated"]
     for role, info in sorted(state.get("roles", {}).items()):
         lines.append(f"  role {role}: iteration {info.get('iteration')}, weight version "
-                     f"{info.get('version')}, weights {run_dir / info['path'] if info.get('path') else 'n/a'}")
+                     f"{info.get('version')}, weights "
+                     f"{run_dir / run_relative(info['path']) if info.get('path') else 'n/a'}")
     order = {name: i for i, name in enumerate(state.get("order", []))}
     phase_dirs = sorted((d for d in run_dir.glob("iter_*/*") if (d / "metrics.jsonl").exists()
                          or (d / "DONE").exists() or f"{d.parent.name}/{d.name}" in order),

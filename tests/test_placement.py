@@ -550,8 +550,8 @@ def test_plan_refuses_a_phase_layout_without_the_engines_it_needs(capsys, monkey
                  "placement.roles.proposer.engines=0"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "phase solver makes its data with codegen, proposer, solver; neither its layout " \
-           "nor the top-level one has engines for proposer" in err
+    assert "phase solver makes its data with codegen, proposer, solver under one layout, but " \
+           "its own lacks codegen, proposer and the top-level one lacks proposer" in err
 
 
 # --------------------------------------------------------------------------
