@@ -189,10 +189,9 @@ class TrainerActor:
         ``actors.weights.adapter_payload`` (peft's config, tensors under peft's file
         names), ``[]`` elsewhere. Every rank must call it (the tensors are gathered)."""
         import ray
+        from torch.distributed.tensor import DTensor
 
         from actors.weights import adapter_payload
-
-        from torch.distributed.tensor import DTensor
 
         if self.spec.lora is None:
             raise ValueError("adapter(): this trainer trains full weights (no LoRA)")

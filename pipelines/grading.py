@@ -381,7 +381,7 @@ _EXPRESSION_COMMANDS = frozenset({
     "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "max", "min",
     "lim", "gcd", "lcm", "mod", "bmod", "pmod", "to", "infin", "dots", "ldots", "cdots",
     "lfloor", "rfloor", "lceil", "rceil", "lvert", "rvert", "mid", "nmid", "subset", "subseteq",
-    "setminus", "forall", "exists", "partial", "nabla", "int", "sum", "prod", "log_", "ge", "neg",
+    "setminus", "forall", "exists", "partial", "nabla", "int", "sum", "prod", "neg",
     "alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta",
     "vartheta", "iota", "kappa", "lambda", "mu", "nu", "xi", "rho", "varrho", "sigma", "tau",
     "upsilon", "phi", "varphi", "chi", "psi", "omega", "Gamma", "Delta", "Theta", "Lambda",
