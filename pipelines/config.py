@@ -124,7 +124,6 @@ class GeneratorConfig:
     bucket_mb: int = param(256, "Weight-sync bucket size in MiB (one object-store put each).", gt=0)
     temperature: float = param(1.0, "Default sampling temperature.", ge=0)
     top_p: float = param(0.99, "Default nucleus sampling threshold.", gt=0, le=1)
-    max_tokens: int = param(4096, "Default completion budget (tokens).", gt=0)
 
 
 @dataclass

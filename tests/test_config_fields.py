@@ -22,9 +22,8 @@ BUILT_SECTIONS = ("model", "generator", "trainer", "algorithm", "placement")
 ELSEWHERE = {
     "generator.bucket_mb": "bucket size of the weight sync (phase._push_weights); "
                            "tests/test_generator.py buckets",
-    "generator.temperature": "default sampling of the recipes' requests; tests/test_driver.py",
-    "generator.top_p": "default sampling of the recipes' requests; tests/test_driver.py",
-    "generator.max_tokens": "default completion budget of the recipes; tests/test_driver.py",
+    "generator.temperature": "sampling of the simple recipe's requests; tests/test_driver.py",
+    "generator.top_p": "sampling of the simple recipe's requests; tests/test_driver.py",
     "algorithm.advantage": "the phase's estimator (phase.ESTIMATORS); test below",
     "algorithm.reward_budget_s": "the grading budget of a step's scoring; "
                                  "tests/test_hostile_output.py budget test",
