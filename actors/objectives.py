@@ -18,9 +18,10 @@ the full-batch loss. Under data parallelism whose gradient reduction averages
 over W ranks (FSDP, DDP), multiply each rank's loss by W (equivalently pass
 normaliser / W) so that the average turns back into the global sum.
 
-Formulas follow verl's core_algos (PPO-clip with clip-higher and dual-clip,
-k1/k2/k3/low_var_kl, the aggregation modes) and EvoLMM for the REINFORCE form
-and the exact full-vocabulary KL; see /work/shared/spec/algorithms.md.
+Formulas follow verl's core_algos (PPO-clip with clip-higher, arXiv:2503.14476,
+and dual-clip, arXiv:1912.09729; k1/k2/k3/low_var_kl; the aggregation modes) and
+EvoLMM for the REINFORCE form and the exact full-vocabulary KL; the numerics are
+in docs/architecture.md ("Trainer numerics").
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ which all three estimators give by construction (mean_g = r, std_g = 0).
 Group statistics are computed in float64 so that a constant group gives an
 advantage of 0 rather than rounding noise divided by 1e-6.
 
-Sources: verl core_algos (GRPO, RLOO, REINFORCE++, masked whitening),
-Dr. GRPO (Liu et al. 2025), MAYE's Reinforce++ recipe, EvoLMM (EMA baseline,
-adaptive KL). Formulas and defaults: /work/shared/spec/algorithms.md.
+Sources: verl core_algos (GRPO, arXiv:2402.03300; RLOO; REINFORCE++,
+arXiv:2501.03262; masked whitening), Dr. GRPO (arXiv:2503.20783), MAYE's
+Reinforce++ recipe, EvoLMM (EMA baseline, adaptive KL). Formulas and
+defaults are in each function's docstring.
 """
 
 from __future__ import annotations

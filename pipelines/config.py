@@ -306,7 +306,8 @@ def _range(value: list[float], name: str) -> None:
 
 @dataclass
 class MMZeroConfig:
-    """The `mmzero` recipe (algorithms.md, MM-Zero); defaults are the original's."""
+    """The `mmzero` recipe (MM-Zero, arXiv:2603.09206; docs/mmzero.md); defaults are the
+    original's."""
 
     train_steps: int = param(20, "GRPO steps of each phase (Proposer, CodeGen, Solver).", ge=1)
     max_tokens: int = param(4096, "Response budget of every role (tokens).", ge=1)

@@ -1,7 +1,8 @@
 """Answer extraction, normalisation, equivalence and majority voting.
 
-Spec: /work/shared/spec/algorithms.md, "Answer equivalence" (shared by all
-recipes), MM-Zero's solvability share and EvoLMM's voting normalisation.
+The answer-equivalence rule shared by all recipes (documented here),
+MM-Zero's solvability share (arXiv:2603.09206) and EvoLMM's voting
+normalisation.
 
 `grade(pred, ref)` tries, in order, and stops at the first decisive step:
   1. string: `normalize(pred) == normalize(ref)`;

@@ -47,7 +47,7 @@ def run_root(root: str, on_cluster: bool) -> Path:
             f"run.root: '{root}' is relative, and this run is on a Ray cluster, where the "
             "working directory is a temporary per-job folder on one node: checkpoints would be "
             "scattered over the nodes and lost with the job. Set run.root to an absolute folder "
-            "that every node mounts at the same path, e.g. run.root=/mnt/shared/coevolve-runs")
+            "that every node mounts at the same path (an NFS share, a ReadWriteMany volume)")
     return Path.cwd() / path
 
 

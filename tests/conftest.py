@@ -115,3 +115,31 @@ def make_train_batch(path: str, n_prompts: int = 3, n: int = 2, seed: int = 0, i
             adv.append(float(rng.normal()))
     return TrainBatch(ids, np.array(prompt_lens), np.array(prompt_index), all_images,
                       np.array(adv, dtype=np.float32))
+
+
+def start_scenario(script: str, *args: str):
+    """Run ``python SCRIPT ARGS...`` (a test file's own scenario mode) in a process
+    group of its own, without RAY_ADDRESS: it starts whatever Ray it needs."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def scenario_result(name: str, proc, timeout: float) -> dict:
+    """The JSON a scenario printed last; on a timeout its own process group is killed."""
+    import json
+    import signal
+    import subprocess
+
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the scenario's own process group only
+        out, err = proc.communicate()
+        pytest.fail(f"scenario {name} timed out\n{err[-3000:]}")
+    assert proc.returncode == 0, f"scenario {name} failed\n{err[-3000:]}"
+    return json.loads(out.strip().splitlines()[-1])

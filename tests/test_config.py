@@ -22,7 +22,7 @@ def write(tmp_path, text: str):
 
 def test_defaults_match_the_spec():
     cfg = Config()
-    # MM-Zero / GRPO defaults from algorithms.md
+    # MM-Zero / GRPO defaults (arXiv:2603.09206 and its public configs)
     assert cfg.trainer.lr == 1e-6 and cfg.trainer.weight_decay == 1e-2 and cfg.trainer.grad_clip == 1.0
     assert (cfg.algorithm.clip_low, cfg.algorithm.clip_high, cfg.algorithm.dual_clip) == (0.2, 0.3, 3.0)
     assert cfg.algorithm.kl_estimator == "low_var_kl" and cfg.algorithm.kl_coef == 1e-2

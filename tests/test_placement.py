@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -437,29 +435,13 @@ def test_qwen3_vl_8b_preset_trainer_rank(capsys, monkeypatch):
 # --------------------------------------------------------------------------
 
 
-def _start_scenario(name: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(ROOT)
-    return subprocess.Popen([sys.executable, __file__, name], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-
-
-def _result(name: str, proc: subprocess.Popen) -> dict:
-    try:
-        out, err = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the scenario's own process group only
-        out, err = proc.communicate()
-        pytest.fail(f"scenario {name} timed out\n{err[-3000:]}")
-    assert proc.returncode == 0, f"scenario {name} failed\n{err[-3000:]}"
-    return json.loads(out.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def scenarios():
     """Both Ray scenarios, started together (each waits mostly on Ray starting up)."""
-    procs = {name: _start_scenario(name) for name in ("single", "two-nodes")}
-    return {name: _result(name, proc) for name, proc in procs.items()}
+    from conftest import scenario_result, start_scenario
+
+    procs = {name: start_scenario(__file__, name) for name in ("single", "two-nodes")}
+    return {name: scenario_result(name, proc, timeout=150) for name, proc in procs.items()}
 
 
 @pytest.fixture(scope="module")

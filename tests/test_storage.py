@@ -32,7 +32,7 @@ from pipelines.storage import run_root
 
 
 def test_relative_root_refused_on_a_cluster_absolute_elsewhere(tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match=r"run.root: 'runs' is relative.*run.root=/mnt/shared"):
+    with pytest.raises(ConfigError, match=r"run.root: 'runs' is relative.*every node mounts"):
         run_root("runs", on_cluster=True)
     assert run_root("/data/runs", on_cluster=True) == Path("/data/runs")
     monkeypatch.chdir(tmp_path)
@@ -73,14 +73,20 @@ def test_state_paths_are_relative_to_the_run_directory(tmp_path, monkeypatch):
     assert f"weights {elsewhere}/runs/moved/iter_0001/policy/hf" in status
 
 
-def test_state_of_older_runs_with_absolute_paths_still_resolves(tmp_path, monkeypatch):
+def test_state_of_older_runs_still_resolves(tmp_path, monkeypatch):
+    """state.json written before paths were relative to the run directory: absolute
+    paths stay, working-directory-relative ones (<run.root>/<name>/iter_...) are read
+    from their iter_... part."""
     from pipelines.driver import Driver
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    cfg = load_config(ROOT / "configs/simple/tiny-cpu.yaml", [f"run.root={tmp_path}"])
-    driver = Driver(cfg)
-    driver._update_state(roles={"policy": {"path": "/models/exported/hf"}})
-    assert Driver(cfg).weights("policy") == "/models/exported/hf"
+    cfg = load_config(ROOT / "configs/simple/tiny-cpu.yaml", [f"run.root={tmp_path}",
+                                                              "run.name=old"])
+    Driver(cfg)._update_state(roles={"policy": {"path": "/models/exported/hf"},
+                                     "solver": {"path": "runs/old/iter_0002/solver/hf"}})
+    again = Driver(cfg)
+    assert again.weights("policy") == "/models/exported/hf"
+    assert again.weights("solver") == str(tmp_path / "old/iter_0002/solver/hf")
 
 
 def _can_unshare() -> str | None:
@@ -95,19 +101,10 @@ def test_probe_on_two_nodes_names_the_node_with_its_own_folder(tmp_path):
     why = _can_unshare()
     if why:
         pytest.skip(why)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.Popen([sys.executable, __file__, "two-nodes", str(tmp_path)], cwd=ROOT,
-                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the scenario's own process group only
-        out, err = proc.communicate()
-        pytest.fail(f"two-node scenario timed out\n{err[-3000:]}")
-    assert proc.returncode == 0, f"two-node scenario failed\n{err[-3000:]}"
-    result = json.loads(out.strip().splitlines()[-1])
+    from conftest import scenario_result, start_scenario
+
+    result = scenario_result("two-nodes", start_scenario(__file__, "two-nodes", str(tmp_path)),
+                             timeout=180)
     head, other = result["head"], result["other"]
 
     # Local folders: the node with its own folder is named, with its IP and id.

@@ -1,7 +1,7 @@
 """Co-evolution metrics of MM-Zero, one record per iteration, their figures and a sample gallery.
 
-Definitions come from /work/shared/spec/algorithms.md, "Co-evolution metrics
-(per iteration)". The input is one ``FunnelItem`` per Proposer_i proposal as it
+Definitions: MM-Zero's co-evolution metrics per iteration (arXiv:2603.09206;
+docs/mmzero.md). The input is one ``FunnelItem`` per Proposer_i proposal as it
 moves through the Solver-phase data pipeline of iteration i: parsed ->
 rendered by CodeGen_i -> evaluated by the Solver (10 answers to each question)
 -> kept for Solver training.
@@ -48,7 +48,7 @@ class FunnelItem:
 
 def coevo_metrics(items: list[FunnelItem], codegen_kept: int, solver_kept: int,
                   content_types: tuple[str, ...]) -> dict:
-    """The co-evolution record of one iteration (algorithms.md, "Co-evolution metrics").
+    """The co-evolution record of one iteration (MM-Zero's co-evolution metrics).
 
     - ``difficulty`` = mean over evaluated items of ``2 * min(h, 1 - h)``: 1 when the
       Solver splits evenly on the hard question, 0 when it always or never agrees.
@@ -176,7 +176,7 @@ def _write_bytes(path: Path, data: bytes) -> Path:
     return path
 
 
-# (panel title, y label, keys plotted, y range); published endpoints from algorithms.md.
+# (panel title, y label, keys plotted, y range); published endpoints from arXiv:2603.09206.
 CURVES = (
     ("difficulty = mean 2·min(h, 1−h)\npaper (Qwen3-VL-8B) 0.49 → 0.40, iters 1 → 6",
      "difficulty", ("difficulty",), (0, 1.05)),

@@ -1,4 +1,4 @@
-"""The three MM-Zero prompts (algorithms.md, MM-Zero), as chat messages.
+"""The three MM-Zero prompts (arXiv:2603.09206), as chat messages.
 
 Proposer and CodeGen are text-only; the Solver sees the rendered image first,
 then the question. Wording follows the spec's description of each prompt;

@@ -1,4 +1,4 @@
-"""MM-Zero: Proposer -> SVG CodeGen -> Solver self-play (algorithms.md, MM-Zero).
+"""MM-Zero: Proposer -> SVG CodeGen -> Solver self-play (arXiv:2603.09206; docs/mmzero.md).
 
 Per iteration i, three GRPO phases, each training one role from its own
 weights of iteration i-1 (the base model for i = 1):

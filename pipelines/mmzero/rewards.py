@@ -1,6 +1,6 @@
 """MM-Zero rewards, parsing and data filters as pure functions (no Ray, no engines).
 
-Formulas: /work/shared/spec/algorithms.md, "MM-Zero", read against the original's
+Formulas: MM-Zero (arXiv:2603.09206; docs/mmzero.md), read against the original's
 `reward_function/{proposer,codegen}_reward.py` (zli12321/MM-Zero). Deliberate
 differences from the original, each explained where it is made:
 - BLEU distance: lowercase tokens, symmetrised (the original took one direction,
