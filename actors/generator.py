@@ -9,8 +9,10 @@ importing this module has no side effects). Verbs:
   version that produced it.
 - ``update_weights(bucket_refs, version, manifest=None)``: full weights as
   object-store refs of buckets (``actors/weights.py``), loaded into the live
-  engine without restarting it; then the prefix, multimodal and encoder
-  caches are reset.
+  engine without restarting it, by every worker of the engine
+  (``actors/vllm_worker.py``: the same code for in-process, multiprocess and
+  tensor-parallel engines); then the prefix, multimodal and encoder caches
+  are reset.
 - ``load_adapter(name, payload_ref, version)``: a peft LoRA adapter served by
   vLLM's LoRA support under ``name``; ``Request.adapter`` selects it. One
   engine serves several adapters (EvoLMM: one backbone, solver and proposer).
@@ -27,8 +29,10 @@ that runs the processor on the same text and images rebuilds the identical
 token sequence (``prompt_ids`` here).
 
 vLLM on CPU (facts checked on a 2-core host, see docs/architecture.md):
-``VLLM_CPU_KVCACHE_SPACE`` must be set; ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
-starts an engine in seconds instead of ~20 s; a per-request seed crashes when
+``VLLM_CPU_KVCACHE_SPACE`` must be set; an in-process engine
+(``EngineSpec.multiprocess``) starts in seconds instead of ~20 s; tensor
+parallelism runs with the ``mp`` executor, one process per rank, the
+engine's threads split between them; a per-request seed crashes when
 a prefill is split across steps, so ``max_num_batched_tokens`` is kept above
 the longest prompt.
 """
@@ -44,6 +48,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from actors.vllm_worker import RAY_ADDRESS_ENV
 
 # Token ids a completion must never contain: the model's vision placeholders.
 # A random tiny model samples them freely, and a completion holding an image
@@ -109,12 +115,26 @@ class EngineSpec:
     max_lora_rank: int = 16
     max_loras: int = 2
     version: int = 0  # the weight version ``model`` holds (a pool rebased on an export)
+    # vLLM's engine core in its own process (True), or in the actor's (False: starts in
+    # ~3 s instead of ~20 s on CPU). None: in-process on a CPU host with tensor_parallel 1,
+    # multiprocess otherwise. Tensor parallel > 1 is always multiprocess (mp executor).
+    multiprocess: bool | None = None
+
+    def runs_multiprocess(self, on_cpu: bool) -> bool:
+        if self.tensor_parallel > 1:
+            if self.multiprocess is False:
+                raise ValueError("tensor_parallel > 1 needs a multiprocess engine "
+                                 "(multiprocess: false given)")
+            return True
+        return (not on_cpu) if self.multiprocess is None else self.multiprocess
 
 
 def cpu_engine_env(threads: int) -> dict[str, str]:
-    """Environment for a vLLM engine process on a CPU host (set before importing vllm)."""
+    """Environment for a vLLM engine process on a CPU host (set before importing vllm).
+
+    ``threads`` is the engine's whole share; a tensor-parallel engine's ranks split it
+    (``GeneratorActor`` sets each rank's count)."""
     return {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         # vLLM binds OpenMP threads to cores itself unless told not to; with
         # several engines on a small host they would all land on one core.
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
@@ -142,11 +162,19 @@ class GeneratorActor:
         self._adapters: dict[str, tuple[Any, int, Path]] = {}
         self._next_lora_id = 1
         self._lora_root: Path | None = None
+        import ray
+
         path = resolve_model(spec.model)
         on_cpu = not _has_cuda()
+        self.multiprocess = spec.runs_multiprocess(on_cpu)
+        # Read by vLLM when the engine is built; the workers it spawns inherit them.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.multiprocess else "0"
+        os.environ[RAY_ADDRESS_ENV] = ray.get_runtime_context().gcs_address
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.cpu_kvcache_gib))
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            if spec.tensor_parallel > 1:
+                threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+                os.environ["OMP_NUM_THREADS"] = str(max(1, threads // spec.tensor_parallel))
         from transformers import AutoProcessor
         from vllm import LLM
 
@@ -168,6 +196,9 @@ class GeneratorActor:
             enable_lora=spec.enable_lora,
             max_lora_rank=spec.max_lora_rank,
             max_loras=spec.max_loras,
+            # One executor on every host: vllm-cpu refuses the Ray executor (docs/architecture.md).
+            distributed_executor_backend="mp" if spec.tensor_parallel > 1 else None,
+            worker_extension_cls="actors.vllm_worker.WeightSync",
         )
         tokenizer = self.processor.tokenizer
         banned = {tokenizer.convert_tokens_to_ids(t) for t in VISION_PLACEHOLDERS}
@@ -224,63 +255,45 @@ class GeneratorActor:
     def update_weights(self, bucket_refs: list, version: int, manifest=None) -> dict:
         """Load full weights from bucket refs into the live engine; returns timing metrics.
 
-        ``bucket_refs`` must arrive inside a list (Ray then leaves them as refs;
-        the buckets are fetched here one at a time). ``manifest`` (a
-        ``WeightVersion`` of the same buckets) lets the names and shapes be
-        checked before anything is loaded; without it all buckets are fetched
-        first to build it. The names must be exactly the model's state_dict
-        names (or its saved names, see actors/weights.py): a partial update
-        could leave a fused layer (qkv, gate_up) half-loaded.
+        ``bucket_refs`` must arrive inside a list (Ray then leaves them as refs).
+        ``manifest`` (a ``WeightVersion`` of the same buckets) lets the names and
+        shapes be checked before anything is loaded; without it all buckets are
+        fetched here first to build it. The names must be exactly the model's
+        state_dict names (or its saved names, see actors/weights.py): a partial
+        update could leave a fused layer (qkv, gate_up) half-loaded.
 
-        Loading goes through vLLM's reload path, which re-runs the weight
-        processing (CPU kernels prepack weights, so copying into
-        ``model.load_weights`` directly would be wrong). This works here
-        because the engine core runs in this process
-        (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the iterator is passed by
-        reference. With a multiprocess engine (GPU, tensor parallel) the
-        kwargs would be pickled to the workers, so a generator cannot cross;
-        that needs a ``worker_extension_cls`` whose method receives the bucket
-        refs, calls ``ray.get`` in each worker and runs
-        ``self.model_runner.reload_weights(weights_iterator=...)`` there (or
-        vLLM's weight-transfer API for a collective path); not built yet.
+        Every worker of the engine (this process for an in-process engine, each
+        worker process otherwise, one per tensor-parallel rank) fetches the
+        buckets from the object store itself and reloads through vLLM's reload
+        path (``actors/vllm_worker.py``). This actor holds the refs until all
+        workers are done. A failure half-way leaves vLLM's model with meta
+        tensors: the engine is then marked broken, and its pool restarts it.
         """
         import ray
 
-        from actors.weights import WeightVersion, iter_bucket_tensors
+        from actors.vllm_worker import ref_handle
+        from actors.weights import WeightVersion
 
         self._check_usable()
-        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0" or self.spec.tensor_parallel > 1:
-            raise NotImplementedError("live weight updates need an in-process engine "
-                                      "(VLLM_ENABLE_V1_MULTIPROCESSING=0, tensor_parallel=1)")
         start = time.perf_counter()
         if manifest is None:
             manifest = WeightVersion.of(ray.get(list(bucket_refs)), version)
         self._check_manifest(manifest)
-        timing = {"check_seconds": time.perf_counter() - start, "get_seconds": 0.0}
-
-        def tensors():
-            i = 0
-            for ref in bucket_refs:
-                t0 = time.perf_counter()
-                bucket = ray.get(ref)
-                timing["get_seconds"] += time.perf_counter() - t0
-                for name, tensor in iter_bucket_tensors(bucket):
-                    if i >= len(manifest.names) or name != manifest.names[i]:
-                        raise ValueError(f"bucket tensor {name!r} does not follow the manifest")
-                    i += 1
-                    yield name, tensor
-            if i != len(manifest.names):
-                raise ValueError(f"buckets held {i} tensors, the manifest {len(manifest.names)}")
-
+        timing: dict[str, Any] = {"check_seconds": time.perf_counter() - start}
+        handles = [ref_handle(ref) for ref in bucket_refs]
         t0 = time.perf_counter()
         try:
-            self.llm.collective_rpc("reload_weights", kwargs={
-                "weights_iterator": tensors(), "is_checkpoint_format": True})
+            workers = self.llm.collective_rpc("coevolve_load_weights", kwargs={
+                "handles": handles, "names": list(manifest.names)})
         except Exception as exc:
             # vLLM swapped the layers to meta tensors for the reload: no way back.
             self._broken = f"weight update to version {version} failed: {exc!r}"
             raise EngineBroken(self._broken) from exc
-        timing["reload_seconds"] = time.perf_counter() - t0
+        timing["load_seconds"] = time.perf_counter() - t0
+        # the slowest worker's share (they load in parallel)
+        timing["get_seconds"] = max(w["get_seconds"] for w in workers)
+        timing["reload_seconds"] = max(w["reload_seconds"] for w in workers)
+        timing["workers"] = len(workers)
         self._reset_caches()
         self.version = version
         elapsed = time.perf_counter() - start

@@ -122,6 +122,10 @@ class GeneratorConfig:
     cpu_kvcache_gib: int = param(1, "KV-cache size per engine on a CPU host (whole GiB).", ge=1)
     enforce_eager: bool = param(True, "Disable CUDA graphs (faster start, slower decode).")
     bucket_mb: int = param(256, "Weight-sync bucket size in MiB (one object-store put each).", gt=0)
+    multiprocess: Literal["auto", "always", "never"] = param(
+        "auto", "vLLM's engine core in its own process (always) or in the engine actor's "
+        "(never: starts in seconds on CPU). auto: never on a CPU host with tensor_parallel 1, "
+        "else always; tensor_parallel > 1 needs a process per rank.")
     temperature: float = param(1.0, "Default sampling temperature.", ge=0)
     top_p: float = param(0.99, "Default nucleus sampling threshold.", gt=0, le=1)
 
@@ -373,6 +377,16 @@ class Config:
         if self.trainer.logprob_chunk_tokens and a.kl_estimator == "full" and a.kl_coef > 0:
             raise ConfigError("trainer.logprob_chunk_tokens: kl_estimator 'full' needs the "
                               "whole-vocabulary logits; set trainer.logprob_chunk_tokens=0")
+        if self.generator.multiprocess == "never":
+            layouts = [self.placement.roles] + [p.roles for p in self.placement.phases.values()
+                                                if p.roles]
+            for roles in layouts:
+                for name, role in roles.items():
+                    if role.tensor_parallel > 1:
+                        raise ConfigError(
+                            f"generator.multiprocess: never cannot run {name}'s tensor_parallel "
+                            f"{role.tensor_parallel} engines (one worker process per rank); "
+                            "use auto or always")
 
 
 # --------------------------------------------------------------------------

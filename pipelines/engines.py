@@ -84,7 +84,8 @@ def engine_spec(cfg, model: str, tensor_parallel: int,
                       cpu_kvcache_gib=g.cpu_kvcache_gib, tensor_parallel=tensor_parallel,
                       enforce_eager=g.enforce_eager, seed=cfg.run.seed,
                       max_pixels=cfg.model.max_pixels, enable_lora=cfg.trainer.lora.enabled,
-                      max_lora_rank=vllm_lora_rank(cfg.trainer.lora.rank))
+                      max_lora_rank=vllm_lora_rank(cfg.trainer.lora.rank),
+                      multiprocess={"auto": None, "always": True, "never": False}[g.multiprocess])
 
 
 # The adapter ranks vLLM accepts as max_lora_rank (an adapter may have any rank up to it).

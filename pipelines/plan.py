@@ -414,13 +414,15 @@ def plan_phase(cfg: Config, layout: Layout, nodes: list[Node], device_bytes: flo
                 e = engines[layout.colocate[0]]
                 note = f"KV {e.parts['KV cache'] / GIB:.1f} GiB = {e.kv_tokens:,} tokens"
         else:
-            tp = len(spec.members[owner])
-            shard = spec.members[owner].index(slot.bundle)
+            tp = len(slot.devices)
             e = engines[slot.role]
             total = e.budget if known else 0.0
-            who = f"{slot.role} engine {owner}" + (f" (shard {shard}/{tp})" if tp > 1 else "")
             note = (f"KV {e.parts['KV cache'] / GIB:.1f} GiB = {e.kv_tokens:,} tokens "
                     f"({e.kv_tokens / max_len:.1f} x max_model_len)") if known else ""
+            for shard, device in enumerate(slot.devices):
+                who = f"{slot.role} engine {owner}" + (f" (shard {shard}/{tp})" if tp > 1 else "")
+                plan.rows.append(DeviceRow(slot.node, device, who, total, note))
+            continue
         plan.rows.append(DeviceRow(slot.node, slot.devices[0], who, total, note))
     if host:
         plan.breakdown.extend(_host_lines(plan.slots, nodes, host, 4 * m.params))

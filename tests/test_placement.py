@@ -68,20 +68,23 @@ def test_two_plus_six_bundles():
     assert layout.gpus() == 8 and layout.cpus() == 40
 
 
-def test_tensor_parallel_one_bundle_per_shard():
+def test_tensor_parallel_engine_is_one_bundle_of_its_gpus():
     cfg = load_config(TWO_SIX, ["placement.roles.solver.gpus_per_engine=2",
                                 "placement.roles.solver.tensor_parallel=2",
                                 "placement.roles.codegen.engines=0",
                                 "placement.roles.proposer.engines=0"])
     layout = resolve_layout(cfg.placement)
     solver = {g.role: g for g in group_specs(layout)}["solver"]
-    assert solver.bundles == ({"CPU": 4, "GPU": 1}, {"GPU": 1}, {"CPU": 4, "GPU": 1}, {"GPU": 1})
-    assert solver.members == ((0, 1), (2, 3))
-    assert solver.actor["num_gpus"] == 0  # vLLM's Ray workers take the shards' GPUs
-    placement = Placement(layout, groups={})
-    assert placement.engine_env("solver", 1) == {"VLLM_RAY_BUNDLE_INDICES": "2,3"}
-    with pytest.raises(ValueError, match="VLLM_RAY_BUNDLE_INDICES per engine"):
-        placement.pool_kwargs("solver")
+    # vLLM's mp executor: the host actor holds both GPUs and starts a worker per GPU
+    assert solver.bundles == ({"CPU": 4, "GPU": 2},) * 2
+    assert solver.members == ((0,), (1,))
+    assert solver.actor == {"num_cpus": 4, "num_gpus": 2}
+    placement = Placement(layout, groups={"solver": "pg"})
+    assert placement.pool_kwargs("solver") == {
+        "placement_group": "pg", "bundle_indices": [0, 1],
+        "resources": {"num_cpus": 4, "num_gpus": 2}}
+    slots = [s for s in simulate(layout, [Node("n", 8)]) if s.role == "solver"]
+    assert [len(s.devices) for s in slots] == [2, 2]
 
 
 def test_cpu_layout_and_pool_kwargs():
