@@ -17,9 +17,13 @@ tokens/s = sampled tokens / wall seconds of the call (engine warm-up and
 start excluded; the HF rows count tokens up to the first end token).
 
 Weight sync: the state of a ~1 GB fp32 tiny model goes through
-``make_buckets`` -> ``pool.update_weights`` (put once, ray.get in the
-engine, vLLM reload, cache reset) into a live engine, beside an in-process
-copy of the same tensors into preallocated ones (``Tensor.copy_``).
+``make_buckets`` -> ``pool.update_weights`` (put once, ray.get in every
+engine worker, vLLM reload, cache reset) into a live engine, beside an
+in-process copy of the same tensors into preallocated ones
+(``Tensor.copy_``). Two engine shapes, the same code: the in-process engine
+(the worker is the engine actor's process) and a multiprocess one (the
+worker is a process vLLM spawned, which fetches the buckets itself, as on a
+GPU host).
 
 Prints a table and writes ``benchmarks/results/generation-<time>.json``.
 """
@@ -73,11 +77,11 @@ def requests(n_prompts: int = PROMPTS):
     return out
 
 
-def engine_spec(model: str):
+def engine_spec(model: str, multiprocess: bool | None = None):
     from actors.generator import EngineSpec
 
     return EngineSpec(model=model, dtype="float32", max_model_len=2048,
-                      max_num_batched_tokens=8192, cpu_kvcache_gib=2)
+                      max_num_batched_tokens=8192, cpu_kvcache_gib=2, multiprocess=multiprocess)
 
 
 # --------------------------------------------------------------------------
@@ -191,32 +195,40 @@ def bench_sync(repeats: int, bucket_mb: int) -> dict:
         clones.append(time.perf_counter() - start)
         del fresh
 
-    pool = GeneratorPool("bench-sync", engine_spec(SYNC_MODEL), n_engines=1,
-                         resources={"num_cpus": 2}, threads=2, run="bench")
-    rows = []
-    try:
-        for version in range(1, repeats + 1):
-            start = time.perf_counter()
-            buckets = make_buckets(state.items(), bucket_bytes=bucket_mb << 20)
-            t_buckets = time.perf_counter() - start
-            [engine] = pool.update_weights(buckets, version)
-            seconds = time.perf_counter() - start
-            rows.append({"seconds": seconds, "buckets_seconds": t_buckets, "n_buckets": len(buckets),
-                         **{f"engine_{k}": v for k, v in engine.items() if k.endswith("seconds")}})
-        # The put on its own (the pool does it inside update_weights).
-        start = time.perf_counter()
-        refs = put_buckets(buckets)
-        put_seconds = time.perf_counter() - start
-        del refs
-    finally:
-        pool.shutdown()
-    best = min(rows, key=lambda r: r["seconds"])
     copy, clone = min(copies), min(clones)
-    return {"model": SYNC_MODEL, "bytes": total, "bucket_mb": bucket_mb, "runs": rows,
-            "sync_seconds": best["seconds"], "sync_bytes_per_s": total / best["seconds"],
-            "put_seconds": put_seconds, "memcpy_seconds": copy, "memcpy_bytes_per_s": total / copy,
-            "clone_seconds": clone, "clone_bytes_per_s": total / clone,
+    report = {"model": SYNC_MODEL, "bytes": total, "bucket_mb": bucket_mb,
+              "memcpy_seconds": copy, "memcpy_bytes_per_s": total / copy,
+              "clone_seconds": clone, "clone_bytes_per_s": total / clone, "shapes": {}}
+    for shape, multiprocess in (("in-process", False), ("worker process", True)):
+        pool = GeneratorPool("bench-sync", engine_spec(SYNC_MODEL, multiprocess), n_engines=1,
+                             resources={"num_cpus": 2}, threads=2, run="bench")
+        rows = []
+        try:
+            for version in range(1, repeats + 1):
+                start = time.perf_counter()
+                buckets = make_buckets(state.items(), bucket_bytes=bucket_mb << 20)
+                t_buckets = time.perf_counter() - start
+                [engine] = pool.update_weights(buckets, version)
+                seconds = time.perf_counter() - start
+                rows.append({"seconds": seconds, "buckets_seconds": t_buckets,
+                             "n_buckets": len(buckets),
+                             **{f"engine_{k}": v for k, v in engine.items()
+                                if k.endswith("seconds")}})
+            # The put on its own (the pool does it inside update_weights).
+            start = time.perf_counter()
+            refs = put_buckets(buckets)
+            put_seconds = time.perf_counter() - start
+            del refs
+        finally:
+            pool.shutdown()
+        best = min(rows, key=lambda r: r["seconds"])
+        report["shapes"][shape] = {
+            "runs": rows, "sync_seconds": best["seconds"],
+            "sync_bytes_per_s": total / best["seconds"], "put_seconds": put_seconds,
+            # vLLM's reload of tensors already in the worker's memory (the fetch taken out)
+            "reload_only_seconds": best["engine_reload_seconds"] - best["engine_get_seconds"],
             "ratio_to_memcpy": copy / best["seconds"], "ratio_to_clone": clone / best["seconds"]}
+    return report
 
 
 # --------------------------------------------------------------------------
@@ -271,16 +283,20 @@ def print_generation(label: str, row: dict) -> None:
 def print_sync(s: dict) -> None:
     gb = s["bytes"] / 1e9
     print(f"\nweight sync: {gb:.2f} GB fp32 state ({s['model']}), {s['bucket_mb']} MB buckets")
-    for i, r in enumerate(s["runs"], 1):
-        print(f"  run {i}: {r['seconds']:.2f} s; in the engine {r['engine_seconds']:.2f} s "
-              f"(name check {r['engine_check_seconds']:.3f}, ray.get {r['engine_get_seconds']:.3f},"
-              f" vLLM reload {r['engine_reload_seconds']:.2f}); {r['n_buckets']} buckets")
-    print(f"  ray.put of the same buckets alone: {s['put_seconds']:.2f} s")
-    print(f"  sync   {s['sync_bytes_per_s'] / 1e9:6.2f} GB/s (best run, end to end)")
-    print(f"  copy_  {s['memcpy_bytes_per_s'] / 1e9:6.2f} GB/s in-process copy into allocated "
-          f"tensors: sync = {s['ratio_to_memcpy']:.0%} of it")
-    print(f"  clone  {s['clone_bytes_per_s'] / 1e9:6.2f} GB/s in-process copy into new tensors: "
-          f"sync = {s['ratio_to_clone']:.0%} of it")
+    print(f"  copy_  {s['memcpy_bytes_per_s'] / 1e9:6.2f} GB/s in-process copy into allocated tensors")
+    print(f"  clone  {s['clone_bytes_per_s'] / 1e9:6.2f} GB/s in-process copy into new tensors")
+    for shape, r in s["shapes"].items():
+        print(f"  {shape} engine:")
+        for i, run in enumerate(r["runs"], 1):
+            print(f"    run {i}: {run['seconds']:.2f} s; in the engine {run['engine_seconds']:.2f} s "
+                  f"(name check {run['engine_check_seconds']:.3f}, ray.get "
+                  f"{run['engine_get_seconds']:.3f}, vLLM reload {run['engine_reload_seconds']:.2f})"
+                  f"; {run['n_buckets']} buckets")
+        print(f"    ray.put of the same buckets alone: {r['put_seconds']:.2f} s; vLLM reload "
+              f"without the fetch {r['reload_only_seconds']:.2f} s")
+        print(f"    sync {r['sync_bytes_per_s'] / 1e9:6.2f} GB/s (best run, end to end) = "
+              f"{r['ratio_to_memcpy']:.0%} of copy_, {r['ratio_to_clone']:.0%} of clone, "
+              f"{r['sync_seconds'] / r['reload_only_seconds']:.2f}x the reload alone")
 
 
 if __name__ == "__main__":

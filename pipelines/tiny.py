@@ -97,6 +97,11 @@ class TinySpec:
     vocab: int = 1024            # BPE vocabulary trained here (before padding to 64)
     max_pixels: int = 64 * 32 * 32  # processor pixel limit (small: few image tokens)
     seed: int = 0
+    # LM-head weights multiplied by this after the random init. At 1 the head's logits
+    # span ~±0.5 nats whatever the last hidden state is (rows of std 0.02 against a
+    # normed state of length sqrt(hidden)), so an adapter that leaves the head frozen
+    # (LoRA) can hardly move token probabilities; 8 gives it a few nats of room.
+    head_scale: int = 1
 
     @property
     def head_dim(self) -> int:
@@ -183,6 +188,9 @@ def _write_model(spec: TinySpec, out: Path) -> None:
     torch.manual_seed(spec.seed)
     try:
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+        if spec.head_scale != 1:
+            with torch.no_grad():
+                model.get_output_embeddings().weight.mul_(spec.head_scale)
     finally:
         torch.random.set_rng_state(state)
     model.generation_config = GenerationConfig(

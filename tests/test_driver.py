@@ -43,9 +43,11 @@ def rewards(run_dir: Path) -> list[float]:
 
 
 def test_grpo_raises_a_dense_reward_and_not_without_weight_sync(ray_cluster, tmp_path):
+    """Learns through a multiprocess engine (a GPU host's shape: the weights are loaded
+    by vLLM's worker process); the run without sync uses the in-process shape."""
     steps = ["simple.steps=24", "simple.prompts_per_step=4", "simple.n=8", "simple.max_tokens=16",
              "trainer.lr=2e-3", "algorithm.kl_coef=0", "run.save_every=100"]
-    learning = Driver(config(tmp_path, "sync", *steps))
+    learning = Driver(config(tmp_path, "sync", *steps, "generator.multiprocess=always"))
     learning.run()
     frozen = Driver(config(tmp_path, "nosync", *steps, "run.sync_weights=false"))
     frozen.run()
@@ -59,6 +61,10 @@ def test_grpo_raises_a_dense_reward_and_not_without_weight_sync(ray_cluster, tmp
 
 
 _ALIGNED: set[int] = set()
+# The default tiny model's LM head spans only ~±0.5 nats of logits whatever the last
+# hidden state is, so an adapter (which leaves the head frozen) can hardly move token
+# probabilities; a head 8x larger gives it room (pipelines/tiny.py, head_scale).
+LORA_MODEL = "tiny://qwen2.5-vl?head_scale=8"
 
 
 def aligned_token_share(sample: dict) -> float:
@@ -72,7 +78,7 @@ def aligned_token_share(sample: dict) -> float:
 
         from pipelines.models import resolve_model
 
-        weights = load_file(f"{resolve_model('tiny://qwen2.5-vl')}/model.safetensors")
+        weights = load_file(f"{resolve_model(LORA_MODEL)}/model.safetensors")
         head = weights.get("lm_head.weight", weights.get("model.language_model.embed_tokens.weight"))
         score = head @ np.random.default_rng(0).standard_normal(head.shape[1])
         _ALIGNED.update(np.argsort(-score)[: head.shape[0] // 20].tolist())
@@ -82,11 +88,12 @@ def aligned_token_share(sample: dict) -> float:
 
 def test_grpo_with_lora_adapters_serves_each_adapter_version(ray_cluster, tmp_path):
     """LoRA end to end: the engines start with LoRA enabled, each step's adapter is
-    pushed as a new version and sampled from (engine and trainer log-probs agree),
-    the KL reference is the base with the adapter disabled, and the phase exports
-    merged weights."""
-    steps = ["simple.steps=24", "simple.prompts_per_step=4", "simple.n=8", "simple.max_tokens=16",
+    pushed as a new version and sampled from (engine and trainer log-probs agree), the
+    reward rises, the KL reference is the base with the adapter disabled, and the phase
+    exports merged weights."""
+    steps = ["simple.steps=12", "simple.prompts_per_step=4", "simple.n=8", "simple.max_tokens=16",
              "simple.reward=test_driver:aligned_token_share", "trainer.lr=1e-2",
+             f"model.path={LORA_MODEL}",
              "algorithm.kl_coef=0.01", "run.save_every=100", "trainer.lora.enabled=true",
              "trainer.lora.rank=8", "trainer.lora.alpha=16", "trainer.lora.dropout=0"]
     state = Driver(config(tmp_path, "lora", *steps)).run()
@@ -96,13 +103,12 @@ def test_grpo_with_lora_adapters_serves_each_adapter_version(ray_cluster, tmp_pa
     print("reward with LoRA adapters:  " + " ".join(f"{r:.2f}" for r in curve))
     print("engine - trainer |dlogp|:   " + " ".join(f"{m['rollout/logprob_diff']:.0e}"
                                                   for m in lines[::4]))
-    assert [m["rollout/version"] for m in lines] == list(range(1, 25))  # adapter versions
+    assert [m["rollout/version"] for m in lines] == list(range(1, 13))  # adapter versions
     assert max(m["rollout/logprob_diff"] for m in lines) < 1e-5  # the engines serve the adapter
     assert lines[-1]["policy/kl"] > 1e-3  # ... which moved the policy off the base
-    # Not asserted yet: the reward does not rise within 24 steps with adapters (flat at
-    # lr 1e-2 and 5e-2, KL to the base ~0.05), although on a fixed batch the adapter's
-    # updates move log-probs along the advantages (correlation 0.99). Open: see the notes.
-    assert state["roles"]["policy"]["version"] == 24
+    # Measured: 0.07 0.21 0.97 1.00 ... (the base samples ~5% aligned tokens)
+    assert curve[0] < 0.2 and np.mean(curve[-3:]) - curve[0] >= 0.5
+    assert state["roles"]["policy"]["version"] == 12
     hf = tmp_path / "lora/iter_0001/policy/hf"
     assert (hf / "model.safetensors").exists() and not (hf / "adapter_config.json").exists()
 
