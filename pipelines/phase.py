@@ -158,14 +158,24 @@ class PhaseRunner:
                     scores = self.phase.score(requests, completions, self)
                 after = grading_stats()
             batch, rewards, advantages = self._batch(requests, completions, scores.rewards)
-            with timer("logprobs"):
-                batch = batch.with_column(old_logprobs=self.group.compute_logprobs(batch))
-                if self.cfg.algorithm.kl_coef > 0:
-                    batch = batch.with_column(
-                        ref_logprobs=self.group.compute_logprobs(batch, reference=True))
-            with timer("update"):
-                train = self.group.forward_backward(batch)
-                train.update(self.group.optim_step())
+            # Engines colocated with the trainer ranks free their devices for the update.
+            asleep = self.phase.role in self.placement.layout.colocate
+            if asleep:
+                with timer("sleep"):
+                    self.pool.sleep()
+            try:
+                with timer("logprobs"):
+                    batch = batch.with_column(old_logprobs=self.group.compute_logprobs(batch))
+                    if self.cfg.algorithm.kl_coef > 0:
+                        batch = batch.with_column(
+                            ref_logprobs=self.group.compute_logprobs(batch, reference=True))
+                with timer("update"):
+                    train = self.group.forward_backward(batch)
+                    train.update(self.group.optim_step())
+            finally:
+                if asleep:
+                    with timer("wake"):
+                        self.pool.wake_up()
             if self.cfg.run.sync_weights:
                 with timer("weight_sync"):
                     self._push_weights(self.base_version + step + 1)
