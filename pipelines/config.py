@@ -253,8 +253,8 @@ class PlacementConfig:
     gpus_per_rank: int = param(0, "GPUs per trainer rank (0 on a CPU host, else 1).", ge=0, le=1)
     cpus_per_rank: int = param(1, "CPUs reserved per trainer rank.", ge=0)
     roles: dict[str, RoleLayout] = param(
-        {"proposer": RoleLayout(), "codegen": RoleLayout(), "solver": RoleLayout()},
-        "Engine layout per generating role.",
+        {}, "Engine layout per generating role (e.g. policy for the simple recipe; proposer, "
+            "codegen and solver for MM-Zero); each role the recipe samples from needs one.",
     )
     colocate: list[str] = param(
         [], "Roles whose engines share the trainer ranks' GPUs, one engine per rank.")

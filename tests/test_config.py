@@ -38,7 +38,8 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.trainer.lora.rank == 8 and cfg.trainer.lora.enabled is True
     assert cfg.run.name == "exp" and cfg.run.iterations == 3
     assert cfg.placement.roles["solver"].engines == 2
-    assert cfg.placement.roles["proposer"].engines == 1  # untouched roles keep their default
+    assert cfg.placement.roles["solver"].cpus_per_engine == 1  # unset fields keep their default
+    assert list(cfg.placement.roles) == ["solver"]  # no roles but the config's own
 
 
 def test_round_trip_through_yaml():

@@ -30,6 +30,7 @@ ELSEWHERE = {
     "placement.strategy": "placement groups' strategy; tests/test_placement.py two-node scenario",
 }
 SECTION_ELSEWHERE = ("placement.roles", "placement.phases", "placement.cluster")
+ROLES = ["placement.roles={proposer: {}, codegen: {}, solver: {}}"]  # MM-Zero's three
 
 
 def leaves(cls, prefix: str = ""):
@@ -89,7 +90,7 @@ FIELDS = [(path, kind) for path, kind in leaves(Config)
 
 @pytest.mark.parametrize("path, kind", FIELDS, ids=[p for p, _ in FIELDS])
 def test_a_non_default_value_changes_what_is_built(path, kind):
-    base = load_config(None)
+    base = load_config(None, ROLES)
     change = other_value(path, kind, value_at(base, path))
     extra = ["trainer.lora.enabled=true"] if path.startswith("trainer.lora.") and \
         path != "trainer.lora.enabled" else []
@@ -100,12 +101,12 @@ def test_a_non_default_value_changes_what_is_built(path, kind):
         change = "0"
     if path == "algorithm.kl_estimator":
         extra.append("trainer.logprob_chunk_tokens=0")  # "full" needs the full logits
-    cfg = load_config(None, [*extra, f"{path}={change}"])
+    cfg = load_config(None, [*ROLES, *extra, f"{path}={change}"])
     assert value_at(cfg, path) != value_at(base, path)
     if path in ELSEWHERE:
         pytest.skip(f"read elsewhere: {ELSEWHERE[path]}")
     # (a GPU trainer beside GPU engines is compared with the CPU default layout)
-    baseline = load_config(None, [] if path == "placement.gpus_per_rank" else extra)
+    baseline = load_config(None, ROLES + ([] if path == "placement.gpus_per_rank" else extra))
     assert built(cfg) != built(baseline), (
         f"{path}={change} changes nothing that is built; wire it or list it in ELSEWHERE")
 
