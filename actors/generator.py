@@ -155,7 +155,7 @@ class EngineBroken(RuntimeError):
 
 class GeneratorActor:
     def __init__(self, spec: EngineSpec, name: str = "generator"):
-        from pipelines.models import resolve_model
+        from actors.models import resolve_model
 
         self.spec = spec
         self.name = name

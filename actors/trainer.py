@@ -71,7 +71,7 @@ class TrainerSpec:
     lora: LoraSpec | None = None
     reference: bool = True  # keep the frozen starting policy for KL
     mixed_precision: bool | None = None  # None: bf16 on GPU, fp32 on CPU
-    # Memory levers (see pipelines/plan.py for what each saves):
+    # Memory levers (see pipelines/runtime/plan.py for what each saves):
     logprob_chunk_tokens: int = 2048  # score tokens from hidden states in chunks (0: full logits)
     reference_dtype: str = "float32"  # float32 | bfloat16: storage of the frozen reference
     offload: bool = False  # FSDP2 CPUOffloadPolicy: parameter/gradient/AdamW shards in host memory
@@ -105,7 +105,7 @@ class TrainerActor:
 
     def setup(self, host: str, port: int, timeout_s: float = 600.0) -> dict:
         """Join the process group, build the sharded policy, reference and optimizer."""
-        from pipelines.models import resolve_model
+        from actors.models import resolve_model
 
         # Resolve (and maybe build) the model before joining the process group:
         # transformers' save_pretrained writes nothing on ranks other than 0.

@@ -112,7 +112,7 @@ class HFRunner:
     def __init__(self, model: str):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from pipelines.models import resolve_model
+        from actors.models import resolve_model
 
         path = resolve_model(model)
         self.processor = AutoProcessor.from_pretrained(path)
@@ -170,9 +170,9 @@ def bench_hf(model: str, reqs, one_at_a_time: int) -> tuple[dict, dict, int]:
 def bench_sync(repeats: int, bucket_mb: int) -> dict:
     from transformers import AutoModelForImageTextToText
 
+    from actors.models import resolve_model
     from actors.pool import GeneratorPool
     from actors.weights import make_buckets, put_buckets
-    from pipelines.models import resolve_model
 
     path = resolve_model(SYNC_MODEL)
     state = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).state_dict()
@@ -244,7 +244,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    from pipelines.local_ray import ray_session
+    from pipelines.runtime.local_ray import ray_session
 
     env = {"env_vars": {"PYTHONPATH": str(ROOT)}}
     report = {"host": {"cpus": torch.get_num_threads(), "machine": platform.machine()},

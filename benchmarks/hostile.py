@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from actors.renderer import extract_svg
-from pipelines.grading import (
+from pipelines.algorithms.grading import (
     DEFAULT_TIMEOUT_S,
     MAX_ANSWER_CHARS,
     Grader,
@@ -38,7 +38,7 @@ from pipelines.grading import (
     majority,
     normalize,
 )
-from pipelines.mmzero.rewards import format_ok, infer_content_type, parse_proposal
+from pipelines.recipes.mmzero.rewards import format_ok, infer_content_type, parse_proposal
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
+    from actors.models import resolve_model
     from actors.objectives import ObjectiveSpec
-    from pipelines.local_ray import ray_session
-    from pipelines.models import resolve_model
+    from pipelines.runtime.local_ray import ray_session
 
     objective = ObjectiveSpec(kl_coef=0.01)
     path = resolve_model(MODEL)

@@ -108,8 +108,8 @@ def _load(args) -> object:
 
 
 def _run(args) -> int:
-    from pipelines.driver import Driver
-    from pipelines.local_ray import ray_session
+    from pipelines.runtime.driver import Driver
+    from pipelines.runtime.local_ray import ray_session
 
     cfg = _load(args)
     with ray_session(num_cpus=_local_cpus(cfg)):
@@ -127,8 +127,8 @@ def _local_cpus(cfg) -> int:
     """
     import os
 
-    from pipelines.placement import resolve_layout
-    from pipelines.recipe import build_recipe
+    from pipelines.recipes.base import build_recipe
+    from pipelines.runtime.placement import resolve_layout
 
     roles = build_recipe(cfg).roles
     p = cfg.placement
@@ -141,7 +141,7 @@ def _local_cpus(cfg) -> int:
 
 
 def _status(args) -> int:
-    from pipelines.status import render_status
+    from pipelines.runtime.status import render_status
 
     print(render_status(args.run_dir))
     return 0
@@ -153,14 +153,14 @@ def _config_show(args) -> int:
 
 
 def _model_build(args) -> int:
-    from pipelines.models import resolve_model
+    from actors.models import resolve_model
 
     print(resolve_model(args.ref))
     return 0
 
 
 def _plan(args) -> int:
-    from pipelines.plan import run_plan
+    from pipelines.runtime.plan import run_plan
 
     return run_plan(_load(args), cluster_file=args.cluster, nodes=args.nodes,
                     gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
@@ -168,7 +168,7 @@ def _plan(args) -> int:
 
 
 def _plot(args) -> int:
-    from pipelines.mmzero.coevo import plot_run
+    from pipelines.recipes.mmzero.coevo import plot_run
 
     for path in plot_run(args.run_dir):
         print(path)
@@ -179,7 +179,7 @@ def _generate(args) -> int:
     import ray
 
     from actors.generator import EngineSpec, GeneratorActor, Request, Sampling, cpu_engine_env
-    from pipelines.local_ray import ray_session
+    from pipelines.runtime.local_ray import ray_session
 
     cfg = _load(args)
     image = _read_image(args.image)

@@ -175,7 +175,7 @@ class TrainerConfig:
 class AlgorithmConfig:
     advantage: Literal["grpo", "drgrpo", "rloo"] = param(
         "grpo", "Advantage estimator over each prompt's samples: grpo (r - mean) / std, drgrpo "
-        "r - mean, rloo r - mean of the others (pipelines/advantages.py)."
+        "r - mean, rloo r - mean of the others (pipelines/algorithms/advantages.py)."
     )
     loss: Literal["ppo", "reinforce"] = param("ppo", "Policy objective.")
     clip_low: float = param(0.2, "PPO ratio clip below 1 (1 - clip_low).", ge=0, lt=1)
@@ -270,7 +270,7 @@ class PlacementConfig:
     def check(self) -> None:
         # Cross-field rules (GPU/CPU consistency, colocation, cluster size) live
         # with the placement code; imported here to keep one source of truth.
-        from pipelines.placement import check_placement
+        from pipelines.runtime.placement import check_placement
 
         check_placement(self)
 
@@ -289,7 +289,7 @@ class SimpleConfig:
     """The `simple` recipe: one GRPO phase on your prompts with your reward function."""
 
     reward: str = param(
-        "pipelines.simple:answer_length_reward",
+        "pipelines.recipes.simple.recipe:answer_length_reward",
         "Reward function as module:function, called as fn(sample) -> float for each completion "
         "(sample: prompt, response, token_ids, prompt_index; see README).")
     prompts: list[str] = param(

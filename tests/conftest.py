@@ -36,7 +36,7 @@ def ray_cluster(tiny_cache):
     Sixteen logical CPUs on a 2-core host, so that the session's engines and
     trainer ranks (one logical CPU each) can coexist; Ray only counts them.
     """
-    from pipelines.local_ray import ray_session
+    from pipelines.runtime.local_ray import ray_session
 
     env = {"env_vars": {"COEVOLVE_CACHE": str(tiny_cache), "PYTHONPATH": str(ROOT)}}
     with ray_session(num_cpus=16, runtime_env=env) as resources:

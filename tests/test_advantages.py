@@ -1,18 +1,18 @@
-"""Hand-computed tests for pipelines/advantages.py (CPU, no Ray, no model)."""
+"""Hand-computed tests for pipelines/algorithms/advantages.py (CPU, no Ray, no model)."""
 
 import math
 
 import pytest
 import torch
 
-from pipelines.advantages import (
+from pipelines.algorithms.advantages import (
     AdaptiveKLController,
     EMABaseline,
     FixedKLController,
     discounted_returns,
     drgrpo_advantages,
-    grpo_advantages,
     group_stats,
+    grpo_advantages,
     masked_whiten,
     reinforce_pp_advantages,
     rloo_advantages,

@@ -12,7 +12,13 @@ from conftest import chart_png
 from PIL import Image
 
 from pipelines.cli import main
-from pipelines.mmzero.coevo import FunnelItem, coevo_metrics, plot_run, save_samples, write_coevo
+from pipelines.recipes.mmzero.coevo import (
+    FunnelItem,
+    coevo_metrics,
+    plot_run,
+    save_samples,
+    write_coevo,
+)
 
 TYPES = ("data_chart", "diagram", "geometry", "other")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -68,9 +68,9 @@ def other_value(path: str, kind, current):
 
 
 def built(cfg) -> dict:
-    from pipelines.engines import engine_spec
-    from pipelines.phase import trainer_spec
-    from pipelines.placement import phase_layouts
+    from pipelines.runtime.engines import engine_spec
+    from pipelines.runtime.phase import trainer_spec
+    from pipelines.runtime.placement import phase_layouts
 
     return {"engine": engine_spec(cfg, cfg.model.path, 1),
             "trainer": trainer_spec(cfg, cfg.model.path, steps=100),
@@ -120,8 +120,8 @@ def test_every_built_section_field_is_walked_or_listed():
 
 
 def test_advantage_estimators_are_the_phase_loops():
-    from pipelines.advantages import drgrpo_advantages, grpo_advantages, rloo_advantages
-    from pipelines.phase import ESTIMATORS
+    from pipelines.algorithms.advantages import drgrpo_advantages, grpo_advantages, rloo_advantages
+    from pipelines.runtime.phase import ESTIMATORS
 
     assert ESTIMATORS == {"grpo": grpo_advantages, "drgrpo": drgrpo_advantages,
                           "rloo": rloo_advantages}
@@ -130,7 +130,7 @@ def test_advantage_estimators_are_the_phase_loops():
 
 
 def test_dual_clip_zero_is_off():
-    from pipelines.phase import trainer_spec
+    from pipelines.runtime.phase import trainer_spec
 
     cfg = load_config(None, ["algorithm.dual_clip=0"])
     assert trainer_spec(cfg, "m", 1).objective.dual_clip is None
@@ -138,8 +138,8 @@ def test_dual_clip_zero_is_off():
 
 
 def test_max_pixels_reaches_engines_and_trainer_alike():
-    from pipelines.engines import engine_spec
-    from pipelines.phase import trainer_spec
+    from pipelines.runtime.engines import engine_spec
+    from pipelines.runtime.phase import trainer_spec
 
     cfg = load_config(None, ["model.max_pixels=16384"])
     assert engine_spec(cfg, "m", 1).max_pixels == trainer_spec(cfg, "m", 1).max_pixels == 16384

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from pipelines.config import load_config
-from pipelines.driver import Driver
-from pipelines.metrics import read_metrics
-from pipelines.status import render_status
+from pipelines.runtime.driver import Driver
+from pipelines.runtime.metrics import read_metrics
+from pipelines.runtime.status import render_status
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -63,7 +63,7 @@ def test_grpo_raises_a_dense_reward_and_not_without_weight_sync(ray_cluster, tmp
 _ALIGNED: set[int] = set()
 # The default tiny model's LM head spans only ~±0.5 nats of logits whatever the last
 # hidden state is, so an adapter (which leaves the head frozen) can hardly move token
-# probabilities; a head 8x larger gives it room (pipelines/tiny.py, head_scale).
+# probabilities; a head 8x larger gives it room (actors/tiny.py, head_scale).
 LORA_MODEL = "tiny://qwen2.5-vl?head_scale=8"
 
 
@@ -76,7 +76,7 @@ def aligned_token_share(sample: dict) -> float:
     if not _ALIGNED:
         from safetensors.numpy import load_file
 
-        from pipelines.models import resolve_model
+        from actors.models import resolve_model
 
         weights = load_file(f"{resolve_model(LORA_MODEL)}/model.safetensors")
         head = weights.get("lm_head.weight", weights.get("model.language_model.embed_tokens.weight"))

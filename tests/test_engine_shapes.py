@@ -45,12 +45,12 @@ def requests() -> list[Request]:
 def trained(ray_cluster, tmp_path_factory):
     """(bucket refs, manifest, hf/ export) of a 1-rank trainer after one optimizer step."""
     import ray
+    from conftest import make_train_batch
 
+    from actors.models import resolve_model
     from actors.objectives import ObjectiveSpec
     from actors.trainer import TrainerGroup, TrainerSpec
     from actors.weights import WeightVersion
-    from conftest import make_train_batch
-    from pipelines.models import resolve_model
 
     group = TrainerGroup(TrainerSpec(model=MODEL, objective=ObjectiveSpec(kl_coef=0.0), lr=1e-2,
                                      reference=False,

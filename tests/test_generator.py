@@ -106,7 +106,7 @@ def test_adapters_on_the_vision_tower_are_refused(tiny_cache):
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import AutoModelForImageTextToText
 
-    from pipelines.models import resolve_model
+    from actors.models import resolve_model
 
     model = AutoModelForImageTextToText.from_pretrained(resolve_model(MODEL), dtype=torch.float32)
     config = LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"])
@@ -161,7 +161,7 @@ class HF:
     def __init__(self):
         from transformers import AutoProcessor
 
-        from pipelines.models import resolve_model
+        from actors.models import resolve_model
 
         self.processor = AutoProcessor.from_pretrained(resolve_model(MODEL))
         self._models: dict[int, torch.nn.Module] = {}
@@ -169,7 +169,7 @@ class HF:
     def model(self, seed: int = 0):
         from transformers import AutoModelForImageTextToText
 
-        from pipelines.models import resolve_model
+        from actors.models import resolve_model
 
         if seed not in self._models:
             path = resolve_model(f"{MODEL}?seed={seed}" if seed else MODEL)
@@ -449,7 +449,7 @@ def test_max_pixels_gives_engine_and_trainer_the_same_image_tokens(ray_cluster):
 
     from actors.batching import InputBuilder
     from actors.generator import GeneratorActor, cpu_engine_env
-    from pipelines.models import resolve_model
+    from actors.models import resolve_model
 
     buf = io.BytesIO()
     Image.new("RGB", (400, 300), "white").save(buf, format="PNG")

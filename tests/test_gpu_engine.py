@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from pipelines.config import load_config
-from pipelines.driver import Driver
-from pipelines.metrics import read_metrics
+from pipelines.runtime.driver import Driver
+from pipelines.runtime.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.gpu,

@@ -131,7 +131,7 @@ def _child() -> dict:
     import torch.distributed as dist
     from conftest import make_train_batch
 
-    from pipelines.models import resolve_model
+    from actors.models import resolve_model
 
     path = resolve_model(MODEL)
     batches = [make_train_batch(path, n_prompts=3, n=2, seed=s) for s in range(3)]

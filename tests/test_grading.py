@@ -1,6 +1,6 @@
 """Answer extraction, equivalence, majority voting and the symbolic time limit
 (spec: "Answer equivalence"). Expected verdicts are decided from the spec and
-the choices documented in pipelines/grading.py, not read off the code."""
+the choices documented in pipelines/algorithms/grading.py, not read off the code."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pipelines.grading import (
+from pipelines.algorithms.grading import (
     Grader,
     agreement,
     evolmm_normalize,

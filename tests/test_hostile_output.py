@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actors.renderer import extract_svg
-from pipelines.grading import (
+from pipelines.algorithms.grading import (
     MAX_ANSWER_CHARS,
     Grader,
     agreement,
@@ -28,7 +28,7 @@ from pipelines.grading import (
     normalize,
     tag_blocks,
 )
-from pipelines.mmzero.rewards import format_ok, parse_proposal, solver_reward
+from pipelines.recipes.mmzero.rewards import format_ok, parse_proposal, solver_reward
 
 # ------------------------------------------------------------------ hedges
 

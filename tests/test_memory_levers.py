@@ -3,7 +3,7 @@ full-logits path (values and gradients), the bf16 reference equals the fp32 one 
 bf16 mixed precision and stays close in fp32, and the config rejects what cannot work.
 
 The 2-rank FSDP checks (offload, chunking and the bf16 reference inside a trainer
-group) are in tests/test_trainer.py; what the levers save is pipelines/plan.py's
+group) are in tests/test_trainer.py; what the levers save is pipelines/runtime/plan.py's
 business (tests/test_placement.py).
 
 The FSDP check runs in a child process started from this file
@@ -127,8 +127,8 @@ def test_chunked_model_logprobs_equal_the_full_logits_on_tiny_models(family, tin
     parameter gradient equal the full-logits path (fp32 CPU)."""
     from transformers import AutoModelForImageTextToText
 
+    from actors.models import resolve_model
     from actors.trainer import chunked_model_logprobs
-    from pipelines.models import resolve_model
 
     path = resolve_model(f"tiny://{family}")
     mb = _micro_batch(path)
@@ -179,8 +179,8 @@ def _reference_logprobs(family: str) -> dict:
     from transformers import AutoModelForImageTextToText
 
     from actors import fsdp
+    from actors.models import resolve_model
     from actors.trainer import chunked_model_logprobs
-    from pipelines.models import resolve_model
 
     torch.set_num_threads(1)
     path = resolve_model(f"tiny://{family}")

@@ -8,9 +8,9 @@ import json
 import re
 from pathlib import Path
 
-from pipelines import metrics
+from pipelines.runtime import metrics
 from pipelines.config import load_config
-from pipelines.metrics import TAG_KEYS, MetricsSink, read_metrics
+from pipelines.runtime.metrics import TAG_KEYS, MetricsSink, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_two_runs_on_one_cluster_keep_their_own_series(tmp_path, monkeypatch):
 def test_grafana_dashboard_reads_the_gauges_the_driver_sets():
     board = json.loads((ROOT / "cluster/grafana-coevolve.json").read_text())
     exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
-    source = (ROOT / "pipelines/metrics.py").read_text()
+    source = (ROOT / "pipelines/runtime/metrics.py").read_text()
     gauges = set(re.findall(r'"(coevolve_[a-z_]+)"', source))
     assert {re.match(r"ray_(coevolve_\w+)", e).group(1) for e in exprs} == gauges
     for expr in exprs:  # every panel filters by run (two runs never mix)

@@ -14,9 +14,9 @@ import pytest
 from ray.util import placement_group_table
 
 from pipelines.config import load_config
-from pipelines.driver import Driver
-from pipelines.metrics import read_metrics
-from pipelines.status import render_status
+from pipelines.runtime.driver import Driver
+from pipelines.runtime.metrics import read_metrics
+from pipelines.runtime.status import render_status
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("proposer", "codegen", "solver")

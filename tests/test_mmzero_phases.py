@@ -1,4 +1,4 @@
-"""Data flow of the three MM-Zero phases (pipelines/mmzero/recipe.py) with fake pools.
+"""Data flow of the three MM-Zero phases (pipelines/recipes/mmzero/recipe.py) with fake pools.
 
 The vLLM engines are replaced by small scripted pools (driver-logic unit tests);
 the SVG renderer is the real sandboxed RendererPool (one worker process). Each
@@ -22,9 +22,9 @@ import pytest
 
 from actors.generator import Completion
 from pipelines.config import load_config
-from pipelines.mmzero.examples import EXAMPLES
-from pipelines.mmzero.recipe import CodeGenPhase, MMZeroRecipe, ProposerPhase, SolverPhase
-from pipelines.mmzero.rewards import parse_proposal
+from pipelines.recipes.mmzero.examples import EXAMPLES
+from pipelines.recipes.mmzero.recipe import CodeGenPhase, MMZeroRecipe, ProposerPhase, SolverPhase
+from pipelines.recipes.mmzero.rewards import parse_proposal
 
 OVERRIDES = [
     "run.recipe=mmzero", "mmzero.train_steps=3", "mmzero.max_tokens=64",

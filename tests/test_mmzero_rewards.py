@@ -1,4 +1,4 @@
-"""Hand-computed tests for pipelines/mmzero/rewards.py (CPU, no Ray, no model).
+"""Hand-computed tests for pipelines/recipes/mmzero/rewards.py (CPU, no Ray, no model).
 
 Every expected figure has its arithmetic next to it. Texts in the diversity
 tests use disjoint vocabularies unless they are meant to be near-duplicates:
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-from pipelines.mmzero.rewards import (
+from pipelines.recipes.mmzero.rewards import (
     CONTENT_TYPES,
     SEED_TOPICS,
     Proposal,

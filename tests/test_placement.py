@@ -25,7 +25,7 @@ if __name__ == "__main__":  # run as the scenario script: make the repo importab
 import pytest
 
 from pipelines.config import ConfigError, load_config
-from pipelines.placement import (
+from pipelines.runtime.placement import (
     Node,
     Placement,
     PlacementError,
@@ -33,7 +33,7 @@ from pipelines.placement import (
     resolve_layout,
     simulate,
 )
-from pipelines.plan import (
+from pipelines.runtime.plan import (
     BUILTIN_MODELS,
     CONTEXT_BYTES,
     GIB,
@@ -545,7 +545,7 @@ def test_plan_refuses_a_phase_layout_without_the_engines_it_needs(capsys, monkey
 
 
 def _report(placement) -> list[dict]:
-    from pipelines.placement import bundle_report
+    from pipelines.runtime.placement import bundle_report
 
     return [{"role": r.role, "bundle": r.bundle, "node_id": r.node_id, "gpu_ids": list(r.gpu_ids)}
             for r in bundle_report(placement)]
@@ -563,8 +563,8 @@ def _wait_free_gpus(total: float, timeout_s: float = 20.0) -> float:
 
 
 def _scenario_single() -> dict:
-    from pipelines.local_ray import ray_session
-    from pipelines.placement import PlacementManager, create_placement
+    from pipelines.runtime.local_ray import ray_session
+    from pipelines.runtime.placement import PlacementManager, create_placement
 
     out: dict = {}
     with ray_session(num_cpus=96, num_gpus=8):
@@ -600,13 +600,13 @@ def _scenario_two_nodes() -> dict:
     # Cluster() writes its address file under Ray's temp dir: keep ours private.
     tmp = tempfile.mkdtemp(prefix="cvplace-")
     os.environ["RAY_TMPDIR"] = tmp
-    from pipelines.local_ray import _loopback_only
+    from pipelines.runtime.local_ray import _loopback_only
 
     _loopback_only()
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipelines.placement import PlacementManager
+    from pipelines.runtime.placement import PlacementManager
 
     node = {"num_cpus": 48, "num_gpus": 4, "node_ip_address": "127.0.0.1"}
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})

@@ -28,7 +28,7 @@ if __name__ == "__main__":
 import pytest
 
 from pipelines.config import ConfigError, load_config
-from pipelines.storage import run_root
+from pipelines.runtime.storage import run_root
 
 
 def test_relative_root_refused_on_a_cluster_absolute_elsewhere(tmp_path, monkeypatch):
@@ -41,7 +41,7 @@ def test_relative_root_refused_on_a_cluster_absolute_elsewhere(tmp_path, monkeyp
 
 
 def test_driver_refuses_a_relative_root_under_ray_address(monkeypatch):
-    from pipelines.driver import Driver
+    from pipelines.runtime.driver import Driver
 
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")  # never contacted: refused first
     with pytest.raises(ConfigError, match="run.root: 'runs' is relative"):
@@ -50,8 +50,8 @@ def test_driver_refuses_a_relative_root_under_ray_address(monkeypatch):
 
 def test_state_paths_are_relative_to_the_run_directory(tmp_path, monkeypatch):
     """A run resumed, or looked at, from another working directory finds its weights."""
-    from pipelines.driver import Driver
-    from pipelines.status import render_status
+    from pipelines.runtime.driver import Driver
+    from pipelines.runtime.status import render_status
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -77,7 +77,7 @@ def test_state_of_older_runs_still_resolves(tmp_path, monkeypatch):
     """state.json written before paths were relative to the run directory: absolute
     paths stay, working-directory-relative ones (<run.root>/<name>/iter_...) are read
     from their iter_... part."""
-    from pipelines.driver import Driver
+    from pipelines.runtime.driver import Driver
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cfg = load_config(ROOT / "configs/simple/tiny-cpu.yaml", [f"run.root={tmp_path}",
@@ -138,7 +138,7 @@ def _start_node(address: str, log: Path, mounts: str) -> subprocess.Popen:
 
 def _run_node(address: str) -> None:
     """Child: a worker node joined to ``address`` (as cluster_utils adds one), until SIGTERM."""
-    from pipelines.local_ray import _loopback_only
+    from pipelines.runtime.local_ray import _loopback_only
 
     _loopback_only()
     from ray._private.node import Node
@@ -176,13 +176,13 @@ def _scenario_two_nodes(tmp: Path) -> dict:
     # Ray's socket paths live under it).
     ray_tmp = tempfile.mkdtemp(prefix="cvst-")
     os.environ["RAY_TMPDIR"] = ray_tmp
-    from pipelines.local_ray import _loopback_only
+    from pipelines.runtime.local_ray import _loopback_only
 
     _loopback_only()
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipelines.storage import alive_nodes, check_shared
+    from pipelines.runtime.storage import alive_nodes, check_shared
 
     local, own, shared, locked = (tmp / "local", tmp / "own-disk", tmp / "shared",
                                   tmp / "locked")

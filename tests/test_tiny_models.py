@@ -14,12 +14,11 @@ import time
 
 import pytest
 import torch
+from conftest import chart_png
 from PIL import Image
 
-from pipelines.models import resolve_model
-from pipelines.tiny import build_tiny, parse_tiny
-
-from conftest import chart_png
+from actors.models import resolve_model
+from actors.tiny import build_tiny, parse_tiny
 
 FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
 QUESTION = "How many bars are in the chart? Answer with a number."

@@ -16,13 +16,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import make_train_batch
 
 from actors.batching import InputBuilder
+from actors.models import resolve_model
 from actors.objectives import ObjectiveSpec, policy_objective, token_logprobs
 from actors.trainer import LoraSpec, TrainerGroup, TrainerSpec, lr_factor, merge_metrics
-from pipelines.models import resolve_model
-
-from conftest import make_train_batch
 
 MODEL = "tiny://qwen2.5-vl"
 OBJECTIVE = ObjectiveSpec(kl_coef=0.01)  # PPO clip-higher + dual-clip + low-var KL (MM-Zero)
@@ -349,11 +348,10 @@ def test_trainer_logprobs_match_the_engine_on_its_own_samples(group1, engines, p
     """The engine samples (temperature 1) with the starting weights; the trainer scores
     the same token sequences with the same weights: fp32 agreement."""
     import ray
+    from conftest import chart_png
 
     from actors.batching import TrainBatch
     from actors.generator import Request, Sampling
-
-    from conftest import chart_png
 
     pngs = [chart_png(1), chart_png(2)]
     requests = [Request([{"role": "user", "content": [
@@ -394,11 +392,10 @@ def test_qwen3_vl_frozen_vision_and_engine_agreement(ray_cluster, engines, tmp_p
     """Qwen3-VL batches (deepstack, interleaved M-RoPE) through the trainer: its log-probs
     equal the engine's, and freeze_vision keeps the vision tower (not the merger) fixed."""
     import ray
+    from conftest import chart_png
 
     from actors.batching import TrainBatch
     from actors.generator import Request, Sampling
-
-    from conftest import chart_png
 
     group = TrainerGroup(spec(model="tiny://qwen3-vl", freeze_vision=True), 1,
                          name="test/trainer-qwen3", runtime_env=ENV)
@@ -432,10 +429,9 @@ def test_qwen3_vl_frozen_vision_and_engine_agreement(ray_cluster, engines, tmp_p
 def test_exported_folder_serves_in_vllm(group1, batches, tmp_path):
     """export_hf after training: a vLLM engine on the folder scores like the trainer."""
     import ray
+    from conftest import chart_png
 
     from actors.generator import EngineSpec, GeneratorActor, Request, Sampling, cpu_engine_env
-
-    from conftest import chart_png
 
     start = tmp_path / "start"
     group1.save(str(start))

@@ -7,7 +7,7 @@ differences from the original, each explained where it is made:
   chosen by batch order), exact duplicates at distance 0 (method1 smoothing
   scores an identical 3-token text 0.56, so short duplicates never clustered).
 - A declared content type "other" is kept (the original re-inferred it).
-- Answers are graded with `pipelines.grading.grade`; the Solver format check is
+- Answers are graded with `pipelines.algorithms.grading.grade`; the Solver format check is
   the spec's whole-response one.
 Spec defect: "(a unique proposal gains up to +0.5)" cannot happen with the spec's
 own formula (share_F >= 1/n_valid, so the diversity term is in [-0.5, 0]); we
@@ -30,7 +30,13 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
 from actors.renderer import svg_like
-from pipelines.grading import _balanced, extract_answer, grade, is_valid_answer, tag_blocks
+from pipelines.algorithms.grading import (
+    _balanced,
+    extract_answer,
+    grade,
+    is_valid_answer,
+    tag_blocks,
+)
 
 CONTENT_TYPES = ("data_chart", "diagram", "geometry", "timeline", "map", "table", "other")
 SEED_TOPICS = (  # spec order

@@ -39,12 +39,12 @@ import numpy as np
 
 from actors.generator import Request, Sampling
 from actors.renderer import PoolConfig, RendererPool, RenderLimits, svg_like
-from pipelines.driver import atomic_write
-from pipelines.mmzero import coevo
-from pipelines.mmzero.examples import EXAMPLES
-from pipelines.mmzero.judge import ask_solver, seed, write_svgs
-from pipelines.mmzero.prompts import codegen_messages, proposer_messages, solver_messages
-from pipelines.mmzero.rewards import (
+from pipelines.recipes.base import Scores
+from pipelines.recipes.mmzero import coevo
+from pipelines.recipes.mmzero.examples import EXAMPLES
+from pipelines.recipes.mmzero.judge import ask_solver, seed, write_svgs
+from pipelines.recipes.mmzero.prompts import codegen_messages, proposer_messages, solver_messages
+from pipelines.recipes.mmzero.rewards import (
     CONTENT_TYPES,
     SEED_TOPICS,
     Proposal,
@@ -58,7 +58,7 @@ from pipelines.mmzero.rewards import (
     solver_keep,
     solver_reward,
 )
-from pipelines.recipe import Scores
+from pipelines.runtime.rundir import atomic_write
 
 logger = logging.getLogger(__name__)
 

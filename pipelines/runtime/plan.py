@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.config import ClusterSpec, Config, ConfigError, config_from_dict
-from pipelines.placement import (
+from pipelines.runtime.placement import (
     TRAINER,
     Layout,
     Node,
@@ -197,7 +197,7 @@ def _vision_sizes(family: str, v: dict, text_hidden: int) -> tuple[int, int]:
 def load_model_config(ref: str) -> tuple[dict, str]:
     """(config.json as a dict, where it came from) for a model reference."""
     if ref.startswith("tiny://"):
-        from pipelines.models import resolve_model
+        from actors.models import resolve_model
 
         folder = Path(resolve_model(ref))
         return json.loads((folder / "config.json").read_text()), f"config.json of {folder}"
@@ -518,7 +518,7 @@ def resolve_cluster(cfg: Config, cluster_file: str | None = None, nodes: int | N
 def _ray_nodes() -> list[Node]:
     import ray
 
-    from pipelines.placement import live_nodes
+    from pipelines.runtime.placement import live_nodes
 
     ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     try:
@@ -530,7 +530,7 @@ def _ray_nodes() -> list[Node]:
 def _layouts(cfg: Config) -> list[Layout]:
     """The phases to show: each declared phase, else the one layout of every phase;
     only the roles the recipe runs engines for."""
-    from pipelines.recipe import build_recipe
+    from pipelines.recipes.base import build_recipe
 
     roles = build_recipe(cfg).roles
     if cfg.placement.phases:
@@ -598,7 +598,7 @@ def run_plan(cfg: Config, *, cluster_file: str | None = None, nodes: int | None 
     """Print the plan; 0 if it fits, 2 if not (the numbers are printed)."""
     import sys
 
-    from pipelines.recipe import build_recipe, check_layouts
+    from pipelines.recipes.base import build_recipe, check_layouts
 
     out = out or sys.stdout
     check_layouts(cfg, build_recipe(cfg))  # a phase without engines it needs: refused first
@@ -622,8 +622,8 @@ def probe_placement(cfg: Config, nodes: list[Node]) -> str:
     Attaches to ``RAY_ADDRESS``; without it starts a private Ray on loopback
     with the declared node's logical GPUs (one node only).
     """
-    from pipelines.local_ray import ray_session
-    from pipelines.placement import PlacementManager, bundle_report
+    from pipelines.runtime.local_ray import ray_session
+    from pipelines.runtime.placement import PlacementManager, bundle_report
 
     kwargs = {}
     if not os.environ.get("RAY_ADDRESS"):

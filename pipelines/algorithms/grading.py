@@ -466,7 +466,7 @@ def math_verify_equal(pred: str, ref: str) -> bool:
 _STARTUP_SECONDS = 60.0
 _BOOTSTRAP = ("import json, sys\n"
               "sys.path[:0] = json.loads(sys.argv[1])\n"
-              "from pipelines.grading import _worker_main\n"
+              "from pipelines.algorithms.grading import _worker_main\n"
               "_worker_main(int(sys.argv[2]))\n")
 
 

@@ -9,7 +9,7 @@
 
 Run directory (see docs/architecture.md), always absolute; on a Ray cluster
 ``run.root`` must be absolute and shared by every node, which is checked
-before a phase starts (pipelines/storage.py)::
+before a phase starts (pipelines/runtime/storage.py)::
 
     runs/<name>/config.yaml  state.json
     runs/<name>/iter_0001/<phase>/rollouts-000001.parquet  metrics.jsonl  ckpt/step_000002/  hf/  DONE
@@ -23,38 +23,17 @@ so a resumed run takes the same steps as an uninterrupted one.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-
 from pipelines.config import Config, dump_config
-from pipelines.recipe import Phase, build_recipe, check_layouts
-
-STATE = "state.json"
-
-
-class Timer:
-    """Named wall-clock timers for one step: ``with timer("generate"): ...``."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+from pipelines.recipes.base import Phase, build_recipe, check_layouts
+from pipelines.runtime.rundir import STATE, atomic_write, run_relative
 
 
 class Driver:
     def __init__(self, cfg: Config):
-        from pipelines.storage import attached_to_cluster, run_root
+        from pipelines.runtime.storage import attached_to_cluster, run_root
 
         self.cfg = cfg
         self.on_cluster = attached_to_cluster()
@@ -70,8 +49,8 @@ class Driver:
     def run(self) -> dict:
         import ray
 
-        from pipelines.engines import Engines
-        from pipelines.placement import PlacementManager
+        from pipelines.runtime.engines import Engines
+        from pipelines.runtime.placement import PlacementManager
 
         check_layouts(self.cfg, self.recipe)  # a phase without the engines it needs: fail now
         if self.on_cluster:  # the driver's node first: it writes state.json and reads checkpoints
@@ -97,7 +76,7 @@ class Driver:
                     self.run_phase(iteration, index, phase, phase_dir, engines, placement)
                     atomic_write(phase_dir / "DONE", "ok\n")
         finally:
-            from pipelines.metrics import finish_wandb
+            from pipelines.runtime.metrics import finish_wandb
 
             finish_wandb()
             engines.shutdown()
@@ -114,7 +93,7 @@ class Driver:
             engines.shutdown()  # removing a placement group kills its actors
         placement = places.enter(phase)
         if self.on_cluster:
-            from pipelines.storage import placement_nodes
+            from pipelines.runtime.storage import placement_nodes
 
             self._check_shared(placement_nodes(placement))
         return placement
@@ -125,8 +104,8 @@ class Driver:
         lacks engines the data needs (MM-Zero's Solver may train on every GPU, but its
         data takes Proposer and CodeGen engines). The phase then loads it as a resume
         would; ``DATA`` marks it made."""
-        from pipelines.phase import PhaseRunner
-        from pipelines.placement import resolve_layout
+        from pipelines.runtime.phase import PhaseRunner
+        from pipelines.runtime.placement import resolve_layout
 
         needs = set(getattr(phase, "data_roles", ()))
         own = resolve_layout(self.cfg.placement, phase.name, self.recipe.roles).roles
@@ -141,7 +120,7 @@ class Driver:
 
     def _check_shared(self, nodes: set[str]) -> None:
         """Prove that ``nodes`` (with the ones proven before) share run.root."""
-        from pipelines.storage import alive_nodes, check_shared
+        from pipelines.runtime.storage import alive_nodes, check_shared
 
         self._shared_nodes &= set(alive_nodes())  # a node that left is not asked again
         if nodes - self._shared_nodes:
@@ -159,7 +138,7 @@ class Driver:
 
     def run_phase(self, iteration: int, index: int, phase: Phase, phase_dir: Path,
                   engines, placement) -> None:
-        from pipelines.phase import PhaseRunner
+        from pipelines.runtime.phase import PhaseRunner
 
         role = self.state.get("roles", {}).get(phase.role, {})
         with PhaseRunner(self.cfg, phase, phase_dir, run_dir=self.run_dir,
@@ -189,41 +168,3 @@ class Driver:
         self.state.update(changes, updated=time.time())
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.run_dir / STATE, json.dumps(self.state, indent=1))
-
-
-def run_relative(path: str | None) -> str | None:
-    """A role path as state.json keeps it: absolute, or relative to the run directory.
-    Runs written before that kept ``<run.root>/<name>/iter_.../hf`` relative to the
-    working directory: their ``iter_...`` tail is the path inside the run."""
-    if not path or Path(path).is_absolute():
-        return path
-    parts = Path(path).parts
-    start = next((i for i, p in enumerate(parts) if p.startswith("iter_")), 0)
-    return str(Path(*parts[start:]))
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def latest_checkpoint(ckpt_dir: Path) -> tuple[int, Path] | None:
-    """The newest complete ``step_NNNNNN`` folder, or None."""
-    from actors.checkpoint import is_complete
-
-    found = [(int(p.name.split("_")[1]), p) for p in ckpt_dir.glob("step_*")
-             if p.name.split("_")[1].isdigit() and is_complete(p)]
-    return max(found) if found else None
-
-
-def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    complete = sorted((int(p.name.split("_")[1]), p) for p in ckpt_dir.glob("step_*")
-                      if p.name.split("_")[1].isdigit())
-    for _, path in complete[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def step_rng(seed_path: tuple[int, ...], step: int) -> np.random.Generator:
-    return np.random.default_rng([*seed_path, step])

@@ -36,11 +36,11 @@ import torch
 from actors.batching import TrainBatch
 from actors.objectives import ObjectiveSpec
 from actors.trainer import LoraSpec, TrainerGroup, TrainerGroupFailed, TrainerSpec
-from pipelines.advantages import drgrpo_advantages, grpo_advantages, rloo_advantages
-from pipelines.driver import Timer, latest_checkpoint, prune_checkpoints, step_rng
-from pipelines.grading import budget as grading_budget
-from pipelines.grading import grading_stats
-from pipelines.metrics import MetricsSink
+from pipelines.algorithms.advantages import drgrpo_advantages, grpo_advantages, rloo_advantages
+from pipelines.algorithms.grading import budget as grading_budget
+from pipelines.algorithms.grading import grading_stats
+from pipelines.runtime.metrics import MetricsSink, Timer
+from pipelines.runtime.rundir import latest_checkpoint, prune_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ class PhaseRunner:
 
     def _export_unchanged(self) -> None:
         """hf/ = the starting weights (hard links where the filesystem allows)."""
-        from pipelines.models import resolve_model
+        from actors.models import resolve_model
 
         source = Path(resolve_model(self.start_weights))
         target = self.dir / "hf"
@@ -359,3 +359,9 @@ def _prompt_text(request) -> str:
     if isinstance(parts, str):
         return parts
     return " ".join(p.get("text", "<image>") for p in parts)
+
+
+def step_rng(seed_path: tuple[int, ...], step: int) -> np.random.Generator:
+    """The step's requests and sampling seeds: a pure function of (run.seed, iteration,
+    phase, step), so a resumed run takes the same steps as an uninterrupted one."""
+    return np.random.default_rng([*seed_path, step])

@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from actors.generator import Completion, Request, Sampling
-from pipelines.recipe import Scores, load_function
+from pipelines.recipes.base import Scores, load_function
 
 
 def answer_length_reward(sample: dict) -> float:

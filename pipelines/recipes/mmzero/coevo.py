@@ -6,7 +6,7 @@ moves through the Solver-phase data pipeline of iteration i: parsed ->
 rendered by CodeGen_i -> evaluated by the Solver (10 answers to each question)
 -> kept for Solver training.
 
-Files, in the run layout of ``pipelines/driver.py``::
+Files, in the run layout of ``pipelines/runtime/driver.py``::
 
     runs/<name>/iter_0003/coevo.json   this iteration's metrics            (write_coevo)
     runs/<name>/iter_0003/coevo.png    curves over iterations 1..3, plus
@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.driver import atomic_write
+from pipelines.runtime.rundir import atomic_write
 
 FUNNEL = ("proposals", "parsed", "rendered", "evaluated", "kept")
 

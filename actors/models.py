@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.tiny import build_tiny
+from actors.tiny import build_tiny
 
 
 def resolve_model(ref: str) -> str:

@@ -269,8 +269,10 @@ def _model_config(spec: TinySpec, vocab_size: int, ids: dict[str, int]):
 
 
 def _processor(spec: TinySpec, tokenizer):
-    from transformers import AutoProcessor  # noqa: F401  (registers the processor classes)
-    from transformers import Qwen2VLImageProcessor
+    from transformers import (
+        AutoProcessor,  # noqa: F401  (registers the processor classes)
+        Qwen2VLImageProcessor,
+    )
 
     patch = 16 if spec.family == "qwen3-vl" else 14
     unit = patch * 2  # pixels per merged image token side

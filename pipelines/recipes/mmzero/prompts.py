@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipelines.mmzero.rewards import Proposal
+    from pipelines.recipes.mmzero.rewards import Proposal
 
 CONTENT_TYPE_LIST = "data_chart, diagram, geometry, timeline, map, table, other"
 

@@ -6,8 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from pipelines.driver import run_relative
-from pipelines.metrics import read_metrics
+from pipelines.runtime.metrics import read_metrics
+from pipelines.runtime.rundir import run_relative
 
 SHOWN = ("reward/mean", "train/grad_norm", "policy/loss", "policy/kl", "rollout/response_tokens",
          "perf/tokens_per_s")

@@ -77,11 +77,11 @@ def load_function(ref: str) -> Callable:
 
 def build_recipe(cfg) -> Recipe:
     if cfg.run.recipe == "simple":
-        from pipelines.simple import SimpleRecipe
+        from pipelines.recipes.simple.recipe import SimpleRecipe
 
         return SimpleRecipe(cfg)
     if cfg.run.recipe == "mmzero":
-        from pipelines.mmzero.recipe import MMZeroRecipe
+        from pipelines.recipes.mmzero.recipe import MMZeroRecipe
 
         return MMZeroRecipe(cfg)
     raise ValueError(f"run.recipe: unknown recipe {cfg.run.recipe!r}")
@@ -95,7 +95,7 @@ def check_layouts(cfg, recipe: Recipe) -> None:
     layout or in the top-level one, where the driver then makes the data first.
     """
     from pipelines.config import ConfigError
-    from pipelines.placement import resolve_layout
+    from pipelines.runtime.placement import resolve_layout
 
     def serving(phase: str | None) -> set[str]:
         layout = resolve_layout(cfg.placement, phase, recipe.roles)

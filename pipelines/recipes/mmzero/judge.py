@@ -21,8 +21,8 @@ import numpy as np
 
 from actors.generator import Request, Sampling
 from actors.renderer import extract_svg
-from pipelines.grading import agreement, extract_answer, majority
-from pipelines.mmzero.prompts import codegen_messages, solver_messages
+from pipelines.algorithms.grading import agreement, extract_answer, majority
+from pipelines.recipes.mmzero.prompts import codegen_messages, solver_messages
 
 logger = logging.getLogger(__name__)
 

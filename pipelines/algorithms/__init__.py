@@ -1,0 +1,1 @@
+"""The algorithm math the phases call: advantage estimators and answer grading."""

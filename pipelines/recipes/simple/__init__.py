@@ -1,0 +1,1 @@
+"""The simple recipe: GRPO on your prompts with your reward function."""

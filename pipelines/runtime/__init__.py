@@ -1,0 +1,1 @@
+"""The engine side: driver, phase runner, engines, placement and plan, run directory, metrics."""
