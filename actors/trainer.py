@@ -22,6 +22,7 @@ touching the vision tower once, so FSDP's collectives stay aligned.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -142,9 +143,14 @@ class TrainerActor:
         self.inputs.clear()
         return out
 
-    def forward_backward(self, batch: TrainBatch, micro_batch_tokens: int | None = None) -> dict:
-        """Accumulate the gradient of this rank's share of the global-batch loss."""
+    def forward_backward(self, batch: TrainBatch, micro_batch_tokens: int | None = None,
+                         kl_coef: float | None = None) -> dict:
+        """Accumulate the gradient of this rank's share of the global-batch loss.
+
+        ``kl_coef``: this call's KL coefficient instead of the spec's (an adaptive KL
+        controller's current beta); the reference must exist (``spec.reference``)."""
         self.model.train()
+        self._kl_coef = kl_coef
         masks = [len(ids) - p for ids, p in zip(batch.input_ids, batch.prompt_lens)]
         tokens, seqs = fsdp.all_reduce_sum([float(sum(masks)), float(sum(1 for m in masks if m))])
         key = self._new_batch_key()
@@ -207,12 +213,14 @@ class TrainerActor:
         config = self.model.peft_config["default"].to_dict()
         return [ray.put(adapter_payload(config, tensors))]
 
-    def save(self, directory: str) -> None:
+    def save(self, directory: str, state: dict | None = None) -> None:
+        """Checkpoint the rank; ``state`` (JSON) is the caller's, saved atomically with it
+        (a phase's estimator baselines and KL coefficient) and returned by ``load``."""
         from actors.checkpoint import save_checkpoint
 
         save_checkpoint(directory, self.model, self.optimizer, self.rank,
                         extra={"step": self.step, "scheduler": self._scheduler_state(),
-                               "batches_seen": self._batches_seen})
+                               "batches_seen": self._batches_seen, "state": state or {}})
 
     def load(self, directory: str) -> dict:
         from actors.checkpoint import load_checkpoint
@@ -221,7 +229,7 @@ class TrainerActor:
         self.step = extra["step"]
         self._batches_seen = extra.get("batches_seen", 0)
         self.scheduler.load_state_dict({**extra["scheduler"], "lr_lambdas": [None]})
-        return {"step": self.step}
+        return {"step": self.step, "state": extra.get("state", {})}
 
     def _scheduler_state(self) -> dict:
         # The LR function is rebuilt from the spec; only the counters are state.
@@ -344,6 +352,8 @@ class TrainerActor:
 
     def _loss(self, mb: dict, global_tokens: float, global_seqs: float):
         spec, mask = self.spec.objective, mb["loss_mask"]
+        if getattr(self, "_kl_coef", None) is not None:
+            spec = dataclasses.replace(spec, kl_coef=self._kl_coef)
         if self.spec.sft:
             return sft_loss(self._logprobs(self.model, mb), mask, spec.loss_agg, global_tokens,
                             global_seqs)
@@ -544,10 +554,11 @@ class TrainerGroup:
         parts = self._all("compute_logprobs", reference, per_rank=shards)
         return [row for part in parts for row in part]
 
-    def forward_backward(self, batch: TrainBatch, micro_batch_tokens: int | None = None) -> dict:
+    def forward_backward(self, batch: TrainBatch, micro_batch_tokens: int | None = None,
+                         kl_coef: float | None = None) -> dict:
         from actors.batching import split_for_ranks
 
-        results = self._all("forward_backward", micro_batch_tokens,
+        results = self._all("forward_backward", micro_batch_tokens, kl_coef,
                             per_rank=split_for_ranks(batch, self.world_size))
         return merge_metrics(results)
 
@@ -561,8 +572,8 @@ class TrainerGroup:
         """ObjectRef of the LoRA adapter payload (``TrainerActor.adapter``)."""
         return self._all("adapter")[0][0]
 
-    def save(self, directory: str) -> None:
-        self._all("save", directory)
+    def save(self, directory: str, state: dict | None = None) -> None:
+        self._all("save", directory, state)
 
     def load(self, directory: str) -> dict:
         return self._all("load", directory)[0]

@@ -173,15 +173,31 @@ class TrainerConfig:
 
 @dataclass
 class AlgorithmConfig:
-    advantage: Literal["grpo", "drgrpo", "rloo"] = param(
-        "grpo", "Advantage estimator over each prompt's samples: grpo (r - mean) / std, drgrpo "
-        "r - mean, rloo r - mean of the others (pipelines/algorithms/advantages.py)."
+    advantage: Literal["grpo", "drgrpo", "rloo", "reinforce", "reinforce_pp"] = param(
+        "grpo", "Advantage estimator: grpo (r - mean) / std, drgrpo r - mean, rloo r - mean of "
+        "the others (each over a prompt's samples); reinforce r - EMA baseline; reinforce_pp "
+        "token-level returns whitened over the batch (pipelines/algorithms/estimators.py)."
     )
+    baseline_decay: float = param(
+        0.9, "reinforce: EMA baseline decay, b <- decay * b + (1 - decay) * r.", ge=0, lt=1)
+    gamma: float = param(1.0, "reinforce_pp: discount of the token-level returns.", ge=0, le=1)
+    kl_in_reward: float = param(
+        0.0, "reinforce_pp: coefficient of the per-token -k3 KL reward (MAYE: 0).", ge=0)
+    mini_batches: int = param(
+        1, "PPO updates per epoch over one generation batch (optimizer steps; 1 = one update "
+        "per generation step, on-policy).", ge=1)
+    epochs: int = param(1, "Passes over each generation batch.", ge=1)
     loss: Literal["ppo", "reinforce"] = param("ppo", "Policy objective.")
     clip_low: float = param(0.2, "PPO ratio clip below 1 (1 - clip_low).", ge=0, lt=1)
     clip_high: float = param(0.3, "PPO ratio clip above 1 (1 + clip_high); > clip_low = clip-higher.", ge=0)
     dual_clip: float = param(3.0, "Dual-clip constant for negative advantages (0 = off).", ge=0)
-    kl_coef: float = param(1e-2, "Coefficient of the KL loss against the reference policy.", ge=0)
+    kl_coef: float = param(1e-2, "Coefficient of the KL loss against the reference policy "
+                           "(the starting beta when kl_control is adaptive).", ge=0)
+    kl_control: Literal["fixed", "adaptive"] = param(
+        "fixed", "KL coefficient: fixed at kl_coef, or adaptive: after each generation step "
+        "beta <- clip(beta * exp(kl_rate * (KL - kl_target) / kl_target), 1e-8, 100).")
+    kl_target: float = param(0.02, "adaptive KL: the KL the coefficient steers towards.", gt=0)
+    kl_rate: float = param(0.1, "adaptive KL: proportional gain.", gt=0)
     kl_estimator: Literal["k1", "k2", "k3", "low_var_kl", "full"] = param(
         "low_var_kl", "KL estimator (low_var_kl = k3 clamped to [-10, 10])."
     )
@@ -198,6 +214,8 @@ class AlgorithmConfig:
     def check(self) -> None:
         if self.dual_clip and self.dual_clip <= 1:
             raise ConfigError(f"dual_clip: must be 0 (off) or > 1, got {self.dual_clip}")
+        if self.kl_control == "adaptive" and self.kl_coef <= 0:
+            raise ConfigError("kl_control: adaptive needs a starting kl_coef > 0 (EvoLMM: 1e-3)")
 
 
 @dataclass

@@ -24,7 +24,6 @@ ELSEWHERE = {
                            "tests/test_generator.py buckets",
     "generator.temperature": "sampling of the simple recipe's requests; tests/test_driver.py",
     "generator.top_p": "sampling of the simple recipe's requests; tests/test_driver.py",
-    "algorithm.advantage": "the phase's estimator (phase.ESTIMATORS); test below",
     "algorithm.reward_budget_s": "the grading budget of a step's scoring; "
                                  "tests/test_hostile_output.py budget test",
     "placement.strategy": "placement groups' strategy; tests/test_placement.py two-node scenario",
@@ -51,6 +50,10 @@ def other_value(path: str, kind, current):
         return str(not current).lower()
     if kind is int:
         return str(current + 1 if path != "placement.gpus_per_rank" else 1)
+    if path == "algorithm.gamma":
+        return "0.99"
+    if path == "algorithm.kl_target":
+        return "0.05"
     if kind is float:
         return str(round(current * 0.5 + 0.01, 6) if current < 1 else current * 2)
     if path == "placement.colocate":
@@ -68,13 +71,26 @@ def other_value(path: str, kind, current):
 
 
 def built(cfg) -> dict:
+    from pipelines.algorithms.estimators import make_estimator, make_kl_controller
     from pipelines.runtime.engines import engine_spec
     from pipelines.runtime.phase import trainer_spec
     from pipelines.runtime.placement import phase_layouts
 
+    estimator = make_estimator(cfg.algorithm)
     return {"engine": engine_spec(cfg, cfg.model.path, 1),
             "trainer": trainer_spec(cfg, cfg.model.path, steps=100),
-            "layouts": phase_layouts(cfg.placement)}
+            "layouts": phase_layouts(cfg.placement),
+            "estimator": (type(estimator).__name__, {k: v for k, v in vars(estimator).items()
+                                                     if not callable(v)}),
+            "kl": make_kl_controller(cfg.algorithm)}
+
+
+# Fields that act only beside another setting: the setting they need.
+NEEDS = {"algorithm.baseline_decay": "algorithm.advantage=reinforce",
+         "algorithm.gamma": "algorithm.advantage=reinforce_pp",
+         "algorithm.kl_in_reward": "algorithm.advantage=reinforce_pp",
+         "algorithm.kl_target": "algorithm.kl_control=adaptive",
+         "algorithm.kl_rate": "algorithm.kl_control=adaptive"}
 
 
 def value_at(cfg, path: str):
@@ -97,6 +113,8 @@ def test_a_non_default_value_changes_what_is_built(path, kind):
     if path == "placement.gpus_per_rank":  # a GPU trainer needs GPU engines beside it
         extra += [f"placement.roles.{r}.gpus_per_engine=1" for r in ("proposer", "codegen",
                                                                       "solver")]
+    if path in NEEDS:
+        extra.append(NEEDS[path])
     if path == "trainer.logprob_chunk_tokens":
         change = "0"
     if path == "algorithm.kl_estimator":
@@ -119,14 +137,13 @@ def test_every_built_section_field_is_walked_or_listed():
     assert listed <= every, listed - every
 
 
-def test_advantage_estimators_are_the_phase_loops():
-    from pipelines.algorithms.advantages import drgrpo_advantages, grpo_advantages, rloo_advantages
-    from pipelines.runtime.phase import ESTIMATORS
+def test_every_offered_estimator_is_built():
+    from pipelines.algorithms.estimators import ESTIMATORS, make_estimator
 
-    assert ESTIMATORS == {"grpo": grpo_advantages, "drgrpo": drgrpo_advantages,
-                          "rloo": rloo_advantages}
     options = typing.get_args(typing.get_type_hints(type(load_config(None).algorithm))["advantage"])
     assert set(options) == set(ESTIMATORS)  # nothing offered that the loop cannot run
+    for name in options:
+        make_estimator(load_config(None, [f"algorithm.advantage={name}"]).algorithm)
 
 
 def test_dual_clip_zero_is_off():

@@ -60,6 +60,19 @@ def test_grpo_raises_a_dense_reward_and_not_without_weight_sync(ray_cluster, tmp
     assert abs(np.mean(flat[-5:]) - np.mean(flat[:5])) < 0.05
 
 
+@pytest.mark.parametrize("estimator", ["rloo", "reinforce"])
+def test_other_estimators_raise_the_dense_reward(ray_cluster, tmp_path, estimator):
+    """The learning check with rloo, and with REINFORCE against an EMA baseline."""
+    steps = ["simple.steps=24", "simple.prompts_per_step=4", "simple.n=8", "simple.max_tokens=16",
+             "trainer.lr=2e-3", "algorithm.kl_coef=0", "run.save_every=100",
+             f"algorithm.advantage={estimator}"]
+    Driver(config(tmp_path, estimator, *steps)).run()
+    curve = rewards(tmp_path / estimator)
+    print(f"reward with {estimator}: " + " ".join(f"{r:.2f}" for r in curve))
+    start = np.mean(curve[:3])
+    assert max(np.convolve(curve, np.ones(3) / 3, mode="valid")) - start >= 0.15
+
+
 _ALIGNED: set[int] = set()
 # The default tiny model's LM head spans only ~±0.5 nats of logits whatever the last
 # hidden state is, so an adapter (which leaves the head frozen) can hardly move token

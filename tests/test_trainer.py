@@ -457,3 +457,33 @@ def test_exported_folder_serves_in_vllm(group1, batches, tmp_path):
     diffs = np.concatenate([np.abs(t - np.array(s.logprobs)) for t, s in zip(trainer, samples)])
     assert diffs.max() < 1e-4
     group1.load(str(start))
+
+
+@pytest.mark.slow
+def test_second_update_on_one_generation_batch_sees_a_ratio_and_clips(group1, batches, tmp_path):
+    """Several updates per generation batch: the behaviour log-probs are taken once, so
+    the first update's ratio is 1 and the second's is not; on a constructed batch whose
+    behaviour log-probs sit 0.5 below the policy's (ratio e^0.5 = 1.65 > 1 + clip_high),
+    PPO's clip acts exactly on the tokens with positive advantages."""
+    start = tmp_path / "start"
+    group1.save(str(start))
+    try:
+        batch = batches[1]
+        old = group1.compute_logprobs(batch)
+        on_policy = batch.with_column(old_logprobs=old)
+        first = group1.forward_backward(on_policy, kl_coef=0.0)  # no reference needed
+        group1.optim_step()
+        second = group1.forward_backward(on_policy, kl_coef=0.0)
+        group1.discard_gradients()
+        assert first["policy/ratio_max"] == pytest.approx(1.0, abs=1e-5)
+        assert abs(second["policy/ratio_mean"] - 1.0) > 1e-5
+        now = group1.compute_logprobs(batch)
+        shifted = batch.with_column(old_logprobs=[lp - 0.5 for lp in now])
+        clipped = group1.forward_backward(shifted, kl_coef=0.0)
+        group1.discard_gradients()
+        tokens = np.array([len(lp) for lp in now])
+        positive = tokens[np.asarray(batch.advantages) > 0].sum() / tokens.sum()
+        assert clipped["policy/ratio_mean"] == pytest.approx(np.exp(0.5), rel=1e-4)
+        assert clipped["policy/clip_frac"] == pytest.approx(positive, abs=1e-6)
+    finally:
+        group1.load(str(start))

@@ -31,12 +31,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from actors.batching import TrainBatch
 from actors.objectives import ObjectiveSpec
 from actors.trainer import LoraSpec, TrainerGroup, TrainerGroupFailed, TrainerSpec
-from pipelines.algorithms.advantages import drgrpo_advantages, grpo_advantages, rloo_advantages
+from pipelines.algorithms.estimators import make_estimator, make_kl_controller
 from pipelines.algorithms.grading import budget as grading_budget
 from pipelines.algorithms.grading import grading_stats
 from pipelines.runtime.metrics import MetricsSink, Timer
@@ -64,6 +63,11 @@ class PhaseRunner:
     @property
     def iteration(self) -> int:
         return self.seed_path[1]
+
+    @property
+    def needs_reference(self) -> bool:
+        """The step needs the reference policy's log-probs (a KL loss or a KL reward)."""
+        return needs_reference(self.cfg.algorithm)
 
     def other_pool(self, role: str):
         """The engines of ``role`` (its newest weights) for scoring or data making."""
@@ -157,7 +161,7 @@ class PhaseRunner:
                 with grading_budget(self.cfg.algorithm.reward_budget_s):
                     scores = self.phase.score(requests, completions, self)
                 after = grading_stats()
-            batch, rewards, advantages = self._batch(requests, completions, scores.rewards)
+            batch, rewards = self._batch(requests, completions, scores.rewards)
             # Engines colocated with the trainer ranks free their devices for the update.
             asleep = self.phase.role in self.placement.layout.colocate
             if asleep:
@@ -165,17 +169,23 @@ class PhaseRunner:
                     self.pool.sleep()
             try:
                 with timer("logprobs"):
+                    # the behaviour policy's log-probs, once, before the first update
                     batch = batch.with_column(old_logprobs=self.group.compute_logprobs(batch))
-                    if self.cfg.algorithm.kl_coef > 0:
+                    if self.needs_reference:
                         batch = batch.with_column(
                             ref_logprobs=self.group.compute_logprobs(batch, reference=True))
+                advantages, adv_metrics = self.estimator.advantages(
+                    rewards, batch.prompt_index, batch)
+                batch = batch.with_column(advantages=advantages)
                 with timer("update"):
-                    train = self.group.forward_backward(batch)
-                    train.update(self.group.optim_step())
+                    train = self._update(batch, step)
             finally:
                 if asleep:
                     with timer("wake"):
                         self.pool.wake_up()
+            train["train/kl_coef"] = self.kl.beta
+            if "policy/kl" in train:
+                self.kl.update(train["policy/kl"])
             if self.cfg.run.sync_weights:
                 with timer("weight_sync"):
                     self._push_weights(self.base_version + step + 1)
@@ -183,12 +193,14 @@ class PhaseRunner:
                 self._write_rollouts(step, requests, completions, rewards, advantages,
                                      scores.columns)
                 if (step + 1) % self.cfg.run.save_every == 0 or step + 1 == self.phase.steps:
-                    self.group.save(str(self.dir / "ckpt" / f"step_{step + 1:06d}"))
+                    self.group.save(str(self.dir / "ckpt" / f"step_{step + 1:06d}"),
+                                    self._state())
                     prune_checkpoints(self.dir / "ckpt", self.cfg.run.keep_checkpoints)
         tokens = [len(c.token_ids) for group in completions for c in group]
         metrics = {
             **{k if "/" in k else f"train/{k}": v for k, v in train.items()},
             **{f"reward/{k}": v for k, v in scores.metrics.items()},
+            **adv_metrics,
             "reward/mean": float(np.mean(rewards)), "reward/std": float(np.std(rewards)),
             # answer checks cut by their time limit or the step's budget (counted wrong)
             "reward/timeouts": float(sum(after[k] - before[k] for k in
@@ -231,9 +243,13 @@ class PhaseRunner:
         """
         found = latest_checkpoint(self.dir / "ckpt")
         step = 0
+        self.estimator = make_estimator(self.cfg.algorithm)
+        self.kl = make_kl_controller(self.cfg.algorithm)
         if found is not None:
             step, path = found
-            self.group.load(str(path))
+            state = self.group.load(str(path)).get("state", {})
+            self.estimator.load_state_dict(state.get("estimator", {}))
+            self.kl.load_state_dict(state.get("kl", self.kl.state_dict()))
         if (found is not None or rollback) and self.cfg.run.sync_weights:
             self._push_weights(self.base_version + step, rollback=rollback)
         return step
@@ -273,7 +289,8 @@ class PhaseRunner:
         self.engines.served(self.phase.role, str(target))
 
     def _batch(self, requests, completions, rewards):
-        flat, groups, ids, prompt_lens, prompt_index = [], [], [], [], []
+        """The step's samples as a TrainBatch (no advantages yet) and their rewards."""
+        flat, ids, prompt_lens, prompt_index = [], [], [], []
         for p, (samples, r) in enumerate(zip(completions, rewards)):
             if len(samples) != len(r):
                 raise ValueError(f"the recipe scored {len(r)} of {len(samples)} samples of request {p}")
@@ -281,16 +298,43 @@ class PhaseRunner:
                 if not math.isfinite(value):
                     raise ValueError(f"reward {value} for request {p} is not finite")
                 flat.append(value)
-                groups.append(p)
                 ids.append(np.asarray(c.prompt_ids + c.token_ids, dtype=np.int64))
                 prompt_lens.append(len(c.prompt_ids))
                 prompt_index.append(p)
-        estimator = ESTIMATORS[self.cfg.algorithm.advantage]
-        adv, _ = estimator(torch.tensor(flat, dtype=torch.float64), groups)
-        advantages = adv.float().numpy()
         batch = TrainBatch(ids, np.array(prompt_lens), np.array(prompt_index),
-                           [list(r.images) for r in requests], advantages)
-        return batch, np.array(flat), advantages
+                           [list(r.images) for r in requests])
+        return batch, np.array(flat)
+
+    def _update(self, batch: TrainBatch, step: int) -> dict:
+        """``algorithm.epochs`` passes over the batch in ``algorithm.mini_batches`` PPO
+        updates each (whole prompt groups per mini-batch, in an order drawn from the
+        step's seed per epoch); one optimizer step per mini-batch. The metrics are the
+        updates' means (``train/updates`` counts them)."""
+        a = self.cfg.algorithm
+        if a.mini_batches == 1 and a.epochs == 1:
+            train = self.group.forward_backward(batch, kl_coef=self.kl.beta)
+            train.update(self.group.optim_step())
+            return {**train, "train/updates": 1.0}
+        prompts = np.unique(batch.prompt_index)
+        if len(prompts) < a.mini_batches:
+            raise ValueError(f"algorithm.mini_batches: {a.mini_batches} mini-batches need as "
+                             f"many prompts per step, this step has {len(prompts)}")
+        parts = []
+        for epoch in range(a.epochs):
+            order = np.random.default_rng([*self.seed_path, step, 1 + epoch]).permutation(prompts)
+            for chunk in np.array_split(order, a.mini_batches):
+                rows = np.flatnonzero(np.isin(batch.prompt_index, chunk))
+                metrics = self.group.forward_backward(batch.select(rows), kl_coef=self.kl.beta)
+                metrics.update(self.group.optim_step())
+                parts.append(metrics)
+        merged = {k: float(np.mean([m[k] for m in parts if k in m])) for k in parts[-1]}
+        merged["train/step"] = parts[-1]["train/step"]
+        merged["train/updates"] = float(len(parts))
+        return merged
+
+    def _state(self) -> dict:
+        """What a checkpoint keeps beside the trainer: baselines and the KL coefficient."""
+        return {"estimator": self.estimator.state_dict(), "kl": self.kl.state_dict()}
 
     def _write_rollouts(self, step, requests, completions, rewards, advantages,
                         columns: dict) -> None:
@@ -308,7 +352,9 @@ class PhaseRunner:
             "finish_reason": [c.finish_reason for _, _, c in rows],
             "version": [c.version for _, _, c in rows],
             "reward": rewards.tolist(),
-            "advantage": advantages.tolist(),
+            # per sample, or per completion token (reinforce_pp)
+            "advantage": [a.tolist() if isinstance(a, np.ndarray) else float(a)
+                          for a in advantages],
             **{name: [values[p][s] for p, s, _ in rows] for name, values in columns.items()},
         })
         path = self.dir / f"rollouts-{step + 1:06d}.parquet"
@@ -322,6 +368,7 @@ def trainer_spec(cfg, start_weights: str, steps: int) -> TrainerSpec:
     that starts from ``start_weights`` (no actor started)."""
     t, a = cfg.trainer, cfg.algorithm
     lora = t.lora
+    steps *= a.mini_batches * a.epochs  # optimizer steps: the schedule's length
     return TrainerSpec(
         model=start_weights,
         objective=ObjectiveSpec(policy_loss=a.loss, clip_low=a.clip_low, clip_high=a.clip_high,
@@ -338,8 +385,14 @@ def trainer_spec(cfg, start_weights: str, steps: int) -> TrainerSpec:
         mixed_precision={"auto": None, "bfloat16": True, "float32": False}[cfg.model.dtype],
         lora=LoraSpec(lora.rank, lora.alpha, lora.dropout, list(lora.target_modules))
         if lora.enabled else None,
-        reference=a.kl_coef > 0, seed=cfg.run.seed,
+        reference=needs_reference(a), seed=cfg.run.seed,
         threads=max(1, cfg.placement.cpus_per_rank))
+
+
+def needs_reference(algorithm) -> bool:
+    """A KL loss (fixed or adaptive coefficient) or reinforce_pp's KL reward."""
+    return algorithm.kl_coef > 0 or (algorithm.advantage == "reinforce_pp"
+                                     and algorithm.kl_in_reward > 0)
 
 
 def _logprob_diff(completions, old_logprobs) -> float:
@@ -348,10 +401,6 @@ def _logprob_diff(completions, old_logprobs) -> float:
     diffs = [np.abs(e - np.asarray(t, dtype=np.float64)) for e, t in zip(engine, old_logprobs)
              if len(e) and len(e) == len(t)]
     return float(np.mean(np.concatenate(diffs))) if diffs else 0.0
-
-
-# algorithm.advantage -> per-sample estimator over each prompt's group of samples
-ESTIMATORS = {"grpo": grpo_advantages, "drgrpo": drgrpo_advantages, "rloo": rloo_advantages}
 
 
 def _prompt_text(request) -> str:
