@@ -8,7 +8,9 @@ value fails on load with a message that names the field and says what to do:
     >>> load_config("configs/mmzero/tiny-cpu.yaml", ["trainer.lr=-1"])
     ValueError: trainer.lr: must be > 0, got -1.0
 
-Recipes add their own section by declaring a dataclass field on ``Config``.
+A recipe brings its own settings: the top-level section named after it (``mmzero:``),
+built from the recipe's settings dataclass (``pipelines/recipes``) and read as
+``cfg.mmzero``; the core names no recipe.
 """
 
 from __future__ import annotations
@@ -77,9 +79,10 @@ def param(default: Any, doc: str, *, gt=None, ge=None, lt=None, le=None) -> Any:
 class RunConfig:
     name: str = param("tiny", "Run name; the run directory is <root>/<name>.")
     root: str = param("runs", "Folder that holds run directories (shared storage on a cluster).")
-    recipe: Literal["simple", "mmzero"] = param(
-        "simple", "Recipe to run: simple (your prompts and reward function) or mmzero "
-        "(Proposer -> SVG CodeGen -> Solver self-play, section mmzero).")
+    recipe: str = param(
+        "simple", "Recipe to run: a built-in name (simple: your prompts and reward function; "
+        "mmzero: Proposer -> SVG CodeGen -> Solver self-play) or package.module:Class for your "
+        "own; a recipe's settings are the top-level section of its name (pipelines/recipes).")
     iterations: int = param(1, "Self-evolution iterations to run (resumable: raise it to continue).", ge=1)
     seed: int = param(0, "Seed of every RNG stream of the run (data order, sampling, init).", ge=0)
     save_every: int = param(10, "Checkpoint a training phase every K optimizer steps.", ge=1)
@@ -303,82 +306,6 @@ class LoggingConfig:
 
 
 @dataclass
-class SimpleConfig:
-    """The `simple` recipe: one GRPO phase on your prompts with your reward function."""
-
-    reward: str = param(
-        "pipelines.recipes.simple.recipe:answer_length_reward",
-        "Reward function as module:function, called as fn(sample) -> float for each completion "
-        "(sample: prompt, response, token_ids, prompt_index; see README).")
-    prompts: list[str] = param(
-        ["Describe the chart.", "How many bars are in the chart?", "Which bar is the tallest?",
-         "What colour are the bars?"], "Questions asked about the drawn charts, cycled.")
-    images: bool = param(True, "Attach a locally drawn bar chart to each prompt.")
-    steps: int = param(4, "Optimizer steps of the phase.", ge=1)
-    prompts_per_step: int = param(4, "Prompts per step (GRPO groups).", ge=1)
-    n: int = param(4, "Samples per prompt (GRPO group size).", ge=2)
-    max_tokens: int = param(32, "Completion budget (tokens).", ge=1)
-
-
-def _range(value: list[float], name: str) -> None:
-    if len(value) != 2 or not 0 <= value[0] <= value[1] <= 1:
-        raise ConfigError(
-            f"{name}: expected [low, high] with 0 <= low <= high <= 1, got {_show(value)}")
-
-
-@dataclass
-class MMZeroConfig:
-    """The `mmzero` recipe (MM-Zero, arXiv:2603.09206; docs/mmzero.md); defaults are the
-    original's."""
-
-    train_steps: int = param(20, "GRPO steps of each phase (Proposer, CodeGen, Solver).", ge=1)
-    max_tokens: int = param(4096, "Response budget of every role (tokens).", ge=1)
-    judge_samples: int = param(
-        4, "k: SVGs the previous CodeGen writes per proposal to reward the Proposer.", ge=1)
-    eval_samples: int = param(
-        10, "Solver answers per question for solvability and self-consistency.", ge=2)
-    proposer_batch: int = param(18, "Proposer prompts (seed topics) per step.", ge=1)
-    proposer_n: int = param(4, "Proposals sampled per prompt (GRPO group).", ge=2)
-    proposer_temperature: float = param(1.0, "Proposer sampling temperature.", gt=0)
-    proposer_top_p: float = param(0.99, "Proposer nucleus sampling.", gt=0, le=1)
-    codegen_batch: int = param(64, "Proposals per CodeGen step.", ge=1)
-    codegen_n: int = param(4, "SVGs sampled per proposal (GRPO group).", ge=2)
-    codegen_temperature: float = param(0.7, "CodeGen sampling temperature.", gt=0)
-    codegen_top_p: float = param(0.95, "CodeGen nucleus sampling.", gt=0, le=1)
-    codegen_proposals: int = param(
-        1280, "Proposals the new Proposer writes for the CodeGen data set.", ge=1)
-    codegen_filter_samples: int = param(
-        4, "SVGs the current CodeGen writes per proposal for the render-rate filter.", ge=1)
-    codegen_render_rate: list[float] = param(
-        [0.25, 0.75], "Keep proposals whose render success rate is in [low, high].")
-    solver_batch: int = param(64, "Items per Solver step.", ge=1)
-    solver_n: int = param(8, "Answers sampled per item (GRPO group).", ge=2)
-    solver_temperature: float = param(1.0, "Solver sampling temperature (also for evaluation).", gt=0)
-    solver_top_p: float = param(0.99, "Solver nucleus sampling.", gt=0, le=1)
-    solver_proposals: int = param(
-        5000, "Proposals the new Proposer writes for the Solver data set.", ge=1)
-    solver_easy_min: float = param(
-        0.5, "Keep items whose easy-question self-consistency is at least this.", ge=0, le=1)
-    solver_hard_range: list[float] = param(
-        [0.25, 0.75], "Keep items whose hard-question self-consistency is in [low, high].")
-    batch_floor: int = param(
-        16, "A filtered data set smaller than the batch clamps the batch to the largest power "
-            "of two <= its size, but not below this.", ge=1)
-    bootstrap: int = param(
-        0, "Fill a CodeGen or Solver data set that has fewer items than this with built-in "
-           "example items (0 = off, the original's behaviour; for tiny random models that "
-           "write nothing usable).", ge=0)
-    render_seconds: float = param(30.0, "Wall-clock limit of one SVG render.", gt=0)
-    render_workers: int = param(0, "SVG render processes (0 = one per CPU).", ge=0)
-    image_side: int = param(1280, "Rendered images are downscaled to at most this side.", ge=16)
-    samples_saved: int = param(16, "Rendered items saved per phase for a person to look at.", ge=0)
-
-    def check(self) -> None:
-        _range(self.codegen_render_rate, "codegen_render_rate")
-        _range(self.solver_hard_range, "solver_hard_range")
-
-
-@dataclass
 class Config:
     run: RunConfig = param(RunConfig(), "Run identity, iterations, seed, checkpoint cadence.")
     model: ModelConfig = param(ModelConfig(), "The base model.")
@@ -387,8 +314,21 @@ class Config:
     algorithm: AlgorithmConfig = param(AlgorithmConfig(), "Policy-gradient objective.")
     placement: PlacementConfig = param(PlacementConfig(), "Devices per role.")
     logging: LoggingConfig = param(LoggingConfig(), "Metrics sinks and progress.")
-    simple: SimpleConfig = param(SimpleConfig(), "The simple recipe (recipe: simple).")
-    mmzero: MMZeroConfig = param(MMZeroConfig(), "The MM-Zero recipe (recipe: mmzero).")
+    # The recipe's own settings, under the top-level key ``recipe_section`` (e.g. mmzero:
+    # ...), read as ``cfg.<section>``; both filled by the loader from run.recipe.
+    recipe_section: str | None = field(default=None, metadata={"recipe": True})
+    recipe_settings: Any = field(default=None, metadata={"recipe": True})
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached when normal lookup fails: the recipe's section by its name
+        state = self.__dict__
+        if name == state.get("recipe_section"):
+            return state["recipe_settings"]
+        if name.startswith("__") or "run" not in state:
+            raise AttributeError(name)
+        raise AttributeError(f"config has no section {name!r} (run.recipe is "
+                             f"{state['run'].recipe!r}, whose section is "
+                             f"{state.get('recipe_section')!r})")
 
     def check(self) -> None:
         a = self.algorithm
@@ -424,10 +364,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def config_from_dict(data: dict) -> Config:
-    return _build(Config, data, "")
+    from pipelines.recipes import BUILTIN_RECIPES, resolve_recipe
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping of fields, got {_show(data)}")
+    run = data.get("run")
+    name = run.get("recipe", RunConfig.recipe) if isinstance(run, dict) else RunConfig.recipe
+    if not isinstance(name, str):
+        raise ConfigError(f"run.recipe: expected a string, got {_show(name)}")
+    try:
+        ref = resolve_recipe(name)
+    except ValueError as err:
+        raise ConfigError(f"run.recipe: {err}") from None
+    data = dict(data)
+    section = data.pop(ref.section, None) if ref.section else None
+    for other in BUILTIN_RECIPES:
+        if other in data and other != ref.section:
+            raise ConfigError(f"{other}: settings of the {other} recipe, but run.recipe is "
+                              f"{name!r}; set run.recipe={other} or remove the section")
+    for key in ("recipe_section", "recipe_settings"):
+        if key in data:
+            raise ConfigError(_unknown_key_message("", key, [f.name for f in fields(Config)
+                                                             if "recipe" not in f.metadata]))
+    cfg = _build(Config, data, "")
+    cfg.recipe_section = ref.section
+    if ref.settings is not None:
+        cfg.recipe_settings = _build(ref.settings, {} if section is None else section,
+                                     ref.section)
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> Any:
+    if isinstance(cfg, Config):
+        out = {f.name: config_to_dict(getattr(cfg, f.name)) for f in fields(cfg)
+               if "recipe" not in f.metadata}
+        if cfg.recipe_section and cfg.recipe_settings is not None:
+            out[cfg.recipe_section] = config_to_dict(cfg.recipe_settings)
+        return out
     if is_dataclass(cfg):
         return {f.name: config_to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
     if isinstance(cfg, dict):
@@ -443,12 +416,19 @@ def dump_config(cfg: Config, with_docs: bool = False) -> str:
         return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     lines: list[str] = []
     _dump_documented(cfg, 0, lines)
+    if cfg.recipe_section and cfg.recipe_settings is not None:
+        doc = (type(cfg.recipe_settings).__doc__ or "").strip().splitlines()
+        lines.append(f"# {doc[0] if doc else 'The recipe settings.'}")
+        lines.append(f"{cfg.recipe_section}:")
+        _dump_documented(cfg.recipe_settings, 1, lines)
     return "\n".join(lines) + "\n"
 
 
 def _dump_documented(obj: Any, indent: int, out: list[str]) -> None:
     pad = "  " * indent
     for f in fields(obj):
+        if "recipe" in f.metadata:
+            continue
         value = getattr(obj, f.name)
         out.append(f"{pad}# {f.metadata.get('doc', '')}")
         if is_dataclass(value):
@@ -482,7 +462,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping of fields, got {_show(data)}")
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name: f for f in fields(cls) if "recipe" not in f.metadata}
     for key in data:
         if key not in known:
             raise ConfigError(_unknown_key_message(path, key, list(known)))

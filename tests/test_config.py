@@ -88,7 +88,7 @@ def test_config_show_cli(tmp_path):
     documented = subprocess.run([sys.executable, "-m", "pipelines.cli", "config", "show", "--doc"],
                                 capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert "# AdamW learning rate." in documented
-    assert yaml.safe_load(documented) == yaml.safe_load(dump_config(Config()))
+    assert yaml.safe_load(documented) == yaml.safe_load(dump_config(load_config(None)))
     bad = subprocess.run([sys.executable, "-m", "pipelines.cli", "config", "show", str(path),
                           "trainer.lr=-1"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "trainer.lr: must be > 0" in bad.stderr

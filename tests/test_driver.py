@@ -73,6 +73,25 @@ def test_other_estimators_raise_the_dense_reward(ray_cluster, tmp_path, estimato
     assert max(np.convolve(curve, np.ones(3) / 3, mode="valid")) - start >= 0.15
 
 
+def test_a_users_recipe_runs_by_module_path(ray_cluster, tmp_path):
+    """run.recipe=package.module:Class with its own settings section."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    cfg = load_config(None, [
+        "run.recipe=tests.user_recipe:LengthRecipe", "length.target=3", "length.steps=2",
+        f"run.root={tmp_path}", "run.name=user", "logging.wandb=disabled",
+        "logging.progress=false", "placement.roles={policy: {}}", "trainer.micro_batch_tokens=4096",
+        "generator.max_model_len=1024", "generator.max_num_batched_tokens=2048"])
+    Driver(cfg).run()
+    phase = tmp_path / "user/iter_0001/policy"
+    rows = pq.read_table(phase / "rollouts-000002.parquet").to_pylist()
+    assert [r["reward"] for r in rows] == [-abs(r["response_tokens"] - 3) for r in rows]
+    saved = yaml.safe_load((tmp_path / "user/config.yaml").read_text())
+    assert saved["length"]["target"] == 3 and saved["run"]["recipe"].endswith(":LengthRecipe")
+    assert (phase / "hf" / "model.safetensors").exists()
+
+
 _ALIGNED: set[int] = set()
 # The default tiny model's LM head spans only ~±0.5 nats of logits whatever the last
 # hidden state is, so an adapter (which leaves the head frozen) can hardly move token

@@ -8,8 +8,8 @@ import json
 import re
 from pathlib import Path
 
-from pipelines.runtime import metrics
 from pipelines.config import load_config
+from pipelines.runtime import metrics
 from pipelines.runtime.metrics import TAG_KEYS, MetricsSink, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -76,15 +76,10 @@ def load_function(ref: str) -> Callable:
 
 
 def build_recipe(cfg) -> Recipe:
-    if cfg.run.recipe == "simple":
-        from pipelines.recipes.simple.recipe import SimpleRecipe
+    """The recipe ``run.recipe`` names (a built-in one or ``package.module:Class``)."""
+    from pipelines.recipes import build_recipe as build
 
-        return SimpleRecipe(cfg)
-    if cfg.run.recipe == "mmzero":
-        from pipelines.recipes.mmzero.recipe import MMZeroRecipe
-
-        return MMZeroRecipe(cfg)
-    raise ValueError(f"run.recipe: unknown recipe {cfg.run.recipe!r}")
+    return build(cfg)
 
 
 def check_layouts(cfg, recipe: Recipe) -> None:
