@@ -92,6 +92,71 @@ def test_a_users_recipe_runs_by_module_path(ray_cluster, tmp_path):
     assert (phase / "hf" / "model.safetensors").exists()
 
 
+def test_sft_phase_learns_resumes_after_sigkill_and_exports_what_vllm_serves(ray_cluster,
+                                                                            tmp_path):
+    """An SFT phase (pipelines/runtime/sft.py) on eight fixed examples: the NLL falls; a
+    driver killed after its step-2 checkpoint finishes with the same weights and metrics
+    as an uninterrupted run; vLLM serves the hf/ export."""
+    import ray
+    from safetensors.numpy import load_file
+
+    from actors.generator import EngineSpec, GeneratorActor, Request, Sampling, cpu_engine_env
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    common = [f"run.root={tmp_path}", "run.recipe=tests.user_recipe:FactsRecipe",
+              "facts.epochs=3", "run.save_every=2", "trainer.lr=2e-3", "logging.progress=false",
+              "logging.wandb=disabled", "placement.trainer_ranks=2"]
+
+    def cli(name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", *common,
+                                 f"run.name={name}"], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    whole = cli("whole")
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
+    killed = cli("killed")
+    metrics = tmp_path / "killed/iter_0001/sft/metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not any(m["step"] >= 3 for m in read_metrics(metrics) if "sft/nll" in m):
+        assert killed.poll() is None, killed.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    resumed = cli("killed")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+
+    def curve(run: str) -> list[dict]:
+        return [{k: v for k, v in m.items() if not k.startswith(("timing/", "perf/", "phase/"))}
+                for m in read_metrics(tmp_path / run / "iter_0001/sft/metrics.jsonl")
+                if "sft/nll" in m]
+
+    nll = [m["sft/nll"] for m in curve("whole")]
+    print("SFT nll: " + " ".join(f"{x:.2f}" for x in nll))
+    # measured: 7.00 6.41 5.84 5.21 5.63 4.60 (one epoch is two steps of four examples)
+    assert len(nll) == 6 and nll[-1] < 0.8 * nll[0]
+    assert curve("killed") == curve("whole")
+    a = load_file(tmp_path / "whole/iter_0001/sft/hf/model.safetensors")
+    b = load_file(tmp_path / "killed/iter_0001/sft/hf/model.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "killed/state.json").read_text())["roles"]["policy"][
+        "version"] == 6
+
+    actor = ray.remote(num_cpus=1, runtime_env={"env_vars": cpu_engine_env(1)})(GeneratorActor)
+    engine = actor.remote(EngineSpec(model=str(tmp_path / "whole/iter_0001/sft/hf"),
+                                     dtype="float32", max_model_len=1024,
+                                     max_num_batched_tokens=2048), "sft-export")
+    try:
+        [[sample]] = ray.get(engine.generate.remote([Request(
+            [{"role": "user", "content": "Fact 0: what is the code word?"}],
+            sampling=Sampling(temperature=0.0, max_tokens=12))]))
+    finally:
+        ray.kill(engine)
+    print("greedy answer of the export:", repr(sample.text))
+    assert sample.token_ids
+
+
 _ALIGNED: set[int] = set()
 # The default tiny model's LM head spans only ~±0.5 nats of logits whatever the last
 # hidden state is, so an adapter (which leaves the head frozen) can hardly move token

@@ -45,3 +45,45 @@ class LengthRecipe:
 
     def phases(self, iteration):
         return [LengthPhase(self.cfg.length)]
+
+
+@dataclass
+class FactsSettings:
+    """Supervised fine-tuning on a fixed set of facts about drawn charts."""
+
+    epochs: int = param(3, "Passes over the facts.", ge=1)
+    batch_size: int = param(4, "Examples per optimizer step.", ge=1)
+
+
+def facts() -> list:
+    """Eight fixed examples, half with a drawn chart."""
+    from conftest import chart_png
+
+    from pipelines.runtime.sft import SFTExample
+
+    out = []
+    for i in range(8):
+        question = f"Fact {i}: what is the code word?"
+        if i % 2:
+            content = [{"type": "image"}, {"type": "text", "text": question}]
+            out.append(SFTExample([{"role": "user", "content": content}],
+                                  f"The code word is blue {i}.", [chart_png(i)]))
+        else:
+            out.append(SFTExample([{"role": "user", "content": question}],
+                                  f"The code word is red {i}."))
+    return out
+
+
+class FactsRecipe:
+    section = "facts"
+    Settings = FactsSettings
+    roles = ("policy",)
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def phases(self, iteration):
+        from pipelines.runtime.sft import SFTPhase
+
+        s = self.cfg.facts
+        return [SFTPhase("sft", "policy", facts(), s.batch_size, s.epochs)]

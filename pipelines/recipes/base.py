@@ -56,6 +56,8 @@ class Recipe(Protocol):
 #   phase.prepare(ctx) -> dict   once before the first step (also on resume): build or
 #                                reload the phase's data; returned figures are logged as data/*
 #   phase.finish(ctx) -> None    after the phase exported hf/, before its DONE marker
+#   phase.objective = "sft"      a supervised phase: batch_examples(step, seed_path) instead of
+#                                requests/score, no engines (pipelines/runtime/sft.py)
 #   recipe.close() -> None       when the run ends (helper processes)
 
 
@@ -101,7 +103,8 @@ def check_layouts(cfg, recipe: Recipe) -> None:
         own = serving(phase.name)
         where = f"placement.phases.{phase.name}" if phase.name in cfg.placement.phases \
             else "placement"
-        missing = sorted({phase.role, *getattr(phase, "uses", ())} - own)
+        samples = getattr(phase, "objective", "rl") != "sft"  # an SFT phase samples nothing
+        missing = sorted({*([phase.role] if samples else []), *getattr(phase, "uses", ())} - own)
         if missing:
             raise ConfigError(f"{where}: phase {phase.name} trains {phase.role} and is scored "
                               f"with {', '.join(getattr(phase, 'uses', ())) or 'no other role'}, "

@@ -65,6 +65,11 @@ class PhaseRunner:
         return self.seed_path[1]
 
     @property
+    def is_sft(self) -> bool:
+        """The phase trains on a data set with the SFT objective (pipelines/runtime/sft.py)."""
+        return getattr(self.phase, "objective", "rl") == "sft"
+
+    @property
     def needs_reference(self) -> bool:
         """The step needs the reference policy's log-probs (a KL loss or a KL reward)."""
         return needs_reference(self.cfg.algorithm)
@@ -79,7 +84,8 @@ class PhaseRunner:
         self.dir.mkdir(parents=True, exist_ok=True)
         timer = Timer()
         with timer("engines"):
-            self.pool = self.engines.pool(self.phase.role, self.start_weights, self.placement)
+            if not self.is_sft:  # an SFT phase samples nothing
+                self.pool = self.engines.pool(self.phase.role, self.start_weights, self.placement)
             for role in getattr(self.phase, "uses", ()):  # judges: started here, not in a step
                 self.other_pool(role)
         prepare = getattr(self.phase, "prepare", None)
@@ -138,7 +144,10 @@ class PhaseRunner:
                     self.group = self._start_group()
                     step = self._resume(rollback=True)
                     sink.rewind(step)
-            if self.cfg.run.sync_weights and self.version == self.base_version + self.phase.steps:
+            if self.is_sft:
+                self.version = self.base_version + self.phase.steps  # the weights moved on
+            elif self.cfg.run.sync_weights and \
+                    self.version == self.base_version + self.phase.steps:
                 if self.cfg.trainer.lora.enabled:
                     # Its engines hold the base plus the adapter; the next user of the role
                     # starts fresh ones from the merged hf/ export (an adapter on top of
@@ -151,6 +160,8 @@ class PhaseRunner:
             sink.close()
 
     def step(self, step: int) -> dict:
+        if self.is_sft:
+            return self.sft_step(step)
         timer = Timer()
         with timer("step"):
             requests = self.phase.requests(step, step_rng(self.seed_path, step))
@@ -223,13 +234,44 @@ class PhaseRunner:
         }
         return metrics
 
+    def sft_step(self, step: int) -> dict:
+        from pipelines.runtime.sft import sft_batch
+
+        timer = Timer()
+        with timer("step"):
+            examples = self.phase.batch_examples(step, self.seed_path)
+            batch = sft_batch(examples, self.processor)
+            with timer("update"):
+                train = self.group.forward_backward(batch)
+                train.update(self.group.optim_step())
+            with timer("save"):
+                if (step + 1) % self.cfg.run.save_every == 0 or step + 1 == self.phase.steps:
+                    self.group.save(str(self.dir / "ckpt" / f"step_{step + 1:06d}"), {})
+                    prune_checkpoints(self.dir / "ckpt", self.cfg.run.keep_checkpoints)
+        return {**{k if "/" in k else f"train/{k}": v for k, v in train.items()},
+                "sft/examples": float(len(examples)), **self.data_metrics,
+                **{f"timing/{k}": v for k, v in timer.seconds.items()}}
+
+    @property
+    def processor(self):
+        """The starting model's processor (chat template, image tokens), as the trainer's."""
+        if getattr(self, "_processor", None) is None:
+            from transformers import AutoProcessor
+
+            from actors.models import resolve_model
+
+            pixels = {"max_pixels": self.cfg.model.max_pixels} if self.cfg.model.max_pixels else {}
+            self._processor = AutoProcessor.from_pretrained(resolve_model(self.start_weights),
+                                                            **pixels)
+        return self._processor
+
     # -- pieces ------------------------------------------------------------------
 
     def _start_group(self) -> TrainerGroup:
         cfg = self.cfg
         kwargs = self.placement.trainer_kwargs()
         threads = max(1, int(kwargs["cpus_per_rank"]))
-        return TrainerGroup(trainer_spec(cfg, self.start_weights, self.phase.steps),
+        return TrainerGroup(trainer_spec(cfg, self.start_weights, self.phase.steps, sft=self.is_sft),
                             self.placement.layout.trainer_ranks,
                             name=f"coevolve/{cfg.run.name}/trainer", **kwargs,
                             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
@@ -250,7 +292,7 @@ class PhaseRunner:
             state = self.group.load(str(path)).get("state", {})
             self.estimator.load_state_dict(state.get("estimator", {}))
             self.kl.load_state_dict(state.get("kl", self.kl.state_dict()))
-        if (found is not None or rollback) and self.cfg.run.sync_weights:
+        if (found is not None or rollback) and self.cfg.run.sync_weights and not self.is_sft:
             self._push_weights(self.base_version + step, rollback=rollback)
         return step
 
@@ -363,12 +405,13 @@ class PhaseRunner:
         tmp.replace(path)
 
 
-def trainer_spec(cfg, start_weights: str, steps: int) -> TrainerSpec:
+def trainer_spec(cfg, start_weights: str, steps: int, sft: bool = False) -> TrainerSpec:
     """How the config builds the trainer group of a phase of ``steps`` optimizer steps
-    that starts from ``start_weights`` (no actor started)."""
+    that starts from ``start_weights`` (no actor started); ``sft``: the SFT objective."""
     t, a = cfg.trainer, cfg.algorithm
     lora = t.lora
-    steps *= a.mini_batches * a.epochs  # optimizer steps: the schedule's length
+    if not sft:
+        steps *= a.mini_batches * a.epochs  # optimizer steps: the schedule's length
     return TrainerSpec(
         model=start_weights,
         objective=ObjectiveSpec(policy_loss=a.loss, clip_low=a.clip_low, clip_high=a.clip_high,
@@ -385,7 +428,7 @@ def trainer_spec(cfg, start_weights: str, steps: int) -> TrainerSpec:
         mixed_precision={"auto": None, "bfloat16": True, "float32": False}[cfg.model.dtype],
         lora=LoraSpec(lora.rank, lora.alpha, lora.dropout, list(lora.target_modules))
         if lora.enabled else None,
-        reference=needs_reference(a), seed=cfg.run.seed,
+        reference=needs_reference(a) and not sft, sft=sft, seed=cfg.run.seed,
         threads=max(1, cfg.placement.cpus_per_rank))
 
 

@@ -1,0 +1,84 @@
+"""Supervised fine-tuning phases: a data set of (messages + images -> target) examples.
+
+A phase trains with the SFT objective (the masked negative log-likelihood of the
+target tokens, docs/algorithms.md) when it says ``objective = "sft"`` and gives
+``batch_examples(step, seed_path) -> list[SFTExample]`` instead of
+``requests``/``score`` (``seed_path``: the phase's seeds, for a deterministic order).
+Everything else is an RL phase's: the trainer group, checkpoints every
+``run.save_every`` steps, resume, the hf/ export and metrics. It needs no
+engines. ``SFTPhase`` is the usual shape: a fixed list of examples, shuffled
+each epoch from the run's seed, ``batch_size`` examples per optimizer step.
+
+Token ids come from the model's own processor and chat template, as the
+engines build prompts: the prompt is the chat with the generation prompt
+appended, the target is the assistant turn that the template renders after it,
+closed by the end-of-turn token (the trainer learns to stop).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from actors.batching import TrainBatch
+
+
+@dataclass
+class SFTExample:
+    messages: list[dict]  # the chat up to the answer; image parts take ``images`` in order
+    target: str  # the assistant's answer to learn
+    images: list[Any] = field(default_factory=list)  # PNG/JPEG bytes
+
+
+class SFTPhase:
+    """``batch_size`` examples per step from ``examples``, every example once per epoch
+    in an order drawn from the step's seed; ``epochs`` passes."""
+
+    objective = "sft"
+
+    def __init__(self, name: str, role: str, examples: list[SFTExample], batch_size: int,
+                 epochs: int = 1):
+        if not examples:
+            raise ValueError(f"SFT phase {name}: no examples")
+        self.name, self.role, self.examples = name, role, list(examples)
+        self.batch_size = min(batch_size, len(examples))
+        self.per_epoch = math.ceil(len(examples) / self.batch_size)
+        self.steps = self.per_epoch * epochs
+
+    def batch_examples(self, step: int, seed_path: tuple[int, ...]) -> list[SFTExample]:
+        epoch, k = divmod(step, self.per_epoch)
+        order = np.random.default_rng([*seed_path, epoch]).permutation(len(self.examples))
+        return [self.examples[i] for i in order[k * self.batch_size:(k + 1) * self.batch_size]]
+
+
+def sft_batch(examples: list[SFTExample], processor) -> TrainBatch:
+    """The examples as a TrainBatch whose completion tokens are the targets."""
+    from PIL import Image
+
+    ids, prompt_lens, images = [], [], []
+    eos = "<|im_end|>"
+    for ex in examples:
+        prompt = processor.apply_chat_template(ex.messages, add_generation_prompt=True,
+                                               tokenize=False)
+        full = processor.apply_chat_template(
+            [*ex.messages, {"role": "assistant", "content": ex.target}], tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError("the chat template renders the answer turn differently from the "
+                             "generation prompt; SFT targets need a template that appends it")
+        answer = full[len(prompt):]
+        cut = answer.find(eos)
+        answer = answer[:cut + len(eos)] if cut >= 0 else answer
+        kwargs = {"images": [Image.open(io.BytesIO(im)) for im in ex.images]} if ex.images else {}
+        prompt_ids = processor(text=[prompt], return_tensors="np", **kwargs)["input_ids"][0]
+        all_ids = processor(text=[prompt + answer], return_tensors="np", **kwargs)["input_ids"][0]
+        if len(all_ids) <= len(prompt_ids) or \
+                not np.array_equal(all_ids[:len(prompt_ids)], prompt_ids):
+            raise ValueError(f"target {ex.target[:40]!r} does not tokenize after its prompt")
+        ids.append(all_ids.astype(np.int64))
+        prompt_lens.append(len(prompt_ids))
+        images.append(list(ex.images))
+    return TrainBatch(ids, np.array(prompt_lens), np.arange(len(examples)), images)
