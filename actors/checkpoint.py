@@ -74,12 +74,15 @@ def load_checkpoint(directory: str, model, optimizer, rank: int) -> dict:
     return json.loads((path / "extra.json").read_text())
 
 
-def export_hf(directory: str, model, base_path: str, rank: int, lora=None, merged: bool = True) -> None:
+def export_hf(directory: str, model, base_path: str, rank: int, lora=None, merged: bool = True,
+              adapter: str | None = None) -> None:
     """Write a folder that loads with plain transformers and vLLM (and peft for adapters).
 
     Full fine-tuning: the full weights with the base's config and processor.
-    LoRA: ``merged=True`` writes merged full weights and the adapter under
-    ``adapter/``; ``merged=False`` only the adapter folder.
+    LoRA: ``merged=True`` writes the base merged with ``adapter`` (default: the
+    first) and the adapters under ``adapter/`` (peft's layout: an adapter named
+    ``default`` at the top, others in subfolders of their names); ``merged=False``
+    only the adapter folder.
     """
     from actors.fsdp import full_state_dict
 
@@ -89,14 +92,15 @@ def export_hf(directory: str, model, base_path: str, rank: int, lora=None, merge
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        _write_hf(tmp, state, base_path, lora, merged)
+        _write_hf(tmp, state, base_path, lora, merged, adapter)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     _barrier()
 
 
-def _write_hf(out: Path, state: dict, base_path: str, lora, merged: bool) -> None:
+def _write_hf(out: Path, state: dict, base_path: str, lora, merged: bool,
+              adapter: str | None = None) -> None:
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     config = AutoConfig.from_pretrained(base_path)
@@ -106,9 +110,11 @@ def _write_hf(out: Path, state: dict, base_path: str, lora, merged: bool) -> Non
 
         from actors.trainer import _language_targets
 
-        model = get_peft_model(model, LoraConfig(
-            r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=_language_targets(model, lora.target_modules)))
+        config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=_language_targets(model, lora.target_modules))
+        model = get_peft_model(model, config, adapter_name=lora.adapters[0])
+        for name in lora.adapters[1:]:
+            model.add_adapter(name, config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if "lora_" not in m or lora is None]:
         raise RuntimeError(f"export_hf: state does not match the model: missing {missing[:5]}, "
@@ -119,7 +125,7 @@ def _write_hf(out: Path, state: dict, base_path: str, lora, merged: bool) -> Non
         if not merged:
             processor.save_pretrained(out)
             return
-        model = model.merge_and_unload()
+        model = model.merge_and_unload(adapter_names=[adapter or lora.adapters[0]])
     model.save_pretrained(out)
     processor.save_pretrained(out)
     gen = Path(base_path) / "generation_config.json"

@@ -49,6 +49,9 @@ class LoraSpec:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    # Adapters on the one backbone, each a policy of its own (optimizer, schedule,
+    # checkpoint); the verbs take ``adapter=`` (default: the first).
+    adapters: tuple[str, ...] = ("default",)
 
 
 @dataclass
@@ -116,18 +119,55 @@ class TrainerActor:
         self.inputs = InputBuilder.for_model(self.path, self.spec.max_pixels)
         self.model = self._build_policy()
         self.reference = self._build_reference()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=self.spec.lr, betas=tuple(self.spec.betas),
-                                           weight_decay=self.spec.weight_decay, eps=1e-8)
-        _init_adam_state(self.optimizer)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        trainable = sum(p.numel() for p in params)
+        # One optimizer and schedule per policy: the full weights, or each LoRA adapter.
+        self.policies = list(self.spec.lora.adapters) if self.spec.lora else ["default"]
+        self.optimizers, self.schedulers = {}, {}
+        trainable = 0
+        self._policy_params = {policy: self._params(policy) for policy in self.policies}
+        for policy in self.policies:
+            params = self._policy_params[policy]
+            trainable += sum(p.numel() for p in params)
+            opt = torch.optim.AdamW(params, lr=self.spec.lr, betas=tuple(self.spec.betas),
+                                    weight_decay=self.spec.weight_decay, eps=1e-8)
+            _init_adam_state(opt)
+            self.optimizers[policy] = opt
+            self.schedulers[policy] = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
+        self.policy_steps = dict.fromkeys(self.policies, 0)
         return {"rank": self.rank, "backend": self.backend, "trainable_params": trainable}
+
+    def _params(self, policy: str) -> list:
+        """The trainable parameters of ``policy`` (all of them without adapters)."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.spec.lora is None or len(self.spec.lora.adapters) == 1:
+            return [p for _, p in named]
+        return [p for n, p in named if _adapter_of(n) == policy]
+
+    def _activate(self, adapter: str | None) -> str:
+        """Route the forward pass through ``adapter`` (default: the first policy)."""
+        policy = adapter or self.policies[0]
+        if policy not in self.optimizers:
+            raise ValueError(f"unknown policy {policy!r}; this trainer has {self.policies}")
+        if self.spec.lora is not None and len(self.policies) > 1:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            # Set the active adapter without peft's set_adapter, which would also flip
+            # requires_grad (every adapter stays trainable; an inactive one gets no grad).
+            for module in self.model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module._active_adapter = [policy]
+            # peft's disable_adapter() (the reference pass) re-runs set_adapter on exit,
+            # which freezes every adapter but the active one: make them trainable again.
+            for params in self._policy_params.values():
+                for p in params:
+                    p.requires_grad_(True)
+        return policy
 
     # -- verbs ---------------------------------------------------------------
 
     @torch.no_grad()
-    def compute_logprobs(self, batch: TrainBatch, reference: bool = False) -> list[np.ndarray]:
+    def compute_logprobs(self, batch: TrainBatch, reference: bool = False,
+                         adapter: str | None = None) -> list[np.ndarray]:
+        self._activate(adapter)
         model = self.reference if reference and self.reference is not None else self.model
         out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(batch)
         key = self._new_batch_key()
@@ -144,11 +184,13 @@ class TrainerActor:
         return out
 
     def forward_backward(self, batch: TrainBatch, micro_batch_tokens: int | None = None,
-                         kl_coef: float | None = None) -> dict:
+                         kl_coef: float | None = None, adapter: str | None = None) -> dict:
         """Accumulate the gradient of this rank's share of the global-batch loss.
 
         ``kl_coef``: this call's KL coefficient instead of the spec's (an adaptive KL
-        controller's current beta); the reference must exist (``spec.reference``)."""
+        controller's current beta); the reference must exist (``spec.reference``).
+        ``adapter``: the policy trained (LoRA adapters on one backbone)."""
+        self._activate(adapter)
         self.model.train()
         self._kl_coef = kl_coef
         masks = [len(ids) - p for ids, p in zip(batch.input_ids, batch.prompt_lens)]
@@ -164,19 +206,24 @@ class TrainerActor:
         self.inputs.clear()
         return merge_metrics(parts)
 
-    def optim_step(self) -> dict:
-        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+    def optim_step(self, adapter: str | None = None) -> dict:
+        """One optimizer step of ``adapter``'s policy (its own AdamW state and schedule)."""
+        policy = self._activate(adapter)
+        optimizer, scheduler = self.optimizers[policy], self.schedulers[policy]
+        params = [p for p in self._policy_params[policy] if p.grad is not None]
         norm = fsdp.total_norm([p.grad for p in params])
         if self.spec.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(params, self.spec.grad_clip, norm)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = scheduler.get_last_lr()[0]
         finite = bool(torch.isfinite(norm))
         if finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
         self.step += 1
-        return {"train/grad_norm": float(norm), "train/lr": lr, "train/step": self.step,
+        self.policy_steps[policy] += 1
+        return {"train/grad_norm": float(norm), "train/lr": lr,
+                "train/step": self.policy_steps[policy],
                 "train/skipped_nonfinite": 0.0 if finite else 1.0}
 
     def weight_buckets(self, bucket_bytes: int = 256 << 20) -> list:
@@ -190,10 +237,11 @@ class TrainerActor:
             state = {_peft_name(k): v for k, v in state.items() if "lora_" in k}
         return put_buckets(make_buckets(state.items(), bucket_bytes))
 
-    def adapter(self) -> list:
-        """The LoRA adapter for the engines: on rank 0 ``[ObjectRef]`` of
-        ``actors.weights.adapter_payload`` (peft's config, tensors under peft's file
-        names), ``[]`` elsewhere. Every rank must call it (the tensors are gathered)."""
+    def adapter(self, name: str | None = None) -> list:
+        """The LoRA adapter ``name`` (default: the first) for the engines: on rank 0
+        ``[ObjectRef]`` of ``actors.weights.adapter_payload`` (peft's config, tensors under
+        peft's file names), ``[]`` elsewhere. Every rank must call it (the tensors are
+        gathered)."""
         import ray
         from torch.distributed.tensor import DTensor
 
@@ -203,14 +251,17 @@ class TrainerActor:
             raise ValueError("adapter(): this trainer trains full weights (no LoRA)")
         # Only the adapter's parameters are gathered (every rank, in the same order), not
         # the whole model: a few MB instead of the full weights each step.
+        adapter = name or self.policies[0]
+        if adapter not in self.policies:
+            raise ValueError(f"unknown adapter {adapter!r}; this trainer has {self.policies}")
         tensors = []
-        for name, p in self.model.named_parameters():
-            if "lora_" in name:
+        for param_name, p in self.model.named_parameters():
+            if _adapter_of(param_name) == adapter:
                 full = p.full_tensor() if isinstance(p, DTensor) else p
-                tensors.append((_peft_name(name), full.detach().float().cpu()))
+                tensors.append((_peft_name(param_name, adapter), full.detach().float().cpu()))
         if self.rank != 0:
             return []
-        config = self.model.peft_config["default"].to_dict()
+        config = self.model.peft_config[adapter].to_dict()
         return [ray.put(adapter_payload(config, tensors))]
 
     def save(self, directory: str, state: dict | None = None) -> None:
@@ -218,27 +269,33 @@ class TrainerActor:
         (a phase's estimator baselines and KL coefficient) and returned by ``load``."""
         from actors.checkpoint import save_checkpoint
 
-        save_checkpoint(directory, self.model, self.optimizer, self.rank,
-                        extra={"step": self.step, "scheduler": self._scheduler_state(),
+        save_checkpoint(directory, self.model, list(self.optimizers.values()), self.rank,
+                        extra={"step": self.step, "policy_steps": self.policy_steps,
+                               "schedulers": {k: _scheduler_state(v)
+                                              for k, v in self.schedulers.items()},
                                "batches_seen": self._batches_seen, "state": state or {}})
 
     def load(self, directory: str) -> dict:
         from actors.checkpoint import load_checkpoint
 
-        extra = load_checkpoint(directory, self.model, self.optimizer, self.rank)
+        extra = load_checkpoint(directory, self.model, list(self.optimizers.values()), self.rank)
         self.step = extra["step"]
         self._batches_seen = extra.get("batches_seen", 0)
-        self.scheduler.load_state_dict({**extra["scheduler"], "lr_lambdas": [None]})
+        # (checkpoints of one policy written before per-policy state: "scheduler")
+        schedulers = extra.get("schedulers") or {self.policies[0]: extra["scheduler"]}
+        for policy, sched in schedulers.items():
+            self.schedulers[policy].load_state_dict({**sched, "lr_lambdas": [None]})
+        self.policy_steps = {**dict.fromkeys(self.policies, 0),
+                             **extra.get("policy_steps", {self.policies[0]: self.step})}
         return {"step": self.step, "state": extra.get("state", {})}
 
-    def _scheduler_state(self) -> dict:
-        # The LR function is rebuilt from the spec; only the counters are state.
-        return {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
-
-    def export_hf(self, directory: str, merged: bool = True) -> None:
+    def export_hf(self, directory: str, merged: bool = True, adapter: str | None = None) -> None:
+        """hf/ of the policy ``adapter`` (default: the first): full weights, or with LoRA the
+        base merged with that adapter plus every adapter in peft's format under adapter/."""
         from actors.checkpoint import export_hf
 
-        export_hf(directory, self.model, self.path, self.rank, lora=self.spec.lora, merged=merged)
+        export_hf(directory, self.model, self.path, self.rank, lora=self.spec.lora, merged=merged,
+                  adapter=adapter or self.policies[0])
 
     def parameters_digest(self) -> dict[str, np.ndarray]:
         """Full parameters as numpy on rank 0 (tests compare runs with it); copies, never
@@ -258,7 +315,8 @@ class TrainerActor:
         return out if self.rank == 0 else {}
 
     def discard_gradients(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
 
     def shutdown(self) -> None:
         import torch.distributed as dist
@@ -288,9 +346,14 @@ class TrainerActor:
             from peft import LoraConfig, get_peft_model
 
             lora = self.spec.lora
-            model = get_peft_model(model, LoraConfig(
-                r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                target_modules=_language_targets(model, lora.target_modules)))
+            config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                target_modules=_language_targets(model, lora.target_modules))
+            model = get_peft_model(model, config, adapter_name=lora.adapters[0])
+            for name in lora.adapters[1:]:
+                model.add_adapter(name, config)
+            for name, p in model.named_parameters():  # every adapter trainable
+                if _adapter_of(name) is not None:
+                    p.requires_grad_(True)
         return fsdp.apply_fsdp(model, self._mixed_precision(), offload=self.spec.offload)
 
     def _build_reference(self) -> torch.nn.Module | None:
@@ -435,9 +498,23 @@ def _language_targets(model, names: list[str]) -> list[str]:
             if n.split(".")[-1] in names and ".visual." not in f".{n}."]
 
 
-def _peft_name(name: str) -> str:
-    """FSDP/peft state-dict name -> peft adapter-file name (no adapter suffix)."""
-    return name.replace(".default", "")
+def _adapter_of(name: str) -> str | None:
+    """The LoRA adapter a parameter belongs to (``...lora_A.<adapter>.weight``), or None."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("lora_"):
+            return parts[i + 1]
+    return None
+
+
+def _peft_name(name: str, adapter: str = "default") -> str:
+    """FSDP/peft state-dict name -> peft adapter-file name (no adapter segment)."""
+    return name.replace(f".{adapter}.", ".") if _adapter_of(name) == adapter else name
+
+
+def _scheduler_state(scheduler) -> dict:
+    # The LR function is rebuilt from the spec; only the counters are state.
+    return {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
 
 
 def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> float:
@@ -547,30 +624,31 @@ class TrainerGroup:
                 raise TrainerGroupFailed(f"trainer rank {rank} died during {verb}: {err}") from err
         return ray.get(calls)
 
-    def compute_logprobs(self, batch: TrainBatch, reference: bool = False) -> list[np.ndarray]:
+    def compute_logprobs(self, batch: TrainBatch, reference: bool = False,
+                         adapter: str | None = None) -> list[np.ndarray]:
         from actors.batching import split_for_ranks
 
         shards = split_for_ranks(batch, self.world_size)
-        parts = self._all("compute_logprobs", reference, per_rank=shards)
+        parts = self._all("compute_logprobs", reference, adapter, per_rank=shards)
         return [row for part in parts for row in part]
 
     def forward_backward(self, batch: TrainBatch, micro_batch_tokens: int | None = None,
-                         kl_coef: float | None = None) -> dict:
+                         kl_coef: float | None = None, adapter: str | None = None) -> dict:
         from actors.batching import split_for_ranks
 
-        results = self._all("forward_backward", micro_batch_tokens, kl_coef,
+        results = self._all("forward_backward", micro_batch_tokens, kl_coef, adapter,
                             per_rank=split_for_ranks(batch, self.world_size))
         return merge_metrics(results)
 
-    def optim_step(self) -> dict:
-        return self._all("optim_step")[0]
+    def optim_step(self, adapter: str | None = None) -> dict:
+        return self._all("optim_step", adapter)[0]
 
     def weight_buckets(self, bucket_bytes: int = 256 << 20) -> list:
         return self._all("weight_buckets", bucket_bytes)[0]
 
-    def adapter(self):
+    def adapter(self, name: str | None = None):
         """ObjectRef of the LoRA adapter payload (``TrainerActor.adapter``)."""
-        return self._all("adapter")[0][0]
+        return self._all("adapter", name)[0][0]
 
     def save(self, directory: str, state: dict | None = None) -> None:
         self._all("save", directory, state)
@@ -578,8 +656,8 @@ class TrainerGroup:
     def load(self, directory: str) -> dict:
         return self._all("load", directory)[0]
 
-    def export_hf(self, directory: str, merged: bool = True) -> None:
-        self._all("export_hf", directory, merged)
+    def export_hf(self, directory: str, merged: bool = True, adapter: str | None = None) -> None:
+        self._all("export_hf", directory, merged, adapter)
 
     def parameters(self) -> dict[str, np.ndarray]:
         return self._all("parameters_digest")[0]

@@ -487,3 +487,81 @@ def test_second_update_on_one_generation_batch_sees_a_ratio_and_clips(group1, ba
         assert clipped["policy/clip_frac"] == pytest.approx(positive, abs=1e-6)
     finally:
         group1.load(str(start))
+
+
+@pytest.mark.slow
+def test_two_lora_adapters_on_one_backbone(batches, tmp_path):
+    """Two policies as LoRA adapters on one backbone in one 2-rank group and one engine:
+    each update changes only its own adapter and its own samples; each one's reference
+    is the base with adapters disabled; a killed group's checkpoint restores both
+    adapters and both optimizer states bit-identically."""
+    import ray
+
+    from actors.generator import EngineSpec, GeneratorActor, Request, Sampling, cpu_engine_env
+
+    lora = LoraSpec(rank=4, alpha=8, dropout=0.0, adapters=("solver", "proposer"))
+    two = spec(lora=lora, lr=1e-2, objective=ObjectiveSpec(kl_coef=0.0))
+
+    def step(group, adapter, batch):
+        batch = batch.with_column(old_logprobs=group.compute_logprobs(batch, adapter=adapter))
+        group.forward_backward(batch, adapter=adapter)
+        return group.optim_step(adapter)
+
+    def changed(a, b):
+        return {k for k in a if not np.array_equal(a[k], b[k])}
+
+    actor = ray.remote(num_cpus=1, runtime_env={"env_vars": cpu_engine_env(1)})(GeneratorActor)
+    engine = actor.remote(EngineSpec(model=MODEL, dtype="float32", max_model_len=1024,
+                                     max_num_batched_tokens=2048, enable_lora=True,
+                                     max_lora_rank=8, max_loras=2), "two-adapters")
+    requests = {name: [Request([{"role": "user", "content": "Ask about a chart."}],
+                               sampling=Sampling(n=2, max_tokens=8, seed=3), adapter=name)]
+                for name in lora.adapters}
+
+    def samples():  # seeded: the same tokens unless the adapter moved them
+        return {name: [(c.token_ids, c.logprobs) for c in ray.get(engine.generate.remote(reqs))[0]]
+                for name, reqs in requests.items()}
+
+    group = TrainerGroup(two, 2, name="test/trainer-two-adapters", runtime_env=ENV)
+    try:
+        start = group.parameters()
+        for version, name in enumerate(lora.adapters, 1):
+            ray.get(engine.load_adapter.remote(name, [group.adapter(name)], version))
+        before = samples()
+        assert step(group, "solver", batches[0])["train/step"] == 1
+        solver_moved = group.parameters()
+        diff = changed(solver_moved, start)
+        assert diff and all(".solver." in k for k in diff)
+        ray.get(engine.load_adapter.remote("solver", [group.adapter("solver")], 3))
+        after = samples()
+        assert after["proposer"] == before["proposer"]
+        assert after["solver"] != before["solver"]  # tokens or at least their log-probs
+        # the untouched adapter (B = 0) computes exactly the base, which is the reference
+        reference = group.compute_logprobs(batches[1], reference=True)
+        proposer = group.compute_logprobs(batches[1], adapter="proposer")
+        solver = group.compute_logprobs(batches[1], adapter="solver")
+        assert all(np.array_equal(a, b) for a, b in zip(proposer, reference))
+        assert max(float(np.abs(a - b).max()) for a, b in zip(solver, reference)) > 1e-4
+        assert step(group, "proposer", batches[1])["train/step"] == 1  # its own schedule
+        diff = changed(group.parameters(), solver_moved)
+        assert diff and all(".proposer." in k for k in diff)
+        group.save(str(tmp_path / "ckpt"))
+        step(group, "solver", batches[2])
+        step(group, "proposer", batches[3])
+        continued = group.parameters()
+        group.export_hf(str(tmp_path / "hf"), adapter="proposer")
+    finally:
+        group.kill()
+        ray.kill(engine)
+    # peft's layout: an adapter named other than "default" in a subfolder of its name
+    assert (tmp_path / "hf/adapter/solver/adapter_config.json").is_file()
+    assert (tmp_path / "hf/adapter/proposer/adapter_config.json").is_file()
+    assert (tmp_path / "hf/model.safetensors").is_file()  # the base merged with the proposer
+    again = TrainerGroup(two, 2, name="test/trainer-two-adapters", runtime_env=ENV)
+    try:
+        again.load(str(tmp_path / "ckpt"))
+        assert step(again, "solver", batches[2])["train/step"] == 2
+        step(again, "proposer", batches[3])
+        assert not changed(again.parameters(), continued)
+    finally:
+        again.shutdown()
