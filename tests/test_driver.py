@@ -157,6 +157,30 @@ def test_sft_phase_learns_resumes_after_sigkill_and_exports_what_vllm_serves(ray
     assert sample.token_ids
 
 
+def test_a_phase_trains_two_adapters_served_by_one_engine(ray_cluster, tmp_path):
+    """Two policies (LoRA adapters on one backbone) in one phase: each sampled from its
+    own adapter (engine and trainer log-probs agree per policy), each updated on its own
+    schedule and versioned on its own."""
+    import pyarrow.parquet as pq
+
+    cfg = load_config(None, [
+        "run.recipe=tests.user_recipe:AskAnswerRecipe", f"run.root={tmp_path}", "run.name=two",
+        "logging.wandb=disabled", "logging.progress=false", "placement.roles={policy: {}}",
+        "trainer.lora.enabled=true", "trainer.lora.rank=8", "trainer.lr=1e-2",
+        "trainer.micro_batch_tokens=4096", "algorithm.kl_coef=0.01",
+        "generator.max_model_len=1024", "generator.max_num_batched_tokens=2048"])
+    Driver(cfg).run()
+    phase = tmp_path / "two/iter_0001/policy"
+    lines = [m for m in read_metrics(phase / "metrics.jsonl") if "answerer/reward/mean" in m]
+    assert [m["answerer/rollout/version"] for m in lines] == [1, 2, 3]
+    assert [m.get("asker/rollout/version") for m in lines] == [1, None, 2]
+    assert max(m[k] for m in lines for k in m if k.endswith("rollout/logprob_diff")) < 1e-5
+    rows = pq.read_table(phase / "rollouts-000003.parquet").to_pylist()
+    assert {r["policy"] for r in rows} == {"answerer", "asker"}
+    assert {r["version"] for r in rows if r["policy"] == "asker"} == {1}  # sampled by asker v1
+    assert (phase / "hf/adapter/asker/adapter_config.json").is_file()
+
+
 _ALIGNED: set[int] = set()
 # The default tiny model's LM head spans only ~±0.5 nats of logits whatever the last
 # hidden state is, so an adapter (which leaves the head frozen) can hardly move token

@@ -50,6 +50,12 @@ class TablePhase:
 class FakePool:
     restarts = 0
 
+    def __init__(self):
+        self.pushed = []  # (adapter, version) in push order
+
+    def load_adapter(self, name, payload, version):
+        self.pushed.append((name, version))
+
     def generate(self, requests):
         return [[Completion(f"s{i}", [7, 8], list(range(10, 10 + n)), [-1.0] * n, "stop", 0)
                  for i, n in enumerate(LENGTHS)] for _ in requests]
@@ -59,17 +65,21 @@ class FakeGroup:
     """Old log-probs -1 per token, reference -1.5; policy/kl reported as ``kl``."""
 
     def __init__(self, kl: float = 0.05):
-        self.kl, self.calls, self.steps = kl, [], 0
+        self.kl, self.calls, self.steps, self.adapters = kl, [], 0, []
 
-    def compute_logprobs(self, batch, reference=False):
+    def compute_logprobs(self, batch, reference=False, adapter=None):
         value = -1.5 if reference else -1.0
         return [np.full(len(ids) - p, value) for ids, p in zip(batch.input_ids, batch.prompt_lens)]
 
-    def forward_backward(self, batch, kl_coef=None):
+    def forward_backward(self, batch, kl_coef=None, adapter=None):
         self.calls.append((batch, kl_coef))
+        self.adapters.append(adapter)
         return {"policy/kl": self.kl, "train/tokens": float(batch.completion_tokens())}
 
-    def optim_step(self):
+    def adapter(self, name=None):
+        return f"payload of {name}"
+
+    def optim_step(self, adapter=None):
         self.steps += 1
         return {"train/grad_norm": 1.0, "train/lr": 1e-3, "train/step": self.steps}
 
@@ -190,3 +200,41 @@ def test_adaptive_kl_and_ema_baseline_continue_exactly_across_a_resume(tmp_path)
         assert parquet_advantages(again, step) == pytest.approx(
             parquet_advantages(whole, step), abs=1e-12)
     assert rest[-1]["adv/baseline"] == pytest.approx(full[-1]["adv/baseline"], abs=1e-12)
+
+
+class TwoPolicyPhase(TablePhase):
+    """Policy "a" every step; policy "b" every second step (a proposer updated every
+    proposer_update_freq steps): the same table, b's rewards negated."""
+
+    policies = ("a", "b")
+
+    def rollout(self, step, rng, ctx):
+        from pipelines.recipes.base import Rollout
+
+        requests = self.requests(step, rng)
+        scores = self.score(requests, None, ctx)
+        out = [Rollout("a", requests, ctx.pool.generate(requests), scores)]
+        if step % 2 == 0:
+            negated = Scores([[-r for r in group] for group in scores.rewards])
+            out.append(Rollout("b", requests, ctx.pool.generate(requests), negated))
+        return out
+
+
+def test_two_policies_keep_their_own_baselines_versions_and_rollouts(tmp_path):
+    r = runner(tmp_path, "algorithm.advantage=reinforce", "run.sync_weights=true",
+               "trainer.lora.enabled=true")
+    r.phase = TwoPolicyPhase()
+    r.policies = r.phase.policies
+    r.engines = types.SimpleNamespace(served=lambda role, label: None)
+    metrics = run_steps(r, 3)
+    assert r.group.adapters == ["a", "b", "a", "a", "b"]
+    # every adapter pushed at the start (version 0), then after each of its updates
+    assert r.pool.pushed == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("a", 3),
+                             ("b", 2)]
+    assert metrics[0]["a/adv/baseline"] == pytest.approx(0.42123969)  # HAND["reinforce"]'s
+    assert metrics[0]["b/adv/baseline"] == pytest.approx(-0.42123969)  # its own EMA
+    assert "b/reward/mean" not in metrics[1] and metrics[1]["a/rollout/version"] == 2
+    table = pq.read_table(r.dir / "rollouts-000001.parquet").to_pylist()
+    assert [row["policy"] for row in table] == ["a"] * 8 + ["b"] * 8
+    assert [row["advantage"] for row in table[8:]] == pytest.approx(
+        [-a for a in HAND["reinforce"]], abs=1e-5)

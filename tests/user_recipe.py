@@ -87,3 +87,42 @@ class FactsRecipe:
 
         s = self.cfg.facts
         return [SFTPhase("sft", "policy", facts(), s.batch_size, s.epochs)]
+
+
+class AskAnswerPhase:
+    """Two policies on one backbone: "asker" writes a question, "answerer" answers it
+    (four samples each); the answerer is rewarded for short answers, the asker for
+    questions whose answers are short. The asker trains every second step."""
+
+    name = role = "policy"
+    policies = ("answerer", "asker")
+    steps = 3
+
+    def rollout(self, step, rng, ctx):
+        from pipelines.recipes.base import Rollout
+
+        seed = int(rng.integers(1 << 30))
+        ask = [Request([{"role": "user", "content": "Write one question."}],
+                       sampling=Sampling(n=4, max_tokens=8, seed=seed), adapter="asker")]
+        questions = ctx.pool.generate(ask)
+        answer = [Request([{"role": "user", "content": q.text or "?"}],
+                          sampling=Sampling(n=4, max_tokens=8, seed=seed + 1 + i),
+                          adapter="answerer") for i, q in enumerate(questions[0])]
+        answers = ctx.pool.generate(answer)
+        lengths = [[len(a.token_ids) for a in group] for group in answers]
+        out = [Rollout("answerer", answer, answers,
+                       Scores([[-float(n) for n in group] for group in lengths]))]
+        if step % 2 == 0:
+            out.append(Rollout("asker", ask, questions,
+                               Scores([[-float(sum(group)) / len(group) for group in lengths]])))
+        return out
+
+
+class AskAnswerRecipe:
+    roles = ("policy",)
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def phases(self, iteration):
+        return [AskAnswerPhase()]

@@ -31,6 +31,16 @@ class Scores:
     columns: dict[str, list[list]] = field(default_factory=dict)  # extra rollout columns [request][sample]
 
 
+@dataclass
+class Rollout:
+    """What one step sampled for one policy and how it scored."""
+
+    policy: str | None  # the LoRA adapter trained on it; None: the phase's single policy
+    requests: list[Request]
+    completions: list[list[Completion]]  # [request][sample]
+    scores: Scores
+
+
 class Phase(Protocol):
     name: str  # folder and metric namespace, e.g. "solver"
     role: str  # the role whose weights this phase trains
@@ -56,6 +66,10 @@ class Recipe(Protocol):
 #   phase.prepare(ctx) -> dict   once before the first step (also on resume): build or
 #                                reload the phase's data; returned figures are logged as data/*
 #   phase.finish(ctx) -> None    after the phase exported hf/, before its DONE marker
+#   phase.policies: tuple[str, ...]  LoRA adapters on the role's backbone, each a policy of its
+#                                own (optimizer, estimator state, KL coefficient, version);
+#                                then rollout(step, rng, ctx) -> list[Rollout] replaces
+#                                requests/score (it samples with ctx.pool, adapter=<policy>)
 #   phase.objective = "sft"      a supervised phase: batch_examples(step, seed_path) instead of
 #                                requests/score, no engines (pipelines/runtime/sft.py)
 #   recipe.close() -> None       when the run ends (helper processes)

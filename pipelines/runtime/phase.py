@@ -38,6 +38,7 @@ from actors.trainer import LoraSpec, TrainerGroup, TrainerGroupFailed, TrainerSp
 from pipelines.algorithms.estimators import make_estimator, make_kl_controller
 from pipelines.algorithms.grading import budget as grading_budget
 from pipelines.algorithms.grading import grading_stats
+from pipelines.recipes.base import Rollout
 from pipelines.runtime.metrics import MetricsSink, Timer
 from pipelines.runtime.rundir import latest_checkpoint, prune_checkpoints
 
@@ -54,6 +55,12 @@ class PhaseRunner:
         self.engines, self.placement, self.weights = engines, placement, weights
         self.start_weights = weights(phase.role)
         self.base_version = base_version  # the role's version before this phase
+        # LoRA adapters this phase trains as policies of their own (one backbone, one
+        # trainer group, one engine pool); none: the phase trains its role's weights.
+        self.policies = tuple(getattr(phase, "policies", ()))
+        if self.policies and not cfg.trainer.lora.enabled:
+            raise ValueError(f"phase {phase.name} trains the policies {self.policies} as LoRA "
+                             "adapters of one backbone: set trainer.lora.enabled=true")
         self.version = base_version
         self.group_restarts = 0
         self.data_metrics: dict[str, float] = {}
@@ -146,93 +153,123 @@ class PhaseRunner:
                     sink.rewind(step)
             if self.is_sft:
                 self.version = self.base_version + self.phase.steps  # the weights moved on
+            elif self.cfg.run.sync_weights and self.cfg.trainer.lora.enabled:
+                # Its engines hold the base plus the adapters; the next user of the role
+                # starts fresh ones from the merged hf/ export (an adapter on top of
+                # merged weights would count twice).
+                self.engines.stop(self.phase.role)
             elif self.cfg.run.sync_weights and \
                     self.version == self.base_version + self.phase.steps:
-                if self.cfg.trainer.lora.enabled:
-                    # Its engines hold the base plus the adapter; the next user of the role
-                    # starts fresh ones from the merged hf/ export (an adapter on top of
-                    # merged weights would count twice).
-                    self.engines.stop(self.phase.role)
-                else:
-                    self.engines.served(self.phase.role, str(self.dir / "hf"), saved=True)
+                self.engines.served(self.phase.role, str(self.dir / "hf"), saved=True)
             sink.log(self.phase.steps, {"timing/export": timer.seconds["export"]})
         finally:
             sink.close()
 
     def step(self, step: int) -> dict:
+        """One generation step and the updates of every policy it sampled for."""
         if self.is_sft:
             return self.sft_step(step)
         timer = Timer()
         with timer("step"):
-            requests = self.phase.requests(step, step_rng(self.seed_path, step))
-            with timer("generate"):
-                completions = self.pool.generate(requests)
-            with timer("reward"):
-                before = grading_stats()
-                with grading_budget(self.cfg.algorithm.reward_budget_s):
+            rng = step_rng(self.seed_path, step)
+            before = grading_stats()
+            if self.policies:  # several policies: the recipe samples and scores for each
+                with timer("rollout"), grading_budget(self.cfg.algorithm.reward_budget_s):
+                    rollouts = list(self.phase.rollout(step, rng, self))
+            else:
+                requests = self.phase.requests(step, rng)
+                with timer("generate"):
+                    completions = self.pool.generate(requests)
+                with timer("reward"), grading_budget(self.cfg.algorithm.reward_budget_s):
                     scores = self.phase.score(requests, completions, self)
-                after = grading_stats()
-            batch, rewards = self._batch(requests, completions, scores.rewards)
-            # Engines colocated with the trainer ranks free their devices for the update.
+                rollouts = [Rollout(None, requests, completions, scores)]
+            after = grading_stats()
+            # Engines colocated with the trainer ranks free their devices for the updates.
             asleep = self.phase.role in self.placement.layout.colocate
             if asleep:
                 with timer("sleep"):
                     self.pool.sleep()
             try:
-                with timer("logprobs"):
-                    # the behaviour policy's log-probs, once, before the first update
-                    batch = batch.with_column(old_logprobs=self.group.compute_logprobs(batch))
-                    if self.needs_reference:
-                        batch = batch.with_column(
-                            ref_logprobs=self.group.compute_logprobs(batch, reference=True))
-                advantages, adv_metrics = self.estimator.advantages(
-                    rewards, batch.prompt_index, batch)
-                batch = batch.with_column(advantages=advantages)
-                with timer("update"):
-                    train = self._update(batch, step)
+                trained = [self._train(r, step, timer) for r in rollouts]
             finally:
                 if asleep:
                     with timer("wake"):
                         self.pool.wake_up()
-            train["train/kl_coef"] = self.kl.beta
-            if "policy/kl" in train:
-                self.kl.update(train["policy/kl"])
+            for r, (_, _, _, train, _) in zip(rollouts, trained):
+                kl = self.kls[self._key(r.policy)]
+                train["train/kl_coef"] = kl.beta
+                if "policy/kl" in train:
+                    kl.update(train["policy/kl"])
             if self.cfg.run.sync_weights:
                 with timer("weight_sync"):
-                    self._push_weights(self.base_version + step + 1)
+                    for r in rollouts:
+                        self._push(r.policy, self._versions[self._key(r.policy)] + 1)
+            else:
+                for r in rollouts:
+                    self._versions[self._key(r.policy)] += 1
             with timer("save"):
-                self._write_rollouts(step, requests, completions, rewards, advantages,
-                                     scores.columns)
+                self._write_rollouts(step, rollouts, trained)
                 if (step + 1) % self.cfg.run.save_every == 0 or step + 1 == self.phase.steps:
                     self.group.save(str(self.dir / "ckpt" / f"step_{step + 1:06d}"),
                                     self._state())
                     prune_checkpoints(self.dir / "ckpt", self.cfg.run.keep_checkpoints)
-        tokens = [len(c.token_ids) for group in completions for c in group]
-        metrics = {
-            **{k if "/" in k else f"train/{k}": v for k, v in train.items()},
-            **{f"reward/{k}": v for k, v in scores.metrics.items()},
-            **adv_metrics,
-            "reward/mean": float(np.mean(rewards)), "reward/std": float(np.std(rewards)),
+        metrics = {}
+        for r, (batch, rewards, _, train, adv_metrics) in zip(rollouts, trained):
+            prefix = f"{r.policy}/" if r.policy else ""
+            part = self._rollout_metrics(r, batch, rewards, train, adv_metrics)
+            metrics.update({prefix + k: v for k, v in part.items()})
+        sampled = sum(len(c.token_ids) for r in rollouts for g in r.completions for c in g)
+        seconds = timer.seconds.get("generate", timer.seconds.get("rollout", 0.0))
+        metrics.update({
             # answer checks cut by their time limit or the step's budget (counted wrong)
             "reward/timeouts": float(sum(after[k] - before[k] for k in
                                          ("symbolic_timeouts", "symbolic_over_budget"))),
             "reward/answers_too_long": float(after["too_long"] - before["too_long"]),
-            "rollout/response_tokens": float(np.mean(tokens)),
-            "rollout/truncated": float(np.mean([c.finish_reason == "length"
-                                                for group in completions for c in group])),
-            "rollout/version": float(self.version),
             "rollout/engine_restarts": float(self.pool.restarts),
-            # engine vs trainer log-probs of the sampled tokens: ~1e-6 in fp32 when the
-            # engines serve the trainer's weights (or adapter), far more when they do not
-            "rollout/logprob_diff": _logprob_diff(completions, batch.old_logprobs),
             "train/group_restarts": float(self.group_restarts),
             **self.data_metrics,
-            "perf/tokens_per_s": sum(tokens) / max(timer.seconds["generate"], 1e-9),
+            "perf/tokens_per_s": sampled / max(seconds, 1e-9),
             **{f"timing/{k}": v for k, v in timer.seconds.items()},
             "timing/overhead": timer.seconds["step"] - sum(
                 v for k, v in timer.seconds.items() if k != "step"),
-        }
+        })
         return metrics
+
+    def _train(self, rollout, step: int, timer) -> tuple:
+        """Behaviour (and reference) log-probs, advantages and the updates of one policy."""
+        key, adapter = self._key(rollout.policy), rollout.policy
+        batch, rewards = self._batch(rollout.requests, rollout.completions,
+                                     rollout.scores.rewards)
+        with timer("logprobs"):
+            # the behaviour policy's log-probs, once, before the first update
+            batch = batch.with_column(old_logprobs=self.group.compute_logprobs(
+                batch, adapter=adapter))
+            if self.needs_reference:
+                batch = batch.with_column(ref_logprobs=self.group.compute_logprobs(
+                    batch, reference=True, adapter=adapter))
+        advantages, adv_metrics = self.estimators[key].advantages(
+            rewards, batch.prompt_index, batch)
+        batch = batch.with_column(advantages=advantages)
+        with timer("update"):
+            train = self._update(batch, step, key, adapter)
+        return batch, rewards, advantages, train, adv_metrics
+
+    def _rollout_metrics(self, rollout, batch, rewards, train, adv_metrics) -> dict:
+        tokens = [len(c.token_ids) for group in rollout.completions for c in group]
+        return {
+            **{k if "/" in k else f"train/{k}": v for k, v in train.items()},
+            **{f"reward/{k}": v for k, v in rollout.scores.metrics.items()},
+            **adv_metrics,
+            "reward/mean": float(np.mean(rewards)), "reward/std": float(np.std(rewards)),
+            "rollout/response_tokens": float(np.mean(tokens)),
+            "rollout/truncated": float(np.mean([c.finish_reason == "length"
+                                                for group in rollout.completions
+                                                for c in group])),
+            "rollout/version": float(self._versions[self._key(rollout.policy)]),
+            # engine vs trainer log-probs of the sampled tokens: ~1e-6 in fp32 when the
+            # engines serve the trainer's weights (or adapter), far more when they do not
+            "rollout/logprob_diff": _logprob_diff(rollout.completions, batch.old_logprobs),
+        }
 
     def sft_step(self, step: int) -> dict:
         from pipelines.runtime.sft import sft_batch
@@ -271,7 +308,8 @@ class PhaseRunner:
         cfg = self.cfg
         kwargs = self.placement.trainer_kwargs()
         threads = max(1, int(kwargs["cpus_per_rank"]))
-        return TrainerGroup(trainer_spec(cfg, self.start_weights, self.phase.steps, sft=self.is_sft),
+        return TrainerGroup(trainer_spec(cfg, self.start_weights, self.phase.steps, sft=self.is_sft,
+                                         adapters=self.policies),
                             self.placement.layout.trainer_ranks,
                             name=f"coevolve/{cfg.run.name}/trainer", **kwargs,
                             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
@@ -285,16 +323,36 @@ class PhaseRunner:
         """
         found = latest_checkpoint(self.dir / "ckpt")
         step = 0
-        self.estimator = make_estimator(self.cfg.algorithm)
-        self.kl = make_kl_controller(self.cfg.algorithm)
+        keys = self.policies or (self.phase.role,)
+        self.estimators = {k: make_estimator(self.cfg.algorithm) for k in keys}
+        self.kls = {k: make_kl_controller(self.cfg.algorithm) for k in keys}
+        self.version = self.base_version
         if found is not None:
             step, path = found
             state = self.group.load(str(path)).get("state", {})
-            self.estimator.load_state_dict(state.get("estimator", {}))
-            self.kl.load_state_dict(state.get("kl", self.kl.state_dict()))
-        if (found is not None or rollback) and self.cfg.run.sync_weights and not self.is_sft:
-            self._push_weights(self.base_version + step, rollback=rollback)
+            saved = state.get("policies", {})
+            for k in keys:
+                self.estimators[k].load_state_dict(saved.get(k, {}).get("estimator", {}))
+                self.kls[k].load_state_dict(saved.get(k, {}).get("kl", self.kls[k].state_dict()))
+                self._versions[k] = saved.get(k, {}).get("version", self.base_version + step)
+        if self.is_sft or not self.cfg.run.sync_weights:
+            return step
+        if self.policies:  # every adapter, at its version (fresh ones: the base's)
+            for k in keys:
+                self._push(k, self._versions[k], rollback=True)
+        elif found is not None or rollback:
+            self._push_weights(self._versions[keys[0]], rollback=rollback)
         return step
+
+    def _push(self, policy: str | None, version: int, rollback: bool = False) -> None:
+        """One policy's new weights to the engines: its adapter, or the full weights."""
+        if policy is None:
+            self._push_weights(version, rollback=rollback)
+            return
+        self.pool.load_adapter(policy, self.group.adapter(policy), version)
+        self._versions[policy] = version
+        self.engines.served(self.phase.role, f"{self.dir}@" + ",".join(
+            f"{k}:{v}" for k, v in sorted(self._versions.items())))
 
     def _push_weights(self, version: int, rollback: bool = False) -> None:
         """The trainer's weights to the phase's engines: the full weights, or with LoRA
@@ -347,15 +405,16 @@ class PhaseRunner:
                            [list(r.images) for r in requests])
         return batch, np.array(flat)
 
-    def _update(self, batch: TrainBatch, step: int) -> dict:
+    def _update(self, batch: TrainBatch, step: int, key: str = "", adapter=None) -> dict:
         """``algorithm.epochs`` passes over the batch in ``algorithm.mini_batches`` PPO
         updates each (whole prompt groups per mini-batch, in an order drawn from the
         step's seed per epoch); one optimizer step per mini-batch. The metrics are the
         updates' means (``train/updates`` counts them)."""
         a = self.cfg.algorithm
+        beta = self.kls[key or self._key(None)].beta
         if a.mini_batches == 1 and a.epochs == 1:
-            train = self.group.forward_backward(batch, kl_coef=self.kl.beta)
-            train.update(self.group.optim_step())
+            train = self.group.forward_backward(batch, kl_coef=beta, adapter=adapter)
+            train.update(self.group.optim_step(adapter))
             return {**train, "train/updates": 1.0}
         prompts = np.unique(batch.prompt_index)
         if len(prompts) < a.mini_batches:
@@ -366,8 +425,9 @@ class PhaseRunner:
             order = np.random.default_rng([*self.seed_path, step, 1 + epoch]).permutation(prompts)
             for chunk in np.array_split(order, a.mini_batches):
                 rows = np.flatnonzero(np.isin(batch.prompt_index, chunk))
-                metrics = self.group.forward_backward(batch.select(rows), kl_coef=self.kl.beta)
-                metrics.update(self.group.optim_step())
+                metrics = self.group.forward_backward(batch.select(rows), kl_coef=beta,
+                                                      adapter=adapter)
+                metrics.update(self.group.optim_step(adapter))
                 parts.append(metrics)
         merged = {k: float(np.mean([m[k] for m in parts if k in m])) for k in parts[-1]}
         merged["train/step"] = parts[-1]["train/step"]
@@ -375,39 +435,72 @@ class PhaseRunner:
         return merged
 
     def _state(self) -> dict:
-        """What a checkpoint keeps beside the trainer: baselines and the KL coefficient."""
-        return {"estimator": self.estimator.state_dict(), "kl": self.kl.state_dict()}
+        """What a checkpoint keeps beside the trainer, per policy: the estimator's
+        baseline, the KL coefficient and the version the engines serve."""
+        return {"policies": {k: {"estimator": self.estimators[k].state_dict(),
+                                 "kl": self.kls[k].state_dict(), "version": self._versions[k]}
+                             for k in self.estimators}}
 
-    def _write_rollouts(self, step, requests, completions, rewards, advantages,
-                        columns: dict) -> None:
+    def _key(self, policy: str | None) -> str:
+        return policy or self.phase.role
+
+    @property
+    def version(self) -> int:
+        """The weight version of the phase's main policy (the first, or the only one)."""
+        return self._versions[self._key(self.policies[0] if self.policies else None)]
+
+    @version.setter
+    def version(self, value: int) -> None:
+        self._versions = dict.fromkeys(self.policies or (self.phase.role,), value)
+
+    @property
+    def estimator(self):
+        return self.estimators[self._key(None)]
+
+    @property
+    def kl(self):
+        return self.kls[self._key(None)]
+
+    def _write_rollouts(self, step, rollouts, trained) -> None:
+        """rollouts-<step>.parquet: a row per sample of every policy of the step."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = [(p, s, c) for p, group in enumerate(completions) for s, c in enumerate(group)]
-        table = pa.table({
-            "step": [step + 1] * len(rows),
-            "prompt_index": [p for p, _, _ in rows],
-            "sample_index": [s for _, s, _ in rows],
-            "prompt": [_prompt_text(requests[p]) for p, _, _ in rows],
-            "response": [c.text for _, _, c in rows],
-            "response_tokens": [len(c.token_ids) for _, _, c in rows],
-            "finish_reason": [c.finish_reason for _, _, c in rows],
-            "version": [c.version for _, _, c in rows],
-            "reward": rewards.tolist(),
-            # per sample, or per completion token (reinforce_pp)
-            "advantage": [a.tolist() if isinstance(a, np.ndarray) else float(a)
-                          for a in advantages],
-            **{name: [values[p][s] for p, s, _ in rows] for name, values in columns.items()},
-        })
+        tables = []
+        for r, (_, rewards, advantages, _, _) in zip(rollouts, trained):
+            rows = [(p, s, c) for p, group in enumerate(r.completions)
+                    for s, c in enumerate(group)]
+            columns = {
+                "step": [step + 1] * len(rows),
+                **({"policy": [r.policy] * len(rows)} if self.policies else {}),
+                "prompt_index": [p for p, _, _ in rows],
+                "sample_index": [s for _, s, _ in rows],
+                "prompt": [_prompt_text(r.requests[p]) for p, _, _ in rows],
+                "response": [c.text for _, _, c in rows],
+                "response_tokens": [len(c.token_ids) for _, _, c in rows],
+                "finish_reason": [c.finish_reason for _, _, c in rows],
+                "version": [c.version for _, _, c in rows],
+                "reward": rewards.tolist(),
+                # per sample, or per completion token (reinforce_pp)
+                "advantage": [a.tolist() if isinstance(a, np.ndarray) else float(a)
+                              for a in advantages],
+                **{name: [values[p][s] for p, s, _ in rows]
+                   for name, values in r.scores.columns.items()},
+            }
+            tables.append(pa.table(columns))
+        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 \
+            else tables[0]
         path = self.dir / f"rollouts-{step + 1:06d}.parquet"
         tmp = path.with_name(f".{path.name}.tmp")
         pq.write_table(table, tmp)
         tmp.replace(path)
 
 
-def trainer_spec(cfg, start_weights: str, steps: int, sft: bool = False) -> TrainerSpec:
+def trainer_spec(cfg, start_weights: str, steps: int, sft: bool = False,
+                 adapters: tuple[str, ...] = ()) -> TrainerSpec:
     """How the config builds the trainer group of a phase of ``steps`` optimizer steps
-    that starts from ``start_weights`` (no actor started); ``sft``: the SFT objective."""
+    that starts from ``start_weights`` (no actor started); ``sft``: the SFT objective;
+    ``adapters``: the LoRA adapters a phase trains as policies (default: one)."""
     t, a = cfg.trainer, cfg.algorithm
     lora = t.lora
     if not sft:
@@ -426,7 +519,8 @@ def trainer_spec(cfg, start_weights: str, steps: int, sft: bool = False) -> Trai
         logprob_chunk_tokens=t.logprob_chunk_tokens, reference_dtype=t.reference_dtype,
         offload=t.offload, max_pixels=cfg.model.max_pixels,
         mixed_precision={"auto": None, "bfloat16": True, "float32": False}[cfg.model.dtype],
-        lora=LoraSpec(lora.rank, lora.alpha, lora.dropout, list(lora.target_modules))
+        lora=LoraSpec(lora.rank, lora.alpha, lora.dropout, list(lora.target_modules),
+                      adapters=tuple(adapters) or ("default",))
         if lora.enabled else None,
         reference=needs_reference(a) and not sft, sft=sft, seed=cfg.run.seed,
         threads=max(1, cfg.placement.cpus_per_rank))
