@@ -168,6 +168,9 @@ class TrainerActor:
     def compute_logprobs(self, batch: TrainBatch, reference: bool = False,
                          adapter: str | None = None) -> list[np.ndarray]:
         self._activate(adapter)
+        # Scoring, not training: no dropout (LoRA dropout would make the behaviour
+        # log-probs noisy and unlike the engine's, which never drops out).
+        self.model.eval()
         model = self.reference if reference and self.reference is not None else self.model
         out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(batch)
         key = self._new_batch_key()

@@ -87,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
                            "Ray with logical GPUs) and print the real node and GPU ids")
     plan.set_defaults(func=_plan)
 
+    export = sub.add_parser("export", help="copy every trained policy of a run (merged hf/ "
+                                           "folders, peft adapters) with its config and code "
+                                           "version to one folder")
+    export.add_argument("run_dir", help="runs/<name>")
+    export.add_argument("--out", help="target folder (default: RUN_DIR/export)")
+    export.set_defaults(func=_export)
+
     plot = sub.add_parser("plot", help="draw the co-evolution figures of an MM-Zero run from its "
                                        "iter_*/coevo.json (iter_*/coevo.png and coevo.png)")
     plot.add_argument("run_dir", help="runs/<name>")
@@ -165,6 +172,16 @@ def _plan(args) -> int:
     return run_plan(_load(args), cluster_file=args.cluster, nodes=args.nodes,
                     gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
                     cpus_per_node=args.cpus_per_node, probe=args.probe)
+
+
+def _export(args) -> int:
+    from pipelines.runtime.export import export_run
+
+    manifest = export_run(args.run_dir, args.out)
+    for name, info in manifest["policies"].items():
+        extra = f" (adapters: {', '.join(info['adapters'])})" if info["adapters"] else ""
+        print(f"{name}: {info['source']}{extra}")
+    return 0
 
 
 def _plot(args) -> int:

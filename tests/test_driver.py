@@ -180,6 +180,29 @@ def test_a_phase_trains_two_adapters_served_by_one_engine(ray_cluster, tmp_path)
     assert {r["version"] for r in rows if r["policy"] == "asker"} == {1}  # sampled by asker v1
     assert (phase / "hf/adapter/asker/adapter_config.json").is_file()
 
+    # coevolve export: a merged folder per policy, the adapters in peft's format
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from actors.models import resolve_model
+    from pipelines.runtime.export import export_run
+
+    manifest = export_run(tmp_path / "two", tmp_path / "out")
+    assert set(manifest["policies"]) == {"policy", "policy-asker"}
+    assert manifest["policies"]["policy"]["adapters"] == ["answerer", "asker"]
+    assert manifest["config"]["run"]["recipe"] == "tests.user_recipe:AskAnswerRecipe"
+    assert manifest["code"]["git_commit"]
+    ids = torch.tensor([[5, 17, 42, 7, 99]])
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "out/policy-asker")
+    base = AutoModelForImageTextToText.from_pretrained(resolve_model("tiny://qwen2.5-vl"))
+    with_adapter = PeftModel.from_pretrained(base, tmp_path / "out/policy/adapter/asker")
+    with torch.no_grad():
+        a, b = merged(input_ids=ids).logits, with_adapter(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(
+        a, AutoModelForImageTextToText.from_pretrained(tmp_path / "out/policy")(
+            input_ids=ids).logits, atol=1e-5)
+
 
 _ALIGNED: set[int] = set()
 # The default tiny model's LM head spans only ~±0.5 nats of logits whatever the last

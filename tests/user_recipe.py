@@ -89,10 +89,14 @@ class FactsRecipe:
         return [SFTPhase("sft", "policy", facts(), s.batch_size, s.epochs)]
 
 
+def even_share(token_ids) -> float:
+    return sum(1 for t in token_ids if t % 2 == 0) / max(len(token_ids), 1)
+
+
 class AskAnswerPhase:
     """Two policies on one backbone: "asker" writes a question, "answerer" answers it
-    (four samples each); the answerer is rewarded for short answers, the asker for
-    questions whose answers are short. The asker trains every second step."""
+    (four samples each); dense rewards: the share of even token ids in the answer, and
+    in the question plus the mean of its answers'. The asker trains every second step."""
 
     name = role = "policy"
     policies = ("answerer", "asker")
@@ -109,12 +113,12 @@ class AskAnswerPhase:
                           sampling=Sampling(n=4, max_tokens=8, seed=seed + 1 + i),
                           adapter="answerer") for i, q in enumerate(questions[0])]
         answers = ctx.pool.generate(answer)
-        lengths = [[len(a.token_ids) for a in group] for group in answers]
-        out = [Rollout("answerer", answer, answers,
-                       Scores([[-float(n) for n in group] for group in lengths]))]
+        shares = [[even_share(a.token_ids) for a in group] for group in answers]
+        out = [Rollout("answerer", answer, answers, Scores(shares))]
         if step % 2 == 0:
-            out.append(Rollout("asker", ask, questions,
-                               Scores([[-float(sum(group)) / len(group) for group in lengths]])))
+            out.append(Rollout("asker", ask, questions, Scores([[
+                even_share(q.token_ids) + sum(group) / len(group)
+                for q, group in zip(questions[0], shares)]])))
         return out
 
 

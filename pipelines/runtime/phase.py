@@ -140,6 +140,8 @@ class PhaseRunner:
                     timer = Timer()
                     with timer("export"):
                         self.group.export_hf(str(self.dir / "hf"))
+                        for policy in self.policies[1:]:  # hf/ holds the first policy
+                            self.group.export_hf(str(self.dir / f"hf-{policy}"), adapter=policy)
                     break
                 except TrainerGroupFailed as err:
                     self.group_restarts += 1
