@@ -2,13 +2,12 @@
 
 Data flow: `RendererPool.render_many(svgs) -> list[RenderResult]`, in input order.
 
-Each render runs in a persistent worker subprocess started with `python -c`
-(not multiprocessing: spawn would re-import the driver's `__main__`, torch and
-all, into every worker before the memory limit is set). The child sets its own
-address-space limit (RLIMIT_AS) after importing cairosvg; the parent enforces
-the wall-clock limit and kills and replaces a late worker. Parent and child
-speak length-prefixed JSON frames over stdin/stdout (the PNG travels as the
-raw payload); the parent never unpickles anything from a child.
+Each render runs in a persistent sandboxed worker subprocess
+(`actors/sandbox.py`, shared with the grader): its own address-space limit
+(RLIMIT_AS) after importing cairosvg, length-prefixed JSON frames over
+stdin/stdout (the PNG travels as the raw payload; the parent never unpickles
+anything from a child). The pool here enforces the wall-clock limit and kills
+and replaces a late worker.
 
 Before cairosvg sees a document, the child:
   1. drops a DOCTYPE without internal subset (the SVG 1.1 boilerplate); any
@@ -33,23 +32,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import os
 import re
-import resource
 import select
 import struct
-import subprocess
-import sys
 import time
 import types
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Literal, get_args
 from urllib.parse import unquote_to_bytes
+
+from actors.sandbox import SandboxWorker
 
 Failure = Literal["empty", "not_svg", "parse_error", "external_reference", "too_large",
                   "timeout", "memory", "render_error", "cancelled"]
@@ -500,106 +496,32 @@ def _render_bytes(data: bytes, limits: RenderLimits) -> tuple[dict, bytes]:
 
 # ---------------------------------------------------------- worker process
 
-_FRAME = struct.Struct(">II")  # header length, payload length
 _STARTUP_SECONDS = 60.0
-_BOOTSTRAP = ("import json, sys\n"
-              "sys.path[:0] = json.loads(sys.argv[2])\n"
-              "from actors.renderer import _worker_main\n"
-              "_worker_main(json.loads(sys.argv[1]))\n")
-
-
-def _frame(header: dict, payload: bytes = b"") -> bytes:
-    head = json.dumps(header).encode()
-    return _FRAME.pack(len(head), len(payload)) + head + payload
-
-
-def _pop_frame(buf: bytearray) -> tuple[dict, bytes] | None:
-    if len(buf) < _FRAME.size:
-        return None
-    n_head, n_payload = _FRAME.unpack_from(buf)
-    end = _FRAME.size + n_head + n_payload
-    if len(buf) < end:
-        return None
-    header = json.loads(bytes(buf[_FRAME.size:_FRAME.size + n_head]))
-    payload = bytes(buf[_FRAME.size + n_head:end])
-    del buf[:end]
-    return header, payload
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _worker_main(limits_dict: dict) -> None:
-    """Entry point of a worker subprocess: render jobs from stdin until EOF."""
+    """Entry point of a render worker (actors/sandbox.py): PNG for each SVG payload."""
+    from actors.sandbox import serve
+
     limits = RenderLimits(**limits_dict)
-    out_fd = os.dup(1)
-    os.dup2(2, 1)  # stray prints (Python or C) go to stderr, never into the protocol
-    import cairosvg  # noqa: F401  (import before the memory limit, not under it)
-    from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = 4096 * 4096  # embedded rasters > 2x this raise DecompressionBombError
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = limits.memory_bytes if hard == resource.RLIM_INFINITY else min(hard, limits.memory_bytes)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    _write_all(out_fd, _frame({"ready": True}))
-    stdin = sys.stdin.buffer
-    while len(prefix := stdin.read(_FRAME.size)) == _FRAME.size:
-        n_head, n_payload = _FRAME.unpack(prefix)
-        header = json.loads(stdin.read(n_head))
-        header_out, png = _render_bytes(stdin.read(n_payload), limits)
-        _write_all(out_fd, _frame({"job": header["job"], **header_out}, png))
+    def setup():
+        import cairosvg  # noqa: F401  (imported before the memory limit, not under it)
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = 4096 * 4096  # embedded rasters > 2x this raise DecompressionBombError
+
+        def handle(header: dict, payload: bytes) -> tuple[dict, bytes]:
+            result, png = _render_bytes(payload, limits)
+            return {"job": header["job"], **result}, png
+
+        return handle
+
+    serve(setup, limits.memory_bytes)
 
 
-class _Worker:
-    """One worker subprocess and the parent's view of it."""
-
-    def __init__(self, limits: RenderLimits):
-        package_root = str(Path(__file__).resolve().parents[1])
-        argv = [sys.executable, "-c", _BOOTSTRAP, json.dumps(asdict(limits)),
-                json.dumps([package_root, *sys.path])]
-        # New session: a Ctrl-C in the terminal reaches the parent only; the
-        # child exits on stdin EOF when the parent goes away.
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     bufsize=0, start_new_session=True)
-        os.set_blocking(self.proc.stdout.fileno(), False)
-        self.buffer = bytearray()
-        self.ready = False
-        self.job: int | None = None
-        self.since = time.monotonic()  # spawn time until ready, then dispatch time of `job`
-
-    def fileno(self) -> int:
-        return self.proc.stdout.fileno()
-
-    def send(self, job: int, data: bytes) -> None:
-        self.job, self.since = job, time.monotonic()
-        _write_all(self.proc.stdin.fileno(), _frame({"job": job}, data))
-
-    def receive(self) -> tuple[list[tuple[dict, bytes]], bool]:
-        """Frames that arrived completely, and whether the child's stdout is still open."""
-        alive = True
-        while True:
-            try:
-                chunk = os.read(self.fileno(), 1 << 20)
-            except BlockingIOError:
-                break
-            if not chunk:
-                alive = False
-                break
-            self.buffer += chunk
-        frames = []
-        while (frame := _pop_frame(self.buffer)) is not None:
-            frames.append(frame)
-        return frames, alive
-
-    def kill(self) -> int:
-        self.proc.kill()
-        code = self.proc.wait()
-        self.proc.stdin.close()
-        self.proc.stdout.close()
-        return code
+def _start_worker(limits: RenderLimits) -> SandboxWorker:
+    return SandboxWorker("actors.renderer:_worker_main", asdict(limits))
 
 
 def _failed(failure: Failure, seconds: float, detail: str) -> RenderResult:
@@ -636,7 +558,7 @@ class RendererPool:
         self.limits = limits or RenderLimits()
         self.config = config or PoolConfig()
         n_workers = self.config.num_workers or _available_cpus()
-        self._workers = [_Worker(self.limits) for _ in range(n_workers)]
+        self._workers = [_start_worker(self.limits) for _ in range(n_workers)]
         self._counts: Counter[str] = Counter()
         self._restarts = 0
 
@@ -692,9 +614,9 @@ class RendererPool:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _replace(self, worker: _Worker) -> int:
+    def _replace(self, worker: SandboxWorker) -> int:
         code = worker.kill()
-        self._workers[self._workers.index(worker)] = _Worker(self.limits)
+        self._workers[self._workers.index(worker)] = _start_worker(self.limits)
         self._restarts += 1
         return code
 
@@ -703,7 +625,8 @@ class RendererPool:
             if pending and w.ready and w.job is None:
                 job = pending.popleft()
                 try:
-                    w.send(job, payloads[job])
+                    w.job, w.since = job, time.monotonic()
+                    w.send({"job": job}, payloads[job])
                 except BrokenPipeError:  # died while idle: not this job's fault
                     pending.appendleft(job)
                     self._replace(w)
@@ -744,7 +667,7 @@ class RendererPool:
             if not alive and w in self._workers:  # (a "memory" result already replaced it)
                 self._on_exit(w, results)
 
-    def _handle(self, w: _Worker, header: dict, payload: bytes, results: list) -> None:
+    def _handle(self, w: SandboxWorker, header: dict, payload: bytes, results: list) -> None:
         now = time.monotonic()
         if header.get("ready"):
             w.ready, w.since = True, now
@@ -757,7 +680,7 @@ class RendererPool:
         if header["failure"] == "memory":  # the heap may be left fragmented: start afresh
             self._replace(w)
 
-    def _on_exit(self, w: _Worker, results: list) -> None:
+    def _on_exit(self, w: SandboxWorker, results: list) -> None:
         was_ready, job, since = w.ready, w.job, w.since
         code = self._replace(w)
         if not was_ready:

@@ -41,28 +41,21 @@ compared after dividing by 100, so "50%" == "0.5". Off by default (spec).
 
 Why a subprocess: sympy can run for ever (`2^{2^{2^{2^{2^{2}}}}}`), and
 math-verify's own timeout is SIGALRM, which raises in any non-main thread
-(Ray actor threads, thread pools). The worker runs math-verify with its
-timeouts disabled (None), in its own main thread; the parent waits with
-`select` and SIGKILLs a worker that runs over (replaced on next use). No
-alarms or signal handlers anywhere. The worker is started with `python -c`
-like the render sandbox's, not multiprocessing: spawn would re-import the
-driver's `__main__` (torch and all) into it.
+(Ray actor threads, thread pools). The worker (a sandboxed subprocess,
+`actors/sandbox.py`, the same as the SVG renderer's) runs math-verify with its
+timeouts disabled (None), in its own main thread, under a memory limit; the
+parent waits and SIGKILLs a worker that runs over (replaced on next use). No
+alarms or signal handlers anywhere.
 """
 
 from __future__ import annotations
 
 import atexit
 import importlib
-import json
 import logging
 import math
-import os
 import re
-import resource
-import select
 import string
-import subprocess
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -70,7 +63,6 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -464,92 +456,52 @@ def math_verify_equal(pred: str, ref: str) -> bool:
 # ------------------------------------------------------------ worker process
 
 _STARTUP_SECONDS = 60.0
-_BOOTSTRAP = ("import json, sys\n"
-              "sys.path[:0] = json.loads(sys.argv[1])\n"
-              "from pipelines.algorithms.grading import _worker_main\n"
-              "_worker_main(int(sys.argv[2]))\n")
 
 
-def _worker_main(memory_bytes: int) -> None:
-    """Entry point of a worker subprocess: one JSON request per stdin line
-    {"fn": "module:name", "args": [...]}, one JSON reply per stdout line."""
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # stray prints go to stderr, never into the protocol
-    import math_verify  # noqa: F401  (import before the first timed call)
+def _worker_main(config: dict) -> None:
+    """Entry point of a grading worker (actors/sandbox.py): one verdict per request
+    {"fn": "module:name", "args": [...]}."""
+    from actors.sandbox import serve
 
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" notice
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = memory_bytes if hard == resource.RLIM_INFINITY else min(hard, memory_bytes)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    parent = os.getppid()
+    def setup():
+        import math_verify  # noqa: F401  (imported before the memory limit)
 
-    def watchdog() -> None:  # a busy worker never reads the EOF of a dead parent
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
+        logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" notice
 
-    threading.Thread(target=watchdog, daemon=True).start()
+        def handle(request: dict, _payload: bytes) -> tuple[dict, bytes]:
+            module, name = request["fn"].split(":")
+            try:
+                value = bool(getattr(importlib.import_module(module), name)(*request["args"]))
+                return {"ok": True, "value": value}, b""
+            except Exception as exc:  # noqa: BLE001  (reported to the parent, which counts it)
+                return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}, b""
+
+        return handle
+
     # Warm up before reporting ready: the first parse builds math-verify's LaTeX
     # grammar (about a second on a loaded host), which must not count against
     # the time limit of a real check.
-    math_verify_equal("x+x", "2x")
-    out.write('{"ready": true}\n')
-    while line := sys.stdin.readline():
-        request = json.loads(line)
-        module, name = request["fn"].split(":")
-        try:
-            value = bool(getattr(importlib.import_module(module), name)(*request["args"]))
-            reply = {"ok": True, "value": value}
-        except Exception as exc:  # noqa: BLE001  (reported to the parent, which counts it)
-            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
-        out.write(json.dumps(reply) + "\n")
+    serve(setup, config["memory_bytes"], warm_up=lambda: math_verify_equal("x+x", "2x"))
 
 
 class _Worker:
-    """One worker subprocess, started and waited for until it reports ready."""
+    """One grading worker, started and waited for until it reports ready."""
 
     def __init__(self, memory_bytes: int):
-        package_root = str(Path(__file__).resolve().parents[1])
-        argv = [sys.executable, "-c", _BOOTSTRAP, json.dumps([package_root, *sys.path]),
-                str(memory_bytes)]
-        # New session: a Ctrl-C in the terminal reaches the parent only.
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     bufsize=0, start_new_session=True)
-        self._buffer = b""
-        if self._read_line(_STARTUP_SECONDS) != {"ready": True}:
-            self.kill()
-            raise RuntimeError(f"grading worker did not start within {_STARTUP_SECONDS:.0f} s "
-                               f"(exit code {self.proc.returncode}); see its stderr above")
+        from actors.sandbox import SandboxWorker
 
-    def _read_line(self, timeout: float) -> dict | str | None:
-        """Next reply, "crashed" on EOF, or None when `timeout` s pass first."""
-        deadline = time.monotonic() + timeout
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                return None
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                return "crashed"
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)
+        self.sandbox = SandboxWorker("pipelines.algorithms.grading:_worker_main",
+                                     {"memory_bytes": memory_bytes})
+        self.proc = self.sandbox.proc
+        self.sandbox.wait_ready(_STARTUP_SECONDS, "grading")
 
     def call(self, fn: str, args: list, timeout: float) -> dict | str | None:
-        view = memoryview((json.dumps({"fn": fn, "args": args}) + "\n").encode())
-        try:
-            while view:
-                view = view[self.proc.stdin.write(view):]
-        except BrokenPipeError:
-            return "crashed"
-        return self._read_line(timeout)
+        """The reply, "crashed" when the worker died, None when ``timeout`` s passed."""
+        got = self.sandbox.call({"fn": fn, "args": args}, b"", timeout)
+        return got[0] if isinstance(got, tuple) else got
 
     def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-        self.proc.stdin.close()
-        self.proc.stdout.close()
+        self.sandbox.kill()
 
 
 # ------------------------------------------------------------------- grader
