@@ -8,7 +8,7 @@ The renderer's own pre-checks (CSS escapes, comments, ``url(``) get
 documents with that much degenerate CSS. Each parser gets every input at every size (the largest of ``--repeat`` runs
 is kept); the table shows, per parser and size, the slowest input and its
 time. ``grade`` is measured twice: on the inputs as they come (anything over
-``grading.MAX_ANSWER_CHARS`` is refused unread) and on the same inputs cut to
+``answers.MAX_ANSWER_CHARS`` is refused unread) and on the same inputs cut to
 that cap, which is the most work a single call can be made to do before the
 symbolic step; the symbolic step itself runs in the worker under the grader's
 time limit (``grading.DEFAULT_TIMEOUT_S``), whose figure is in the last row.
@@ -26,18 +26,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from actors.renderer import extract_svg
-from pipelines.algorithms.grading import (
-    DEFAULT_TIMEOUT_S,
+from actors.svg_checks import extract_svg
+from pipelines.algorithms.answers import (
     MAX_ANSWER_CHARS,
-    Grader,
     evolmm_normalize,
     extract_answer,
     extract_boxed,
     extract_tag,
-    majority,
     normalize,
 )
+from pipelines.algorithms.grading import DEFAULT_TIMEOUT_S, Grader, majority
 from pipelines.recipes.mmzero.rewards import format_ok, infer_content_type, parse_proposal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,13 +100,13 @@ def renderer_checks(svg: str) -> None:
     """The renderer's pre-checks (run in its worker before cairosvg), in this process."""
     from defusedxml import ElementTree
 
-    from actors import renderer
+    from actors import renderer, svg_checks
 
     root = ElementTree.fromstring(svg.encode())
     try:
-        renderer._scan(root, renderer.RenderLimits())
-        renderer._check_expansion(root, {}, renderer.RenderLimits())
-    except renderer._Reject:
+        svg_checks._scan(root, renderer.RenderLimits())
+        svg_checks._check_expansion(root, {}, renderer.RenderLimits())
+    except svg_checks._Reject:
         pass
 
 

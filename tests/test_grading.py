@@ -12,19 +12,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pipelines.algorithms.grading import (
-    Grader,
-    agreement,
+from pipelines.algorithms.answers import (
     evolmm_normalize,
     extract_answer,
     extract_boxed,
     extract_tag,
+    math_verify_equal,
+    normalize,
+)
+from pipelines.algorithms.grading import (
+    Grader,
+    agreement,
     grade,
     grading_stats,
     is_valid_answer,
     majority,
-    math_verify_equal,
-    normalize,
 )
 
 HANG = r"2^{2^{2^{2^{2^{2}}}}}"  # math-verify compares 2^(2^65536) with 1: never finishes

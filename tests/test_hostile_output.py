@@ -14,19 +14,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors.renderer import extract_svg
-from pipelines.algorithms.grading import (
+from actors.svg_checks import extract_svg
+from pipelines.algorithms.answers import (
     MAX_ANSWER_CHARS,
-    Grader,
-    agreement,
     evolmm_normalize,
     extract_answer,
     extract_boxed,
     extract_tag,
-    grade,
-    majority,
     normalize,
     tag_blocks,
+)
+from pipelines.algorithms.grading import (
+    Grader,
+    agreement,
+    grade,
+    majority,
 )
 from pipelines.recipes.mmzero.rewards import format_ok, parse_proposal, solver_reward
 

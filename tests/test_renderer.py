@@ -16,19 +16,16 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from actors import renderer
+from actors import renderer, svg_checks
 from actors.renderer import (
     FAILURES,
     PoolConfig,
-    RefusedFetch,
     RendererPool,
     RenderLimits,
     RenderWorker,
     early_stop_reached,
-    extract_svg,
-    fetch_data_only,
-    svg_like,
 )
+from actors.svg_checks import RefusedFetch, extract_svg, fetch_data_only, svg_like
 
 NS = 'xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink"'
 GOOD = (f'<svg {NS} width="200" height="100">'
@@ -433,9 +430,9 @@ def test_degenerate_css_gets_a_verdict():
         svg = f'<svg {NS} width="9" height="9"><style>{css}</style><rect style="{css}"/></svg>'
         root = DefusedET.fromstring(svg.encode())
         try:
-            renderer._scan(root, RenderLimits())
-            renderer._check_expansion(root, {}, RenderLimits())
-        except renderer._Reject as err:
+            svg_checks._scan(root, RenderLimits())
+            svg_checks._check_expansion(root, {}, RenderLimits())
+        except svg_checks._Reject as err:
             refused.append(str(err)[:40])
     assert len(refused) == 1 and "url(" in refused[0]  # only "url(" spam names a target
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from actors.generator import Request, Sampling
-from actors.renderer import extract_svg
-from pipelines.algorithms.grading import agreement, extract_answer, majority
+from actors.svg_checks import extract_svg
+from pipelines.algorithms.answers import extract_answer
+from pipelines.algorithms.grading import agreement, majority
 from pipelines.recipes.mmzero.prompts import codegen_messages, solver_messages
 
 logger = logging.getLogger(__name__)

@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from actors.generator import Request, Sampling
-from actors.renderer import PoolConfig, RendererPool, RenderLimits, svg_like
+from actors.renderer import PoolConfig, RendererPool, RenderLimits
+from actors.svg_checks import svg_like
 from pipelines.recipes.base import Scores
 from pipelines.recipes.mmzero import coevo
 from pipelines.recipes.mmzero.examples import EXAMPLES
@@ -197,7 +198,7 @@ class CodeGenPhase:
         return out
 
     def score(self, requests, completions, ctx) -> Scores:
-        from actors.renderer import extract_svg
+        from actors.svg_checks import extract_svg
 
         m = self.m
         rng = judge_rng(requests)

@@ -29,14 +29,9 @@ from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
-from actors.renderer import svg_like
-from pipelines.algorithms.grading import (
-    _balanced,
-    extract_answer,
-    grade,
-    is_valid_answer,
-    tag_blocks,
-)
+from actors.svg_checks import svg_like
+from pipelines.algorithms.answers import _balanced, extract_answer, tag_blocks
+from pipelines.algorithms.grading import grade, is_valid_answer
 
 CONTENT_TYPES = ("data_chart", "diagram", "geometry", "timeline", "map", "table", "other")
 SEED_TOPICS = (  # spec order
@@ -326,7 +321,7 @@ def codegen_reward(code: str | None, rendered: bool, solv: float | None,
     is also "not SVG-like" (-0.65, as in the original), so with the floor both
     empty and non-SVG code score -0.5 and the 0.05 term never shows; only
     SVG-like code that fails to render scores -0.1. `code` is the extracted SVG
-    (`actors.renderer.extract_svg`), blank counts as empty. The judging Solver
+    (`actors.svg_checks.extract_svg`), blank counts as empty. The judging Solver
     must be the latest Solver (the original judged with the CodeGen checkpoint).
     """
     _check_shares(solv=solv, hard_consistency=hard_consistency)
@@ -364,7 +359,7 @@ def solver_reward(response: str | None, pseudo_label: str,
                   grader: Callable[[str, str], bool] = grade) -> float:
     """0.9 * grade(answer, pseudo_label) + 0.1 * format_ok(response) (spec
     "Solver", Reward). The answer is the last `\\boxed{}`, else the last
-    `<answer>` block (`grading.extract_answer`); no answer grades 0."""
+    `<answer>` block (`answers.extract_answer`); no answer grades 0."""
     if not is_valid_answer(pseudo_label):
         raise ValueError(f"pseudo_label must be a valid answer (see solver_keep), "
                          f"got {pseudo_label!r}")
