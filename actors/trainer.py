@@ -1,4 +1,5 @@
-"""TrainerActor: one FSDP2 rank of the policy trainer; TrainerGroup: N of them.
+"""TrainerActor: one FSDP2 rank of the policy trainer (``TrainerGroup``, in
+actors/trainer_group.py, drives N of them).
 
 The trainer does not know the recipe. A batch brings token ids, the prompt
 lengths (the loss covers completion tokens), advantages (per sequence or per
@@ -6,10 +7,11 @@ token), old log-probs and optionally reference log-probs; the trainer runs
 one generic masked objective (``actors.objectives.policy_objective``) or the
 SFT loss. Verbs, called explicitly by the driver:
 
-    compute_logprobs(batch, reference=False) -> per-sample completion log-probs
-    forward_backward(batch) -> metrics      (accumulates gradients)
-    optim_step() -> metrics                 (clip, AdamW, LR schedule, zero grads)
-    weight_buckets(bucket_bytes) -> refs    (full tensors, or LoRA adapters only)
+    compute_logprobs(batch, reference=False, adapter=None) -> per-sample completion log-probs
+    forward_backward(batch, adapter=None) -> metrics   (accumulates gradients)
+    optim_step(adapter=None) -> metrics     (clip, AdamW, LR schedule, zero grads)
+    weight_buckets(bucket_bytes) -> refs    (full tensors)
+    adapter(name=None) -> [ref]             (a LoRA adapter's peft payload)
     save(dir) / load(dir)                   (torch.distributed.checkpoint, reshardable)
     export_hf(dir)                          (a folder for transformers / vLLM / peft)
 
@@ -561,134 +563,6 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
-
-
-class TrainerGroupFailed(RuntimeError):
-    """A trainer rank died; the group has been killed and must be rebuilt."""
-
-
-class TrainerGroup:
-    """N TrainerActor ranks as Ray actors, driven in lock-step."""
-
-    def __init__(self, spec: TrainerSpec, world_size: int, name: str = "coevolve/trainer",
-                 cpus_per_rank: float = 1, gpus_per_rank: float = 0, placement_group=None,
-                 runtime_env: dict | None = None, timeout_s: float = 600.0):
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        self.spec, self.world_size = spec, world_size
-        cls = ray.remote(TrainerActor)
-        self.actors = []
-        for rank in range(world_size):
-            options = dict(num_cpus=cpus_per_rank, num_gpus=gpus_per_rank, name=f"{name}/{rank}",
-                           runtime_env=runtime_env)
-            if placement_group is not None:
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    placement_group, placement_group_bundle_index=rank)
-            self.actors.append(cls.options(**options).remote(spec, rank, world_size))
-        self._wait_scheduled(timeout_s, cpus_per_rank, gpus_per_rank)
-        host, port = ray.get(self.actors[0].rendezvous_address.remote())
-        self.info = ray.get([a.setup.remote(host, port, timeout_s) for a in self.actors])
-
-    def _wait_scheduled(self, timeout_s: float, cpus: float, gpus: float) -> None:
-        """Fail with the numbers when a rank cannot be placed (instead of a rendezvous hang)."""
-        import ray
-
-        pings = [a.rendezvous_address.remote() for a in self.actors]
-        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout_s)
-        if len(ready) < len(pings):
-            for actor in self.actors:
-                ray.kill(actor)
-            raise RuntimeError(
-                f"only {len(ready)} of {self.world_size} trainer ranks started within {timeout_s:.0f} s; "
-                f"each needs {cpus} CPU and {gpus} GPU; cluster has {ray.cluster_resources()}, "
-                f"free {ray.available_resources()}")
-
-    def _all(self, verb: str, *args, per_rank: list | None = None) -> list:
-        """Call ``verb`` on every rank; the results in rank order.
-
-        Fails fast: when one rank dies, the others would wait in a collective
-        until gloo's/NCCL's timeout, so the whole group is killed and
-        ``TrainerGroupFailed`` raised at once (the phase rebuilds the group
-        from its last checkpoint).
-        """
-        import ray
-
-        calls = [getattr(a, verb).remote(*(per_rank[r],) if per_rank else (), *args)
-                 for r, a in enumerate(self.actors)]
-        pending = list(calls)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            try:
-                ray.get(done[0])
-            except ray.exceptions.RayActorError as err:
-                rank = calls.index(done[0])
-                self.kill()
-                raise TrainerGroupFailed(f"trainer rank {rank} died during {verb}: {err}") from err
-        return ray.get(calls)
-
-    def compute_logprobs(self, batch: TrainBatch, reference: bool = False,
-                         adapter: str | None = None) -> list[np.ndarray]:
-        from actors.batching import split_for_ranks
-
-        shards = split_for_ranks(batch, self.world_size)
-        parts = self._all("compute_logprobs", reference, adapter, per_rank=shards)
-        return [row for part in parts for row in part]
-
-    def forward_backward(self, batch: TrainBatch, micro_batch_tokens: int | None = None,
-                         kl_coef: float | None = None, adapter: str | None = None) -> dict:
-        from actors.batching import split_for_ranks
-
-        results = self._all("forward_backward", micro_batch_tokens, kl_coef, adapter,
-                            per_rank=split_for_ranks(batch, self.world_size))
-        return merge_metrics(results)
-
-    def optim_step(self, adapter: str | None = None) -> dict:
-        return self._all("optim_step", adapter)[0]
-
-    def weight_buckets(self, bucket_bytes: int = 256 << 20) -> list:
-        return self._all("weight_buckets", bucket_bytes)[0]
-
-    def adapter(self, name: str | None = None):
-        """ObjectRef of the LoRA adapter payload (``TrainerActor.adapter``)."""
-        return self._all("adapter", name)[0][0]
-
-    def save(self, directory: str, state: dict | None = None) -> None:
-        self._all("save", directory, state)
-
-    def load(self, directory: str) -> dict:
-        return self._all("load", directory)[0]
-
-    def export_hf(self, directory: str, merged: bool = True, adapter: str | None = None) -> None:
-        self._all("export_hf", directory, merged, adapter)
-
-    def parameters(self) -> dict[str, np.ndarray]:
-        return self._all("parameters_digest")[0]
-
-    def gradients(self) -> dict[str, np.ndarray]:
-        return self._all("gradients")[0]
-
-    def discard_gradients(self) -> None:
-        self._all("discard_gradients")
-
-    def shutdown(self) -> None:
-        try:
-            self._all("shutdown")
-        except TrainerGroupFailed:
-            pass  # already killed
-        finally:
-            self.kill()
-
-    def kill(self) -> None:
-        """Kill every rank and wait until Ray reports them dead (names and bundles free)."""
-        import ray
-
-        from actors.pool import _wait_dead
-
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        for actor in self.actors:
-            _wait_dead(actor)
 
 
 def merge_metrics(parts: list[dict]) -> dict:

@@ -96,7 +96,8 @@ def bare_loop(path: str, batch, steps: int, objective, threads: int) -> list[flo
 def group_loop(batch, steps: int, objective, ranks: int, budget: int):
     import ray
 
-    from actors.trainer import TrainerGroup, TrainerSpec
+    from actors.trainer import TrainerSpec
+    from actors.trainer_group import TrainerGroup
 
     spec = TrainerSpec(model=MODEL, objective=objective, lr=1e-6, micro_batch_tokens=budget,
                        threads=1)

@@ -20,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.cli import main
-from pipelines.config import MAX_MESSAGE, Config, ConfigError, load_config
+from pipelines.config import Config, ConfigError, load_config
+from pipelines.config_yaml import MAX_MESSAGE
 
 
 def config_show(capsys, *args: str) -> str:

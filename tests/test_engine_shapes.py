@@ -49,7 +49,8 @@ def trained(ray_cluster, tmp_path_factory):
 
     from actors.models import resolve_model
     from actors.objectives import ObjectiveSpec
-    from actors.trainer import TrainerGroup, TrainerSpec
+    from actors.trainer import TrainerSpec
+    from actors.trainer_group import TrainerGroup
     from actors.weights import WeightVersion
 
     group = TrainerGroup(TrainerSpec(model=MODEL, objective=ObjectiveSpec(kl_coef=0.0), lr=1e-2,

@@ -21,7 +21,8 @@ from conftest import make_train_batch
 from actors.batching import InputBuilder
 from actors.models import resolve_model
 from actors.objectives import ObjectiveSpec, policy_objective, token_logprobs
-from actors.trainer import LoraSpec, TrainerGroup, TrainerSpec, lr_factor, merge_metrics
+from actors.trainer import LoraSpec, TrainerSpec, lr_factor, merge_metrics
+from actors.trainer_group import TrainerGroup
 
 MODEL = "tiny://qwen2.5-vl"
 OBJECTIVE = ObjectiveSpec(kl_coef=0.01)  # PPO clip-higher + dual-clip + low-var KL (MM-Zero)

@@ -34,7 +34,8 @@ import numpy as np
 
 from actors.batching import TrainBatch
 from actors.objectives import ObjectiveSpec
-from actors.trainer import LoraSpec, TrainerGroup, TrainerGroupFailed, TrainerSpec
+from actors.trainer import LoraSpec, TrainerSpec
+from actors.trainer_group import TrainerGroup, TrainerGroupFailed
 from pipelines.algorithms.estimators import make_estimator, make_kl_controller
 from pipelines.algorithms.grading import budget as grading_budget
 from pipelines.algorithms.grading import grading_stats

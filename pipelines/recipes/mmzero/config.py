@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.config import ConfigError, _show, param
+from pipelines.config import ConfigError, param
+from pipelines.config_yaml import _show
 
 
 def _range(value: list[float], name: str) -> None:
