@@ -77,7 +77,7 @@ class TrainerSpec:
     lora: LoraSpec | None = None
     reference: bool = True  # keep the frozen starting policy for KL
     mixed_precision: bool | None = None  # None: bf16 on GPU, fp32 on CPU
-    # Memory levers (see pipelines/runtime/plan.py for what each saves):
+    # Memory levers (see pipelines/runtime/memory.py for what each saves):
     logprob_chunk_tokens: int = 2048  # score tokens from hidden states in chunks (0: full logits)
     reference_dtype: str = "float32"  # float32 | bfloat16: storage of the frozen reference
     offload: bool = False  # FSDP2 CPUOffloadPolicy: parameter/gradient/AdamW shards in host memory

@@ -2,7 +2,7 @@
 
     python -m benchmarks.logprob_memory [--tokens 2048 --hidden 64 --vocab 32768]
 
-The bytes per logit that ``pipelines/runtime/plan.py`` charges for the "logits" term
+The bytes per logit that ``pipelines/runtime/memory.py`` charges for the "logits" term
 come from here. A dispatch mode counts the live tensor storage of every op
 over the forward and backward of the head alone (bf16 hidden states and LM
 head, as under FSDP2's bf16 mixed precision), which is what a GPU's caching

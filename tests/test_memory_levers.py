@@ -3,7 +3,7 @@ full-logits path (values and gradients), the bf16 reference equals the fp32 one 
 bf16 mixed precision and stays close in fp32, and the config rejects what cannot work.
 
 The 2-rank FSDP checks (offload, chunking and the bf16 reference inside a trainer
-group) are in tests/test_trainer.py; what the levers save is pipelines/runtime/plan.py's
+group) are in tests/test_trainer.py; what the levers save is pipelines/runtime/memory.py's
 business (tests/test_placement.py).
 
 The FSDP check runs in a child process started from this file

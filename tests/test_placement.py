@@ -25,15 +25,7 @@ if __name__ == "__main__":  # run as the scenario script: make the repo importab
 import pytest
 
 from pipelines.config import ConfigError, load_config
-from pipelines.runtime.placement import (
-    Node,
-    Placement,
-    PlacementError,
-    group_specs,
-    resolve_layout,
-    simulate,
-)
-from pipelines.runtime.plan import (
+from pipelines.runtime.memory import (
     BUILTIN_MODELS,
     CONTEXT_BYTES,
     GIB,
@@ -44,6 +36,14 @@ from pipelines.runtime.plan import (
     model_sizes,
     optimizer_state,
     trainer_memory,
+)
+from pipelines.runtime.placement import (
+    Node,
+    Placement,
+    PlacementError,
+    group_specs,
+    resolve_layout,
+    simulate,
 )
 
 LAYOUTS = ROOT / "configs" / "layouts"
