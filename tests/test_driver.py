@@ -203,6 +203,35 @@ def test_a_phase_trains_two_adapters_served_by_one_engine(ray_cluster, tmp_path)
         a, AutoModelForImageTextToText.from_pretrained(tmp_path / "out/policy")(
             input_ids=ids).logits, atol=1e-5)
 
+    # ... and vLLM serves the exported adapter files like peft computes them
+    import ray
+    from safetensors.torch import load_file
+
+    from actors.generator import EngineSpec, GeneratorActor, Request, Sampling, cpu_engine_env
+    from actors.weights import adapter_payload
+
+    folder = tmp_path / "out/policy/adapter/asker"
+    payload = adapter_payload(json.loads((folder / "adapter_config.json").read_text()),
+                              load_file(folder / "adapter_model.safetensors").items())
+    actor = ray.remote(num_cpus=1, runtime_env={"env_vars": cpu_engine_env(1)})(GeneratorActor)
+    engine = actor.remote(EngineSpec(model=resolve_model("tiny://qwen2.5-vl"), dtype="float32",
+                                     max_model_len=1024, max_num_batched_tokens=2048,
+                                     enable_lora=True, max_lora_rank=8), "exported-adapter")
+    try:
+        ray.get(engine.load_adapter.remote("asker", [payload], 1))
+        messages = [{"role": "user", "content": "Write one question."}]
+        [[sample]] = ray.get(engine.generate.remote([Request(
+            messages, sampling=Sampling(temperature=0.0, max_tokens=6), adapter="asker")]))
+    finally:
+        ray.kill(engine)
+    full = torch.tensor([sample.prompt_ids + sample.token_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(with_adapter(input_ids=full).logits[0].float(), dim=-1)
+    start = len(sample.prompt_ids) - 1
+    peft_lp = logp[start:start + len(sample.token_ids)].gather(
+        -1, torch.tensor(sample.token_ids)[:, None])[:, 0]
+    assert np.abs(peft_lp.numpy() - np.array(sample.logprobs)).max() < 1e-4
+
 
 _ALIGNED: set[int] = set()
 # The default tiny model's LM head spans only ~±0.5 nats of logits whatever the last
