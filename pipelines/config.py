@@ -185,7 +185,7 @@ class AlgorithmConfig:
     kl_coef: float = param(1e-2, "Coefficient of the KL loss against the reference policy "
                            "(the starting beta when kl_control is adaptive).", ge=0)
     kl_control: Literal["fixed", "adaptive"] = param(
-        "fixed", "KL coefficient: fixed at kl_coef, or adaptive: after each generation step "
+        "fixed", "KL coefficient: fixed at kl_coef, or adaptive: after each optimizer step "
         "beta <- clip(beta * exp(kl_rate * (KL - kl_target) / kl_target), 1e-8, 100).")
     kl_target: float = param(0.02, "adaptive KL: the KL the coefficient steers towards.", gt=0)
     kl_rate: float = param(0.1, "adaptive KL: proportional gain.", gt=0)

@@ -238,3 +238,12 @@ def test_two_policies_keep_their_own_baselines_versions_and_rollouts(tmp_path):
     assert [row["policy"] for row in table] == ["a"] * 8 + ["b"] * 8
     assert [row["advantage"] for row in table[8:]] == pytest.approx(
         [-a for a in HAND["reinforce"]], abs=1e-5)
+
+
+def test_adaptive_kl_moves_after_every_optimizer_step(tmp_path):
+    r = runner(tmp_path, "algorithm.kl_control=adaptive", "algorithm.kl_coef=1e-3",
+               "algorithm.mini_batches=2")
+    run_steps(r, 2)
+    # each update uses the beta left by the previous one: x e^0.15 per update (KL 0.05)
+    assert [kl for _, kl in r.group.calls] == pytest.approx(
+        [1e-3 * np.exp(0.15) ** k for k in range(4)], rel=1e-9)

@@ -20,7 +20,7 @@ continues with the same baseline):
 
 ``make_kl_controller(algorithm)``: the KL coefficient each update uses;
 ``fixed`` keeps ``kl_coef``, ``adaptive`` starts at it and after every
-generation step moves it by ``beta <- clip(beta * exp(rate * (KL - target) /
+optimizer step moves it by ``beta <- clip(beta * exp(rate * (KL - target) /
 target), 1e-8, 100)`` (EvoLMM).
 """
 

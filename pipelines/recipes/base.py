@@ -39,6 +39,7 @@ class Rollout:
     requests: list[Request]
     completions: list[list[Completion]]  # [request][sample]
     scores: Scores
+    mini_batches: int | None = None  # updates over it (default: algorithm.mini_batches)
 
 
 class Phase(Protocol):

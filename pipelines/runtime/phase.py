@@ -198,11 +198,6 @@ class PhaseRunner:
                 if asleep:
                     with timer("wake"):
                         self.pool.wake_up()
-            for r, (_, _, _, train, _) in zip(rollouts, trained):
-                kl = self.kls[self._key(r.policy)]
-                train["train/kl_coef"] = kl.beta
-                if "policy/kl" in train:
-                    kl.update(train["policy/kl"])
             if self.cfg.run.sync_weights:
                 with timer("weight_sync"):
                     for r in rollouts:
@@ -254,7 +249,7 @@ class PhaseRunner:
             rewards, batch.prompt_index, batch)
         batch = batch.with_column(advantages=advantages)
         with timer("update"):
-            train = self._update(batch, step, key, adapter)
+            train = self._update(batch, step, key, adapter, rollout.mini_batches)
         return batch, rewards, advantages, train, adv_metrics
 
     def _rollout_metrics(self, rollout, batch, rewards, train, adv_metrics) -> dict:
@@ -408,29 +403,39 @@ class PhaseRunner:
                            [list(r.images) for r in requests])
         return batch, np.array(flat)
 
-    def _update(self, batch: TrainBatch, step: int, key: str = "", adapter=None) -> dict:
+    def _update(self, batch: TrainBatch, step: int, key: str = "", adapter=None,
+                mini_batches: int | None = None) -> dict:
         """``algorithm.epochs`` passes over the batch in ``algorithm.mini_batches`` PPO
         updates each (whole prompt groups per mini-batch, in an order drawn from the
         step's seed per epoch); one optimizer step per mini-batch. The metrics are the
         updates' means (``train/updates`` counts them)."""
         a = self.cfg.algorithm
-        beta = self.kls[key or self._key(None)].beta
-        if a.mini_batches == 1 and a.epochs == 1:
-            train = self.group.forward_backward(batch, kl_coef=beta, adapter=adapter)
+        kl = self.kls[key or self._key(None)]
+        mini_batches = mini_batches or a.mini_batches
+        if mini_batches == 1 and a.epochs == 1:
+            train = self.group.forward_backward(batch, kl_coef=kl.beta, adapter=adapter)
             train.update(self.group.optim_step(adapter))
+            train["train/kl_coef"] = kl.beta
+            if "policy/kl" in train:  # the KL controller moves after every optimizer step
+                kl.update(train["policy/kl"])
             return {**train, "train/updates": 1.0}
         prompts = np.unique(batch.prompt_index)
-        if len(prompts) < a.mini_batches:
-            raise ValueError(f"algorithm.mini_batches: {a.mini_batches} mini-batches need as "
-                             f"many prompts per step, this step has {len(prompts)}")
+        if len(prompts) < mini_batches:
+            raise ValueError(f"{mini_batches} mini-batches need as many prompts per step "
+                             f"(algorithm.mini_batches), this step has {len(prompts)}")
         parts = []
         for epoch in range(a.epochs):
             order = np.random.default_rng([*self.seed_path, step, 1 + epoch]).permutation(prompts)
-            for chunk in np.array_split(order, a.mini_batches):
+            if getattr(self.phase, "ordered_updates", False) and epoch == 0:
+                order = prompts  # the recipe's own order (EvoLMM: one sample after another)
+            for chunk in np.array_split(order, mini_batches):
                 rows = np.flatnonzero(np.isin(batch.prompt_index, chunk))
-                metrics = self.group.forward_backward(batch.select(rows), kl_coef=beta,
+                metrics = self.group.forward_backward(batch.select(rows), kl_coef=kl.beta,
                                                       adapter=adapter)
                 metrics.update(self.group.optim_step(adapter))
+                metrics["train/kl_coef"] = kl.beta
+                if "policy/kl" in metrics:
+                    kl.update(metrics["policy/kl"])
                 parts.append(metrics)
         merged = {k: float(np.mean([m[k] for m in parts if k in m])) for k in parts[-1]}
         merged["train/step"] = parts[-1]["train/step"]
