@@ -30,6 +30,8 @@ BUILTIN_RECIPES = {
                "pipelines.recipes.simple.config:SimpleConfig"),
     "mmzero": ("pipelines.recipes.mmzero.recipe:MMZeroRecipe",
                "pipelines.recipes.mmzero.config:MMZeroConfig"),
+    "evolmm": ("pipelines.recipes.evolmm.recipe:EvoLMMRecipe",
+               "pipelines.recipes.evolmm.config:EvoLMMConfig"),
 }
 
 

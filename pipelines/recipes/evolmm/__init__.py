@@ -1,0 +1,1 @@
+"""EvoLMM: Proposer and Solver LoRA adapters on one backbone, self-consistency rewards."""

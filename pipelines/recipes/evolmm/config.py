@@ -1,0 +1,39 @@
+"""Settings of the EvoLMM recipe (the ``evolmm:`` section of a config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipelines.config import param
+
+
+@dataclass
+class EvoLMMConfig:
+    """The evolmm recipe (EvoLMM; docs/evolmm.md): a Proposer and a Solver LoRA adapter on
+    one backbone, trained on unlabeled images by the Solver's self-consistency."""
+
+    data_dir: str = param(
+        "", "Folder of images (png, jpg, jpeg, webp, bmp, tiff), with its first-level "
+            "subfolders; empty: 64 bar charts drawn locally (a demo).")
+    include_subfolders: list[str] | None = param(
+        None, "Only these first-level subfolders of data_dir (default: all).")
+    steps: int = param(100, "Generation steps of the phase.", ge=1)
+    schedule: Literal["faithful", "batched"] = param(
+        "faithful", "faithful: one image per step, one Solver update per sample and a Proposer "
+        "update every proposer_update_freq steps (the original); batched: images_per_step images "
+        "in one engine call and one update per role per step (faster).")
+    images_per_step: int = param(8, "Images per step in the batched schedule.", ge=1)
+    solver_samples: int = param(5, "N: answers the Solver samples per question.", ge=2)
+    proposer_update_freq: int = param(5, "Update the Proposer every K steps.", ge=1)
+    reward: Literal["soft", "discrete"] = param(
+        "soft", "Solver reward: soft p(a)^gamma with the length penalty, or discrete (1 for the "
+        "majority answer, the paper's ablation).")
+    gamma: float = param(0.7, "Exponent of the answer share in the soft reward.", gt=0)
+    length_lambda: float = param(0.10, "Weight of the length penalty.", ge=0, le=1)
+    length_target: float = param(6.0, "T: words before <answer> that cost nothing.", gt=0)
+    entropy_target: float = param(0.9, "Proposer reward: answer entropy (nats) it peaks at.", ge=0)
+    entropy_sigma: float = param(0.35, "Proposer reward: width of its Gaussian band.", gt=0)
+    max_tokens: int = param(128, "Completion budget of both roles (tokens).", ge=1)
+    temperature: float = param(1.0, "Sampling temperature of both roles.", gt=0)
+    top_p: float = param(1.0, "Nucleus sampling of both roles.", gt=0, le=1)

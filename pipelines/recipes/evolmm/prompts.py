@@ -1,0 +1,25 @@
+"""EvoLMM's two prompts, in our words; the tags are the ones the parsers read."""
+
+from __future__ import annotations
+
+PROPOSER = """You are a question proposer. Look at the image and write one question that can
+be answered from the image alone, with a short answer (a number, a word or a short phrase).
+Make it specific and unambiguous, neither a trivial count nor unanswerable; if the answer
+is a number, make its unit and context clear. Do not state the answer.
+Answer with exactly two tags and nothing else:
+<question>the question, in one or two sentences</question>
+<rationale>why the question is not trivial but can be solved from the image</rationale>"""
+
+SOLVER = """Answer the question using only the image. Think briefly, then give a short
+final answer inside <answer></answer>.
+Question: {question}"""
+
+SOLVER_STEPS = """You reason precisely about images. Answer the question using only the image.
+Inside <think></think>, reason in numbered lines (Step 1: ..., Step 2: ..., ...), each
+stating one concrete claim about what the image shows. Then give a short final answer
+inside <answer></answer>, and write nothing outside the two tags.
+Question: {question}"""
+
+
+def image_message(text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]

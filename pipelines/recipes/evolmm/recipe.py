@@ -1,0 +1,157 @@
+"""EvoLMM on the engine: one backbone, two LoRA adapters (Proposer, Solver).
+
+Per step (docs/evolmm.md): the Proposer writes one question about an image;
+the Solver samples N answers; the Solver's reward is its answer's share
+among the N (continuous self-consistency, with a length penalty), the
+Proposer's a Gaussian band on the answers' entropy. Both are trained with
+REINFORCE against an EMA baseline of their own and a KL term to the base model
+(adapters disabled) with an adaptive coefficient per role: the presets set
+``algorithm.advantage: reinforce``, ``algorithm.loss: reinforce``,
+``algorithm.kl_control: adaptive`` and ``algorithm.kl_estimator: full``.
+
+Schedules: ``faithful`` (the original) takes one image per step, updates the
+Solver once per sample in sample order and the Proposer every
+``proposer_update_freq`` steps; ``batched`` takes ``images_per_step`` images
+in one engine call per role and updates each role once per step.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from actors.generator import Request, Sampling
+from pipelines.recipes.base import Rollout, Scores
+from pipelines.recipes.evolmm import prompts
+from pipelines.recipes.evolmm.data import ImageFolder
+from pipelines.recipes.evolmm.rewards import (
+    answer_entropy,
+    discrete_rewards,
+    final_answer,
+    parse_question,
+    proposer_reward,
+    soft_rewards,
+    well_formed,
+    words_before_answer,
+)
+
+DEMO_IMAGES = 64
+
+
+def draw_demo_images(folder, count: int = DEMO_IMAGES, seed: int = 0) -> None:
+    """``count`` bar charts (2-5 bars, varied colours and heights) as PNG files."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        path = folder / f"chart_{i:03d}.png"
+        if path.exists():
+            continue
+        image = Image.new("RGB", (224, 168), "white")
+        draw = ImageDraw.Draw(image)
+        bars = int(rng.integers(2, 6))
+        for b in range(bars):
+            height = int(rng.integers(20, 140))
+            x = 16 + b * 200 // bars
+            colour = tuple(int(c) for c in rng.integers(0, 200, size=3))
+            draw.rectangle([x, 160 - height, x + 200 // bars - 12, 160], fill=colour)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(path)
+
+
+class EvoLMMPhase:
+    name = "evolmm"
+    role = "policy"
+    policies = ("solver", "proposer")
+
+    def __init__(self, cfg, settings, solver_prompt: str = prompts.SOLVER):
+        self.cfg, self.s = cfg, settings
+        self.steps = settings.steps
+        self.solver_prompt = solver_prompt
+        self.ordered_updates = settings.schedule == "faithful"
+        self.images: ImageFolder | None = None
+
+    # -- data ------------------------------------------------------------------
+
+    def prepare(self, ctx) -> dict:
+        folder = self.s.data_dir
+        if not folder:
+            folder = ctx.run_dir / "demo_images"
+            draw_demo_images(folder, seed=self.cfg.run.seed)
+        self.images = ImageFolder(folder, self.s.include_subfolders, seed=self.cfg.run.seed)
+        return self.images.stats()
+
+    # -- one step ---------------------------------------------------------------
+
+    def _sampling(self, rng, n: int = 1) -> Sampling:
+        return Sampling(n=n, temperature=self.s.temperature, top_p=self.s.top_p,
+                        max_tokens=self.s.max_tokens, seed=int(rng.integers(1 << 31)))
+
+    def rollout(self, step: int, rng: np.random.Generator, ctx) -> list[Rollout]:
+        per_step = 1 if self.s.schedule == "faithful" else self.s.images_per_step
+        images = [self.images.image(step * per_step + k) for k in range(per_step)]
+        ask = [Request(prompts.image_message(prompts.PROPOSER), images=[im],
+                       sampling=self._sampling(rng), adapter="proposer") for im in images]
+        proposals = ctx.pool.generate(ask)
+        questions = [parse_question(p[0].text) for p in proposals]
+        n = self.s.solver_samples
+        if self.s.schedule == "faithful":  # N requests of one sample: one update each
+            answer = [Request(prompts.image_message(self.solver_prompt.format(question=q)),
+                              images=[images[0]], sampling=self._sampling(rng),
+                              adapter="solver") for q, _ in questions for _ in range(n)]
+        else:
+            answer = [Request(prompts.image_message(self.solver_prompt.format(question=q)),
+                              images=[im], sampling=self._sampling(rng, n), adapter="solver")
+                      for (q, _), im in zip(questions, images)]
+        answers = ctx.pool.generate(answer)
+        if self.s.schedule == "faithful":
+            groups = [[a for group in answers for a in group]]  # one image's N answers
+        else:
+            groups = answers
+        solver_rewards, proposer_rewards, entropies = [], [], []
+        for group in groups:
+            texts = [a.text for a in group]
+            finals = [final_answer(t) for t in texts]
+            if self.s.reward == "soft":
+                rewards = soft_rewards(finals, [words_before_answer(t) for t in texts],
+                                       gamma=self.s.gamma, length_lambda=self.s.length_lambda,
+                                       length_target=self.s.length_target)
+            else:
+                rewards = discrete_rewards(finals)
+            solver_rewards.append(rewards)
+            entropies.append(answer_entropy(finals))
+            proposer_rewards.append(proposer_reward(finals, target=self.s.entropy_target,
+                                                    sigma=self.s.entropy_sigma))
+        flat = [c.text for group in answers for c in group]
+        metrics = {
+            "answer_entropy": float(np.mean(entropies)),
+            "question_fallbacks": float(sum(fallback for _, fallback in questions)),
+            "answer_tag_share": float(np.mean([well_formed(t, "answer") for t in flat])),
+            "proposer_reward": float(np.mean(proposer_rewards)),
+        }
+        if self.s.schedule == "faithful":
+            solver = Rollout("solver", answer, answers,
+                             Scores([[r] for r in solver_rewards[0]], metrics), mini_batches=n)
+        else:
+            solver = Rollout("solver", answer, answers, Scores(solver_rewards, metrics))
+        out = [solver]
+        if step % self.s.proposer_update_freq == 0:
+            out.append(Rollout("proposer", ask, proposals,
+                               Scores([[r] for r in proposer_rewards],
+                                      {"entropy_reward": float(np.mean(proposer_rewards))})))
+        return out
+
+
+class EvoLMMRecipe:
+    roles = ("policy",)
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def phases(self, iteration: int) -> list[EvoLMMPhase]:
+        return [EvoLMMPhase(self.cfg, self.cfg.evolmm)]

@@ -1,0 +1,96 @@
+"""EvoLMM: the reward formulas with hand-computed numbers, the image folder, the recipe."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.recipes.evolmm.data import ImageFolder
+from pipelines.recipes.evolmm.rewards import (
+    FALLBACK_QUESTION,
+    answer_entropy,
+    discrete_rewards,
+    final_answer,
+    parse_question,
+    proposer_reward,
+    soft_rewards,
+    words_before_answer,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_soft_reward_share_to_the_gamma_with_the_length_penalty():
+    answers = ["<answer>3</answer>", "3", " 3 ", "4", "Five"]
+    finals = ["3", "3", "3", "4", "five"]
+    # shares 3/5, 3/5, 3/5, 1/5, 1/5; words 2, 6, 9, 12, 20 against T = 6, lambda = 0.1:
+    # penalties clip((w - 6) / 6, 0, 1) = 0, 0, 0.5, 1, 1
+    rewards = soft_rewards(finals, [2, 6, 9, 12, 20], gamma=0.7, length_lambda=0.1,
+                           length_target=6)
+    assert rewards == pytest.approx([0.6 ** 0.7, 0.6 ** 0.7, 0.6 ** 0.7 * 0.95,
+                                     0.2 ** 0.7 * 0.9, 0.2 ** 0.7 * 0.9])
+    assert rewards[0] == pytest.approx(0.699368, abs=1e-6)  # exp(0.7 ln 0.6)
+    assert final_answer(answers[0]) == "3"
+    # voting normalisation: case, commas, spaces, punctuation at the ends
+    assert soft_rewards(["1,000.", " 1000", "Yes!", "yes"], [0] * 4, gamma=1.0) == \
+        pytest.approx([0.5, 0.5, 0.5, 0.5])
+
+
+def test_proposer_entropy_band_and_the_discrete_ablation():
+    # two answers 3 vs 2: H = -(0.6 ln 0.6 + 0.4 ln 0.4) = 0.673012
+    answers = ["a", "a", "a", "b", "b"]
+    assert answer_entropy(answers) == pytest.approx(0.673012, abs=1e-6)
+    assert proposer_reward(answers, target=0.9, sigma=0.35) == pytest.approx(
+        0.810340, abs=1e-6)  # exp(-(0.673012 - 0.9)^2 / (2 * 0.35^2))
+    assert proposer_reward(["x"] * 5) == pytest.approx(math.exp(-0.81 / 0.245), abs=1e-9)
+    assert discrete_rewards(["b", "a", "a", "b", "c"]) == [1.0, 0.0, 0.0, 1.0, 0.0]  # tie: first
+
+
+def test_parsing_model_output():
+    assert parse_question("<question> How many\\nbars? </question><rationale>x</rationale>") == \
+        ("How many\\nbars?", False)
+    assert parse_question("How many\nbars are there?") == ("How many bars are there?", False)
+    assert parse_question("  \n ") == (FALLBACK_QUESTION, True)
+    assert parse_question(None) == (FALLBACK_QUESTION, True)
+    assert final_answer("I think\nthe answer is 7\n\n") == "the answer is 7"
+    assert final_answer("") == "unknown"
+    assert words_before_answer("Step 1: two bars. <ANSWER>2</ANSWER>") == 4
+    assert words_before_answer("no tags at all here") == 5
+
+
+def test_image_folder_skips_and_counts_bad_files_in_a_deterministic_order(tmp_path):
+    def png(path, colour):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), colour).save(path)
+
+    png(tmp_path / "a.png", "red")
+    png(tmp_path / "b.JPG", "blue")  # extension case does not matter (a PNG inside: fine)
+    png(tmp_path / "sub1" / "c.webp", "green")
+    png(tmp_path / "sub2" / "d.bmp", "white")
+    png(tmp_path / "sub1" / "deep" / "e.png", "black")  # below the first level: not read
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "sub2" / "text.png").write_text("a text file named .png")
+    folder = ImageFolder(tmp_path, seed=3)
+    assert sorted(p.name for p in folder.paths) == ["a.png", "b.JPG", "c.webp", "d.bmp"]
+    assert folder.stats()["skipped"] == 3 and folder.skipped == {"empty": 1, "corrupt": 2}
+    assert [p.name for p in ImageFolder(tmp_path, seed=3).paths] == \
+        [p.name for p in folder.paths]
+    assert Image.open(__import__("io").BytesIO(folder.image(5))).mode == "RGB"
+    only = ImageFolder(tmp_path, include_subfolders=["sub2"], seed=0)
+    assert sorted(p.name for p in only.paths) == ["a.png", "b.JPG", "d.bmp"]
+    with pytest.raises(ValueError, match="include_subfolders"):
+        ImageFolder(tmp_path, include_subfolders=["nope"])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match="no usable image.*corrupt"):
+        ImageFolder(bad)
+    with pytest.raises(ValueError, match="not a folder"):
+        ImageFolder(tmp_path / "missing")
+    assert np.all([p.exists() for p in folder.paths])
