@@ -94,3 +94,77 @@ def test_image_folder_skips_and_counts_bad_files_in_a_deterministic_order(tmp_pa
     with pytest.raises(ValueError, match="not a folder"):
         ImageFolder(tmp_path / "missing")
     assert np.all([p.exists() for p in folder.paths])
+
+
+def drawn_folder(root: Path) -> Path:
+    """Eight drawn charts in two subfolders, plus files that must be skipped."""
+    from pipelines.recipes.evolmm.recipe import draw_demo_images
+
+    draw_demo_images(root / "charts_a", count=4, seed=1)
+    draw_demo_images(root / "charts_b", count=4, seed=2)
+    (root / "charts_a" / "zero.png").write_bytes(b"")
+    (root / "charts_b" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (root / "readme.txt").write_text("not an image")
+    return root
+
+
+@pytest.mark.slow
+def test_tiny_run_on_a_folder_with_corrupt_files_resumes_after_sigkill_identically(
+        ray_cluster, tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+    from safetensors.numpy import load_file
+
+    from pipelines.runtime.metrics import read_metrics
+
+    images = drawn_folder(tmp_path / "images")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    common = [str(ROOT / "configs/evolmm/tiny-cpu.yaml"), f"run.root={tmp_path}",
+              f"evolmm.data_dir={images}", "logging.progress=false"]
+
+    def cli(name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", *common,
+                                 f"run.name={name}"], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    whole = cli("whole")
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
+    killed = cli("killed")
+    metrics = tmp_path / "killed/iter_0001/evolmm/metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not any(m["step"] >= 3 for m in read_metrics(metrics) if "solver/reward/mean" in m):
+        assert killed.poll() is None, killed.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    resumed = cli("killed")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+
+    def curve(run: str) -> list[dict]:
+        return [{k: v for k, v in m.items() if not k.startswith(("timing/", "perf/", "phase/"))}
+                for m in read_metrics(tmp_path / run / "iter_0001/evolmm/metrics.jsonl")
+                if "solver/reward/mean" in m]
+
+    lines = curve("whole")
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert lines[0]["data/images"] == 8 and lines[0]["data/skipped"] == 2
+    # the Proposer trains every second step (preset proposer_update_freq 2), the Solver
+    # five times per step (one update per sample), each with its own adaptive beta
+    assert [m.get("proposer/rollout/version") for m in lines] == [1, None, 2, None]
+    assert all(m["solver/train/updates"] == 5 for m in lines)
+    assert lines[1]["solver/train/kl_coef"] != lines[1].get("proposer/train/kl_coef")
+    assert curve("killed") == lines
+    for folder in ("hf", "hf-proposer"):
+        a = load_file(tmp_path / f"whole/iter_0001/evolmm/{folder}/model.safetensors")
+        b = load_file(tmp_path / f"killed/iter_0001/evolmm/{folder}/model.safetensors")
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    state = json.loads((tmp_path / "killed/state.json").read_text())
+    assert state["finished"]

@@ -70,6 +70,13 @@ class EvoLMMPhase:
     policies = ("solver", "proposer")
 
     def __init__(self, cfg, settings, solver_prompt: str = prompts.SOLVER):
+        from pipelines.runtime.placement import resolve_layout
+
+        ranks = resolve_layout(cfg.placement, self.name).trainer_ranks
+        if settings.schedule == "faithful" and ranks > 1:
+            raise ValueError(f"evolmm.schedule: faithful updates on one sample at a time, which "
+                             f"cannot feed {ranks} trainer ranks; set placement.trainer_ranks=1 "
+                             "or evolmm.schedule=batched")
         self.cfg, self.s = cfg, settings
         self.steps = settings.steps
         self.solver_prompt = solver_prompt
