@@ -566,3 +566,48 @@ def test_two_lora_adapters_on_one_backbone(batches, tmp_path):
         assert not changed(again.parameters(), continued)
     finally:
         again.shutdown()
+
+
+@pytest.mark.slow
+def test_lora_kl_is_the_exact_kl_to_the_base_with_adapters_disabled(path, batches):
+    """EvoLMM's KL: after a few updates of one adapter, the trainer's exact
+    full-vocabulary KL equals KL(policy || base) computed here from the base model and
+    that adapter's weights, the base being the model with adapters disabled."""
+    import ray
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from transformers import AutoModelForImageTextToText
+
+    from actors.objectives import full_kl, masked_mean
+    from actors.weights import iter_bucket_tensors
+
+    lora = LoraSpec(rank=4, alpha=8, dropout=0.0, adapters=("solver", "proposer"))
+    objective = ObjectiveSpec(policy_loss="reinforce", kl_coef=1e-3, kl_estimator="full")
+    group = TrainerGroup(spec(lora=lora, lr=1e-2, objective=objective, logprob_chunk_tokens=0,
+                              micro_batch_tokens=100_000), 1,
+                         name="test/trainer-kl-reference", runtime_env=ENV)
+    try:
+        for batch in batches[:3]:
+            batch = batch.with_column(old_logprobs=group.compute_logprobs(batch, adapter="solver"))
+            group.forward_backward(batch, adapter="solver")
+            group.optim_step("solver")
+        probe = batches[3].with_column(old_logprobs=group.compute_logprobs(batches[3],
+                                                                           adapter="solver"))
+        trainer_kl = group.forward_backward(probe, adapter="solver")["policy/kl"]
+        group.discard_gradients()
+        payload = ray.get(group.adapter("solver"))
+    finally:
+        group.shutdown()
+    base = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    config = {k: v for k, v in payload["config"].items() if k in (
+        "r", "lora_alpha", "lora_dropout", "target_modules", "bias")}
+    model = get_peft_model(base, LoraConfig(**config)).eval()
+    set_peft_model_state_dict(model, dict(iter_bucket_tensors(payload["bucket"])))
+    mb = InputBuilder.for_model(path).build(probe, list(range(len(probe))))
+    with torch.no_grad():
+        logits = model(**mb["inputs"]).logits[:, :-1]
+        with model.disable_adapter():
+            base_logits = model(**mb["inputs"]).logits[:, :-1]
+    direct = float(masked_mean(full_kl(logits, base_logits), mb["loss_mask"]))
+    print(f"KL to the base: trainer {trainer_kl:.6g}, direct {direct:.6g}")
+    assert trainer_kl > 1e-4
+    assert trainer_kl == pytest.approx(direct, rel=1e-4)
