@@ -269,6 +269,24 @@ class TrainerActor:
         config = self.model.peft_config[adapter].to_dict()
         return [ray.put(adapter_payload(config, tensors))]
 
+    @torch.no_grad()
+    def embed_mean(self, token_lists: list[list[int]]) -> np.ndarray | None:
+        """Rank 0: per list, the mean of the model's input-embedding rows of its tokens,
+        L2-normalised, [n, hidden] (iReasoner's step embeddings); None elsewhere. Every
+        rank must call it (the sharded table is gathered)."""
+        from torch.distributed.tensor import DTensor
+
+        weight = self.model.get_input_embeddings().weight
+        table = weight.full_tensor() if isinstance(weight, DTensor) else weight
+        if self.rank != 0:
+            return None
+        out = np.zeros((len(token_lists), table.shape[1]), dtype=np.float32)
+        for i, ids in enumerate(token_lists):
+            if ids:
+                v = table[torch.tensor(ids, device=table.device)].float().mean(0)
+                out[i] = (v / v.norm().clamp_min(1e-12)).cpu().numpy()
+        return out
+
     def save(self, directory: str, state: dict | None = None) -> None:
         """Checkpoint the rank; ``state`` (JSON) is the caller's, saved atomically with it
         (a phase's estimator baselines and KL coefficient) and returned by ``load``."""

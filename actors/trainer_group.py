@@ -104,6 +104,10 @@ class TrainerGroup:
         """ObjectRef of the LoRA adapter payload (``TrainerActor.adapter``)."""
         return self._all("adapter", name)[0][0]
 
+    def embed_mean(self, token_lists: list[list[int]]) -> np.ndarray:
+        """``TrainerActor.embed_mean`` (rank 0's result)."""
+        return self._all("embed_mean", token_lists)[0]
+
     def save(self, directory: str, state: dict | None = None) -> None:
         self._all("save", directory, state)
 

@@ -32,6 +32,8 @@ BUILTIN_RECIPES = {
                "pipelines.recipes.mmzero.config:MMZeroConfig"),
     "evolmm": ("pipelines.recipes.evolmm.recipe:EvoLMMRecipe",
                "pipelines.recipes.evolmm.config:EvoLMMConfig"),
+    "ireasoner": ("pipelines.recipes.ireasoner.recipe:IReasonerRecipe",
+                  "pipelines.recipes.ireasoner.config:IReasonerConfig"),
 }
 
 

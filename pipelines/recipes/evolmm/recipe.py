@@ -95,6 +95,15 @@ class EvoLMMPhase:
 
     # -- one step ---------------------------------------------------------------
 
+    def solver_rewards(self, texts: list[str], finals: list[str], step: int,
+                       ctx) -> tuple[list[float], dict[str, float]]:
+        """The rewards of one question's N answers, and metrics about them."""
+        if self.s.reward == "discrete":
+            return discrete_rewards(finals), {}
+        return soft_rewards(finals, [words_before_answer(t) for t in texts], gamma=self.s.gamma,
+                            length_lambda=self.s.length_lambda,
+                            length_target=self.s.length_target), {}
+
     def _sampling(self, rng, n: int = 1) -> Sampling:
         return Sampling(n=n, temperature=self.s.temperature, top_p=self.s.top_p,
                         max_tokens=self.s.max_tokens, seed=int(rng.integers(1 << 31)))
@@ -120,17 +129,13 @@ class EvoLMMPhase:
             groups = [[a for group in answers for a in group]]  # one image's N answers
         else:
             groups = answers
-        solver_rewards, proposer_rewards, entropies = [], [], []
+        solver_rewards, proposer_rewards, entropies, extra = [], [], [], []
         for group in groups:
             texts = [a.text for a in group]
             finals = [final_answer(t) for t in texts]
-            if self.s.reward == "soft":
-                rewards = soft_rewards(finals, [words_before_answer(t) for t in texts],
-                                       gamma=self.s.gamma, length_lambda=self.s.length_lambda,
-                                       length_target=self.s.length_target)
-            else:
-                rewards = discrete_rewards(finals)
+            rewards, more = self.solver_rewards(texts, finals, step, ctx)
             solver_rewards.append(rewards)
+            extra.append(more)
             entropies.append(answer_entropy(finals))
             proposer_rewards.append(proposer_reward(finals, target=self.s.entropy_target,
                                                     sigma=self.s.entropy_sigma))
@@ -140,6 +145,7 @@ class EvoLMMPhase:
             "question_fallbacks": float(sum(fallback for _, fallback in questions)),
             "answer_tag_share": float(np.mean([well_formed(t, "answer") for t in flat])),
             "proposer_reward": float(np.mean(proposer_rewards)),
+            **{k: float(np.mean([m[k] for m in extra])) for k in (extra[0] if extra else {})},
         }
         if self.s.schedule == "faithful":
             solver = Rollout("solver", answer, answers,

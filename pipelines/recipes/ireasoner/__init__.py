@@ -1,0 +1,1 @@
+"""iReasoner: EvoLMM's loop with a reward for agreeing reasoning steps."""
