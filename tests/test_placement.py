@@ -500,7 +500,8 @@ def test_ray_two_nodes_span_correctly(two_nodes):
     assert len(set(_gpus(two_nodes["SPREAD"]))) == 8
 
 
-SHIPPED = sorted(p for d in ("mmzero", "simple", "layouts") for p in (ROOT / "configs" / d).glob("*.yaml"))
+SHIPPED = sorted(p for d in ("mmzero", "simple", "layouts", "evolmm", "ireasoner")
+                 for p in (ROOT / "configs" / d).glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[f"{p.parent.name}/{p.name}" for p in SHIPPED])
