@@ -109,8 +109,9 @@ def drawn_folder(root: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["evolmm", "ireasoner"])
 def test_tiny_run_on_a_folder_with_corrupt_files_resumes_after_sigkill_identically(
-        ray_cluster, tmp_path):
+        ray_cluster, tmp_path, recipe):
     import json
     import os
     import signal
@@ -126,8 +127,10 @@ def test_tiny_run_on_a_folder_with_corrupt_files_resumes_after_sigkill_identical
     images = drawn_folder(tmp_path / "images")
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
            "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
-    common = [str(ROOT / "configs/evolmm/tiny-cpu.yaml"), f"run.root={tmp_path}",
-              f"evolmm.data_dir={images}", "logging.progress=false"]
+    common = [str(ROOT / f"configs/{recipe}/tiny-cpu.yaml"), f"run.root={tmp_path}",
+              f"{recipe}.data_dir={images}", "logging.progress=false"]
+    if recipe == "ireasoner":  # the step reward from the first step on
+        common.append("ireasoner.warmup=false")
 
     def cli(name: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", *common,
@@ -137,7 +140,7 @@ def test_tiny_run_on_a_folder_with_corrupt_files_resumes_after_sigkill_identical
     whole = cli("whole")
     assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
     killed = cli("killed")
-    metrics = tmp_path / "killed/iter_0001/evolmm/metrics.jsonl"
+    metrics = tmp_path / f"killed/iter_0001/{recipe}/metrics.jsonl"
     deadline = time.monotonic() + 600
     while not any(m["step"] >= 3 for m in read_metrics(metrics) if "solver/reward/mean" in m):
         assert killed.poll() is None, killed.stderr.read()[-3000:]
@@ -150,7 +153,7 @@ def test_tiny_run_on_a_folder_with_corrupt_files_resumes_after_sigkill_identical
 
     def curve(run: str) -> list[dict]:
         return [{k: v for k, v in m.items() if not k.startswith(("timing/", "perf/", "phase/"))}
-                for m in read_metrics(tmp_path / run / "iter_0001/evolmm/metrics.jsonl")
+                for m in read_metrics(tmp_path / run / f"iter_0001/{recipe}/metrics.jsonl")
                 if "solver/reward/mean" in m]
 
     lines = curve("whole")
@@ -163,8 +166,8 @@ def test_tiny_run_on_a_folder_with_corrupt_files_resumes_after_sigkill_identical
     assert lines[1]["solver/train/kl_coef"] != lines[1].get("proposer/train/kl_coef")
     assert curve("killed") == lines
     for folder in ("hf", "hf-proposer"):
-        a = load_file(tmp_path / f"whole/iter_0001/evolmm/{folder}/model.safetensors")
-        b = load_file(tmp_path / f"killed/iter_0001/evolmm/{folder}/model.safetensors")
+        a = load_file(tmp_path / f"whole/iter_0001/{recipe}/{folder}/model.safetensors")
+        b = load_file(tmp_path / f"killed/iter_0001/{recipe}/{folder}/model.safetensors")
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     state = json.loads((tmp_path / "killed/state.json").read_text())
     assert state["finished"]
