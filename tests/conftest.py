@@ -143,3 +143,20 @@ def scenario_result(name: str, proc, timeout: float) -> dict:
         pytest.fail(f"scenario {name} timed out\n{err[-3000:]}")
     assert proc.returncode == 0, f"scenario {name} failed\n{err[-3000:]}"
     return json.loads(out.strip().splitlines()[-1])
+
+
+def sigkill_after_step(proc, metrics_path, key: str, step: int = 3, timeout: float = 600) -> None:
+    """SIGKILL ``proc`` (a driver process) once ``metrics_path`` logged ``key`` for ``step``
+    (a checkpoint of step 2 is then on disk with save_every 2); fail if it exits first."""
+    import signal
+    import time
+
+    from pipelines.runtime.metrics import read_metrics
+
+    deadline = time.monotonic() + timeout
+    while not any(m["step"] >= step for m in read_metrics(metrics_path) if key in m):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"no step {step} in {metrics_path} after {timeout} s"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import sigkill_after_step
 
 from pipelines.config import load_config
 from pipelines.runtime.driver import Driver
@@ -116,14 +115,7 @@ def test_sft_phase_learns_resumes_after_sigkill_and_exports_what_vllm_serves(ray
     whole = cli("whole")
     assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
     killed = cli("killed")
-    metrics = tmp_path / "killed/iter_0001/sft/metrics.jsonl"
-    deadline = time.monotonic() + 600
-    while not any(m["step"] >= 3 for m in read_metrics(metrics) if "sft/nll" in m):
-        assert killed.poll() is None, killed.stderr.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    sigkill_after_step(killed, tmp_path / "killed/iter_0001/sft/metrics.jsonl", "sft/nll")
     resumed = cli("killed")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
 
@@ -310,14 +302,8 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted(ray_cluster, tmp_pa
     assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
 
     killed = _run_cli([*common, "run.name=killed"], env)
-    metrics = tmp_path / "killed/iter_0001/policy/metrics.jsonl"
-    deadline = time.monotonic() + 600
-    while not any(m["step"] >= 3 for m in read_metrics(metrics) if "reward/mean" in m):
-        assert killed.poll() is None, killed.stderr.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    sigkill_after_step(killed, tmp_path / "killed/iter_0001/policy/metrics.jsonl",
+                       "reward/mean")
     status = render_status(tmp_path / "killed")
     assert "not finished" in status and "step_000002" in status
     resumed = _run_cli([*common, "run.name=killed"], env)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import sigkill_after_step
 from PIL import Image
 
 from pipelines.recipes.evolmm.data import ImageFolder
@@ -114,10 +115,8 @@ def test_tiny_run_on_a_folder_with_corrupt_files_resumes_after_sigkill_identical
         ray_cluster, tmp_path, recipe):
     import json
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     import ray
     from safetensors.numpy import load_file
@@ -140,14 +139,8 @@ def test_tiny_run_on_a_folder_with_corrupt_files_resumes_after_sigkill_identical
     whole = cli("whole")
     assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
     killed = cli("killed")
-    metrics = tmp_path / f"killed/iter_0001/{recipe}/metrics.jsonl"
-    deadline = time.monotonic() + 600
-    while not any(m["step"] >= 3 for m in read_metrics(metrics) if "solver/reward/mean" in m):
-        assert killed.poll() is None, killed.stderr.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    sigkill_after_step(killed, tmp_path / f"killed/iter_0001/{recipe}/metrics.jsonl",
+                       "solver/reward/mean")
     resumed = cli("killed")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
 

@@ -45,11 +45,11 @@ class RecipeRef:
     settings: type | None      # the settings dataclass
 
 
-def _load(ref: str, what: str):
+def load_reference(ref: str, what: str, example: str) -> object:
+    """The object ``package.module:attribute`` names; ValueError saying what is wrong."""
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"{what} {ref!r}: expected a built-in name ({', '.join(BUILTIN_RECIPES)}) "
-                         "or package.module:Class")
+        raise ValueError(f"{what} {ref!r}: expected module:attribute, {example}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -58,6 +58,11 @@ def _load(ref: str, what: str):
     if obj is None:
         raise ValueError(f"{what} {ref!r}: {module_name} has no {attr!r}")
     return obj
+
+
+def _load(ref: str, what: str):
+    return load_reference(ref, what, f"a built-in name ({', '.join(BUILTIN_RECIPES)}) or "
+                                     "package.module:Class")
 
 
 def resolve_recipe(name: str) -> RecipeRef:

@@ -15,7 +15,6 @@ runner) lets a scorer sample from other roles' engines with
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -78,17 +77,11 @@ class Recipe(Protocol):
 
 def load_function(ref: str) -> Callable:
     """``package.module:function`` -> the function, with errors that say what is wrong."""
-    module_name, sep, attr = ref.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"reward function {ref!r}: expected module:function, "
-                         "e.g. mypackage.rewards:exact_match")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"reward function {ref!r}: cannot import {module_name}: {err}") from None
-    fn = getattr(module, attr, None)
+    from pipelines.recipes import load_reference
+
+    fn = load_reference(ref, "reward function", "e.g. mypackage.rewards:exact_match")
     if not callable(fn):
-        raise ValueError(f"reward function {ref!r}: {module_name} has no function {attr!r}")
+        raise ValueError(f"reward function {ref!r} is not a function")
     return fn
 
 

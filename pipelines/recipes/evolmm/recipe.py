@@ -17,8 +17,6 @@ in one engine call per role and updates each role once per step.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 
 from actors.generator import Request, Sampling
@@ -40,28 +38,17 @@ DEMO_IMAGES = 64
 
 
 def draw_demo_images(folder, count: int = DEMO_IMAGES, seed: int = 0) -> None:
-    """``count`` bar charts (2-5 bars, varied colours and heights) as PNG files."""
-    from PIL import Image, ImageDraw
+    """``count`` bar charts (the simple recipe's drawing) as PNG files in ``folder``."""
+    from pipelines.recipes.simple.recipe import draw_chart
 
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
+    seeds = np.random.default_rng(seed).integers(1 << 31, size=count)
+    for i, chart_seed in enumerate(seeds):
         path = folder / f"chart_{i:03d}.png"
-        if path.exists():
-            continue
-        image = Image.new("RGB", (224, 168), "white")
-        draw = ImageDraw.Draw(image)
-        bars = int(rng.integers(2, 6))
-        for b in range(bars):
-            height = int(rng.integers(20, 140))
-            x = 16 + b * 200 // bars
-            colour = tuple(int(c) for c in rng.integers(0, 200, size=3))
-            draw.rectangle([x, 160 - height, x + 200 // bars - 12, 160], fill=colour)
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(path)
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(draw_chart(int(chart_seed)))
+            tmp.replace(path)
 
 
 class EvoLMMPhase:
