@@ -154,7 +154,7 @@ def test_tiny_run_on_a_folder_with_corrupt_files_resumes_after_sigkill_identical
     assert lines[0]["data/images"] == 8 and lines[0]["data/skipped"] == 2
     # the Proposer trains every second step (preset proposer_update_freq 2), the Solver
     # five times per step (one update per sample), each with its own adaptive beta
-    assert [m.get("proposer/rollout/version") for m in lines] == [1, None, 2, None]
+    assert [m.get("proposer/rollout/version") for m in lines] == [None, 1, None, 2]
     assert all(m["solver/train/updates"] == 5 for m in lines)
     assert lines[1]["solver/train/kl_coef"] != lines[1].get("proposer/train/kl_coef")
     assert curve("killed") == lines

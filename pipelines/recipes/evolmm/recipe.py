@@ -140,7 +140,7 @@ class EvoLMMPhase:
         else:
             solver = Rollout("solver", answer, answers, Scores(solver_rewards, metrics))
         out = [solver]
-        if step % self.s.proposer_update_freq == 0:
+        if (step + 1) % self.s.proposer_update_freq == 0:  # steps K, 2K, ... (1-based)
             out.append(Rollout("proposer", ask, proposals,
                                Scores([[r] for r in proposer_rewards],
                                       {"entropy_reward": float(np.mean(proposer_rewards))})))
