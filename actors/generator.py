@@ -173,9 +173,9 @@ class GeneratorActor:
 
         path = resolve_model(spec.model)
         on_cpu = not _has_cuda()
-        self.multiprocess = spec.runs_multiprocess(on_cpu)
         # Read by vLLM when the engine is built; the workers it spawns inherit them.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.multiprocess else "0"
+        multiprocess = spec.runs_multiprocess(on_cpu)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
         os.environ[RAY_ADDRESS_ENV] = ray.get_runtime_context().gcs_address
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.cpu_kvcache_gib))

@@ -191,10 +191,9 @@ class GeneratorPool:
         return metrics
 
     def sleep(self) -> list[dict]:
-        """Every engine frees its device memory (``GeneratorActor.sleep``)."""
-        import ray
-
-        return ray.get([a.sleep.remote() for a in self.actors])
+        """Every engine frees its device memory (``GeneratorActor.sleep``); a dead engine
+        is restarted (awake)."""
+        return self._broadcast(lambda a: a.sleep.remote())
 
     def wake_up(self) -> list[dict]:
         """Every engine takes its device memory back; a dead engine is restarted (awake)."""

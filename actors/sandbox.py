@@ -159,8 +159,9 @@ class SandboxWorker:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not select.select([self.fileno()], [], [], remaining)[0]:
                 return None
-            if not self._read_available() and pop_frame(self.buffer[:]) is None:
-                return "crashed"
+            if not self._read_available():  # the child is gone: what it wrote, or nothing
+                got = pop_frame(self.buffer)
+                return "crashed" if got is None else got
         return got
 
     def wait_ready(self, timeout: float, what: str) -> None:

@@ -197,13 +197,14 @@ class TrainerActor:
         ``adapter``: the policy trained (LoRA adapters on one backbone)."""
         self._activate(adapter)
         self.model.train()
-        self._kl_coef = kl_coef
+
         masks = [len(ids) - p for ids, p in zip(batch.input_ids, batch.prompt_lens)]
         tokens, seqs = fsdp.all_reduce_sum([float(sum(masks)), float(sum(1 for m in masks if m))])
         key = self._new_batch_key()
         parts = []
         for rows, mb in self._aligned_micro_batches(batch, key, micro_batch_tokens):
-            loss, metrics = self._loss(mb, global_tokens=tokens, global_seqs=seqs)
+            loss, metrics = self._loss(mb, global_tokens=tokens, global_seqs=seqs,
+                                       kl_coef=kl_coef)
             scale = 0.0 if rows == [] else float(self.world_size)
             (loss * scale).backward()
             if rows:
@@ -436,10 +437,11 @@ class TrainerActor:
             return chunked_model_logprobs(model, mb, self.spec.logprob_chunk_tokens)[0]
         return token_logprobs(self._forward_logits(model, mb), mb["targets"])
 
-    def _loss(self, mb: dict, global_tokens: float, global_seqs: float):
+    def _loss(self, mb: dict, global_tokens: float, global_seqs: float,
+              kl_coef: float | None = None):
         spec, mask = self.spec.objective, mb["loss_mask"]
-        if getattr(self, "_kl_coef", None) is not None:
-            spec = dataclasses.replace(spec, kl_coef=self._kl_coef)
+        if kl_coef is not None:
+            spec = dataclasses.replace(spec, kl_coef=kl_coef)
         if self.spec.sft:
             return sft_loss(self._logprobs(self.model, mb), mask, spec.loss_agg, global_tokens,
                             global_seqs)

@@ -160,3 +160,17 @@ def sigkill_after_step(proc, metrics_path, key: str, step: int = 3, timeout: flo
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def driver_cli(*args: str):
+    """``python -m pipelines.cli run ARGS`` in a process of its own, on the session's Ray
+    (RAY_ADDRESS) with tests/ importable (test recipes and rewards); stderr piped."""
+    import subprocess
+    import sys
+
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", *args], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

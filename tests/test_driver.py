@@ -6,14 +6,11 @@ Real vLLM engines, FSDP2 trainer ranks and weight sync on the tiny model.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import sigkill_after_step
+from conftest import driver_cli, sigkill_after_step
 
 from pipelines.config import load_config
 from pipelines.runtime.driver import Driver
@@ -101,16 +98,12 @@ def test_sft_phase_learns_resumes_after_sigkill_and_exports_what_vllm_serves(ray
 
     from actors.generator import EngineSpec, GeneratorActor, Request, Sampling, cpu_engine_env
 
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-           "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
     common = [f"run.root={tmp_path}", "run.recipe=tests.user_recipe:FactsRecipe",
               "facts.epochs=3", "run.save_every=2", "trainer.lr=2e-3", "logging.progress=false",
               "logging.wandb=disabled", "placement.trainer_ranks=2"]
 
-    def cli(name: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", *common,
-                                 f"run.name={name}"], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def cli(name: str):
+        return driver_cli(*common, f"run.name={name}")
 
     whole = cli("whole")
     assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
@@ -280,33 +273,24 @@ def test_grpo_with_lora_adapters_serves_each_adapter_version(ray_cluster, tmp_pa
     hf = tmp_path / "lora/iter_0001/policy/hf"
     assert (hf / "model.safetensors").exists() and not (hf / "adapter_config.json").exists()
 
-def _run_cli(cfg_args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run",
-                             str(ROOT / "configs/simple/tiny-cpu.yaml"), *cfg_args],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-
-
 def test_sigkill_mid_phase_then_resume_matches_uninterrupted(ray_cluster, tmp_path):
     """The driver process is killed (SIGKILL) after its step-2 checkpoint; the same
     command finishes the run with the same weights and metrics as a run never killed."""
-    import ray
     from safetensors.numpy import load_file
 
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-           "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
-    common = [f"run.root={tmp_path}", "simple.reward=test_driver:even_token_share",
+    common = [str(ROOT / "configs/simple/tiny-cpu.yaml"), f"run.root={tmp_path}",
+              "simple.reward=test_driver:even_token_share",
               "simple.images=false", "simple.steps=5", "simple.max_tokens=12", "run.save_every=2",
               "logging.progress=false"]
-    whole = _run_cli([*common, "run.name=whole"], env)
+    whole = driver_cli(*common, "run.name=whole")
     assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
 
-    killed = _run_cli([*common, "run.name=killed"], env)
+    killed = driver_cli(*common, "run.name=killed")
     sigkill_after_step(killed, tmp_path / "killed/iter_0001/policy/metrics.jsonl",
                        "reward/mean")
     status = render_status(tmp_path / "killed")
     assert "not finished" in status and "step_000002" in status
-    resumed = _run_cli([*common, "run.name=killed"], env)
+    resumed = driver_cli(*common, "run.name=killed")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
 
     def comparable(run: str) -> list[dict]:
@@ -323,7 +307,7 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted(ray_cluster, tmp_pa
     assert state["finished"] and state["roles"]["policy"]["version"] == 5
     assert "finished" in render_status(tmp_path / "killed")
     # Running the finished command again does nothing more.
-    again = _run_cli([*common, "run.name=killed"], env)
+    again = driver_cli(*common, "run.name=killed")
     assert again.wait(timeout=300) == 0
     assert comparable("killed") == comparable("whole")
 

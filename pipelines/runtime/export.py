@@ -13,14 +13,12 @@ and the code version (the package version and, in a git checkout, the commit).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import yaml
 
-from pipelines.runtime.rundir import STATE, atomic_write, run_relative
+from pipelines.runtime.rundir import STATE, atomic_write, link_tree, run_relative
 
 
 def code_version() -> dict:
@@ -39,20 +37,6 @@ def code_version() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
     return {"package": package, "git_commit": commit, "git_dirty": dirty}
-
-
-def _copy_tree(source: Path, target: Path) -> None:
-    def link(src, dst):
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, copy_function=link)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.replace(target)
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None) -> dict:
@@ -76,7 +60,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> dict:
         for extra in sorted(hf.parent.glob("hf-*")):
             folders[f"{role}-{extra.name[3:]}"] = extra
         for name, source in folders.items():
-            _copy_tree(source, out / name)
+            link_tree(source, out / name)
             adapters = out / name / "adapter"
             policies[name] = {
                 "folder": name, "source": str(source.relative_to(run_dir)),

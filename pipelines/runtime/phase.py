@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +39,7 @@ from pipelines.algorithms.grading import budget as grading_budget
 from pipelines.algorithms.grading import grading_stats
 from pipelines.recipes.base import Rollout
 from pipelines.runtime.metrics import MetricsSink, Timer
-from pipelines.runtime.rundir import latest_checkpoint, prune_checkpoints
+from pipelines.runtime.rundir import latest_checkpoint, link_tree, prune_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -202,9 +200,6 @@ class PhaseRunner:
                 with timer("weight_sync"):
                     for r in rollouts:
                         self._push(r.policy, self._versions[self._key(r.policy)] + 1)
-            else:
-                for r in rollouts:
-                    self._versions[self._key(r.policy)] += 1
             with timer("save"):
                 self._write_rollouts(step, rollouts, trained)
                 if (step + 1) % self.cfg.run.save_every == 0 or step + 1 == self.phase.steps:
@@ -372,18 +367,7 @@ class PhaseRunner:
         target = self.dir / "hf"
         if not source.is_dir():
             raise ValueError(f"{self.phase.name}: cannot export {self.start_weights}: not a folder")
-        tmp = target.with_name(".hf.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(target, ignore_errors=True)
-
-        def link(src, dst):
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
-
-        shutil.copytree(source, tmp, copy_function=link)
-        tmp.replace(target)
+        link_tree(source, target)
         self.engines.served(self.phase.role, str(target))
 
     def _batch(self, requests, completions, rewards):
@@ -406,8 +390,9 @@ class PhaseRunner:
     def _update(self, batch: TrainBatch, step: int, key: str = "", adapter=None,
                 mini_batches: int | None = None) -> dict:
         """``algorithm.epochs`` passes over the batch in ``algorithm.mini_batches`` PPO
-        updates each (whole prompt groups per mini-batch, in an order drawn from the
-        step's seed per epoch); one optimizer step per mini-batch. The metrics are the
+        updates each (whole prompt groups per mini-batch; the first pass in the batch's
+        order, later ones shuffled from the step's seed); one optimizer step per
+        mini-batch. The metrics are the
         updates' means (``train/updates`` counts them)."""
         a = self.cfg.algorithm
         kl = self.kls[key or self._key(None)]
@@ -425,9 +410,10 @@ class PhaseRunner:
                              f"(algorithm.mini_batches), this step has {len(prompts)}")
         parts = []
         for epoch in range(a.epochs):
-            order = np.random.default_rng([*self.seed_path, step, 1 + epoch]).permutation(prompts)
-            if getattr(self.phase, "ordered_updates", False) and epoch == 0:
-                order = prompts  # the recipe's own order (EvoLMM: one sample after another)
+            # the first pass in the batch's own order (EvoLMM: one sample after another),
+            # later passes in an order drawn from the step's seed
+            order = prompts if epoch == 0 else np.random.default_rng(
+                [*self.seed_path, step, epoch]).permutation(prompts)
             for chunk in np.array_split(order, mini_batches):
                 rows = np.flatnonzero(np.isin(batch.prompt_index, chunk))
                 metrics = self.group.forward_backward(batch.select(rows), kl_coef=kl.beta,
@@ -460,14 +446,6 @@ class PhaseRunner:
     @version.setter
     def version(self, value: int) -> None:
         self._versions = dict.fromkeys(self.policies or (self.phase.role,), value)
-
-    @property
-    def estimator(self):
-        return self.estimators[self._key(None)]
-
-    @property
-    def kl(self):
-        return self.kls[self._key(None)]
 
     def _write_rollouts(self, step, rollouts, trained) -> None:
         """rollouts-<step>.parquet: a row per sample of every policy of the step."""

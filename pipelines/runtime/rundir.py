@@ -47,3 +47,19 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
                       if p.name.split("_")[1].isdigit())
     for _, path in complete[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """``target`` becomes a copy of the folder ``source`` (hard links where the filesystem
+    allows), replaced whole: a reader sees the old folder or the new one."""
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, copy_function=link)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.replace(target)

@@ -67,7 +67,6 @@ class EvoLMMPhase:
         self.cfg, self.s = cfg, settings
         self.steps = settings.steps
         self.solver_prompt = solver_prompt
-        self.ordered_updates = settings.schedule == "faithful"
         self.images: ImageFolder | None = None
 
     # -- data ------------------------------------------------------------------
