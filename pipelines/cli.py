@@ -7,6 +7,7 @@
     coevolve generate [FILE] [key=value ...]               sample from the model in a vLLM actor
     coevolve plan FILE [key=value ...] [--cluster FILE]    placement and memory per device, no GPU
     coevolve plot RUN_DIR                                  co-evolution figures of an MM-Zero run
+    coevolve eval RUN_DIR|MODEL [--tasks ...]              benchmarks for every iteration's policy
 
 User errors (bad config values, missing files, bad model references) exit
 with status 2 and a one-line message; anything else is a bug and keeps its
@@ -93,6 +94,22 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="runs/<name>")
     export.add_argument("--out", help="target folder (default: RUN_DIR/export)")
     export.set_defaults(func=_export)
+
+    ev = sub.add_parser("eval", help="evaluate a run's policy after every iteration (and the base "
+                                     "model) or one model on benchmarks; resumable")
+    ev.add_argument("target", help="runs/<name>, an hf/ folder, a peft adapter folder, a hub id "
+                                   "or tiny://...")
+    ev.add_argument("--tasks", nargs="+", help="built-in task names, jsonl:PATH, task YAML files, "
+                                               "or smoke (default: the recipe's benchmarks)")
+    ev.add_argument("--data-dir", help="folder with <task>.jsonl or <task>/ (datasets) copies")
+    ev.add_argument("--out", help="results folder (default: RUN_DIR/eval, or ./eval)")
+    ev.add_argument("--engines", type=int, default=1, help="engines (data parallel)")
+    ev.add_argument("--judge", metavar="MODEL", help="LLM judge (folder, hub id or tiny://) "
+                                                     "served from a second pool")
+    ev.add_argument("--limit", type=int, help="first N items of every task")
+    ev.add_argument("--max-tokens", type=int, help="cap every task's response budget "
+                                                   "(default: half of generator.max_model_len)")
+    ev.set_defaults(func=_eval)
 
     plot = sub.add_parser("plot", help="draw the co-evolution figures of an MM-Zero run from its "
                                        "iter_*/coevo.json (iter_*/coevo.png and coevo.png)")
@@ -181,6 +198,25 @@ def _export(args) -> int:
     for name, info in manifest["policies"].items():
         extra = f" (adapters: {', '.join(info['adapters'])})" if info["adapters"] else ""
         print(f"{name}: {info['source']}{extra}")
+    return 0
+
+
+def _eval(args) -> int:
+    from pipelines.eval import report
+    from pipelines.eval.harness import resolve_target, resolve_tasks, run_eval
+    from pipelines.runtime.local_ray import ray_session
+
+    if args.engines < 1:
+        raise ValueError(f"--engines must be at least 1, got {args.engines}")
+    target = resolve_target(args.target, args.out)
+    tasks, items = resolve_tasks(args.tasks, target, args.data_dir, args.limit)
+    print(f"evaluating {', '.join(m.label for m in target.models)} on "
+          f"{', '.join(t.name for t in tasks)} -> {target.out}")
+    with ray_session(num_cpus=max(os.cpu_count() or 1, args.engines + 1)):
+        run_eval(target, tasks, items, engines=args.engines, judge_model=args.judge,
+                 data_dir=args.data_dir, max_tokens=args.max_tokens)
+    print(report.table(report.load_summary(target.out)))
+    print(f"plot: {target.out / 'comparison.png'}")
     return 0
 
 

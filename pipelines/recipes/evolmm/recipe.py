@@ -148,6 +148,9 @@ class EvoLMMPhase:
 
 class EvoLMMRecipe:
     roles = ("policy",)
+    # `coevolve eval`: the policy evaluated after every iteration, and on what (docs/eval.md)
+    eval_role = "policy"
+    benchmarks = ("evolmm_chartqa",)
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -57,6 +57,9 @@ class IReasonerPhase(EvoLMMPhase):
 
 class IReasonerRecipe:
     roles = ("policy",)
+    # `coevolve eval`: the policy evaluated after every iteration, and on what (docs/eval.md)
+    eval_role = "policy"
+    benchmarks = ("evolmm_chartqa",)
 
     def __init__(self, cfg):
         self.cfg = cfg

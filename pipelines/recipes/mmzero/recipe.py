@@ -66,6 +66,11 @@ logger = logging.getLogger(__name__)
 
 class MMZeroRecipe:
     roles = ("proposer", "codegen", "solver")
+    # `coevolve eval`: the policy evaluated after every iteration, and on what (docs/eval.md)
+    eval_role = "solver"
+    benchmarks = tuple(f"mmzero_{b}" for b in (
+        "mmsi", "mathverse", "mathvision", "mathvista", "mmvet", "mmmu_pro", "visnumbench",
+        "hallusionbench", "mmmu", "chartqa"))
 
     def __init__(self, cfg):
         self.cfg, self.m = cfg, cfg.mmzero

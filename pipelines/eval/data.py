@@ -1,0 +1,193 @@
+"""Labeled data: one format for evaluation and for recipes that train on labels.
+
+A data set is a JSON-lines file, one item per line::
+
+    {"question": "How many circles?", "answer": "3", "image": "img/0001.png",
+     "id": "q1", "choices": ["2", "3", "4"], "solution": "..."}
+
+``question`` and ``answer`` are required (the answer may be a number);
+``image`` is a path relative to the file, a list of such paths, or absent
+(a text-only item); ``id`` defaults to the line number; ``choices`` makes a
+multiple-choice item whose options are lettered A, B, C, ... in order
+(``answer`` may then be the letter or the option's text); ``solution`` is a
+worked solution (used by SFT recipes, ignored by evaluation). Blank lines are
+skipped. A bad row fails the whole file with the line numbers of every bad
+row (up to ten), before any work starts.
+
+A Hugging Face ``datasets`` folder (``save_to_disk``) or hub id works too,
+through ``read_hf`` with a mapping from this format's fields to its columns;
+hub ids resolve from the local cache only when ``HF_DATASETS_OFFLINE=1``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MAX_LINE_CHARS = 1 << 20  # one item; a longer line is not an item but a broken file
+MAX_SHOWN = 10  # bad rows named in one message
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class DataError(ValueError):
+    """A data set that cannot be used as it is; the message names the file and the rows."""
+
+
+@dataclass
+class Item:
+    id: str
+    question: str
+    answer: str
+    images: list[Any] = field(default_factory=list)  # paths or encoded bytes
+    choices: list[str] = field(default_factory=list)
+    solution: str | None = None
+
+    @property
+    def options(self) -> dict[str, str]:
+        """Letter -> option text of a multiple-choice item ({} otherwise)."""
+        return dict(zip(LETTERS, self.choices))
+
+    def image_bytes(self) -> list[bytes]:
+        """The item's images as encoded bytes, checked to decode (DataError if not)."""
+        from PIL import Image, UnidentifiedImageError
+
+        out = []
+        for image in self.images:
+            data = image if isinstance(image, bytes) else Path(image).read_bytes()
+            try:
+                with Image.open(io.BytesIO(data)) as probe:
+                    probe.verify()
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+                name = "bytes" if isinstance(image, bytes) else image
+                raise DataError(f"item {self.id}: image {name} does not decode ({err})") from None
+            out.append(data)
+        return out
+
+
+def read_jsonl(path: str | Path, limit: int | None = None) -> list[Item]:
+    """The items of a JSON-lines file in the format above (DataError on bad rows)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    items, problems, seen = [], [], set()
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = _row(json.loads(line) if len(line) <= MAX_LINE_CHARS else None,
+                            number, path.parent)
+            except (ValueError, TypeError) as err:
+                problems.append(f"line {number}: {err}")
+                continue
+            if item.id in seen:
+                problems.append(f"line {number}: duplicate id {item.id!r}")
+                continue
+            seen.add(item.id)
+            items.append(item)
+            if limit is not None and len(items) >= limit:
+                break
+    if problems:
+        more = f" (and {len(problems) - MAX_SHOWN} more)" if len(problems) > MAX_SHOWN else ""
+        raise DataError(f"{path}: {len(problems)} bad row(s): "
+                        + "; ".join(problems[:MAX_SHOWN]) + more)
+    if not items:
+        raise DataError(f"{path}: no items")
+    return items
+
+
+def _row(row: Any, number: int, root: Path) -> Item:
+    if row is None:
+        raise ValueError(f"line longer than {MAX_LINE_CHARS} characters")
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    unknown = set(row) - {"question", "answer", "image", "id", "choices", "solution"}
+    if unknown:
+        raise ValueError(f"unknown field(s) {sorted(unknown)[:5]}")
+    question, answer = row.get("question"), row.get("answer")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("'question' must be a non-empty string")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or str(answer) == "":
+        raise ValueError("'answer' must be a non-empty string or a number")
+    images = row.get("image", [])
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise ValueError("'image' must be a path or a list of paths")
+    resolved = []
+    for name in images:
+        image = (root / name).resolve()
+        if not image.is_file():
+            raise ValueError(f"image {name!r} not found next to the file")
+        resolved.append(str(image))
+    choices = row.get("choices", [])
+    if not isinstance(choices, list) or not all(isinstance(c, (str, int, float)) for c in choices):
+        raise ValueError("'choices' must be a list of strings")
+    if len(choices) > len(LETTERS):
+        raise ValueError(f"more than {len(LETTERS)} choices")
+    item_id = row.get("id", number)
+    if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
+        raise ValueError("'id' must be a string or an integer")
+    solution = row.get("solution")
+    if solution is not None and not isinstance(solution, str):
+        raise ValueError("'solution' must be a string")
+    return Item(id=str(item_id), question=question, answer=str(answer), images=resolved,
+                choices=[str(c) for c in choices], solution=solution)
+
+
+def read_hf(source: str, split: str, fields: dict[str, str] | None = None,
+            limit: int | None = None) -> list[Item]:
+    """Items of a ``datasets`` folder or hub id; ``fields`` maps this format's field
+    names (question, answer, image, id, choices) to the data set's columns."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{source}: reading Hugging Face data needs the `datasets` package "
+                        "(installed by setup.sh with lmms-eval)") from None
+    names = {"question": "question", "answer": "answer", "image": "image", "id": "id",
+             "choices": "choices", **(fields or {})}
+    try:
+        if Path(source).is_dir():
+            data = datasets.load_from_disk(source)
+            data = data[split] if isinstance(data, datasets.DatasetDict) else data
+        else:
+            data = datasets.load_dataset(source, split=split)
+    except Exception as err:  # noqa: BLE001 - datasets raises many kinds; all mean "not here"
+        raise DataError(f"{source} ({split}): not available offline "
+                        f"({type(err).__name__}: {str(err)[:200]})") from None
+    items = []
+    for index, row in enumerate(data):
+        if limit is not None and index >= limit:
+            break
+        image = row.get(names["image"])
+        images = image if isinstance(image, list) else [image] if image is not None else []
+        choices = row.get(names["choices"]) or []
+        items.append(Item(id=str(row.get(names["id"], index)), question=str(row[names["question"]]),
+                          answer=str(row[names["answer"]]),
+                          images=[_encode(im) for im in images],
+                          choices=[str(c) for c in choices]))
+    if not items:
+        raise DataError(f"{source} ({split}): no items")
+    return items
+
+
+def _encode(image: Any) -> bytes:
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, dict) and image.get("bytes"):
+        return image["bytes"]
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    """Write rows in this format (used by fixtures and by recipes that make data)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,183 @@
+"""``coevolve eval TARGET``: which models, which tasks, which engines.
+
+TARGET is a run directory (``runs/<name>``: the base model and the policy the
+recipe evaluates, as trained by every finished iteration) or one model: an
+``hf/`` folder, a peft adapter folder (served on its base model), a hub id or
+``tiny://...``. Tasks come from ``--tasks`` (names, ``jsonl:PATH``, YAML
+files, ``smoke``) or from the recipe's ``benchmarks``; all their data must be
+available before any engine starts, else the command fails with the list of
+what is missing (no silent fallback).
+
+Results go to ``RUN_DIR/eval/`` (or ``--out``): per (task, model) parquet,
+``summary.parquet``, ``comparison.png``; the table is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.eval.data import DataError, Item
+from pipelines.eval.runner import Model, evaluate_model
+from pipelines.eval.tasks import TaskSpec, resolve_task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Target:
+    models: list[Model]
+    cfg: object  # the run's config (engine settings), or the defaults
+    out: Path
+    benchmarks: tuple[str, ...]  # the recipe's tasks ((): none named)
+    recipe: str | None = None
+
+
+def resolve_target(target: str, out: str | None = None) -> Target:
+    """The models a target names (see the module docstring)."""
+    from pipelines.config import load_config
+
+    path = Path(target)
+    if (path / "config.yaml").is_file() and (path / "state.json").is_file():
+        return _run_target(path.resolve(), out)
+    cfg = load_config(None, [])
+    if (path / "adapter_config.json").is_file():
+        config = json.loads((path / "adapter_config.json").read_text())
+        base = config.get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{path}: adapter_config.json names no base_model_name_or_path")
+        model = Model(label=_label(path.name), path=base, adapter=str(path.resolve()))
+    elif path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: neither a run directory (config.yaml + state.json), a "
+                                "model folder (config.json) nor a peft adapter folder")
+    else:
+        ref = str(path.resolve()) if path.is_dir() else target
+        model = Model(label=_label(path.name if path.is_dir() else target), path=ref)
+    return Target([model], cfg, Path(out or "eval").resolve(), ())
+
+
+def _label(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.") or "model"
+
+
+def _run_target(run_dir: Path, out: str | None) -> Target:
+    from pipelines.config import load_config
+    from pipelines.recipes.base import build_recipe
+
+    cfg = load_config(str(run_dir / "config.yaml"), [])
+    recipe = build_recipe(cfg)
+    role = getattr(recipe, "eval_role", None) or (recipe.roles[0] if len(recipe.roles) == 1
+                                                  else None)
+    if role is None:
+        raise ValueError(f"recipe {cfg.run.recipe} trains {recipe.roles} and names no eval_role")
+    models = [Model(label="base", path=cfg.model.path, iteration=0)]
+    for it_dir in sorted(run_dir.glob("iter_[0-9]*")):
+        iteration = int(it_dir.name.split("_")[1])
+        trained = [p for p in recipe.phases(iteration) if p.role == role]
+        if not trained:
+            continue
+        phase_dir = it_dir / trained[-1].name
+        if (phase_dir / "DONE").exists() and (phase_dir / "hf" / "config.json").is_file():
+            models.append(Model(label=it_dir.name, path=str(phase_dir / "hf"),
+                                iteration=iteration))
+    if len(models) == 1:
+        logger.warning("%s: no finished iteration yet; evaluating the base model only", run_dir)
+    return Target(models, cfg, Path(out).resolve() if out else run_dir / "eval",
+                  tuple(getattr(recipe, "benchmarks", ())), cfg.run.recipe)
+
+
+def resolve_tasks(names: Sequence[str] | None, target: Target, data_dir: str | None,
+                  limit: int | None = None) -> tuple[list[TaskSpec], dict[str, list[Item]]]:
+    """The tasks and their items; ValueError naming every task whose data is missing."""
+    import dataclasses
+
+    names = list(names or target.benchmarks)
+    if not names:
+        raise ValueError(f"recipe {target.recipe or '(none)'} names no benchmarks: pass --tasks "
+                         "(smoke, jsonl:PATH, a task YAML file, or a built-in task)")
+    tasks = [resolve_task(n) for n in names]
+    if limit is not None:
+        tasks = [dataclasses.replace(t, limit=limit) for t in tasks]
+    items, missing = {}, []
+    for task in tasks:
+        try:
+            items[task.name] = task.load(data_dir)
+        except DataError as err:
+            missing.append(f"{task.name}: {err}")
+    if missing:
+        where = f"--data-dir {data_dir}" if data_dir else "no --data-dir"
+        raise DataError(f"data missing for {len(missing)} of {len(tasks)} task(s) ({where}; put "
+                        "<task>.jsonl or a datasets folder <task>/ there): " + " | ".join(missing))
+    return tasks, items
+
+
+def run_eval(target: Target, tasks: Sequence[TaskSpec], items: dict[str, list[Item]], *,
+             engines: int = 1, judge_model: str | None = None, data_dir: str | None = None,
+             max_tokens: int | None = None, chunk_items: int = 32,
+             on_chunk: Callable[[str, int], None] | None = None) -> list[dict]:
+    """Evaluate every model of ``target`` on ``tasks``; one pool per model, one judge pool."""
+    from pipelines.eval import report
+    from pipelines.eval.judge import Judge
+
+    cap = max_tokens or max(16, target.cfg.generator.max_model_len // 2)
+    judge = judge_pool = None
+    if judge_model:
+        judge_pool = start_pool(target.cfg, "judge", judge_model, engines=1)
+        judge = Judge(judge_pool)
+    rows = []
+    try:
+        for model in target.models:
+            pool = start_pool(target.cfg, "eval", model.path, engines=engines,
+                              lora=model.adapter is not None)
+            try:
+                adapter = None
+                if model.adapter:
+                    pool.load_adapter("eval", read_adapter(model.adapter), version=0)
+                    adapter = "eval"
+                rows += evaluate_model(pool, model, tasks, target.out, judge=judge,
+                                       data_dir=data_dir, run_seed=target.cfg.run.seed,
+                                       chunk_items=chunk_items, max_tokens=cap, adapter=adapter,
+                                       items=items, on_chunk=on_chunk)
+            finally:
+                pool.shutdown()
+    finally:
+        if judge_pool is not None:
+            judge_pool.shutdown()
+    summary = report.load_summary(target.out)
+    report.plot(summary, target.out / "comparison.png")
+    return rows
+
+
+def start_pool(cfg, role: str, model: str, engines: int = 1, lora: bool = False):
+    """A generator pool of ``engines`` engines serving ``model`` with the config's engine
+    settings (on a CPU host each engine gets an equal share of the cores)."""
+    import dataclasses
+
+    import torch
+
+    from actors.pool import GeneratorPool
+    from pipelines.runtime.engines import engine_spec
+
+    spec = dataclasses.replace(engine_spec(cfg, model, tensor_parallel=1), enable_lora=lora)
+    if torch.cuda.is_available():
+        return GeneratorPool(role, spec, engines, resources={"num_gpus": 1}, run=cfg.run.name)
+    threads = max(1, (os.cpu_count() or 1) // engines)
+    return GeneratorPool(role, spec, engines, resources={"num_cpus": 1}, run=cfg.run.name,
+                         threads=threads)
+
+
+def read_adapter(folder: str | Path) -> dict:
+    """A peft adapter folder as ``actors.weights.adapter_payload``."""
+    from safetensors.torch import load_file
+
+    from actors.weights import adapter_payload
+
+    folder = Path(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    return adapter_payload(config, sorted(tensors.items()))

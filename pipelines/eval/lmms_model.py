@@ -1,0 +1,127 @@
+"""lmms-eval model plugin: ``lmms_eval --model coevolve --model_args pretrained=PATH ...``.
+
+lmms-eval finds it through the ``lmms_eval.models`` entry point (pyproject.toml),
+so its own task definitions, prompts, metrics and results files evaluate a
+coevolve checkpoint: an ``hf/`` folder, a peft adapter on its base
+(``adapter=FOLDER``), a hub id or ``tiny://...``. Generation runs on the same
+generator pool as training and ``coevolve eval`` (vLLM engines in Ray actors,
+data parallel over ``engines``), attached to ``RAY_ADDRESS`` when set, else on a
+private Ray bound to 127.0.0.1 that lives as long as the model object.
+
+Model arguments (``--model_args k=v,...``): ``pretrained`` (required),
+``adapter``, ``engines`` (default 1), ``dtype`` (default auto),
+``max_model_len`` (default 4096), ``max_pixels`` (default: the model's),
+``seed`` (default 0; every request's seed derives from it, the task and the
+document id, so results do not depend on batching or the engine count).
+Only generation is served: log-likelihood tasks raise NotImplementedError.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+from pathlib import Path
+
+from lmms_eval.api.model import lmms
+
+from actors.generator import Request, Sampling
+
+MODEL_ID = "coevolve"
+
+
+def manifest():
+    """The entry point's payload: how lmms-eval registers this model."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.CoevolveLMM")
+
+
+class CoevolveLMM(lmms):
+    is_simple = True
+
+    def __init__(self, pretrained: str, adapter: str | None = None, engines: int = 1,
+                 dtype: str = "auto", max_model_len: int = 4096, max_pixels: int = 0,
+                 seed: int = 0, batch_size: int | str = 64, **kwargs) -> None:
+        super().__init__()
+        from pipelines.config import load_config
+        from pipelines.eval.harness import read_adapter, start_pool
+        from pipelines.runtime.local_ray import ray_session
+
+        if kwargs:
+            raise ValueError(f"coevolve model: unknown model_args {sorted(kwargs)}; see "
+                             "pipelines/eval/lmms_model.py")
+        engines = int(engines)
+        self.seed = int(seed)
+        self.batch_size_per_gpu = int(batch_size)
+        cfg = load_config(None, [f"model.dtype={dtype}", f"generator.max_model_len={max_model_len}",
+                                 f"model.max_pixels={int(max_pixels)}", f"run.seed={self.seed}",
+                                 "run.name=lmms-eval"])
+        self._session = contextlib.ExitStack()
+        self._session.enter_context(ray_session(num_cpus=max(2, engines + 1)))
+        path = Path(pretrained)
+        model = str(path.resolve()) if path.is_dir() else pretrained
+        self.pool = start_pool(cfg, "lmms-eval", model, engines=engines, lora=adapter is not None)
+        # Before Ray's own exit hook (atexit runs last-registered first): a pool shut down
+        # after Ray would make Ray start a new cluster just to kill the engines.
+        atexit.register(self.close)
+        self.adapter = None
+        if adapter:
+            self.pool.load_adapter("eval", read_adapter(adapter), version=0)
+            self.adapter = "eval"
+
+    def close(self) -> None:
+        import ray
+
+        pool, self.pool = getattr(self, "pool", None), None
+        if pool is not None and ray.is_initialized():
+            pool.shutdown()
+        if getattr(self, "_session", None) is not None:
+            self._session.close()
+            self._session = None
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+    # -- lmms-eval's interface -------------------------------------------------
+
+    def generate_until(self, requests) -> list[str]:
+        from tqdm import tqdm
+
+        out: list[str] = []
+        bar = tqdm(total=len(requests), desc="coevolve generating", disable=self.rank != 0)
+        for start in range(0, len(requests), self.batch_size_per_gpu):
+            batch = requests[start:start + self.batch_size_per_gpu]
+            completions = self.pool.generate([self._request(r) for r in batch])
+            out += [samples[0].text for samples in completions]
+            bar.update(len(batch))
+        bar.close()
+        return out
+
+    def _request(self, instance) -> Request:
+        context, gen_kwargs, doc_to_visual, doc_id, task, split = instance.args
+        doc = self.task_dict[task][split][doc_id]
+        visuals = doc_to_visual(doc) if doc_to_visual is not None else []
+        if visuals and isinstance(visuals[0], list):
+            visuals = visuals[0]
+        images = [v for v in (visuals or []) if v is not None]
+        gen = dict(gen_kwargs or {})
+        until = gen.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        greedy = not gen.get("do_sample", False) or float(gen.get("temperature", 0) or 0) == 0
+        digest = hashlib.sha256(f"{self.seed}/{task}/{split}/{doc_id}".encode()).digest()
+        sampling = Sampling(n=1, temperature=0.0 if greedy else float(gen["temperature"]),
+                            top_p=float(gen.get("top_p") or 1.0),
+                            max_tokens=int(gen.get("max_new_tokens", 256)), stop=until,
+                            seed=int.from_bytes(digest[:4], "little") & 0x7FFFFFFF)
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": context}]
+        return Request([{"role": "user", "content": content}], images=images, sampling=sampling,
+                       adapter=self.adapter)
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("the coevolve model serves generation tasks only "
+                                  "(output_type: generate_until)")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("the coevolve model serves single-round generation tasks only")

@@ -1,0 +1,260 @@
+"""Evaluation tasks: where the items come from, how they are asked, how answers count.
+
+A task is declarative (``TaskSpec``): a data source, a prompt, an answer
+extraction, a metric and sampling settings. coevolve defines its own tasks
+only where a seed's protocol differs from lmms-eval's task definitions, and
+for local data:
+
+- ``mmzero_<benchmark>``: MM-Zero's protocol (arXiv 2603.09206): the Solver's
+  prompt, temperature 0.6, the last ``\\boxed{}`` matched by the rule grader,
+  then optionally an LLM judge (``coevolve eval --judge``).
+- ``evolmm_chartqa``: ChartQA with relaxed accuracy (a number within 5% of the
+  reference counts), greedy, a short-answer prompt.
+- ``jsonl:PATH``: a local file in the labeled data format
+  (``pipelines/eval/data.py``), greedy, last ``\\boxed{}`` else the last line.
+- ``smoke``: a built-in fixture drawn locally (circle counting and tricky
+  answer formats) that needs no data.
+- a YAML file with ``TaskSpec``'s fields: your own task.
+
+Other benchmarks run through lmms-eval's own task definitions with the
+``coevolve`` model plugin (``lmms_eval --model coevolve ...``, see docs/eval.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.algorithms.answers import extract_answer
+from pipelines.eval.data import DataError, Item, read_hf, read_jsonl, write_jsonl
+
+ANSWER_MODES = ("boxed", "boxed_or_last_line")
+METRICS = ("exact", "relaxed")
+RELAXED_TOL = 0.05  # ChartQA's relaxed accuracy: numbers within 5% of the reference
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    data: str  # "jsonl:PATH" | "hf:ID_OR_FOLDER" | "smoke"
+    split: str = "test"
+    fields: dict = field(default_factory=dict)  # this format's field -> the data set's column
+    prompt: str = "{question}{choices}"
+    system: str | None = None
+    answer: str = "boxed_or_last_line"  # see ANSWER_MODES
+    metric: str = "exact"  # see METRICS
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    samples: int = 1  # responses per item (pass@k needs k of them)
+    pass_at: tuple[int, ...] = (1,)
+    limit: int | None = None  # first N items only
+    description: str = ""
+
+    def __post_init__(self):
+        if self.answer not in ANSWER_MODES:
+            raise ValueError(f"task {self.name}: answer must be one of {ANSWER_MODES}")
+        if self.metric not in METRICS:
+            raise ValueError(f"task {self.name}: metric must be one of {METRICS}")
+        if self.samples < 1 or any(k < 1 or k > self.samples for k in self.pass_at):
+            raise ValueError(f"task {self.name}: pass_at values must lie in 1..samples "
+                             f"({self.samples})")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_tokens < 1:
+            raise ValueError(f"task {self.name}: bad sampling settings")
+
+    # -- asking ----------------------------------------------------------------
+
+    def messages(self, item: Item) -> list[dict]:
+        choices = ""
+        if item.choices:
+            choices = "\n" + "\n".join(f"{letter}. {text}" for letter, text in item.options.items())
+        text = self.prompt.format(question=item.question, choices=choices)
+        content = [{"type": "image"} for _ in item.images] + [{"type": "text", "text": text}]
+        messages = [{"role": "user", "content": content}]
+        if self.system:
+            messages.insert(0, {"role": "system", "content": [{"type": "text",
+                                                                "text": self.system}]})
+        return messages
+
+    def seed(self, item: Item, run_seed: int = 0) -> int:
+        """The item's sampling seed: the same on any engine and in any batch."""
+        digest = hashlib.sha256(f"{run_seed}/{self.name}/{item.id}".encode()).digest()
+        return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+    # -- scoring ---------------------------------------------------------------
+
+    def extract(self, response: str) -> str | None:
+        if self.answer == "boxed":
+            return extract_answer(response)
+        return extract_answer(response, fallback=_last_line)
+
+    def correct(self, item: Item, response: str, grader) -> tuple[str | None, bool]:
+        """The extracted answer and whether it answers the item (rule grader)."""
+        pred = self.extract(response)
+        rel_tol = RELAXED_TOL if self.metric == "relaxed" else None
+        kwargs = {"rel_tol": rel_tol} if rel_tol is not None else {}
+        ok = grader.grade(pred, item.answer, options=item.options or None, **kwargs)
+        return pred, ok
+
+    # -- data ------------------------------------------------------------------
+
+    def load(self, data_dir: str | Path | None = None) -> list[Item]:
+        """The task's items: ``DATA_DIR/<name>.jsonl`` or ``DATA_DIR/<name>/`` (a datasets
+        folder) when present, else the task's own source. DataError when unavailable."""
+        if data_dir is not None:
+            local = Path(data_dir) / f"{self.name}.jsonl"
+            if local.is_file():
+                return read_jsonl(local, self.limit)
+            if (Path(data_dir) / self.name).is_dir():
+                return read_hf(str(Path(data_dir) / self.name), self.split, self.fields,
+                               self.limit)
+        kind, _, source = self.data.partition(":")
+        if kind == "smoke":
+            return read_jsonl(smoke_fixture(), self.limit)
+        if kind == "jsonl":
+            return read_jsonl(source, self.limit)
+        if kind == "hf":
+            return read_hf(source, self.split, self.fields, self.limit)
+        raise DataError(f"task {self.name}: unknown data source {self.data!r}")
+
+
+def _last_line(text: str) -> str | None:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+# ---------------------------------------------------------------- built-in tasks
+
+# MM-Zero's Solver prompt (pipelines/recipes/mmzero/prompts.py), used to evaluate it.
+_MMZERO_PROMPT = ("{question}{choices}\n\nThink step by step inside <think></think>, then give "
+                  "the final answer inside \\boxed{{}} as a single number, word or short phrase.")
+
+# Benchmarks MM-Zero reports, with the data set each reads (hub id or a local copy named
+# after the task in --data-dir) and its columns. Multi-image and free-form items (MM-Vet)
+# are graded by the rule first; their published numbers use the judge.
+_MMZERO_DATA = {
+    "chartqa": ("HuggingFaceM4/ChartQA", "test", {"question": "query", "answer": "label"}),
+    "mathvista": ("AI4Math/MathVista", "testmini",
+                  {"question": "query", "image": "decoded_image", "id": "pid"}),
+    "mathverse": ("AI4Math/MathVerse", "testmini",
+                  {"question": "query_cot", "id": "sample_index"}),
+    "mathvision": ("MathLLMs/MathVision", "test", {"image": "decoded_image", "choices": "options"}),
+    "mmmu": ("MMMU/MMMU", "validation", {"image": "image_1", "choices": "options"}),
+    "mmmu_pro": ("MMMU/MMMU_Pro", "test", {"image": "image_1", "choices": "options"}),
+    "mmvet": ("whyu/mm-vet", "test", {"id": "question_id"}),
+    "hallusionbench": ("lmms-lab/HallusionBench", "image", {"answer": "gt_answer"}),
+    "visnumbench": ("GML-FMGroup/VisNumBench", "test", {}),
+    "mmsi": ("RunsenXu/MMSI-Bench", "test", {"image": "images"}),
+}
+
+
+def _mmzero(bench: str) -> TaskSpec:
+    source, split, fields = _MMZERO_DATA[bench]
+    return TaskSpec(name=f"mmzero_{bench}", data=f"hf:{source}", split=split, fields=fields,
+                    prompt=_MMZERO_PROMPT, answer="boxed", temperature=0.6, max_tokens=2048,
+                    description=f"{bench} under MM-Zero's protocol: T 0.6, last \\boxed{{}}")
+
+
+BUILTIN: dict[str, TaskSpec] = {t.name: t for t in [
+    TaskSpec(name="smoke", data="smoke", prompt="{question}{choices}\nAnswer inside \\boxed{{}}.",
+             max_tokens=32, description="built-in fixture drawn locally (no data needed)"),
+    TaskSpec(name="evolmm_chartqa", data="hf:HuggingFaceM4/ChartQA", split="test",
+             fields={"question": "query", "answer": "label"},
+             prompt="{question}\nAnswer the question using a single word or phrase.",
+             metric="relaxed", max_tokens=64,
+             description="ChartQA, relaxed accuracy (numbers within 5%), greedy"),
+    *(_mmzero(b) for b in _MMZERO_DATA),
+]}
+
+
+def resolve_task(name: str) -> TaskSpec:
+    """A built-in task, ``jsonl:PATH``, or a YAML file of TaskSpec fields."""
+    if name in BUILTIN:
+        return BUILTIN[name]
+    if name.startswith("jsonl:"):
+        path = Path(name[len("jsonl:"):])
+        return TaskSpec(name=path.stem, data=f"jsonl:{path.resolve()}")
+    if name.endswith((".yaml", ".yml")):
+        return _task_file(Path(name))
+    raise ValueError(f"unknown task {name!r}: use one of {sorted(BUILTIN)}, jsonl:PATH, "
+                     "a task YAML file, or lmms:<task> for lmms-eval's tasks")
+
+
+def _task_file(path: Path) -> TaskSpec:
+    from pipelines.config_yaml import ConfigError, _load_file
+
+    raw = _load_file(path)
+    names = {f.name for f in dataclasses.fields(TaskSpec)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ConfigError(f"{path}: unknown task field(s) {sorted(map(str, unknown))[:5]}; "
+                          f"fields are {sorted(names)}")
+    raw.setdefault("name", path.stem)
+    if "pass_at" in raw:
+        raw["pass_at"] = tuple(raw["pass_at"])
+    data = str(raw.get("data", ""))
+    if data.startswith("jsonl:") and not Path(data[6:]).is_absolute():
+        raw["data"] = f"jsonl:{(path.parent / data[6:]).resolve()}"
+    try:
+        return TaskSpec(**raw)
+    except TypeError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+# ------------------------------------------------------------------ the fixture
+
+def smoke_fixture(root: str | Path | None = None) -> Path:
+    """The ``smoke`` task's data, drawn once into the model cache: 8 circle-counting
+    images and 4 items with tricky answer formats (thousands, percent, fraction,
+    multiple choice). Deterministic; returns the jsonl path."""
+    from actors.tiny import cache_root
+
+    root = Path(root) if root is not None else cache_root().parent / "eval-smoke-v1"
+    path = root / "smoke.jsonl"
+    if path.is_file():
+        return path
+    rows = []
+    for i in range(8):
+        count = 1 + (i * 3) % 5
+        name = f"img/circles-{i}.png"
+        _save(_circles(count, seed=i), root / name)
+        rows.append({"id": f"count-{i}", "question": "How many circles are in the image?",
+                     "answer": str(count), "image": name})
+    tricky = [("What is 25 times 40?", "1,000", []),
+              ("What share of the bar is filled?", "50%", []),
+              ("What is one divided by two?", "\\frac{1}{2}", []),
+              ("Which shape is drawn?", "B", ["square", "circle", "triangle"])]
+    for i, (question, answer, choices) in enumerate(tricky):
+        name = f"img/tricky-{i}.png"
+        _save(_circles(1 + i, seed=100 + i), root / name)
+        row = {"id": f"tricky-{i}", "question": question, "answer": answer, "image": name}
+        if choices:
+            row["choices"] = choices
+        rows.append(row)
+    return write_jsonl(path, rows)
+
+
+def _circles(count: int, seed: int) -> bytes:
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (96, 72), "white")
+    draw = ImageDraw.Draw(image)
+    for k in range(count):
+        x, y = 12 + 16 * k, 20 + int(rng.integers(0, 30))
+        draw.ellipse([x, y, x + 12, y + 12], fill=tuple(int(c) for c in rng.integers(0, 200, 3)))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _save(data: bytes, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
