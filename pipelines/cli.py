@@ -100,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("target", help="runs/<name>, an hf/ folder, a peft adapter folder, a hub id "
                                    "or tiny://...")
     ev.add_argument("--tasks", nargs="+", help="built-in task names, jsonl:PATH, task YAML files, "
-                                               "or smoke (default: the recipe's benchmarks)")
+                                               "smoke, or lmms:<task> for lmms-eval's tasks "
+                                               "(default: the recipe's benchmarks)")
+    ev.add_argument("--lmms-include", help="folder of extra lmms-eval task YAML files")
     ev.add_argument("--data-dir", help="folder with <task>.jsonl or <task>/ (datasets) copies")
     ev.add_argument("--out", help="results folder (default: RUN_DIR/eval, or ./eval)")
     ev.add_argument("--engines", type=int, default=1, help="engines (data parallel)")
@@ -203,18 +205,20 @@ def _export(args) -> int:
 
 def _eval(args) -> int:
     from pipelines.eval import report
-    from pipelines.eval.harness import resolve_target, resolve_tasks, run_eval
+    from pipelines.eval.harness import lmms_tasks, resolve_target, resolve_tasks, run_eval
     from pipelines.runtime.local_ray import ray_session
 
     if args.engines < 1:
         raise ValueError(f"--engines must be at least 1, got {args.engines}")
     target = resolve_target(args.target, args.out)
     tasks, items = resolve_tasks(args.tasks, target, args.data_dir, args.limit)
+    lmms = lmms_tasks(args.tasks, target)
     print(f"evaluating {', '.join(m.label for m in target.models)} on "
-          f"{', '.join(t.name for t in tasks)} -> {target.out}")
+          f"{', '.join([t.name for t in tasks] + [f'lmms:{n}' for n in lmms])} -> {target.out}")
     with ray_session(num_cpus=max(os.cpu_count() or 1, args.engines + 1)):
         run_eval(target, tasks, items, engines=args.engines, judge_model=args.judge,
-                 data_dir=args.data_dir, max_tokens=args.max_tokens)
+                 data_dir=args.data_dir, max_tokens=args.max_tokens, lmms=lmms,
+                 lmms_include=args.lmms_include, limit=args.limit)
     print(report.table(report.load_summary(target.out)))
     print(f"plot: {target.out / 'comparison.png'}")
     return 0

@@ -36,6 +36,10 @@ class DataError(ValueError):
     """A data set that cannot be used as it is; the message names the file and the rows."""
 
 
+class _BadRow(Exception):
+    """One row that is not an item (collected with its line number)."""
+
+
 @dataclass
 class Item:
     id: str
@@ -80,7 +84,7 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[Item]:
             try:
                 item = _row(json.loads(line) if len(line) <= MAX_LINE_CHARS else None,
                             number, path.parent)
-            except (ValueError, TypeError) as err:
+            except (_BadRow, ValueError) as err:  # ValueError: not JSON
                 problems.append(f"line {number}: {err}")
                 continue
             if item.id in seen:
@@ -101,38 +105,38 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[Item]:
 
 def _row(row: Any, number: int, root: Path) -> Item:
     if row is None:
-        raise ValueError(f"line longer than {MAX_LINE_CHARS} characters")
+        raise _BadRow(f"line longer than {MAX_LINE_CHARS} characters")
     if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        raise _BadRow(f"expected a JSON object, got {type(row).__name__}")
     unknown = set(row) - {"question", "answer", "image", "id", "choices", "solution"}
     if unknown:
-        raise ValueError(f"unknown field(s) {sorted(unknown)[:5]}")
+        raise _BadRow(f"unknown field(s) {sorted(unknown)[:5]}")
     question, answer = row.get("question"), row.get("answer")
     if not isinstance(question, str) or not question.strip():
-        raise ValueError("'question' must be a non-empty string")
+        raise _BadRow("'question' must be a non-empty string")
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or str(answer) == "":
-        raise ValueError("'answer' must be a non-empty string or a number")
+        raise _BadRow("'answer' must be a non-empty string or a number")
     images = row.get("image", [])
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-        raise ValueError("'image' must be a path or a list of paths")
+        raise _BadRow("'image' must be a path or a list of paths")
     resolved = []
     for name in images:
         image = (root / name).resolve()
         if not image.is_file():
-            raise ValueError(f"image {name!r} not found next to the file")
+            raise _BadRow(f"image {name!r} not found next to the file")
         resolved.append(str(image))
     choices = row.get("choices", [])
     if not isinstance(choices, list) or not all(isinstance(c, (str, int, float)) for c in choices):
-        raise ValueError("'choices' must be a list of strings")
+        raise _BadRow("'choices' must be a list of strings")
     if len(choices) > len(LETTERS):
-        raise ValueError(f"more than {len(LETTERS)} choices")
+        raise _BadRow(f"more than {len(LETTERS)} choices")
     item_id = row.get("id", number)
     if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
-        raise ValueError("'id' must be a string or an integer")
+        raise _BadRow("'id' must be a string or an integer")
     solution = row.get("solution")
     if solution is not None and not isinstance(solution, str):
-        raise ValueError("'solution' must be a string")
+        raise _BadRow("'solution' must be a string")
     return Item(id=str(item_id), question=question, answer=str(answer), images=resolved,
                 choices=[str(c) for c in choices], solution=solution)
 
@@ -163,14 +167,34 @@ def read_hf(source: str, split: str, fields: dict[str, str] | None = None,
             break
         image = row.get(names["image"])
         images = image if isinstance(image, list) else [image] if image is not None else []
-        choices = row.get(names["choices"]) or []
-        items.append(Item(id=str(row.get(names["id"], index)), question=str(row[names["question"]]),
-                          answer=str(row[names["answer"]]),
-                          images=[_encode(im) for im in images],
-                          choices=[str(c) for c in choices]))
+        try:
+            question, answer = row[names["question"]], _first(row[names["answer"]])
+        except KeyError as err:
+            raise DataError(f"{source} ({split}): no column {err} (columns: "
+                            f"{sorted(row)[:12]}); map it with the task's fields") from None
+        items.append(Item(id=str(row.get(names["id"], index)), question=str(question),
+                          answer=str(answer), images=[_encode(im) for im in images],
+                          choices=[str(c) for c in _choices(row.get(names["choices"]))]))
     if not items:
         raise DataError(f"{source} ({split}): no items")
     return items
+
+
+def _first(answer: Any) -> Any:
+    """ChartQA-style labels are one-element lists."""
+    return answer[0] if isinstance(answer, list) and len(answer) == 1 else answer
+
+
+def _choices(value: Any) -> list:
+    """Options as a list; MMMU keeps them as the text of a Python list."""
+    import ast
+
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = ast.literal_eval(value.strip()[:100_000])
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return []
+    return list(value) if isinstance(value, (list, tuple)) else []
 
 
 def _encode(image: Any) -> bytes:

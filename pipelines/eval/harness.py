@@ -8,6 +8,10 @@ files, ``smoke``) or from the recipe's ``benchmarks``; all their data must be
 available before any engine starts, else the command fails with the list of
 what is missing (no silent fallback).
 
+One pool evaluates all the models of a run: after the first, each model's
+weights are loaded into the live engines (the weight-sync path, seconds)
+instead of starting new engines (minutes for a large model on a GPU).
+
 Results go to ``RUN_DIR/eval/`` (or ``--out``): per (task, model) parquet,
 ``summary.parquet``, ``comparison.png``; the table is printed.
 """
@@ -93,14 +97,15 @@ def _run_target(run_dir: Path, out: str | None) -> Target:
 
 def resolve_tasks(names: Sequence[str] | None, target: Target, data_dir: str | None,
                   limit: int | None = None) -> tuple[list[TaskSpec], dict[str, list[Item]]]:
-    """The tasks and their items; ValueError naming every task whose data is missing."""
+    """coevolve's own tasks and their items; ValueError naming every task whose data is
+    missing. ``lmms:<task>`` names are left out (see ``lmms_tasks``)."""
     import dataclasses
 
     names = list(names or target.benchmarks)
     if not names:
         raise ValueError(f"recipe {target.recipe or '(none)'} names no benchmarks: pass --tasks "
-                         "(smoke, jsonl:PATH, a task YAML file, or a built-in task)")
-    tasks = [resolve_task(n) for n in names]
+                         "(smoke, jsonl:PATH, a task YAML file, a built-in task or lmms:<task>)")
+    tasks = [resolve_task(n) for n in names if not n.startswith(LMMS_PREFIX)]
     if limit is not None:
         tasks = [dataclasses.replace(t, limit=limit) for t in tasks]
     items, missing = {}, []
@@ -116,11 +121,23 @@ def resolve_tasks(names: Sequence[str] | None, target: Target, data_dir: str | N
     return tasks, items
 
 
+LMMS_PREFIX = "lmms:"
+
+
+def lmms_tasks(names: Sequence[str] | None, target: Target) -> list[str]:
+    """The lmms-eval task names among ``names`` (``lmms:chartqa`` -> ``chartqa``)."""
+    return [n[len(LMMS_PREFIX):] for n in (names or target.benchmarks)
+            if n.startswith(LMMS_PREFIX)]
+
+
 def run_eval(target: Target, tasks: Sequence[TaskSpec], items: dict[str, list[Item]], *,
              engines: int = 1, judge_model: str | None = None, data_dir: str | None = None,
              max_tokens: int | None = None, chunk_items: int = 32,
+             lmms: Sequence[str] = (), lmms_include: str | None = None,
+             limit: int | None = None,
              on_chunk: Callable[[str, int], None] | None = None) -> list[dict]:
-    """Evaluate every model of ``target`` on ``tasks``; one pool per model, one judge pool."""
+    """Evaluate every model of ``target`` on ``tasks`` and on the lmms-eval tasks ``lmms``
+    (through the plugin, on the same pool); one pool for all models, one judge pool."""
     from pipelines.eval import report
     from pipelines.eval.judge import Judge
 
@@ -129,27 +146,75 @@ def run_eval(target: Target, tasks: Sequence[TaskSpec], items: dict[str, list[It
     if judge_model:
         judge_pool = start_pool(target.cfg, "judge", judge_model, engines=1)
         judge = Judge(judge_pool)
-    rows = []
+    rows, pool, served = [], None, None
     try:
         for model in target.models:
-            pool = start_pool(target.cfg, "eval", model.path, engines=engines,
-                              lora=model.adapter is not None)
-            try:
-                adapter = None
-                if model.adapter:
-                    pool.load_adapter("eval", read_adapter(model.adapter), version=0)
-                    adapter = "eval"
-                rows += evaluate_model(pool, model, tasks, target.out, judge=judge,
-                                       data_dir=data_dir, run_seed=target.cfg.run.seed,
-                                       chunk_items=chunk_items, max_tokens=cap, adapter=adapter,
-                                       items=items, on_chunk=on_chunk)
-            finally:
-                pool.shutdown()
+            if pool is not None and model.adapter is None and same_architecture(served, model.path):
+                # A run's iterations share the base's architecture: load the next weights
+                # into the live engines (the weight-sync path) instead of restarting them.
+                pool.update_weights(read_weights(model.path), version=pool.version + 1)
+            else:
+                if pool is not None:
+                    pool.shutdown()
+                pool = start_pool(target.cfg, "eval", model.path, engines=engines,
+                                  lora=model.adapter is not None)
+            served = None if model.adapter else model.path
+            adapter = None
+            if model.adapter:
+                pool.load_adapter("eval", read_adapter(model.adapter), version=0)
+                adapter = "eval"
+            rows += evaluate_model(pool, model, tasks, target.out, judge=judge,
+                                   data_dir=data_dir, run_seed=target.cfg.run.seed,
+                                   chunk_items=chunk_items, max_tokens=cap, adapter=adapter,
+                                   items=items, on_chunk=on_chunk)
+            if lmms:
+                rows += run_lmms(pool, model, lmms, target.out, adapter=adapter,
+                                 include_path=lmms_include, limit=limit,
+                                 seed=target.cfg.run.seed)
     finally:
-        if judge_pool is not None:
-            judge_pool.shutdown()
+        for p in (pool, judge_pool):
+            if p is not None:
+                p.shutdown()
     summary = report.load_summary(target.out)
     report.plot(summary, target.out / "comparison.png")
+    return rows
+
+
+def run_lmms(pool, model: Model, names: Sequence[str], out: Path, *, adapter: str | None,
+             include_path: str | None, limit: int | None, seed: int) -> list[dict]:
+    """lmms-eval's own tasks on the live pool; its results JSON per (task, model) is kept
+    as ``lmms-<task>-<model>.json`` (a finished one is not run again)."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from pipelines.eval.lmms_model import CoevolveLMM
+    from pipelines.eval.runner import write_summary
+
+    lm = CoevolveLMM.on_pool(pool, adapter=adapter, seed=seed)
+    rows = []
+    for name in names:
+        path = out / f"lmms-{name}-{model.label}.json"
+        if not path.is_file():
+            found = simple_evaluate(model=lm, tasks=[name], limit=limit, log_samples=True,
+                                    task_manager=TaskManager(include_path=include_path))
+            if not found or name not in found.get("results", {}):
+                raise RuntimeError(f"lmms-eval returned no results for task {name!r} (see "
+                                   "its log above)")
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(found, indent=1, default=str))
+            tmp.replace(path)
+        metrics = json.loads(path.read_text())["results"][name]
+        value = next((v for k, v in metrics.items() if isinstance(v, (int, float))
+                      and "stderr" not in k), None)
+        rows.append({"task": f"lmms:{name}", "model": model.label, "path": model.path,
+                     "adapter": model.adapter, "iteration": model.iteration,
+                     "items": json.loads(path.read_text()).get("n-samples", {}).get(
+                         name, {}).get("effective"),
+                     "accuracy": float(value) if value is not None else float("nan"),
+                     "metric": next((k for k in metrics if "stderr" not in k and k != "alias"),
+                                    None)})
+    write_summary(out, rows)
     return rows
 
 
@@ -169,6 +234,43 @@ def start_pool(cfg, role: str, model: str, engines: int = 1, lora: bool = False)
     threads = max(1, (os.cpu_count() or 1) // engines)
     return GeneratorPool(role, spec, engines, resources={"num_cpus": 1}, run=cfg.run.name,
                          threads=threads)
+
+
+def same_architecture(a: str | None, b: str) -> bool:
+    """Whether the model folders ``a`` and ``b`` hold the same architecture and shapes
+    (their config.json equal but for names and dtype), so weights of one load into the other."""
+    from actors.models import resolve_model
+
+    if a is None:
+        return False
+    try:
+        ca, cb = (json.loads((Path(resolve_model(x)) / "config.json").read_text()) for x in (a, b))
+    except (OSError, ValueError):
+        return False
+    ignore = {"_name_or_path", "name_or_path", "torch_dtype", "dtype", "transformers_version"}
+    return ({k: v for k, v in ca.items() if k not in ignore}
+            == {k: v for k, v in cb.items() if k not in ignore})
+
+
+def read_weights(folder: str | Path) -> list:
+    """The safetensors weights of a model folder as buckets for ``GeneratorPool.update_weights``
+    (the saved names, which the engines accept as they accept the trainer's)."""
+    from safetensors import safe_open
+
+    from actors.models import resolve_model
+    from actors.weights import make_buckets
+
+    files = sorted(Path(resolve_model(str(folder))).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+
+    def tensors():
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    yield name, f.get_tensor(name)
+
+    return make_buckets(tensors())
 
 
 def read_adapter(folder: str | Path) -> dict:

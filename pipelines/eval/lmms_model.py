@@ -70,11 +70,23 @@ class CoevolveLMM(lmms):
             self.pool.load_adapter("eval", read_adapter(adapter), version=0)
             self.adapter = "eval"
 
+    @classmethod
+    def on_pool(cls, pool, adapter: str | None = None, seed: int = 0,
+                batch_size: int = 64) -> CoevolveLMM:
+        """The model on a pool someone else owns (``coevolve eval --tasks lmms:<task>``):
+        closing it leaves the pool running."""
+        self = cls.__new__(cls)
+        lmms.__init__(self)
+        self.pool, self.adapter, self.seed = pool, adapter, seed
+        self.batch_size_per_gpu = batch_size
+        self._session, self._owns_pool = None, False
+        return self
+
     def close(self) -> None:
         import ray
 
         pool, self.pool = getattr(self, "pool", None), None
-        if pool is not None and ray.is_initialized():
+        if pool is not None and getattr(self, "_owns_pool", True) and ray.is_initialized():
             pool.shutdown()
         if getattr(self, "_session", None) is not None:
             self._session.close()

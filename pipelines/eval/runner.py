@@ -6,7 +6,8 @@ them), every item with its own seed (``TaskSpec.seed``: the same answer on one
 engine or several). Each finished chunk is written atomically to
 ``OUT/.parts/<task>-<model>/part-NNNNN.parquet``; when all are there they are
 joined into ``OUT/<task>-<model>.parquet`` and the parts removed. An
-interrupted evaluation started again skips every finished file and chunk.
+interrupted evaluation started again skips every finished file, and every item
+a saved part holds (whatever the chunk size then and now).
 
 With a judge pool, every response is also shown to the judge (``judge.py``);
 an answer counts when the rule grader or the judge accepts it, and the
@@ -77,7 +78,18 @@ def evaluate_model(pool, model: Model, tasks: Sequence[TaskSpec], out: Path, *,
     """
     from pipelines.algorithms.grading import Grader
 
+    own = grader is None
     grader = grader or Grader()
+    try:
+        return _evaluate(pool, model, tasks, out, grader, judge, data_dir, run_seed,
+                         chunk_items, max_tokens, adapter, items, on_chunk)
+    finally:
+        if own:
+            grader.close()
+
+
+def _evaluate(pool, model, tasks, out, grader, judge, data_dir, run_seed, chunk_items,
+              max_tokens, adapter, items, on_chunk) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for task in tasks:
@@ -100,29 +112,32 @@ def evaluate_model(pool, model: Model, tasks: Sequence[TaskSpec], out: Path, *,
 
 def _run_task(pool, model, task, items, out, grader, judge, run_seed, chunk_items,
               max_tokens, adapter, progress, on_chunk) -> pa.Table:
+    """Ask the items no earlier part holds, a chunk per part; join all parts in item order."""
     parts = out / ".parts" / f"{task.name}-{model.label}"
     parts.mkdir(parents=True, exist_ok=True)
-    chunks = [items[i:i + chunk_items] for i in range(0, len(items), chunk_items)]
-    tables = []
-    for index, chunk in enumerate(chunks):
+    tables = [pq.read_table(p) for p in sorted(parts.glob("part-*.parquet"))]
+    done = {i for t in tables for i in t.column("item_id").to_pylist()}
+    todo = [item for item in items if item.id not in done]
+    progress.reused = len(items) - len(todo)
+    chunks = [todo[i:i + chunk_items] for i in range(0, len(todo), chunk_items)]
+    for k, chunk in enumerate(chunks):
+        index = len(tables)
+        start = time.perf_counter()
+        table = _run_chunk(pool, model, task, chunk, grader, judge, run_seed, max_tokens,
+                           adapter, progress)
         path = parts / f"part-{index:05d}.parquet"
-        if path.is_file():
-            table = pq.read_table(path)
-            progress.reused += len(chunk)
-            progress.skipped += len(chunk) - len(set(table.column("item_id").to_pylist()))
-        else:
-            start = time.perf_counter()
-            table = _run_chunk(pool, model, task, chunk, grader, judge, run_seed, max_tokens,
-                               adapter, progress)
-            tmp = path.with_name(f".{path.name}.tmp")
-            pq.write_table(table, tmp)
-            tmp.replace(path)
-            logger.info("%s on %s: chunk %d/%d (%d items) in %.1f s", task.name, model.label,
-                        index + 1, len(chunks), len(chunk), time.perf_counter() - start)
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)
         tables.append(table)
+        logger.info("%s on %s: chunk %d/%d (%d items) in %.1f s", task.name, model.label,
+                    k + 1, len(chunks), len(chunk), time.perf_counter() - start)
         if on_chunk is not None:
             on_chunk(task.name, index)
-    table = pa.concat_tables(tables) if tables else _empty()
+    order = {item.id: n for n, item in enumerate(items)}
+    rows = sorted((r for t in tables for r in t.to_pylist() if r["item_id"] in order),
+                  key=lambda r: (order[r["item_id"]], r["sample"]))
+    table = pa.Table.from_pylist(rows, schema=_SCHEMA) if rows else _empty()
     final = out / f"{task.name}-{model.label}.parquet"
     tmp = final.with_name(f".{final.name}.tmp")
     pq.write_table(table, tmp)
@@ -157,7 +172,8 @@ def _run_chunk(pool, model, task, chunk, grader, judge, run_seed, max_tokens, ad
                             "sample": j, "question": item.question, "reference": item.answer,
                             "response": c.text, "extracted": pred, "rule_correct": rule,
                             "judge_correct": None, "correct": rule,
-                            "tokens": len(c.token_ids), "finish_reason": c.finish_reason,
+                            "tokens": len(c.token_ids), "logprob": float(sum(c.logprobs)),
+                            "finish_reason": c.finish_reason,
                             "seed": task.seed(item, run_seed), "version": c.version})
     if judge is not None and records:
         verdicts = judge.judge([(r["question"], r["reference"], r["response"]) for r in records])
@@ -172,7 +188,7 @@ _SCHEMA = pa.schema([
     ("sample", pa.int32()), ("question", pa.string()), ("reference", pa.string()),
     ("response", pa.string()), ("extracted", pa.string()), ("rule_correct", pa.bool_()),
     ("judge_correct", pa.bool_()), ("correct", pa.bool_()), ("tokens", pa.int32()),
-    ("finish_reason", pa.string()), ("seed", pa.int64()), ("version", pa.int64())])
+    ("logprob", pa.float64()), ("finish_reason", pa.string()), ("seed", pa.int64()), ("version", pa.int64())])
 
 
 def _empty() -> pa.Table:
