@@ -282,9 +282,16 @@ def test_an_interrupted_evaluation_resumes_without_recomputing(tmp_path):
     # a finished file is reused whole
     [again] = evaluate_model(pool, model, [task], tmp_path, items={"t": _items(10)})
     assert len(pool.asked) == 10 and again["reused"] == 10 and again["computed"] == 0
+    # more items later (a larger --limit): only the new ones are asked; fewer: the file
+    # keeps every row, the summary counts the requested items
+    [more] = evaluate_model(pool, model, [task], tmp_path, items={"t": _items(12)})
+    assert len(pool.asked) == 12 and (more["computed"], more["reused"]) == (2, 10)
+    [fewer] = evaluate_model(pool, model, [task], tmp_path, items={"t": _items(3)})
+    assert len(pool.asked) == 12 and (fewer["items"], fewer["accuracy"]) == (3, 1.0)
+    assert pq.read_table(tmp_path / "t-m.parquet").num_rows == 24
     # seeds are per item: the same item gets the same seed whatever the chunking
     seeds = dict(pool.asked)
-    assert seeds["q5"] == task.seed(_items(10)[5]) and len(set(seeds.values())) == 10
+    assert seeds["q5"] == task.seed(_items(10)[5]) and len(set(seeds.values())) == 12
 
 
 def test_undecodable_images_are_skipped_and_counted(tmp_path):

@@ -93,15 +93,10 @@ def _evaluate(pool, model, tasks, out, grader, judge, data_dir, run_seed, chunk_
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for task in tasks:
-        final = out / f"{task.name}-{model.label}.parquet"
         progress = Progress()
-        if final.is_file():
-            table = pq.read_table(final)
-            progress.reused = len(set(table.column("item_id").to_pylist()))
-        else:
-            loaded = items[task.name] if items and task.name in items else task.load(data_dir)
-            table = _run_task(pool, model, task, loaded, out, grader, judge, run_seed,
-                              chunk_items, max_tokens, adapter, progress, on_chunk)
+        loaded = items[task.name] if items and task.name in items else task.load(data_dir)
+        table = _run_task(pool, model, task, loaded, out, grader, judge, run_seed,
+                          chunk_items, max_tokens, adapter, progress, on_chunk)
         rows.append(summarize(task, model, table, progress))
         logger.info("%s on %s: accuracy %.3f over %d items (%d computed, %d reused, "
                     "%d skipped)", task.name, model.label, rows[-1]["accuracy"],
@@ -112,16 +107,26 @@ def _evaluate(pool, model, tasks, out, grader, judge, data_dir, run_seed, chunk_
 
 def _run_task(pool, model, task, items, out, grader, judge, run_seed, chunk_items,
               max_tokens, adapter, progress, on_chunk) -> pa.Table:
-    """Ask the items no earlier part holds, a chunk per part; join all parts in item order."""
+    """Ask the items that neither the task's results file nor a saved part holds, a chunk
+    per part; then the results file holds every row (earlier ones included, e.g. items
+    beyond a smaller --limit), and the returned table the rows of ``items``, in order."""
     parts = out / ".parts" / f"{task.name}-{model.label}"
-    parts.mkdir(parents=True, exist_ok=True)
-    tables = [pq.read_table(p) for p in sorted(parts.glob("part-*.parquet"))]
+    final = out / f"{task.name}-{model.label}.parquet"
+    earlier = [pq.read_table(final)] if final.is_file() else []
+    saved = sorted(parts.glob("part-*.parquet")) if parts.is_dir() else []
+    tables = earlier + [pq.read_table(p) for p in saved]
     done = {i for t in tables for i in t.column("item_id").to_pylist()}
     todo = [item for item in items if item.id not in done]
     progress.reused = len(items) - len(todo)
+    order = {item.id: n for n, item in enumerate(items)}
+    if not todo and not saved:
+        rows = [r for r in earlier[0].to_pylist() if r["item_id"] in order] if earlier else []
+        rows.sort(key=lambda r: (order[r["item_id"]], r["sample"]))
+        return pa.Table.from_pylist(rows, schema=_SCHEMA) if rows else _empty()
+    parts.mkdir(parents=True, exist_ok=True)
     chunks = [todo[i:i + chunk_items] for i in range(0, len(todo), chunk_items)]
     for k, chunk in enumerate(chunks):
-        index = len(tables)
+        index = len(tables) - len(earlier)
         start = time.perf_counter()
         table = _run_chunk(pool, model, task, chunk, grader, judge, run_seed, max_tokens,
                            adapter, progress)
@@ -134,16 +139,19 @@ def _run_task(pool, model, task, items, out, grader, judge, run_seed, chunk_item
                     k + 1, len(chunks), len(chunk), time.perf_counter() - start)
         if on_chunk is not None:
             on_chunk(task.name, index)
-    order = {item.id: n for n, item in enumerate(items)}
-    rows = sorted((r for t in tables for r in t.to_pylist() if r["item_id"] in order),
-                  key=lambda r: (order[r["item_id"]], r["sample"]))
-    table = pa.Table.from_pylist(rows, schema=_SCHEMA) if rows else _empty()
-    final = out / f"{task.name}-{model.label}.parquet"
+    # a row of an item can be both in the results file and in a part (a crash between
+    # writing the one and removing the other): keep one
+    every = list({(r["item_id"], r["sample"]): r
+                  for t in reversed(tables) for r in t.to_pylist()}.values())
+    rank = {item_id: n for n, item_id in enumerate(dict.fromkeys(r["item_id"] for r in every))}
+    every.sort(key=lambda r: (order.get(r["item_id"], len(order) + rank[r["item_id"]]),
+                              r["sample"]))
     tmp = final.with_name(f".{final.name}.tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(pa.Table.from_pylist(every, schema=_SCHEMA) if every else _empty(), tmp)
     tmp.replace(final)
     shutil.rmtree(parts, ignore_errors=True)
-    return table
+    rows = [r for r in every if r["item_id"] in order]
+    return pa.Table.from_pylist(rows, schema=_SCHEMA) if rows else _empty()
 
 
 def _run_chunk(pool, model, task, chunk, grader, judge, run_seed, max_tokens, adapter,
