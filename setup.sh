@@ -76,17 +76,23 @@ else
 fi
 
 # ---- lmms-eval (the `coevolve` model plugin; COEVOLVE_LMMS_EVAL=0 skips it) ------
-# lmms-eval pins latex2sympy2, whose antlr4 runtime (4.7.2) clashes with the one
-# math-verify>=0.8 needs (coevolve's grader): pip would resolve the clash by
-# downgrading math-verify to 0.1. So lmms-eval goes in first and math-verify is
-# restored after it. What this costs: lmms-eval's MathVision utilities, the only
-# ones importing latex2sympy2, cannot parse LaTeX (docs/eval.md). lmms-eval 0.7.3
-# also imports filelock._api, which filelock 4 removed.
+# lmms-eval 0.7.3 pins latex2sympy2, which (a) needs the antlr4 runtime 4.7.2 while
+# math-verify>=0.8 (coevolve's grader) needs 4.13, so pip would downgrade math-verify to
+# 0.1, and (b) installs a top-level `tests` package that shadows every repository's
+# tests/ (ours: tests.user_recipe). Only lmms-eval's MathVision utilities import it. So:
+# install lmms-eval, remove latex2sympy2, restore math-verify. lmms-eval also imports
+# filelock._api, which filelock 4 removed. (docs/eval.md)
 if [ "$lmms" = 1 ]; then
   pip install -q "lmms-eval==${LMMS_EVAL_VERSION}" "filelock<4" \
     || die "could not install lmms-eval==${LMMS_EVAL_VERSION}"
+  if pip show -q latex2sympy2 >/dev/null 2>&1; then
+    pip uninstall -q -y latex2sympy2 || die "could not remove latex2sympy2 (see above)"
+  fi
   pip install -q "math-verify>=0.8" || die "could not restore math-verify>=0.8 after lmms-eval"
 fi
+site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+[ ! -e "$site/tests" ] || die "a package installed a top-level 'tests' package into $site \
+(it shadows this repository's tests/); find it with: grep -l '^tests/' $site/*.dist-info/RECORD"
 
 # ---- compatibility fixes, applied only when their failure is present ----------
 # Where only a CUDA build of torchvision can be installed next to CPU torch
