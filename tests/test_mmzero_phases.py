@@ -26,6 +26,7 @@ from pipelines.recipes.mmzero.examples import EXAMPLES
 from pipelines.recipes.mmzero.recipe import CodeGenPhase, MMZeroRecipe, ProposerPhase, SolverPhase
 from pipelines.recipes.mmzero.rewards import parse_proposal
 
+ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = [
     "run.recipe=mmzero", "mmzero.train_steps=3", "mmzero.max_tokens=64",
     "mmzero.judge_samples=2", "mmzero.eval_samples=4",
@@ -417,3 +418,11 @@ def test_solver_phase_prepare_score_finish(recipe, tmp_path):
         "codegen_kept": 1, "solver_kept": 3})
     assert entropy == pytest.approx(0.80205, abs=1e-5)
     assert (tmp_path / "iter_0001" / "coevo.png").read_bytes().startswith(PNG)
+
+
+def test_render_grace_is_the_originals_and_reaches_the_renderer(recipe):
+    """180 s for stragglers after a batch may stop early (the original's scripts); the tiny
+    preset shortens it; the recipe's renderer pool gets the configured value."""
+    assert load_config(None, []).mmzero.render_grace_s == 180.0
+    assert load_config(ROOT / "configs/mmzero/tiny-cpu.yaml", []).mmzero.render_grace_s == 3.0
+    assert recipe.renderer.config.grace_seconds == recipe.m.render_grace_s == 180.0

@@ -57,6 +57,10 @@ class MMZeroConfig:
            "example items (0 = off, the original's behaviour; for tiny random models that "
            "write nothing usable).", ge=0)
     render_seconds: float = param(30.0, "Wall-clock limit of one SVG render.", gt=0)
+    render_grace_s: float = param(
+        180.0, "Once a render batch may stop early (70% rendered or 90% finished), the "
+               "unfinished renders get this long before they are cancelled (the original's "
+               "180 s).", ge=0)
     render_workers: int = param(0, "SVG render processes (0 = one per CPU).", ge=0)
     image_side: int = param(1280, "Rendered images are downscaled to at most this side.", ge=16)
     samples_saved: int = param(16, "Rendered items saved per phase for a person to look at.", ge=0)

@@ -84,7 +84,8 @@ class MMZeroRecipe:
         if self._renderer is None:
             self._renderer = RendererPool(
                 RenderLimits(wall_seconds=self.m.render_seconds, max_output_side=self.m.image_side),
-                PoolConfig(num_workers=self.m.render_workers))
+                PoolConfig(num_workers=self.m.render_workers,
+                           grace_seconds=self.m.render_grace_s))
         return self._renderer
 
     def render(self, codes: list[str | None], early_stop: bool = True) -> list:
