@@ -423,6 +423,6 @@ def test_solver_phase_prepare_score_finish(recipe, tmp_path):
 def test_render_grace_is_the_originals_and_reaches_the_renderer(recipe):
     """180 s for stragglers after a batch may stop early (the original's scripts); the tiny
     preset shortens it; the recipe's renderer pool gets the configured value."""
-    assert load_config(None, []).mmzero.render_grace_s == 180.0
+    assert load_config(None, ["run.recipe=mmzero"]).mmzero.render_grace_s == 180.0
     assert load_config(ROOT / "configs/mmzero/tiny-cpu.yaml", []).mmzero.render_grace_s == 3.0
     assert recipe.renderer.config.grace_seconds == recipe.m.render_grace_s == 180.0
