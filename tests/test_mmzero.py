@@ -105,6 +105,19 @@ def test_one_iteration_resume_and_a_second_iteration(ray_cluster, tmp_path):
         assert ((run / "iter_0002" / phase / "hf/model.safetensors").read_bytes()
                 == (run / "iter_0001" / phase / "hf/model.safetensors").read_bytes())
     assert json.loads((run / "iter_0002/codegen/data.json").read_text())["metrics"]["kept"] == 0
+    # Which version judges and makes data (versions, not only roles): Proposer_2 is judged
+    # by CodeGen_1 and Solver_1; CodeGen_2 learns on Proposer_2's proposals, judged by
+    # Solver_1; the Solver's data come from Proposer_2 and CodeGen_2, its pseudo-labels
+    # from Solver_1 (its own starting weights).
+    served = {p: json.loads((run / "iter_0002" / p / "provenance.json").read_text())
+              for p in PHASES}
+    assert served == {
+        "proposer": {"proposer": "iter_0001/proposer/hf", "codegen": "iter_0001/codegen/hf",
+                     "solver": "iter_0001/solver/hf"},
+        "codegen": {"codegen": "iter_0001/codegen/hf", "proposer": "iter_0002/proposer/hf",
+                    "solver": "iter_0001/solver/hf"},
+        "solver": {"solver": "iter_0001/solver/hf", "proposer": "iter_0002/proposer/hf",
+                   "codegen": "iter_0002/codegen/hf"}}
     assert json.loads((run / "iter_0002/coevo.json").read_text())["iteration"] == 2
     text = render_status(run)
     assert "finished" in text and "iter_0002 co-evolution" in text

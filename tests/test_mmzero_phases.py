@@ -26,9 +26,10 @@ from pipelines.recipes.mmzero.examples import EXAMPLES
 from pipelines.recipes.mmzero.recipe import CodeGenPhase, MMZeroRecipe, ProposerPhase, SolverPhase
 from pipelines.recipes.mmzero.rewards import parse_proposal
 
+ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = [
     "run.recipe=mmzero", "mmzero.train_steps=3", "mmzero.max_tokens=64",
-    "mmzero.judge_samples=2", "mmzero.eval_samples=4",
+    "mmzero.judge_samples=2", "mmzero.eval_samples=4", "mmzero.judge_solver_n=4",
     "mmzero.proposer_batch=2", "mmzero.proposer_n=2",
     "mmzero.codegen_batch=4", "mmzero.codegen_n=4", "mmzero.codegen_proposals=4",
     "mmzero.codegen_filter_samples=2",
@@ -36,7 +37,10 @@ OVERRIDES = [
     "mmzero.batch_floor=1", "mmzero.image_side=64", "mmzero.render_workers=1",
     "mmzero.samples_saved=4",
 ]
-SPEC_SAMPLING = {"proposer": (1.0, 0.99), "codegen": (0.7, 0.95), "solver": (1.0, 0.99)}
+# (T, top_p, top_k) per role; "judge": the Solver scoring a Proposer's or CodeGen's image,
+# sampled as the original's Solver service (T 1.0, top_p 1.0, top_k 40)
+SPEC_SAMPLING = {"proposer": (1.0, 0.99, 0), "codegen": (0.7, 0.95, 0),
+                 "solver": (1.0, 0.99, 0), "judge": (1.0, 1.0, 40)}
 PNG = b"\x89PNG\r\n\x1a\n"
 SVG = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 64 48" width="64" height="48">'
        '<rect width="64" height="48" fill="white"/><rect x="8" y="8" width="20" height="30" '
@@ -87,10 +91,10 @@ class FakePool:
         out = []
         for req in requests:
             s = req.sampling
-            if (s.n, s.temperature, s.top_p) != (self.n, *SPEC_SAMPLING[self.role]):
+            if (s.n, s.temperature, s.top_p, s.top_k) != (self.n, *SPEC_SAMPLING[self.role]):
                 raise AssertionError(f"{self.role}: sampling {s} is not n={self.n}, "
-                                     f"(T, top_p)={SPEC_SAMPLING[self.role]}")
-            if self.role == "solver":
+                                     f"(T, top_p, top_k)={SPEC_SAMPLING[self.role]}")
+            if self.role in ("solver", "judge"):
                 assert len(req.images) == 1 and req.images[0].startswith(PNG)
             else:
                 assert req.images == [], f"{self.role} prompts are text-only"
@@ -190,7 +194,7 @@ def score_proposals(recipe, tmp_path, solver):
 
 
 def test_proposer_score_components(recipe, tmp_path):
-    scores, ctx = score_proposals(recipe, tmp_path, FakePool("solver", 4, lookup(PROPOSER_ANSWERS)))
+    scores, ctx = score_proposals(recipe, tmp_path, FakePool("judge", 4, lookup(PROPOSER_ANSWERS)))
     # content type over the 3 valid: data_chart 2/3 > 0.5 -> -0.15 * (2/3 - 0.5) / 0.5 = -0.05
     #   for A and D; geometry 1/3 -> 0 for C.
     # diversity: only the captions of A and D cluster (identical, distance 0); all other
@@ -314,7 +318,7 @@ def test_codegen_score_rewards_and_judge_is_the_solver(recipe, tmp_path):
     completions = FakePool("codegen", 4, lookup({
         "X hard": [VALID, BROKEN, EMPTY, NO_CODE], "Y hard": [VALID, VALID, NO_CODE, NOT_SVG],
     })).generate(requests)
-    solver = FakePool("solver", 4, lookup(CODEGEN_ANSWERS))
+    solver = FakePool("judge", 4, lookup(CODEGEN_ANSWERS))
     never = Forbidden("the CodeGen must not judge its own SVGs")
     ctx = make_ctx(tmp_path, phase, never, codegen=never, proposer=never, solver=solver)
     scores = phase.score(requests, completions, ctx)
@@ -417,3 +421,11 @@ def test_solver_phase_prepare_score_finish(recipe, tmp_path):
         "codegen_kept": 1, "solver_kept": 3})
     assert entropy == pytest.approx(0.80205, abs=1e-5)
     assert (tmp_path / "iter_0001" / "coevo.png").read_bytes().startswith(PNG)
+
+
+def test_render_grace_is_the_originals_and_reaches_the_renderer(recipe):
+    """180 s for stragglers after a batch may stop early (the original's scripts); the tiny
+    preset shortens it; the recipe's renderer pool gets the configured value."""
+    assert load_config(None, ["run.recipe=mmzero"]).mmzero.render_grace_s == 180.0
+    assert load_config(ROOT / "configs/mmzero/tiny-cpu.yaml", []).mmzero.render_grace_s == 3.0
+    assert recipe.renderer.config.grace_seconds == recipe.m.render_grace_s == 180.0

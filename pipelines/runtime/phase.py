@@ -84,14 +84,37 @@ class PhaseRunner:
         """The engines of ``role`` (its newest weights) for scoring or data making."""
         if role == self.phase.role:
             return self.pool
-        return self.engines.pool(role, self.weights(role), self.placement)
+        weights = self.weights(role)
+        self._record_provenance(role, weights)
+        return self.engines.pool(role, weights, self.placement)
+
+    def _own_pool(self):
+        self._record_provenance(self.phase.role, self.start_weights)
+        return self.engines.pool(self.phase.role, self.start_weights, self.placement)
+
+    def _record_provenance(self, role: str, weights: str) -> None:
+        """``provenance.json`` in the phase folder: which weights served each role the phase
+        sampled from (relative to the run directory), e.g. that MM-Zero's Proposer_i was
+        judged by CodeGen_{i-1} and Solver_{i-1}. The phase's own role: its starting weights."""
+        import json
+
+        from pipelines.runtime.rundir import atomic_write
+
+        path = Path(weights)
+        label = str(path.relative_to(self.run_dir)) if path.is_relative_to(self.run_dir) \
+            else weights
+        file = self.dir / "provenance.json"
+        known = json.loads(file.read_text()) if file.exists() else {}
+        if known.get(role) != label:
+            known[role] = label
+            atomic_write(file, json.dumps(known, indent=1, sort_keys=True))
 
     def __enter__(self) -> PhaseRunner:
         self.dir.mkdir(parents=True, exist_ok=True)
         timer = Timer()
         with timer("engines"):
             if not self.is_sft:  # an SFT phase samples nothing
-                self.pool = self.engines.pool(self.phase.role, self.start_weights, self.placement)
+                self.pool = self._own_pool()
             for role in getattr(self.phase, "uses", ()):  # judges: started here, not in a step
                 self.other_pool(role)
         prepare = getattr(self.phase, "prepare", None)
@@ -108,7 +131,7 @@ class PhaseRunner:
         serve the phase's ``data_roles``; no trainer group is started."""
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.phase.role in getattr(self.phase, "data_roles", ()):
-            self.pool = self.engines.pool(self.phase.role, self.start_weights, self.placement)
+            self.pool = self._own_pool()
         self.phase.prepare(self)
 
     def __exit__(self, *exc) -> None:

@@ -24,7 +24,16 @@ class MMZeroConfig:
     judge_samples: int = param(
         4, "k: SVGs the previous CodeGen writes per proposal to reward the Proposer.", ge=1)
     eval_samples: int = param(
-        10, "Solver answers per question for solvability and self-consistency.", ge=2)
+        10, "Solver answers per question when the Solver's data set is made (self-consistency "
+            "of the easy and hard questions; the pseudo-label).", ge=2)
+    judge_solver_n: int = param(
+        8, "Solver answers per question when the Solver judges a Proposer's or a CodeGen's "
+           "image (the original's Solver service: 8).", ge=2)
+    judge_top_p: float = param(
+        1.0, "Nucleus sampling of those judge answers (the original: 1.0, at temperature "
+             "solver_temperature).", gt=0, le=1)
+    judge_top_k: int = param(40, "Top-k of those judge answers (the original: 40; 0 = off).",
+                             ge=0)
     proposer_batch: int = param(18, "Proposer prompts (seed topics) per step.", ge=1)
     proposer_n: int = param(4, "Proposals sampled per prompt (GRPO group).", ge=2)
     proposer_temperature: float = param(1.0, "Proposer sampling temperature.", gt=0)
@@ -57,6 +66,10 @@ class MMZeroConfig:
            "example items (0 = off, the original's behaviour; for tiny random models that "
            "write nothing usable).", ge=0)
     render_seconds: float = param(30.0, "Wall-clock limit of one SVG render.", gt=0)
+    render_grace_s: float = param(
+        180.0, "Once a render batch may stop early (70% rendered or 90% finished), the "
+               "unfinished renders get this long before they are cancelled (the original's "
+               "180 s).", ge=0)
     render_workers: int = param(0, "SVG render processes (0 = one per CPU).", ge=0)
     image_side: int = param(1280, "Rendered images are downscaled to at most this side.", ge=16)
     samples_saved: int = param(16, "Rendered items saved per phase for a person to look at.", ge=0)

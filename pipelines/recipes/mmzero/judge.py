@@ -52,13 +52,20 @@ def write_svgs(pool, proposals, n: int, m, rng: np.random.Generator) -> list[lis
     return [[extract_svg(c.text) for c in samples] for samples in pool.generate(requests)]
 
 
-def ask_solver(pool, items: list[tuple[bytes, str, str, str]], n: int, m,
-               rng: np.random.Generator) -> list[Answers | None]:
-    """``items``: (png, easy question, easy answer, hard question) -> Answers per item."""
+def ask_solver(pool, items: list[tuple[bytes, str, str, str]], m,
+               rng: np.random.Generator, judge: bool) -> list[Answers | None]:
+    """``items``: (png, easy question, easy answer, hard question) -> Answers per item.
+
+    ``judge``: the Solver scores a Proposer's or a CodeGen's image (``judge_solver_n``
+    answers at ``judge_top_p`` / ``judge_top_k``, as the original's Solver service);
+    else it answers for the Solver's own data set (``eval_samples`` at ``solver_top_p``)."""
     if not items:
         return []
-    sampling = dict(n=n, temperature=m.solver_temperature, top_p=m.solver_top_p,
-                    max_tokens=m.max_tokens)
+    if judge:
+        sampling = {"n": m.judge_solver_n, "top_p": m.judge_top_p, "top_k": m.judge_top_k}
+    else:
+        sampling = {"n": m.eval_samples, "top_p": m.solver_top_p, "top_k": 0}
+    sampling.update(temperature=m.solver_temperature, max_tokens=m.max_tokens)
     requests = []
     for png, easy_q, _, hard_q in items:
         for question in (easy_q, hard_q):

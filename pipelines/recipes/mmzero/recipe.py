@@ -84,7 +84,8 @@ class MMZeroRecipe:
         if self._renderer is None:
             self._renderer = RendererPool(
                 RenderLimits(wall_seconds=self.m.render_seconds, max_output_side=self.m.image_side),
-                PoolConfig(num_workers=self.m.render_workers))
+                PoolConfig(num_workers=self.m.render_workers,
+                           grace_seconds=self.m.render_grace_s))
         return self._renderer
 
     def render(self, codes: list[str | None], early_stop: bool = True) -> list:
@@ -129,7 +130,7 @@ class ProposerPhase:
                     p = proposals[i]
                     items.append((result.png, p.easy_question, p.easy_answer, p.hard_question))
                     owners.append((i, s))
-        answers = ask_solver(ctx.other_pool("solver"), items, m.eval_samples, m, rng)
+        answers = ask_solver(ctx.other_pool("solver"), items, m, rng, judge=True)
         for (i, s), a in zip(owners, answers):
             judgements[i][s] = SampleJudgement(
                 rendered=True, solv=a.solvability if a else None,
@@ -217,8 +218,8 @@ class CodeGenPhase:
         items = [(renders[i].png, proposals[owner[i]].easy_question,
                   proposals[owner[i]].easy_answer, proposals[owner[i]].hard_question)
                  for i in rendered]
-        answers = dict(zip(rendered, ask_solver(ctx.other_pool("solver"), items,
-                                                 m.eval_samples, m, rng)))
+        answers = dict(zip(rendered, ask_solver(ctx.other_pool("solver"), items, m, rng,
+                                                 judge=True)))
         flat = []
         for i, (code, result) in enumerate(zip(codes, renders)):
             a = answers.get(i)
@@ -273,7 +274,7 @@ class SolverPhase:
         rendered = [(i, r) for i, r in zip(parsed, renders) if r.ok]
         answers = ask_solver(ctx.pool, [(r.png, proposals[i].easy_question,
                                          proposals[i].easy_answer, proposals[i].hard_question)
-                                        for i, r in rendered], m.eval_samples, m, rng)
+                                        for i, r in rendered], m, rng, judge=False)
         funnel = [coevo.FunnelItem(parsed=p is not None, content_type=p and p.content_type)
                   for p in proposals]
         for i, code in zip(parsed, (g[0] for g in svgs)):
