@@ -359,6 +359,50 @@ def test_per_item_seeds_give_the_same_results_on_one_and_two_engines(ray_cluster
         assert mismatch == 0.0
 
 
+@pytest.mark.slow
+def test_a_peft_adapter_folder_is_served_on_the_base_it_names(engines, tmp_path):
+    """`coevolve eval ADAPTER_FOLDER`: the base model from adapter_config.json with the
+    adapter loaded into a LoRA engine; its answers differ from the base model's (the
+    session's plain engine asked the same greedy requests)."""
+    import dataclasses
+
+    import ray
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from actors.generator import Request, Sampling
+    from actors.models import resolve_model
+    from actors.trainer import _language_targets
+    from pipelines.cli import main
+
+    base = resolve_model("tiny://qwen2.5-vl")
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(
+        r=8, lora_alpha=16, target_modules=_language_targets(model, ["q_proj", "v_proj"])))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "out"
+    assert main(["eval", str(tmp_path / "adapter"), "--tasks", "smoke", "--limit", "4",
+                 "--max-tokens", "8", "--out", str(out)]) == 0
+    [row] = report.load_summary(out)
+    assert (row["model"], row["adapter"], row["path"], row["items"]) == (
+        "adapter", str(tmp_path / "adapter"), base, 4)
+    with_adapter = pq.read_table(out / "smoke-adapter.parquet").to_pylist()
+    task = dataclasses.replace(BUILTIN["smoke"], limit=4)
+    items = task.load()
+    requests = [Request(task.messages(i), images=i.image_bytes(), sampling=Sampling(
+        n=1, temperature=0.0, max_tokens=8, seed=task.seed(i))) for i in items]
+    plain = ray.get(engines("qwen2.5-vl").generate.remote(requests))
+    assert [r["item_id"] for r in with_adapter] == [i.id for i in items]
+    assert all(abs(r["logprob"] - sum(p[0].logprobs)) > 1e-3 or r["response"] != p[0].text
+               for r, p in zip(with_adapter, plain))
+
+
 @pytest.fixture(scope="module")
 def tiny_run(ray_cluster, tmp_path_factory):
     """A finished two-iteration run of the simple recipe (one step per iteration)."""
