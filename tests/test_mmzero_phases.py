@@ -429,3 +429,10 @@ def test_render_grace_is_the_originals_and_reaches_the_renderer(recipe):
     assert load_config(None, ["run.recipe=mmzero"]).mmzero.render_grace_s == 180.0
     assert load_config(ROOT / "configs/mmzero/tiny-cpu.yaml", []).mmzero.render_grace_s == 3.0
     assert recipe.renderer.config.grace_seconds == recipe.m.render_grace_s == 180.0
+
+
+def test_gpu_presets_run_the_published_six_iterations():
+    presets = sorted((ROOT / "configs/mmzero").glob("qwen*.yaml"))
+    assert len(presets) == 3
+    assert {p.name: load_config(p, []).run.iterations for p in presets} == {
+        p.name: 6 for p in presets}
