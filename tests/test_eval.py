@@ -156,13 +156,11 @@ def test_every_builtin_benchmark_reads_its_columns_from_a_local_copy(name, tmp_p
     col = {"question": "question", "answer": "answer", "image": "image", "id": "id",
            "choices": "choices", **task.fields}
     rows = {col["question"]: ["How many bars?", "Which is red?"],
-            col["answer"]: [["12"], "B"] if name.endswith("chartqa") else ["12", "B"],
+            col["answer"]: [["12"], ["B"]] if name.endswith("chartqa") else ["12", "B"],
             col["image"]: [Image.new("RGB", (16, 16), "white")] * 2,
             col["id"]: ["a", "b"]}
-    if col["choices"] in ("options",):
+    if col["choices"] == "options":
         rows[col["choices"]] = ["[]", "['blue', 'red']"]
-    if name.endswith("chartqa"):
-        rows[col["answer"]] = [["12"], ["B"]]
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / name))
     items = task.load(tmp_path)
     assert [(i.id, i.question, i.answer) for i in items] == [
@@ -450,6 +448,7 @@ def test_coevolve_eval_on_a_run_directory_resumes_and_plots(tiny_run, capsys):
     # the judge (a random tiny model here) saw every new response; replies that are
     # neither Yes nor No are no verdict, and an answer counts if rule or judge accepts it
     table = pq.read_table(tiny_run / "eval/smoke-iter_0002.parquet").to_pylist()
+    assert all(isinstance(r["judge_reply"], str) for r in table)  # asked about every one
     assert summary["iter_0002"]["judged"] == sum(r["judge_correct"] is not None for r in table)
     assert all(r["correct"] == (r["rule_correct"] or bool(r["judge_correct"])) for r in table)
     assert "smoke" in printed and "iter_0002" in printed

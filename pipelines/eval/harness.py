@@ -204,13 +204,13 @@ def run_lmms(pool, model: Model, names: Sequence[str], out: Path, *, adapter: st
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(json.dumps(found, indent=1, default=str))
             tmp.replace(path)
-        metrics = json.loads(path.read_text())["results"][name]
+        found = json.loads(path.read_text())
+        metrics = found["results"][name]
         value = next((v for k, v in metrics.items() if isinstance(v, (int, float))
                       and "stderr" not in k), None)
         rows.append({"task": f"lmms:{name}", "model": model.label, "path": model.path,
                      "adapter": model.adapter, "iteration": model.iteration,
-                     "items": json.loads(path.read_text()).get("n-samples", {}).get(
-                         name, {}).get("effective"),
+                     "items": found.get("n-samples", {}).get(name, {}).get("effective"),
                      "accuracy": float(value) if value is not None else float("nan"),
                      "metric": next((k for k in metrics if "stderr" not in k and k != "alias"),
                                     None)})

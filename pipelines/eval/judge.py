@@ -54,9 +54,9 @@ class Judge:
                                adapter=self.adapter))
         return out
 
-    def judge(self, triples: Sequence[tuple[str, str, str]]) -> list[bool | None]:
-        """One verdict per (question, reference, response)."""
-        completions = self.pool.generate(self.requests(triples))
-        verdicts = [parse_verdict(samples[0].text) for samples in completions]
+    def judge(self, triples: Sequence[tuple[str, str, str]]) -> list[tuple[bool | None, str]]:
+        """(verdict, the judge's reply) per (question, reference, response)."""
+        replies = [samples[0].text for samples in self.pool.generate(self.requests(triples))]
+        verdicts = [parse_verdict(r) for r in replies]
         self.unparsed += sum(v is None for v in verdicts)
-        return verdicts
+        return list(zip(verdicts, replies))

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 from pathlib import Path
 
 from lmms_eval.api.model import lmms
 
 from actors.generator import Request, Sampling
+from pipelines.eval.tasks import item_seed
 
 MODEL_ID = "coevolve"
 
@@ -122,11 +122,10 @@ class CoevolveLMM(lmms):
         until = gen.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         greedy = not gen.get("do_sample", False) or float(gen.get("temperature", 0) or 0) == 0
-        digest = hashlib.sha256(f"{self.seed}/{task}/{split}/{doc_id}".encode()).digest()
         sampling = Sampling(n=1, temperature=0.0 if greedy else float(gen["temperature"]),
                             top_p=float(gen.get("top_p") or 1.0),
                             max_tokens=int(gen.get("max_new_tokens", 256)), stop=until,
-                            seed=int.from_bytes(digest[:4], "little") & 0x7FFFFFFF)
+                            seed=item_seed(self.seed, task, split, doc_id))
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": context}]
         return Request([{"role": "user", "content": content}], images=images, sampling=sampling,
                        adapter=self.adapter)

@@ -170,23 +170,24 @@ def _run_chunk(pool, model, task, chunk, grader, judge, run_seed, max_tokens, ad
                                 sampling=Sampling(n=task.samples, temperature=task.temperature,
                                                   top_p=task.top_p, max_tokens=budget,
                                                   seed=task.seed(item, run_seed))))
+    seeds = [r.sampling.seed for r in requests]
     completions = pool.generate(requests) if requests else []
     progress.computed += len(asked)
     records = []
-    for item, samples in zip(asked, completions):
+    for item, seed, samples in zip(asked, seeds, completions):
         for j, c in enumerate(samples):
             pred, rule = task.correct(item, c.text, grader)
             records.append({"task": task.name, "model": model.label, "item_id": item.id,
                             "sample": j, "question": item.question, "reference": item.answer,
                             "response": c.text, "extracted": pred, "rule_correct": rule,
-                            "judge_correct": None, "correct": rule,
+                            "judge_correct": None, "judge_reply": None, "correct": rule,
                             "tokens": len(c.token_ids), "logprob": float(sum(c.logprobs)),
                             "finish_reason": c.finish_reason,
-                            "seed": task.seed(item, run_seed), "version": c.version})
+                            "seed": seed, "version": c.version})
     if judge is not None and records:
         verdicts = judge.judge([(r["question"], r["reference"], r["response"]) for r in records])
-        for record, verdict in zip(records, verdicts):
-            record["judge_correct"] = verdict
+        for record, (verdict, reply) in zip(records, verdicts):
+            record["judge_correct"], record["judge_reply"] = verdict, reply
             record["correct"] = record["rule_correct"] or bool(verdict)
     return pa.Table.from_pylist(records, schema=_SCHEMA) if records else _empty()
 
@@ -195,7 +196,7 @@ _SCHEMA = pa.schema([
     ("task", pa.string()), ("model", pa.string()), ("item_id", pa.string()),
     ("sample", pa.int32()), ("question", pa.string()), ("reference", pa.string()),
     ("response", pa.string()), ("extracted", pa.string()), ("rule_correct", pa.bool_()),
-    ("judge_correct", pa.bool_()), ("correct", pa.bool_()), ("tokens", pa.int32()),
+    ("judge_correct", pa.bool_()), ("judge_reply", pa.string()), ("correct", pa.bool_()), ("tokens", pa.int32()),
     ("logprob", pa.float64()), ("finish_reason", pa.string()), ("seed", pa.int64()), ("version", pa.int64())])
 
 

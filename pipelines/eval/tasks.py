@@ -82,8 +82,7 @@ class TaskSpec:
 
     def seed(self, item: Item, run_seed: int = 0) -> int:
         """The item's sampling seed: the same on any engine and in any batch."""
-        digest = hashlib.sha256(f"{run_seed}/{self.name}/{item.id}".encode()).digest()
-        return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+        return item_seed(run_seed, self.name, item.id)
 
     # -- scoring ---------------------------------------------------------------
 
@@ -120,6 +119,12 @@ class TaskSpec:
         if kind == "hf":
             return read_hf(source, self.split, self.fields, self.limit)
         raise DataError(f"task {self.name}: unknown data source {self.data!r}")
+
+
+def item_seed(*parts) -> int:
+    """A 31-bit sampling seed from the parts naming one item (run seed, task, item id)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def _last_line(text: str) -> str | None:

@@ -65,6 +65,7 @@ class PhaseRunner:
         self.data_metrics: dict[str, float] = {}
         self.group = None
         self.pool = None
+        self._provenance: dict[str, str] | None = None  # role -> weights; provenance.json
 
     @property
     def iteration(self) -> int:
@@ -104,7 +105,9 @@ class PhaseRunner:
         label = str(path.relative_to(self.run_dir)) if path.is_relative_to(self.run_dir) \
             else weights
         file = self.dir / "provenance.json"
-        known = json.loads(file.read_text()) if file.exists() else {}
+        if self._provenance is None:  # what an earlier runner of this phase recorded
+            self._provenance = json.loads(file.read_text()) if file.exists() else {}
+        known = self._provenance
         if known.get(role) != label:
             known[role] = label
             atomic_write(file, json.dumps(known, indent=1, sort_keys=True))
