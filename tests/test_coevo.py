@@ -22,7 +22,7 @@ from pipelines.recipes.mmzero.coevo import (
 
 TYPES = ("data_chart", "diagram", "geometry", "other")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FIGURE_SIZE = (1500, 1200)  # figsize (15, 12) at 100 dpi
+FIGURE_SIZE = (1500, 1600)  # figsize (15, 16) at 100 dpi
 
 
 def funnel_items() -> list[FunnelItem]:

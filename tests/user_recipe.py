@@ -130,3 +130,10 @@ class AskAnswerRecipe:
 
     def phases(self, iteration):
         return [AskAnswerPhase()]
+
+
+def warm_examples(count: int, seed: int, cfg) -> list:
+    """``model.warm_start.data=tests.user_recipe:warm_examples``: the facts, cycled from
+    ``seed``."""
+    items = facts()
+    return [items[(seed + i) % len(items)] for i in range(count)]

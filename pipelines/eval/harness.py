@@ -80,6 +80,9 @@ def _run_target(run_dir: Path, out: str | None) -> Target:
     if role is None:
         raise ValueError(f"recipe {cfg.run.recipe} trains {recipe.roles} and names no eval_role")
     models = [Model(label="base", path=cfg.model.path, iteration=0)]
+    warm = run_dir / "warm_start" / "hf"  # model.warm_start: what every role started from
+    if (run_dir / "warm_start" / "DONE").exists() and (warm / "config.json").is_file():
+        models.append(Model(label="warm_start", path=str(warm), iteration=0))
     for it_dir in sorted(run_dir.glob("iter_[0-9]*")):
         iteration = int(it_dir.name.split("_")[1])
         trained = [p for p in recipe.phases(iteration) if p.role == role]

@@ -1,5 +1,6 @@
 """The resumable driver: iterations x phases, each phase a GRPO run.
 
+    warm start (model.warm_start: an SFT of the base model, cached)
     for iteration in 1..I:
         for phase in recipe.phases(iteration):
             skip if its DONE marker exists
@@ -62,6 +63,7 @@ class Driver:
         places = PlacementManager(self.cfg.placement, run=self.cfg.run.name,
                                   roles_used=self.recipe.roles)
         try:
+            self._warm_start(engines, places)
             for iteration in range(1, self.cfg.run.iterations + 1):
                 for index, phase in enumerate(self.recipe.phases(iteration)):
                     phase_dir = self.run_dir / f"iter_{iteration:04d}" / phase.name
@@ -86,6 +88,19 @@ class Driver:
                 close()
         self._update_state(finished=True)
         return self.state
+
+    def _warm_start(self, engines, places) -> None:
+        """``model.warm_start``: an SFT of the base model that every role starts from
+        (pipelines/runtime/warm_start.py); done once, before iteration 1."""
+        from pipelines.runtime.warm_start import FOLDER, warm_start
+
+        if not self.cfg.model.warm_start.data or self.state.get("base"):
+            return
+        if not (self.run_dir / FOLDER / "DONE").exists():
+            self._update_state(iteration=0, phase=FOLDER, step=0)
+            warm_start(self.cfg, self.recipe, run_dir=self.run_dir, engines=engines,
+                       placement=self._enter(places, None, engines))
+        self._update_state(base=f"{FOLDER}/hf")
 
     def _enter(self, places, phase: str | None, engines):
         """The placement of ``phase`` (None: the top-level layout), its nodes checked."""
@@ -128,12 +143,13 @@ class Driver:
             self._shared_nodes |= nodes
 
     def weights(self, role: str) -> str:
-        """The newest weights of ``role``: its last phase's hf/ export, else the base model.
+        """The newest weights of ``role``: its last phase's hf/ export, else the warm start
+        (``model.warm_start``), else the base model.
 
         state.json records exports relative to the run directory, so a run moved or
         resumed from another working directory still finds them.
         """
-        path = self.state.get("roles", {}).get(role, {}).get("path")
+        path = self.state.get("roles", {}).get(role, {}).get("path") or self.state.get("base")
         return str(self.run_dir / path) if path else self.cfg.model.path
 
     def run_phase(self, iteration: int, index: int, phase: Phase, phase_dir: Path,

@@ -73,10 +73,12 @@ class MetricsSink:
         for key, gauge in self._gauges.items():
             if key in metrics:
                 gauge.set(float(metrics[key]), tags=self.tags)
-        if self._progress is not None and "reward/mean" in metrics:
+        shown = next((k for k in ("reward/mean", "sft/nll") if k in metrics), None)
+        if self._progress is not None and shown:  # an RL step's reward, an SFT step's loss
             self._progress.n = step
-            self._progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
-                                       step_s=f"{metrics.get('timing/step', 0.0):.1f}")
+            self._progress.set_postfix({"reward" if shown == "reward/mean" else "nll":
+                                        f"{metrics[shown]:.3f}",
+                                        "step_s": f"{metrics.get('timing/step', 0.0):.1f}"})
             self._progress.refresh()
 
     def rewind(self, step: int) -> None:

@@ -11,7 +11,8 @@ Files, in the run layout of ``pipelines/runtime/driver.py``::
     runs/<name>/iter_0003/coevo.json   this iteration's metrics            (write_coevo)
     runs/<name>/iter_0003/coevo.png    curves over iterations 1..3, plus
                                        iteration 3's funnel and content types
-    runs/<name>/coevo.png              curves over all iterations          (plot_run)
+    runs/<name>/coevo.png              curves over all iterations          (write_run_figure,
+                                                                         plot_run)
 
 ``coevolve plot RUN_DIR`` redraws every figure from the JSON files.
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 from pipelines.runtime.rundir import atomic_write
 
 FUNNEL = ("proposals", "parsed", "rendered", "evaluated", "kept")
+PHASES = ("proposer", "codegen", "solver")
 
 
 @dataclass
@@ -117,6 +119,21 @@ def _check(index: int, it: FunnelItem, content_types: tuple[str, ...]) -> None:
                                  "(expected a share in [0, 1])")
 
 
+def phase_rewards(iter_dir: Path) -> dict[str, float | None]:
+    """``<phase>_reward_mean`` and ``<phase>_reward_std`` for the three phases of an
+    iteration: the means over the phase's steps of the step's mean reward and of its
+    reward standard deviation (``metrics.jsonl``: reward/mean, reward/std); None for a
+    phase that trained no step. A std of 0 in every step means no learning signal."""
+    out: dict[str, float | None] = {}
+    for phase in PHASES:
+        path = Path(iter_dir) / phase / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        steps = [rec for rec in map(json.loads, lines) if "reward/mean" in rec]
+        out[f"{phase}_reward_mean"] = _mean([rec["reward/mean"] for rec in steps])
+        out[f"{phase}_reward_std"] = _mean([rec["reward/std"] for rec in steps])
+    return out
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -136,6 +153,13 @@ def write_coevo(iter_dir: Path, metrics: dict, iteration: int) -> None:
     atomic_write(iter_dir / "coevo.json", json.dumps(record, indent=1, allow_nan=False) + "\n")
     history = [rec for _, rec in _read_run(iter_dir.parent) if rec["iteration"] <= iteration]
     _write_bytes(iter_dir / "coevo.png", _figure(history, iter_dir.parent.name, per_iteration=True))
+
+
+def write_run_figure(run_dir: Path) -> Path:
+    """Draw ``run_dir/coevo.png``: the curves over every iteration with a coevo.json."""
+    found = _read_run(Path(run_dir))
+    return _write_bytes(Path(run_dir) / "coevo.png", _figure(
+        [rec for _, rec in found], Path(run_dir).name, per_iteration=False))
 
 
 def plot_run(run_dir: Path) -> list[Path]:
@@ -189,26 +213,37 @@ CURVES = (
      ("content_type_entropy",), (0, 1.05)),
     ("mean SVG length", "characters", ("mean_svg_chars",), None),
     ("kept training items", "items", ("codegen_kept", "solver_kept"), None),
+    ("held-out Solver accuracy\n(drawn figures with known answers, T 0.6)", "accuracy",
+     ("heldout_accuracy_before", "heldout_accuracy"), (0, 1.05)),
+    ("mean reward over the phase's steps", "reward",
+     tuple(f"{p}_reward_mean" for p in PHASES), "auto"),
+    ("reward std within steps (0 = no learning signal)", "std",
+     tuple(f"{p}_reward_std" for p in PHASES), None),
 )
 
-LABELS = {"codegen_kept": "CodeGen (render-rate filter)", "solver_kept": "Solver (consistency filter)"}
+LABELS = {"codegen_kept": "CodeGen (render-rate filter)", "solver_kept": "Solver (consistency filter)",
+          "heldout_accuracy_before": "before the Solver phase",
+          "heldout_accuracy": "after the Solver phase",
+          **{f"{p}_reward_{k}": p for p in PHASES for k in ("mean", "std")}}
 
 
 def _figure(history: list[dict], run_name: str, per_iteration: bool) -> bytes:
-    """A 3x3 PNG (1500x1200 px): seven metric curves over the iterations of ``history``,
+    """A 4x3 PNG (1500x1600 px): ten metric curves over the iterations of ``history``,
     then either the last iteration's funnel and content-type shares as bars
     (``per_iteration``) or both across all iterations (run-level figure)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(15, 12), dpi=100, layout="constrained")
+    fig = Figure(figsize=(15, 16), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(3, 3).ravel()
+    axes = fig.subplots(4, 3).ravel()
     iters = [rec["iteration"] for rec in history]
     for ax, (title, ylabel, keys, ylim) in zip(axes, CURVES):
         _curves(ax, iters, {LABELS.get(k, k): [rec.get(k) for rec in history] for k in keys},
                 title, ylabel)
-        if ylim:
+        if ylim == "auto":
+            pass
+        elif ylim:
             ax.set_ylim(*ylim)
         else:
             ax.set_ylim(bottom=0)  # counts and lengths start at 0, not at their minimum
@@ -216,15 +251,15 @@ def _figure(history: list[dict], run_name: str, per_iteration: bool) -> bytes:
     if per_iteration:
         fig.suptitle(f"{run_name}: co-evolution metrics, iteration {last['iteration']}",
                      fontsize=15)
-        _funnel_bars(axes[7], last)
-        _share_bars(axes[8], last)
+        _funnel_bars(axes[10], last)
+        _share_bars(axes[11], last)
     else:
         fig.suptitle(f"{run_name}: co-evolution metrics, iterations {iters[0]}–{iters[-1]}",
                      fontsize=15)
-        _curves(axes[7], iters, {s: [rec["funnel"][s] for rec in history] for s in FUNNEL},
+        _curves(axes[10], iters, {s: [rec["funnel"][s] for rec in history] for s in FUNNEL},
                 "pipeline funnel", "proposals")
-        axes[7].set_ylim(bottom=0)
-        _share_stack(axes[8], iters, history)
+        axes[10].set_ylim(bottom=0)
+        _share_stack(axes[11], iters, history)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()

@@ -73,6 +73,11 @@ class MMZeroConfig:
     render_workers: int = param(0, "SVG render processes (0 = one per CPU).", ge=0)
     image_side: int = param(1280, "Rendered images are downscaled to at most this side.", ge=16)
     samples_saved: int = param(16, "Rendered items saved per phase for a person to look at.", ge=0)
+    heldout: int = param(
+        24, "Figures in the held-out Solver set (drawn, with known answers; two questions "
+            "each), scored before and after every Solver phase at the original's validation "
+            "sampling (T 0.6, top_p 0.95, one answer); in coevo.json and the plot. 0 = off.",
+        ge=0)
 
     def check(self) -> None:
         _range(self.codegen_render_rate, "codegen_render_rate")

@@ -18,7 +18,8 @@ weights of iteration i-1 (the base model for i = 1):
 The data sets of the codegen and solver phases are built once (``prepare``)
 and saved in the phase folder (``data.json`` / ``data.parquet``), so a
 resumed phase trains on the same items. The solver phase writes the
-iteration's ``coevo.json`` and ``coevo.png`` (``finish``).
+iteration's ``coevo.json`` and ``coevo.png``, and redraws the run's ``coevo.png``
+(``finish``).
 
 Unparsable output is scored as the spec says (proposal -1, SVG penalties,
 answer 0) and counted in the metrics; an empty filtered data set makes that
@@ -41,7 +42,7 @@ from actors.generator import Request, Sampling
 from actors.renderer import PoolConfig, RendererPool, RenderLimits
 from actors.svg_checks import svg_like
 from pipelines.recipes.base import Scores
-from pipelines.recipes.mmzero import coevo
+from pipelines.recipes.mmzero import coevo, warm_start
 from pipelines.recipes.mmzero.examples import EXAMPLES
 from pipelines.recipes.mmzero.judge import ask_solver, seed, write_svgs
 from pipelines.recipes.mmzero.prompts import codegen_messages, proposer_messages, solver_messages
@@ -75,6 +76,7 @@ class MMZeroRecipe:
     def __init__(self, cfg):
         self.cfg, self.m = cfg, cfg.mmzero
         self._renderer: RendererPool | None = None
+        self._heldout: list[tuple[bytes, str, str]] | None = None  # (png, question, answer)
 
     def phases(self, iteration: int) -> list:
         return [ProposerPhase(self), CodeGenPhase(self), SolverPhase(self)]
@@ -90,6 +92,36 @@ class MMZeroRecipe:
 
     def render(self, codes: list[str | None], early_stop: bool = True) -> list:
         return self.renderer.render_many(codes, early_stop=early_stop) if codes else []
+
+    def warm_start_examples(self, count: int, seed: int, cfg) -> list:
+        """``model.warm_start.data: recipe``: the three formats on drawn figures
+        (pipelines/recipes/mmzero/warm_start.py), images from this recipe's renderer."""
+        return warm_start.sft_examples(count, seed,
+                                       lambda svgs: self.render(svgs, early_stop=False))
+
+    def heldout_accuracy(self, pool, seed: int) -> float | None:
+        """The Solver's accuracy on the held-out set (``mmzero.heldout`` figures, both
+        questions), one answer each at T 0.6 / top_p 0.95 with per-item seeds fixed by
+        ``seed``, so two Solvers are compared on the same draws. None when off."""
+        from pipelines.algorithms.answers import extract_answer
+        from pipelines.algorithms.grading import grade
+
+        if not self.m.heldout:
+            return None
+        if self._heldout is None:
+            w = self.cfg.model.warm_start  # held out from the built-in warm start's figures
+            seen = frozenset(fig.svg for _, fig in warm_start.warm_figures(w.examples, seed)) \
+                if w.data == "recipe" else frozenset()
+            items = warm_start.heldout_items(self.m.heldout, seed, seen)
+            renders = self.render([svg for svg, _, _ in items[::2]], early_stop=False)
+            self._heldout = [(r.png, q, a) for r, pair in zip(renders, zip(items[::2], items[1::2]))
+                             if r.ok for _, q, a in pair]
+        requests = [Request(solver_messages(q), images=[png], sampling=Sampling(
+            n=1, temperature=0.6, top_p=0.95, max_tokens=self.m.max_tokens, seed=seed + k))
+            for k, (png, q, _) in enumerate(self._heldout)]
+        answers = [group[0].text for group in pool.generate(requests)]
+        return float(np.mean([grade(extract_answer(t), a)
+                              for t, (_, _, a) in zip(answers, self._heldout)]))
 
     def close(self) -> None:
         if self._renderer is not None:
@@ -304,11 +336,13 @@ class SolverPhase:
                                   "label": example["hard_answer"], "bootstrap": True})
         order = rng.permutation(len(items)).tolist()
         coevo.save_samples(ctx.dir / "samples", samples, m.samples_saved)
+        before = self.recipe.heldout_accuracy(ctx.pool, self.recipe.cfg.run.seed)
         metrics = {"proposals": float(len(proposals)), "parsed": float(len(parsed)),
                    "rendered": float(len(rendered)),
                    "evaluated": float(sum(a is not None for a in answers)),
                    "kept": float(kept), "bootstrap": float(len(items) - kept),
-                   **render_counts(renders)}
+                   **render_counts(renders),
+                   **({} if before is None else {"heldout_accuracy_before": before})}
         atomic_write(ctx.dir / "funnel.json", json.dumps({
             "metrics": metrics, "items": [dataclasses.asdict(f) for f in funnel]}))
         schema = pa.schema([("png", pa.binary()), ("question", pa.string()),
@@ -346,7 +380,14 @@ class SolverPhase:
         codegen_kept = json.loads(codegen.read_text())["metrics"]["kept"] if codegen.exists() else 0
         metrics = coevo.coevo_metrics(funnel, int(codegen_kept), int(info["metrics"]["kept"]),
                                       CONTENT_TYPES)
+        metrics.update(coevo.phase_rewards(ctx.dir.parent))
+        if self.m.heldout:  # the trained Solver (its hf/ export), on the same draws as before
+            trained = ctx.engines.pool(self.role, str(ctx.dir / "hf"), ctx.placement)
+            metrics["heldout_accuracy_before"] = info["metrics"].get("heldout_accuracy_before")
+            metrics["heldout_accuracy"] = self.recipe.heldout_accuracy(
+                trained, self.recipe.cfg.run.seed)
         coevo.write_coevo(ctx.dir.parent, metrics, ctx.iteration)
+        coevo.write_run_figure(ctx.run_dir)
 
 
 # ---------------------------------------------------------------------- helpers
