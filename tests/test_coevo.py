@@ -206,3 +206,22 @@ def test_cli_plot_errors(tmp_path, capsys):
     assert "Traceback" not in err
     assert main(["plot", str(tmp_path)]) == 2
     assert "no iter_*/coevo.json" in capsys.readouterr().err
+
+
+def test_phase_rewards_by_hand(tmp_path):
+    """Means over each phase's logged steps of reward/mean and reward/std; a phase that
+    logged no step (no metrics.jsonl, or only its export line) has None."""
+    from pipelines.recipes.mmzero.coevo import phase_rewards
+
+    def log(phase: str, *records: dict) -> None:
+        (tmp_path / phase).mkdir()
+        (tmp_path / phase / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records))
+
+    log("proposer", {"step": 1, "reward/mean": -0.5, "reward/std": 0.2},
+        {"step": 2, "reward/mean": -0.3, "reward/std": 0.4}, {"step": 2, "timing/export": 1.0})
+    log("solver", {"step": 2, "timing/export": 1.0})
+    got = phase_rewards(tmp_path)
+    assert got == pytest.approx({"proposer_reward_mean": -0.4, "proposer_reward_std": 0.3,
+                                 "codegen_reward_mean": None, "codegen_reward_std": None,
+                                 "solver_reward_mean": None, "solver_reward_std": None})

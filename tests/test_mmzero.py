@@ -1,7 +1,11 @@
-"""The README's main job end to end: MM-Zero on the tiny model, resumed and continued.
+"""The README's main job's code path end to end: MM-Zero on a tiny model, resumed and
+continued.
 
 Real vLLM engines for the three roles, 2 FSDP2 trainer ranks, the sandboxed
-renderer and the grader; `configs/mmzero/tiny-cpu.yaml` with 1 step per phase.
+renderer and the grader; `configs/mmzero/tiny-cpu.yaml` with 1 step per phase on
+the random tiny model without the warm start (its minutes of SFT are the README
+command's, docs/warm_start.md; tests/test_warm_start.py covers the warm start):
+nothing parses, so the machinery's every fallback is exercised with known figures.
 """
 
 from __future__ import annotations
@@ -26,7 +30,11 @@ pytestmark = pytest.mark.slow
 def config(tmp_path, *extra: str):
     return load_config(ROOT / "configs/mmzero/tiny-cpu.yaml", [
         f"run.root={tmp_path}", "run.name=mmz", "mmzero.train_steps=1", "logging.progress=false",
-        "logging.wandb=offline", *extra])
+        "logging.wandb=offline", "run.iterations=1", "model.path=tiny://qwen2.5-vl",
+        "model.warm_start.data=", "mmzero.max_tokens=64", "mmzero.bootstrap=4",
+        "mmzero.eval_samples=4", "mmzero.solver_n=4", "mmzero.codegen_proposals=8",
+        "mmzero.codegen_filter_samples=2", "mmzero.solver_proposals=8", "mmzero.heldout=2",
+        *extra])
 
 
 def snapshot(run: Path) -> dict[str, bytes]:
@@ -70,6 +78,11 @@ def test_one_iteration_resume_and_a_second_iteration(ray_cluster, tmp_path):
     assert coevo["funnel"] == {"proposals": 8, "parsed": 0, "rendered": 0, "evaluated": 0,
                                "kept": 0}
     assert (run / "iter_0001/coevo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "coevo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the run's curves
+    # the held-out Solver set (2 figures, 4 questions) before and after the Solver phase;
+    # every phase's rewards: constant -1 proposals, so no learning signal
+    assert coevo["heldout_accuracy_before"] == coevo["heldout_accuracy"] == 0.0
+    assert (coevo["proposer_reward_mean"], coevo["proposer_reward_std"]) == (-1.0, 0.0)
 
     # The same command again: nothing is redone.
     before = snapshot(run)

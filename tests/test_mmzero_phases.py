@@ -35,7 +35,7 @@ OVERRIDES = [
     "mmzero.codegen_filter_samples=2",
     "mmzero.solver_batch=2", "mmzero.solver_proposals=7",  # solver_n stays 8 (spec)
     "mmzero.batch_floor=1", "mmzero.image_side=64", "mmzero.render_workers=1",
-    "mmzero.samples_saved=4",
+    "mmzero.samples_saved=4", "mmzero.heldout=0",  # the held-out set: its own test
 ]
 # (T, top_p, top_k) per role; "judge": the Solver scoring a Proposer's or CodeGen's image,
 # sampled as the original's Solver service (T 1.0, top_p 1.0, top_k 40)
@@ -126,6 +126,7 @@ class Ctx:
     pools: dict = field(default_factory=dict)
     seed_path: tuple = (0, 1, 0)
     iteration: int = 1
+    run_dir: Path | None = None
 
     def other_pool(self, role: str):  # as PhaseRunner: the own role is ctx.pool
         return self.pool if role == self.role else self.pools[role]
@@ -135,7 +136,7 @@ def make_ctx(tmp_path: Path, phase, pool, **pools) -> Ctx:
     index = ("proposer", "codegen", "solver").index(phase.name)
     folder = tmp_path / "iter_0001" / phase.name
     folder.mkdir(parents=True, exist_ok=True)
-    return Ctx(folder, phase.role, pool, pools, seed_path=(0, 1, index))
+    return Ctx(folder, phase.role, pool, pools, seed_path=(0, 1, index), run_dir=tmp_path)
 
 
 def proposal_text(tag: str, content_type: str | None = "other", caption: str | None = None,
@@ -418,9 +419,48 @@ def test_solver_phase_prepare_score_finish(recipe, tmp_path):
         "iteration": 1, "difficulty": 0.5, "solvability": 0.75, "hard_consistency": 0.65,
         "easy_hard_gap": 0.1, "render_rate": 5 / 7, "content_type_entropy": entropy,
         "mean_svg_chars": float(len(SVG)),  # S5 had no code: not counted
-        "codegen_kept": 1, "solver_kept": 3})
+        "codegen_kept": 1, "solver_kept": 3,
+        # no phase logged a step here (metrics.jsonl absent): no reward figures
+        **{f"{p}_reward_{k}": None for p in ("proposer", "codegen", "solver")
+           for k in ("mean", "std")}})
     assert entropy == pytest.approx(0.80205, abs=1e-5)
     assert (tmp_path / "iter_0001" / "coevo.png").read_bytes().startswith(PNG)
+    assert (tmp_path / "coevo.png").read_bytes().startswith(PNG)  # the run's curves
+
+
+def test_heldout_accuracy_scores_fixed_draws_at_validation_sampling(tmp_path):
+    """mmzero.heldout figures, both questions, one answer each at the original's validation
+    sampling (T 0.6, top_p 0.95) with seeds run.seed + k: the same draws for the Solver
+    before and after its phase. A scripted Solver right on every other question: 0.5."""
+    from pipelines.recipes.mmzero.warm_start import heldout_items, warm_figures
+
+    r = MMZeroRecipe(load_config(None, [*OVERRIDES, "mmzero.heldout=3", "run.seed=7",
+                                        "model.warm_start.data=recipe",
+                                        "model.warm_start.examples=64"]))
+    seen = frozenset(fig.svg for _, fig in warm_figures(64, 7))
+    items = heldout_items(3, 7, seen)
+    answers = {q: a for _, q, a in items}
+    asked = []
+
+    class Scripted:
+        def generate(self, requests):
+            out = []
+            for k, req in enumerate(requests):
+                s = req.sampling
+                assert (s.n, s.temperature, s.top_p, s.seed) == (1, 0.6, 0.95, 7 + k)
+                assert len(req.images) == 1 and req.images[0].startswith(PNG)
+                question = prompt_text(req).split("\n")[0]
+                asked.append(question)
+                text = boxed(answers[question] if k % 2 == 0 else "no")[0]
+                out.append([Completion(text, prompt_ids=[1], token_ids=[2], logprobs=[0.0],
+                                       finish_reason="stop", version=0)])
+            return out
+    try:
+        assert r.heldout_accuracy(Scripted(), 7) == 0.5
+        assert r.heldout_accuracy(Scripted(), 7) == 0.5  # rendered once, asked again
+    finally:
+        r.close()
+    assert asked == [q for _, q, _ in items] * 2
 
 
 def test_render_grace_is_the_originals_and_reaches_the_renderer(recipe):

@@ -73,16 +73,19 @@ def test_examples_are_deterministic_parse_render_and_answer():
 def test_warm_start_trains_once_is_cached_and_every_role_starts_from_it(ray_cluster,
                                                                          tmp_path):
     """A user's recipe with model.warm_start: the driver runs the SFT phase before
-    iteration 1 (its NLL falls), the phase starts from warm_start/hf, and a second run
-    with the same settings copies the cached weights instead of training."""
+    iteration 1 (its NLL falls, checkpoints at its own cadence), the phase starts from
+    warm_start/hf, and another run with the same settings copies the cached weights
+    instead of training (no engines, no trainer needed)."""
     from safetensors.numpy import load_file
 
     from pipelines.config import load_config
+    from pipelines.recipes.base import build_recipe
     from pipelines.runtime.driver import Driver
     from pipelines.runtime.metrics import read_metrics
+    from pipelines.runtime.warm_start import cache_root, warm_start
 
-    def run(name: str) -> None:
-        Driver(load_config(None, [
+    def cfg(name: str):
+        return load_config(None, [
             "run.recipe=tests.user_recipe:LengthRecipe", "length.steps=1",
             "model.warm_start.data=tests.user_recipe:warm_examples",
             "model.warm_start.examples=8", "model.warm_start.steps=4",
@@ -90,26 +93,30 @@ def test_warm_start_trains_once_is_cached_and_every_role_starts_from_it(ray_clus
             "model.warm_start.save_every=2", f"run.root={tmp_path}", f"run.name={name}",
             "logging.wandb=disabled", "logging.progress=false", "placement.roles={policy: {}}",
             "trainer.micro_batch_tokens=4096", "generator.max_model_len=1024",
-            "generator.max_num_batched_tokens=2048"])).run()
+            "generator.max_num_batched_tokens=2048"])
 
-    run("first")
+    Driver(cfg("first")).run()
     first = tmp_path / "first"
-    nll = [m["sft/nll"] for m in read_metrics(first / "warm_start/metrics.jsonl")]
+    nll = [m["sft/nll"] for m in read_metrics(first / "warm_start/metrics.jsonl")
+           if "sft/nll" in m]
     print("warm-start nll: " + " ".join(f"{x:.2f}" for x in nll))
     assert len(nll) == 4 and nll[-1] < 0.8 * nll[0]
     assert sorted(p.name for p in (first / "warm_start/ckpt").iterdir()) == [
         "step_000002", "step_000004"]
-    state = json.loads((first / "state.json").read_text())
-    assert state["base"] == "warm_start/hf"
+    assert json.loads((first / "state.json").read_text())["base"] == "warm_start/hf"
     provenance = json.loads((first / "iter_0001/policy/provenance.json").read_text())
     assert provenance == {"policy": "warm_start/hf"}
+    key = (first / "warm_start/DONE").read_text().strip()
+    assert (cache_root() / key / "DONE").exists()
 
-    run("second")
     second = tmp_path / "second"
-    assert not (second / "warm_start/metrics.jsonl").exists()  # copied, not trained
-    assert (second / "warm_start/DONE").read_text() == (first / "warm_start/DONE").read_text()
+    second_cfg = cfg("second")
+    hf = warm_start(second_cfg, build_recipe(second_cfg), run_dir=second, engines=None,
+                    placement=None)
+    assert hf == second / "warm_start/hf" and not (second / "warm_start/metrics.jsonl").exists()
+    assert (second / "warm_start/DONE").read_text().strip() == key
     a = load_file(first / "warm_start/hf/model.safetensors")
-    b = load_file(second / "warm_start/hf/model.safetensors")
+    b = load_file(hf / "model.safetensors")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
