@@ -28,7 +28,10 @@ ELSEWHERE = {
                                  "tests/test_hostile_output.py budget test",
     "placement.strategy": "placement groups' strategy; tests/test_placement.py two-node scenario",
 }
-SECTION_ELSEWHERE = ("placement.roles", "placement.phases", "placement.cluster")
+# Sections read elsewhere: the role and phase layouts and the cluster (tests/test_placement.py),
+# the warm start (the driver's SFT phase before iteration 1; tests/test_warm_start.py).
+SECTION_ELSEWHERE = ("placement.roles", "placement.phases", "placement.cluster",
+                     "model.warm_start")
 ROLES = ["placement.roles={proposer: {}, codegen: {}, solver: {}}"]  # MM-Zero's three
 
 
