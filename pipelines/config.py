@@ -363,10 +363,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
     Every problem with the file, the overrides or the values is a one-line ConfigError.
     """
-    data: dict = _load_file(Path(path)) if path is not None else {}
+    data: dict = _load_layered(Path(path)) if path is not None else {}
     for item in overrides:
         _apply_override(data, item)
     return config_from_dict(data)
+
+
+def _load_layered(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file; ``base: other.yaml`` (relative to the file) is read first and this
+    file's values are merged over it, section by section (a variant of a preset states
+    only what it changes)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: base files form a cycle: "
+                          f"{' -> '.join(str(p) for p in (*seen, path))}")
+    data = _load_file(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base must be the path of another config file, "
+                          f"got {_show(base)}")
+    return _merge(_load_layered(path.parent / base, (*seen, path)), data)
 
 
 def config_from_dict(data: dict) -> Config:

@@ -93,3 +93,43 @@ def test_config_show_cli(tmp_path):
                           "trainer.lr=-1"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "trainer.lr: must be > 0" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_config_file_can_name_a_base_file(tmp_path):
+    """``base: other.yaml`` (relative to the file): read first, this file merged over it
+    section by section; a cycle or a bad value is a one-line error."""
+    from pipelines.config import ConfigError
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub/base.yaml").write_text("run: {name: a, iterations: 3}\ntrainer: {lr: 2.0e-6}\n")
+    (tmp_path / "variant.yaml").write_text("base: sub/base.yaml\nrun: {name: b}\n")
+    cfg = load_config(tmp_path / "variant.yaml", ["trainer.lr=3e-6"])
+    assert (cfg.run.name, cfg.run.iterations, cfg.trainer.lr) == ("b", 3, 3e-6)
+    (tmp_path / "x.yaml").write_text("base: y.yaml\n")
+    (tmp_path / "y.yaml").write_text("base: x.yaml\n")
+    with pytest.raises(ConfigError, match="base files form a cycle"):
+        load_config(tmp_path / "x.yaml")
+    (tmp_path / "bad.yaml").write_text("base: [a, b]\n")
+    with pytest.raises(ConfigError, match="base must be the path of another config file"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "gone.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "gone.yaml")
+
+
+def test_the_no_filter_ablation_keeps_every_item():
+    """configs/mmzero/nofilter-qwen3-vl-8b.yaml: the 8-GPU preset with both data
+    filters opened (the original's MM-zero_noFilter run) and 10 steps per phase."""
+    from pipelines.recipes.mmzero.rewards import codegen_keep, solver_keep
+
+    full = load_config(ROOT / "configs/mmzero/qwen3-vl-8b-8gpu.yaml")
+    ablation = load_config(ROOT / "configs/mmzero/nofilter-qwen3-vl-8b.yaml")
+    m = ablation.mmzero
+    assert ablation.model == full.model and ablation.placement == full.placement
+    assert m.train_steps == 10 and full.mmzero.train_steps == 20
+    assert all(codegen_keep(rate, *m.codegen_render_rate) for rate in (0.0, 0.1, 1.0))
+    assert not codegen_keep(0.0, *full.mmzero.codegen_render_rate)
+    assert solver_keep(0.0, 1.0, True, "7", m.solver_easy_min, tuple(m.solver_hard_range))
+    assert not solver_keep(0.0, 1.0, True, "7", full.mmzero.solver_easy_min,
+                           tuple(full.mmzero.solver_hard_range))
+    assert not solver_keep(1.0, 0.5, True, None, m.solver_easy_min, tuple(m.solver_hard_range))

@@ -23,7 +23,12 @@ import pytest
 from actors.generator import Completion
 from pipelines.config import load_config
 from pipelines.recipes.mmzero.examples import EXAMPLES
-from pipelines.recipes.mmzero.recipe import CodeGenPhase, MMZeroRecipe, ProposerPhase, SolverPhase
+from pipelines.recipes.mmzero.recipe import (
+    CodeGenPhase,
+    MMZeroRecipe,
+    ProposerPhase,
+    SolverPhase,
+)
 from pipelines.recipes.mmzero.rewards import parse_proposal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -476,3 +481,17 @@ def test_gpu_presets_run_the_published_six_iterations():
     assert len(presets) == 3
     assert {p.name: load_config(p, []).run.iterations for p in presets} == {
         p.name: 6 for p in presets}
+
+
+def test_update_batches_per_phase():
+    """mmzero.<role>_mini_batches reach the phases (updates per generation step, as the
+    original's rollout / global batches); the GPU presets take the original's."""
+    cfg = load_config(None, [*OVERRIDES, "mmzero.proposer_mini_batches=1",
+                             "mmzero.codegen_mini_batches=4", "mmzero.solver_mini_batches=8"])
+    r = MMZeroRecipe(cfg)
+    proposer, codegen, solver = r.phases(1)
+    assert (proposer.mini_batches, codegen.mini_batches, solver.mini_batches) == (1, 4, 8)
+    gpu = load_config(ROOT / "configs/mmzero/qwen3-vl-8b-8gpu.yaml").mmzero
+    assert (gpu.proposer_batch, gpu.proposer_mini_batches) == (18, 1)
+    assert (gpu.codegen_batch, gpu.codegen_mini_batches) == (256, 4)
+    assert (gpu.solver_batch, gpu.solver_mini_batches) == (512, 4)

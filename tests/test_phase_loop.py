@@ -180,6 +180,19 @@ def test_mini_batches_and_epochs_schedule_whole_prompt_groups(tmp_path):
         assert got == pytest.approx(sorted(HAND["grpo"]), abs=1e-5)
 
 
+def test_a_phase_sets_its_own_updates_per_generation_step(tmp_path, monkeypatch):
+    """phase.mini_batches (MM-Zero's per-role update batches) overrides
+    algorithm.mini_batches for the updates and for the schedule's length."""
+    from pipelines.runtime.phase import trainer_spec
+
+    monkeypatch.setattr(TablePhase, "mini_batches", 2, raising=False)
+    r = runner(tmp_path, "algorithm.mini_batches=1")
+    assert run_steps(r, 1)[0]["train/updates"] == 2 and r.group.steps == 2
+    assert [len(b) for b, _ in r.group.calls] == [4, 4]
+    assert trainer_spec(r.cfg, "tiny://qwen2.5-vl", 10, mini_batches=2).total_steps == 20
+    assert trainer_spec(r.cfg, "tiny://qwen2.5-vl", 10).total_steps == 10
+
+
 def test_adaptive_kl_and_ema_baseline_continue_exactly_across_a_resume(tmp_path):
     args = ["algorithm.advantage=reinforce", "algorithm.kl_control=adaptive",
             "algorithm.kl_coef=1e-3"]

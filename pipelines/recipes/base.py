@@ -63,6 +63,8 @@ class Recipe(Protocol):
 #   phase.data_roles: tuple[str, ...]  roles whose engines prepare() samples from to make the
 #                                      data; when the phase's own layout lacks one, the data
 #                                      is made under the top-level layout first
+#   phase.mini_batches: int      updates per generation step of this phase (default:
+#                                algorithm.mini_batches), e.g. MM-Zero's per-role update batches
 #   phase.prepare(ctx) -> dict   once before the first step (also on resume): build or
 #                                reload the phase's data; returned figures are logged as data/*
 #   phase.finish(ctx) -> None    after the phase exported hf/, before its DONE marker

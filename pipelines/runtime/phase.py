@@ -209,7 +209,8 @@ class PhaseRunner:
                     completions = self.pool.generate(requests)
                 with timer("reward"), grading_budget(self.cfg.algorithm.reward_budget_s):
                     scores = self.phase.score(requests, completions, self)
-                rollouts = [Rollout(None, requests, completions, scores)]
+                rollouts = [Rollout(None, requests, completions, scores,
+                                    mini_batches=getattr(self.phase, "mini_batches", None))]
             after = grading_stats()
             # Engines colocated with the trainer ranks free their devices for the updates.
             asleep = self.phase.role in self.placement.layout.colocate
@@ -328,7 +329,8 @@ class PhaseRunner:
         kwargs = self.placement.trainer_kwargs()
         threads = max(1, int(kwargs["cpus_per_rank"]))
         return TrainerGroup(trainer_spec(cfg, self.start_weights, self.phase.steps, sft=self.is_sft,
-                                         adapters=self.policies),
+                                         adapters=self.policies,
+                                         mini_batches=getattr(self.phase, "mini_batches", None)),
                             self.placement.layout.trainer_ranks,
                             name=f"coevolve/{cfg.run.name}/trainer", **kwargs,
                             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
@@ -509,14 +511,15 @@ class PhaseRunner:
 
 
 def trainer_spec(cfg, start_weights: str, steps: int, sft: bool = False,
-                 adapters: tuple[str, ...] = ()) -> TrainerSpec:
-    """How the config builds the trainer group of a phase of ``steps`` optimizer steps
-    that starts from ``start_weights`` (no actor started); ``sft``: the SFT objective;
-    ``adapters``: the LoRA adapters a phase trains as policies (default: one)."""
+                 adapters: tuple[str, ...] = (), mini_batches: int | None = None) -> TrainerSpec:
+    """How the config builds the trainer group of a phase of ``steps`` generation steps
+    (SFT: optimizer steps) that starts from ``start_weights`` (no actor started); ``sft``:
+    the SFT objective; ``adapters``: the LoRA adapters a phase trains as policies (default:
+    one); ``mini_batches``: the phase's updates per generation step, if it sets its own."""
     t, a = cfg.trainer, cfg.algorithm
     lora = t.lora
-    if not sft:
-        steps *= a.mini_batches * a.epochs  # optimizer steps: the schedule's length
+    if not sft:  # optimizer steps: the schedule's length
+        steps *= (mini_batches or a.mini_batches) * a.epochs
     return TrainerSpec(
         model=start_weights,
         objective=ObjectiveSpec(policy_loss=a.loss, clip_low=a.clip_low, clip_high=a.clip_high,

@@ -38,10 +38,16 @@ class MMZeroConfig:
     proposer_n: int = param(4, "Proposals sampled per prompt (GRPO group).", ge=2)
     proposer_temperature: float = param(1.0, "Proposer sampling temperature.", gt=0)
     proposer_top_p: float = param(0.99, "Proposer nucleus sampling.", gt=0, le=1)
+    proposer_mini_batches: int = param(
+        1, "Proposer updates per generation step: the step's prompts split into this many "
+           "PPO mini-batches (the original's rollout batch / global batch).", ge=1)
     codegen_batch: int = param(64, "Proposals per CodeGen step.", ge=1)
     codegen_n: int = param(4, "SVGs sampled per proposal (GRPO group).", ge=2)
     codegen_temperature: float = param(0.7, "CodeGen sampling temperature.", gt=0)
     codegen_top_p: float = param(0.95, "CodeGen nucleus sampling.", gt=0, le=1)
+    codegen_mini_batches: int = param(
+        1, "CodeGen updates per generation step: the step's prompts split into this many "
+           "PPO mini-batches (the original's rollout batch / global batch).", ge=1)
     codegen_proposals: int = param(
         1280, "Proposals the new Proposer writes for the CodeGen data set.", ge=1)
     codegen_filter_samples: int = param(
@@ -52,6 +58,9 @@ class MMZeroConfig:
     solver_n: int = param(8, "Answers sampled per item (GRPO group).", ge=2)
     solver_temperature: float = param(1.0, "Solver sampling temperature (also for evaluation).", gt=0)
     solver_top_p: float = param(0.99, "Solver nucleus sampling.", gt=0, le=1)
+    solver_mini_batches: int = param(
+        1, "Solver updates per generation step: the step's prompts split into this many "
+           "PPO mini-batches (the original's rollout batch / global batch).", ge=1)
     solver_proposals: int = param(
         5000, "Proposals the new Proposer writes for the Solver data set.", ge=1)
     solver_easy_min: float = param(

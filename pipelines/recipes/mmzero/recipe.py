@@ -139,6 +139,7 @@ class ProposerPhase:
     def __init__(self, recipe: MMZeroRecipe):
         self.recipe, self.m = recipe, recipe.m
         self.steps = self.m.train_steps
+        self.mini_batches = self.m.proposer_mini_batches  # updates per generation step
 
     def requests(self, step: int, rng: np.random.Generator) -> list[Request]:
         b = self.m.proposer_batch
@@ -188,6 +189,7 @@ class CodeGenPhase:
     def __init__(self, recipe: MMZeroRecipe):
         self.recipe, self.m = recipe, recipe.m
         self.steps = self.m.train_steps
+        self.mini_batches = self.m.codegen_mini_batches  # updates per generation step
         self.items: list[dict] = []
         self.current: list[dict] = []
         self.batch = self.m.codegen_batch
@@ -199,6 +201,7 @@ class CodeGenPhase:
         data = json.loads(path.read_text())
         self.items = data["items"]
         self.batch, self.steps = plan_steps(self.m.codegen_batch, len(self.items), self.m, "codegen")
+        self.mini_batches = min(self.mini_batches, self.batch)  # a clamped batch
         return {**data["metrics"], "batch": float(self.batch)}
 
     def _make(self, ctx) -> dict:
@@ -278,6 +281,7 @@ class SolverPhase:
     def __init__(self, recipe: MMZeroRecipe):
         self.recipe, self.m = recipe, recipe.m
         self.steps = self.m.train_steps
+        self.mini_batches = self.m.solver_mini_batches  # updates per generation step
         self.items: list[dict] = []
         self.current: list[dict] = []
         self.batch = self.m.solver_batch
@@ -291,6 +295,7 @@ class SolverPhase:
         self.items = pq.read_table(path).to_pylist()
         info = json.loads((ctx.dir / "funnel.json").read_text())
         self.batch, self.steps = plan_steps(self.m.solver_batch, len(self.items), self.m, "solver")
+        self.mini_batches = min(self.mini_batches, self.batch)  # a clamped batch
         return {**info["metrics"], "batch": float(self.batch)}
 
     def _make(self, ctx, path: Path) -> None:
@@ -382,7 +387,9 @@ class SolverPhase:
                                       CONTENT_TYPES)
         metrics.update(coevo.phase_rewards(ctx.dir.parent))
         if self.m.heldout:  # the trained Solver (its hf/ export), on the same draws as before
-            trained = ctx.engines.pool(self.role, str(ctx.dir / "hf"), ctx.placement)
+            # no step trained: hf/ holds the starting weights, which the phase's pool serves
+            trained = ctx.pool if self.steps == 0 else \
+                ctx.engines.pool(self.role, str(ctx.dir / "hf"), ctx.placement)
             metrics["heldout_accuracy_before"] = info["metrics"].get("heldout_accuracy_before")
             metrics["heldout_accuracy"] = self.recipe.heldout_accuracy(
                 trained, self.recipe.cfg.run.seed)
