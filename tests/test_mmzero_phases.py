@@ -495,3 +495,20 @@ def test_update_batches_per_phase():
     assert (gpu.proposer_batch, gpu.proposer_mini_batches) == (18, 1)
     assert (gpu.codegen_batch, gpu.codegen_mini_batches) == (256, 4)
     assert (gpu.solver_batch, gpu.solver_mini_batches) == (512, 4)
+
+
+def test_proposer_prompt_states_the_originals_requirements():
+    """The original's proposer template's requirements, in our words: complexity, no
+    clichés or repeats, a hard question that does not state its values, short answers,
+    exactly the six tagged fields."""
+    from pipelines.recipes.mmzero.prompts import proposer_messages
+
+    text = proposer_messages("chart and graph understanding")[0]["content"][0]["text"]
+    for required in ("at least\n  three data elements", "no month-by-month sales chart",
+                     "nothing you have written before", "must not\n  state the values needed",
+                     "a single number, a single word or a very short phrase",
+                     "exactly these six tagged fields"):
+        assert required in text, required
+    tags = ("content_type", "caption", "easy_question", "easy_answer", "hard_question",
+            "hard_answer")
+    assert [text.count(f"<{t}>") for t in tags] == [1] * 6

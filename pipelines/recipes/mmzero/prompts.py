@@ -1,9 +1,11 @@
 """The three MM-Zero prompts (arXiv:2603.09206), as chat messages.
 
 Proposer and CodeGen are text-only; the Solver sees the rendered image first,
-then the question. Wording follows the spec's description of each prompt;
-the fields, tags and output formats are exactly the ones the parsers and
-rewards check.
+then the question. Wording follows the spec's description of each prompt, and
+the Proposer's requirements (complexity, no clichés or repeats, a hard question
+that does not state its values, short answers) those of the original's proposer
+template, in our own words; the fields, tags and output formats are exactly the
+ones the parsers and rewards check.
 """
 
 from __future__ import annotations
@@ -18,15 +20,23 @@ CONTENT_TYPE_LIST = "data_chart, diagram, geometry, timeline, map, table, other"
 PROPOSER = """You design visual reasoning problems. Topic: {topic}.
 
 Invent one image that could be drawn as a vector graphic (SVG) and two questions about it.
+Plan it first, silently: a topic of its own, several data elements, something to work out.
+- The image shows enough to reason about: at least three data elements, and at least
+  three of: several series, labels or callouts, an inset panel, distinct colours or
+  markers, values that must be derived, an irregular pattern, a geometric construction.
+- Avoid the obvious: no month-by-month sales chart, no steadily rising data, no generic
+  axis names, nothing you have written before.
+- The hard question needs several steps across different parts of the image; it must not
+  state the values needed to answer it, so that it cannot be answered without looking.
+- Both answers are a single number, a single word or a very short phrase, never a sentence.
 Answer with exactly these six tagged fields and nothing else:
-<content_type>one of: {types}</content_type>
+<content_type>one of: {types}; the kind of image described</content_type>
 <caption>a detailed specification of the image: every element, its position, colour, every
 label and every number shown, so that someone can draw it exactly</caption>
 <easy_question>a question whose answer can be read directly from the image</easy_question>
-<easy_answer>a short answer: a number, a word or a short phrase</easy_answer>
-<hard_question>a question that requires reading several values from the image and reasoning
-about them</hard_question>
-<hard_answer>a short answer: a number, a word or a short phrase</hard_answer>"""
+<easy_answer>the answer</easy_answer>
+<hard_question>the multi-step question</hard_question>
+<hard_answer>the answer</hard_answer>"""
 
 CODEGEN = """Write SVG code for the image described below.
 
