@@ -503,9 +503,10 @@ def test_proposer_prompt_states_the_originals_requirements():
     exactly the six tagged fields."""
     from pipelines.recipes.mmzero.prompts import proposer_messages
 
-    text = proposer_messages("chart and graph understanding")[0]["content"][0]["text"]
-    for required in ("at least\n  three data elements", "no month-by-month sales chart",
-                     "nothing you have written before", "must not\n  state the values needed",
+    text = " ".join(proposer_messages("chart and graph understanding")[0]["content"][0][
+        "text"].split())  # one space between words
+    for required in ("at least three data elements", "no month-by-month sales chart",
+                     "nothing you have written before", "must not state the values needed",
                      "a single number, a single word or a very short phrase",
                      "exactly these six tagged fields"):
         assert required in text, required
