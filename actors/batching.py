@@ -132,7 +132,8 @@ class InputBuilder:
         whose micro-batch has images (FSDP's collectives must match).
         """
         has_image = bool(batch.images) and any(batch.images[int(batch.prompt_index[r])] for r in rows)
-        if ensure_image and not has_image:
+        dummy = ensure_image and not has_image
+        if dummy:
             batch, rows = self._with_dummy_row(batch, rows)
         lengths = [len(batch.input_ids[r]) for r in rows]
         width = max(lengths)
@@ -163,7 +164,10 @@ class InputBuilder:
             if batch.images:
                 images = batch.images[int(batch.prompt_index[r])]
                 if images:
-                    pv, grid = self._prompt_pixels(batch_key, int(batch.prompt_index[r]), images)
+                    # the dummy row's prompt index is one of the sub-batch's, which may name
+                    # another prompt of the whole batch: its pixels have a key of their own
+                    key = ("dummy",) if dummy and i == len(rows) - 1 else batch_key
+                    pv, grid = self._prompt_pixels(key, int(batch.prompt_index[r]), images)
                     pixels.append(pv)
                     grids.append(grid)
         mm_types = (ids == self.image_token_id).long() + 2 * (ids == self.video_token_id).long()
@@ -180,7 +184,7 @@ class InputBuilder:
             "advantages": None if batch.advantages is None else (adv_tok if per_token_adv else adv_seq),
         }
 
-    def _prompt_pixels(self, batch_key: int, prompt: int, images: list[bytes]):
+    def _prompt_pixels(self, batch_key, prompt: int, images: list[bytes]):
         key = (batch_key, prompt)
         if key not in self._pixels:
             from PIL import Image

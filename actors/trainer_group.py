@@ -61,7 +61,8 @@ class TrainerGroup:
         Fails fast: when one rank dies, the others would wait in a collective
         until gloo's/NCCL's timeout, so the whole group is killed and
         ``TrainerGroupFailed`` raised at once (the phase rebuilds the group
-        from its last checkpoint).
+        from its last checkpoint). A rank that raises an error kills the group
+        too, and the error is raised as it is.
         """
         import ray
 
@@ -76,6 +77,11 @@ class TrainerGroup:
                 rank = calls.index(done[0])
                 self.kill()
                 raise TrainerGroupFailed(f"trainer rank {rank} died during {verb}: {err}") from err
+            except Exception:
+                # A rank raised: the others may wait for it in a collective forever, so the
+                # group is killed before the error is passed on (a later shutdown is a no-op).
+                self.kill()
+                raise
         return ray.get(calls)
 
     def compute_logprobs(self, batch: TrainBatch, reference: bool = False,

@@ -611,3 +611,27 @@ def test_lora_kl_is_the_exact_kl_to_the_base_with_adapters_disabled(path, batche
     print(f"KL to the base: trainer {trainer_kl:.6g}, direct {direct:.6g}")
     assert trainer_kl > 1e-4
     assert trainer_kl == pytest.approx(direct, rel=1e-4)
+
+
+def test_a_dummy_image_row_gets_its_own_pixels_not_a_cached_prompts():
+    """A micro-batch without images on a rank whose peers have some gets a dummy image
+    row. Its prompt index is a sub-batch index that may name another prompt of the whole
+    batch whose pixels are cached already: the dummy's pixels must still be the dummy's
+    (the warm start once failed with "image tokens 4, features 12")."""
+    from conftest import chart_png
+    from transformers import AutoProcessor
+
+    from pipelines.runtime.sft import SFTExample, sft_batch
+
+    path = resolve_model("tiny://qwen2.5-vl")
+    text = [{"role": "user", "content": "Say red."}]
+    image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
+    batch = sft_batch([SFTExample(text, "red"), SFTExample(text, "red"),
+                       SFTExample(image, "blue", [chart_png(0, (224, 168))])],
+                      AutoProcessor.from_pretrained(path))
+    builder = InputBuilder.for_model(path)
+    builder.build(batch, [2], 0)  # caches prompt 2's pixels under batch key 0
+    mb = builder.build(batch, [0, 1], 0, ensure_image=True)  # dummy row: sub-batch prompt 2
+    merge = builder.processor.image_processor.merge_size ** 2
+    tokens = int((mb["inputs"]["input_ids"] == builder.image_token_id).sum())
+    assert tokens == int(mb["inputs"]["image_grid_thw"].prod()) // merge == 4
