@@ -550,3 +550,24 @@ def test_lmms_eval_runs_a_coevolve_checkpoint_offline(ray_cluster, tiny_run, tmp
     [row] = report.load_summary(tmp_path / "ours")
     assert row["task"] == "lmms:coevolve_count" and row["items"] == 6
     assert row["accuracy"] == scores["exact_match,none"]
+
+
+def test_a_warm_started_run_evaluates_the_warm_model_after_the_base(tmp_path):
+    """model.warm_start: the run directory's target lists base, warm_start, then each
+    finished iteration of the recipe's eval role."""
+    from pipelines.config import dump_config, load_config
+    from pipelines.eval.harness import resolve_target
+
+    run = tmp_path / "run"
+    cfg = load_config(None, ["model.warm_start.data=tests.user_recipe:warm_examples"])
+    for folder in ("warm_start/hf", "iter_0001/policy/hf"):
+        (run / folder).mkdir(parents=True)
+        (run / folder / "config.json").write_text("{}")
+    (run / "warm_start/DONE").write_text("key\n")
+    (run / "iter_0001/policy/DONE").write_text("ok\n")
+    (run / "config.yaml").write_text(dump_config(cfg))
+    (run / "state.json").write_text('{"roles": {}, "base": "warm_start/hf"}')
+    target = resolve_target(str(run))
+    assert [(m.label, m.path, m.iteration) for m in target.models] == [
+        ("base", "tiny://qwen2.5-vl", 0), ("warm_start", str(run / "warm_start/hf"), 0),
+        ("iter_0001", str(run / "iter_0001/policy/hf"), 1)]
