@@ -505,8 +505,8 @@ def test_proposer_prompt_states_the_originals_requirements():
 
     text = " ".join(proposer_messages("chart and graph understanding")[0]["content"][0][
         "text"].split())  # one space between words
-    for required in ("at least three data elements", "no month-by-month sales chart",
-                     "nothing you have written before", "must not state the values needed",
+    for required in ("at least three data elements", "No clichés (monthly sales",
+                     "no repeats", "must not state the values it needs",
                      "a single number, a single word or a very short phrase",
                      "exactly these six tagged fields"):
         assert required in text, required

@@ -20,15 +20,11 @@ CONTENT_TYPE_LIST = "data_chart, diagram, geometry, timeline, map, table, other"
 PROPOSER = """You design visual reasoning problems. Topic: {topic}.
 
 Invent one image that could be drawn as a vector graphic (SVG) and two questions about it.
-Plan it first, silently: a topic of its own, several data elements, something to work out.
-- The image shows enough to reason about: at least three data elements, and at least
-  three of: several series, labels or callouts, an inset panel, distinct colours or
-  markers, values that must be derived, an irregular pattern, a geometric construction.
-- Avoid the obvious: no month-by-month sales chart, no steadily rising data, no generic
-  axis names, nothing you have written before.
-- The hard question needs several steps across different parts of the image; it must not
-  state the values needed to answer it, so that it cannot be answered without looking.
-- Both answers are a single number, a single word or a very short phrase, never a sentence.
+- Show at least three data elements, and at least three of: several series, labels,
+  an inset, distinct colours, derived values, an irregular pattern, a construction.
+- No clichés (monthly sales, steadily rising data, generic axes), no repeats.
+- The hard question takes several steps and must not state the values it needs.
+- Each answer is a single number, a single word or a very short phrase.
 Answer with exactly these six tagged fields and nothing else:
 <content_type>one of: {types}; the kind of image described</content_type>
 <caption>a detailed specification of the image: every element, its position, colour, every
