@@ -149,20 +149,28 @@ def build_tiny(ref: str | TinySpec, root: Path | None = None) -> Path:
     """Return the folder of a tiny model, building it if it is not cached yet."""
     spec = parse_tiny(ref) if isinstance(ref, str) else ref
     root = Path(root) if root is not None else cache_root()
-    target = root / f"{spec.family}-{spec.key()}"
+    return cached_folder(root / f"{spec.family}-{spec.key()}", lambda tmp: _write_model(spec, tmp),
+                         json.dumps(dataclasses.asdict(spec)))
+
+
+def cached_folder(target: Path, write, done: str = "ok\n") -> Path:
+    """``target``, made once by ``write(tmp_folder)`` if it has no DONE marker yet.
+
+    One builder at a time per folder (several Ray actors or runs may ask at once;
+    the others wait for the file lock and find the finished folder): ``write`` fills
+    a temporary folder, which gets DONE (text ``done``) and is renamed into place."""
     if (target / "DONE").exists():
         return target
+    root = target.parent
     root.mkdir(parents=True, exist_ok=True)
-    # One builder at a time per model (several Ray actors resolve the same
-    # reference at once); the others wait and find the finished folder.
     with open(root / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "DONE").exists():
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
         try:
-            _write_model(spec, tmp)
-            (tmp / "DONE").write_text(json.dumps(dataclasses.asdict(spec)))
+            write(tmp)
+            (tmp / "DONE").write_text(done)
             shutil.rmtree(target, ignore_errors=True)  # a partial folder from a killed builder
             os.rename(tmp, target)
         finally:

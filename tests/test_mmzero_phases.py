@@ -437,14 +437,16 @@ def test_heldout_accuracy_scores_fixed_draws_at_validation_sampling(tmp_path):
     """mmzero.heldout figures, both questions, one answer each at the original's validation
     sampling (T 0.6, top_p 0.95) with seeds run.seed + k: the same draws for the Solver
     before and after its phase. A scripted Solver right on every other question: 0.5."""
-    from pipelines.recipes.mmzero.warm_start import heldout_items, warm_figures
+    from pipelines.recipes.mmzero.warm_start import heldout_figures, warm_figures
 
     r = MMZeroRecipe(load_config(None, [*OVERRIDES, "mmzero.heldout=3", "run.seed=7",
                                         "model.warm_start.data=recipe",
                                         "model.warm_start.examples=64"]))
     seen = frozenset(fig.svg for _, fig in warm_figures(64, 7))
-    items = heldout_items(3, 7, seen)
-    answers = {q: a for _, q, a in items}
+    figures = heldout_figures(3, 7, seen)
+    questions = [q for f in figures for q in (f.proposal.easy_question, f.proposal.hard_question)]
+    answers = {f.proposal.easy_question: f.proposal.easy_answer for f in figures} | {
+        f.proposal.hard_question: f.proposal.hard_answer for f in figures}
     asked = []
 
     class Scripted:
@@ -461,11 +463,11 @@ def test_heldout_accuracy_scores_fixed_draws_at_validation_sampling(tmp_path):
                                        finish_reason="stop", version=0)])
             return out
     try:
-        assert r.heldout_accuracy(Scripted(), 7) == 0.5
-        assert r.heldout_accuracy(Scripted(), 7) == 0.5  # rendered once, asked again
+        assert r.heldout_accuracy(Scripted()) == 0.5
+        assert r.heldout_accuracy(Scripted()) == 0.5  # rendered once, asked again
     finally:
         r.close()
-    assert asked == [q for _, q, _ in items] * 2
+    assert asked == questions * 2
 
 
 def test_render_grace_is_the_originals_and_reaches_the_renderer(recipe):

@@ -20,15 +20,16 @@ unchanged one is copied in seconds.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from actors.tiny import cache_root as tiny_cache_root
+from actors.tiny import cached_folder
 from pipelines.config import ConfigError
 from pipelines.runtime.rundir import atomic_write
 from pipelines.runtime.sft import SFTExample, SFTPhase
@@ -58,9 +59,7 @@ def data_function(cfg, recipe) -> Callable[[int, int, object], list[SFTExample]]
 
 
 def cache_root() -> Path:
-    from actors.tiny import cache_root as tiny_root
-
-    return tiny_root().parent / "warm"
+    return tiny_cache_root().parent / "warm"
 
 
 def cache_key(cfg, examples: list[SFTExample]) -> str:
@@ -122,7 +121,7 @@ def warm_start(cfg, recipe, *, run_dir: Path, engines, placement) -> Path:
                          seed_path=(cfg.run.seed, 0, 0), engines=engines, placement=placement,
                          weights=lambda role: cfg.model.path) as runner:
             runner.run()
-        _store(hf, cached)
+        cached_folder(cached, lambda tmp: shutil.copytree(hf, tmp / "hf"))
     atomic_write(folder / "DONE", key + "\n")
     return hf
 
@@ -136,24 +135,6 @@ def _copy(src: Path, dst: Path) -> None:
         tmp.rename(dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _store(hf: Path, cached: Path) -> None:
-    """Copy a trained hf/ into the cache (under a lock; a concurrent run may have won)."""
-    root = cached.parent
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{cached.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (cached / "DONE").exists():
-            return
-        tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}-", dir=root))
-        try:
-            shutil.copytree(hf, tmp / "hf")
-            (tmp / "DONE").write_text("ok\n")
-            shutil.rmtree(cached, ignore_errors=True)
-            tmp.rename(cached)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 __all__ = ["FOLDER", "cache_key", "cache_root", "data_function", "warm_start"]

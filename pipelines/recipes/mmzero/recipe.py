@@ -99,23 +99,25 @@ class MMZeroRecipe:
         return warm_start.sft_examples(count, seed,
                                        lambda svgs: self.render(svgs, early_stop=False))
 
-    def heldout_accuracy(self, pool, seed: int) -> float | None:
+    def heldout_accuracy(self, pool) -> float | None:
         """The Solver's accuracy on the held-out set (``mmzero.heldout`` figures, both
-        questions), one answer each at T 0.6 / top_p 0.95 with per-item seeds fixed by
-        ``seed``, so two Solvers are compared on the same draws. None when off."""
+        questions), one answer each at T 0.6 / top_p 0.95 with seeds run.seed + k, so two
+        Solvers are compared on the same draws. None when off."""
         from pipelines.algorithms.answers import extract_answer
         from pipelines.algorithms.grading import grade
 
         if not self.m.heldout:
             return None
+        seed = self.cfg.run.seed
         if self._heldout is None:
             w = self.cfg.model.warm_start  # held out from the built-in warm start's figures
             seen = frozenset(fig.svg for _, fig in warm_start.warm_figures(w.examples, seed)) \
                 if w.data == "recipe" else frozenset()
-            items = warm_start.heldout_items(self.m.heldout, seed, seen)
-            renders = self.render([svg for svg, _, _ in items[::2]], early_stop=False)
-            self._heldout = [(r.png, q, a) for r, pair in zip(renders, zip(items[::2], items[1::2]))
-                             if r.ok for _, q, a in pair]
+            figures = warm_start.heldout_figures(self.m.heldout, seed, seen)
+            renders = self.render([fig.svg for fig in figures], early_stop=False)
+            self._heldout = [(r.png, q, a) for fig, r in zip(figures, renders) if r.ok
+                             for q, a in ((fig.proposal.easy_question, fig.proposal.easy_answer),
+                                          (fig.proposal.hard_question, fig.proposal.hard_answer))]
         requests = [Request(solver_messages(q), images=[png], sampling=Sampling(
             n=1, temperature=0.6, top_p=0.95, max_tokens=self.m.max_tokens, seed=seed + k))
             for k, (png, q, _) in enumerate(self._heldout)]
@@ -341,7 +343,7 @@ class SolverPhase:
                                   "label": example["hard_answer"], "bootstrap": True})
         order = rng.permutation(len(items)).tolist()
         coevo.save_samples(ctx.dir / "samples", samples, m.samples_saved)
-        before = self.recipe.heldout_accuracy(ctx.pool, self.recipe.cfg.run.seed)
+        before = self.recipe.heldout_accuracy(ctx.pool)
         metrics = {"proposals": float(len(proposals)), "parsed": float(len(parsed)),
                    "rendered": float(len(rendered)),
                    "evaluated": float(sum(a is not None for a in answers)),
@@ -391,8 +393,7 @@ class SolverPhase:
             trained = ctx.pool if self.steps == 0 else \
                 ctx.engines.pool(self.role, str(ctx.dir / "hf"), ctx.placement)
             metrics["heldout_accuracy_before"] = info["metrics"].get("heldout_accuracy_before")
-            metrics["heldout_accuracy"] = self.recipe.heldout_accuracy(
-                trained, self.recipe.cfg.run.seed)
+            metrics["heldout_accuracy"] = self.recipe.heldout_accuracy(trained)
         coevo.write_coevo(ctx.dir.parent, metrics, ctx.iteration)
         coevo.write_run_figure(ctx.run_dir)
 

@@ -15,7 +15,7 @@ point with a short SFT (pipelines/runtime/warm_start.py) on examples of:
 
 Everything is a pure function of a seed. The figures are small on purpose: a
 six-field proposal and its SVG fit the tiny presets' token budgets. The same
-generator makes the held-out Solver set (``heldout_items``: questions about
+generator makes the held-out Solver set (``heldout_figures``: questions about
 rendered figures with known answers) that the Solver phase scores before and after
 training (``mmzero.heldout``).
 """
@@ -176,23 +176,21 @@ def sft_examples(count: int, seed: int, render) -> list[SFTExample]:
     return out[:count]
 
 
-def heldout_items(count: int, seed: int, exclude: frozenset[str] = frozenset()
-                  ) -> list[tuple[str, str, str]]:
-    """(svg, question, answer) for the held-out Solver set: ``count`` figures from another
-    seed stream than the warm start's (kinds cycled), both questions of each. A figure
-    whose SVG is in ``exclude`` (the warm start's) is drawn again, up to 100 times."""
+def heldout_figures(count: int, seed: int, exclude: frozenset[str] = frozenset()
+                    ) -> list[Figure]:
+    """The held-out Solver set: ``count`` figures from another seed stream than the warm
+    start's (kinds cycled; both questions of each are asked). A figure whose SVG is in
+    ``exclude`` (the warm start's) is drawn again, up to 100 times."""
     rng = np.random.default_rng([seed, 2])
     kinds = ("shapes", "bars", "table")
-    items = []
+    out = []
     for i in range(count):
         for _ in range(100):
             fig = figure(kinds[i % len(kinds)], rng)
             if fig.svg not in exclude:
                 break
-        p = fig.proposal
-        items.append((fig.svg, p.easy_question, p.easy_answer))
-        items.append((fig.svg, p.hard_question, p.hard_answer))
-    return items
+        out.append(fig)
+    return out
 
 
-__all__ = ["Figure", "figure", "heldout_items", "sft_examples", "warm_figures"]
+__all__ = ["Figure", "figure", "heldout_figures", "sft_examples", "warm_figures"]
