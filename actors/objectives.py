@@ -382,6 +382,8 @@ class ObjectiveSpec:
     kl_estimator: one of KL_ESTIMATORS (from ref_logprobs) or "full" (exact
                   over the vocabulary, needs logits and ref_logits).
     entropy_coef: weight of the entropy bonus (subtracted); 0 = off.
+    log_entropy:  compute the policy's entropy for the metrics (``policy/entropy``)
+                  even without a bonus (MAYE's evaluation scheme); costs a softmax.
     """
 
     policy_loss: str = "ppo"
@@ -392,6 +394,7 @@ class ObjectiveSpec:
     kl_coef: float = 0.0
     kl_estimator: str = "low_var_kl"
     entropy_coef: float = 0.0
+    log_entropy: bool = False
 
     def __post_init__(self) -> None:
         if self.policy_loss not in POLICY_LOSSES:

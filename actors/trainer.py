@@ -450,7 +450,8 @@ class TrainerActor:
         extra = {}
         if self.spec.logprob_chunk_tokens:
             logp, entropy = chunked_model_logprobs(self.model, mb, self.spec.logprob_chunk_tokens,
-                                                   with_entropy=spec.entropy_coef > 0)
+                                                   with_entropy=spec.entropy_coef > 0
+                                                   or spec.log_entropy)
             if entropy is not None:
                 extra["entropy"] = entropy
         else:
@@ -458,7 +459,7 @@ class TrainerActor:
             logp = token_logprobs(logits, mb["targets"])
             if spec.kl_estimator == "full" and spec.kl_coef > 0:
                 extra["logits"], extra["ref_logits"] = logits, self._reference_logits(mb)
-            elif spec.entropy_coef > 0:
+            elif spec.entropy_coef > 0 or spec.log_entropy:
                 extra["logits"] = logits
         old = mb["old_logprobs"] if mb["old_logprobs"] is not None else logp.detach()
         return policy_objective(spec, logp, mb["advantages"], mask, old_logprobs=old,

@@ -214,6 +214,9 @@ class AlgorithmConfig:
         "token-mean", "How per-token losses are reduced over the batch."
     )
     entropy_coef: float = param(0.0, "Entropy bonus coefficient.", ge=0)
+    log_entropy: bool = param(
+        False, "Log the policy's entropy (policy/entropy) even without an entropy bonus "
+        "(one softmax over the vocabulary per token).")
     reward_budget_s: float = param(
         60.0, "Seconds of symbolic answer checks (math-verify, in the grading worker, worker "
         "starts included) one step's scoring may spend in all (judge sampling and rendering "

@@ -34,6 +34,10 @@ BUILTIN_RECIPES = {
                "pipelines.recipes.evolmm.config:EvoLMMConfig"),
     "ireasoner": ("pipelines.recipes.ireasoner.recipe:IReasonerRecipe",
                   "pipelines.recipes.ireasoner.config:IReasonerConfig"),
+    "r3v": ("pipelines.recipes.r3v.recipe:R3VRecipe",
+            "pipelines.recipes.r3v.config:R3VConfig"),
+    "maye": ("pipelines.recipes.maye.recipe:MayeRecipe",
+             "pipelines.recipes.maye.config:MayeConfig"),
 }
 
 

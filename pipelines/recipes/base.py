@@ -68,6 +68,10 @@ class Recipe(Protocol):
 #   phase.prepare(ctx) -> dict   once before the first step (also on resume): build or
 #                                reload the phase's data; returned figures are logged as data/*
 #   phase.finish(ctx) -> None    after the phase exported hf/, before its DONE marker
+#   phase.after_step(step, ctx) -> dict  after each step (its weights synced to the engines);
+#                                returned figures join the step's metrics (MAYE's evaluation)
+#   phase.from_base = True       the phase starts from the run's base model (or warm start),
+#                                not the role's newest weights (R3V: each iteration from base)
 #   phase.policies: tuple[str, ...]  LoRA adapters on the role's backbone, each a policy of its
 #                                own (optimizer, estimator state, KL coefficient, version);
 #                                then rollout(step, rng, ctx) -> list[Rollout] replaces

@@ -142,14 +142,15 @@ class Driver:
             check_shared(self.run_dir.parent, nodes | self._shared_nodes)
             self._shared_nodes |= nodes
 
-    def weights(self, role: str) -> str:
+    def weights(self, role: str | None) -> str:
         """The newest weights of ``role``: its last phase's hf/ export, else the warm start
-        (``model.warm_start``), else the base model.
+        (``model.warm_start``), else the base model; ``None``: the latter two.
 
         state.json records exports relative to the run directory, so a run moved or
         resumed from another working directory still finds them.
         """
-        path = self.state.get("roles", {}).get(role, {}).get("path") or self.state.get("base")
+        path = (self.state.get("roles", {}).get(role, {}).get("path") if role else None) \
+            or self.state.get("base")
         return str(self.run_dir / path) if path else self.cfg.model.path
 
     def run_phase(self, iteration: int, index: int, phase: Phase, phase_dir: Path,

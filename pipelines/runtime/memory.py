@@ -93,6 +93,14 @@ BUILTIN_MODELS: dict[str, dict] = {
                           "spatial_merge_size": 2, "temporal_patch_size": 2, "in_chans": 3,
                           "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]},
     },
+    "Qwen/Qwen2-VL-7B-Instruct": {
+        "model_type": "qwen2_vl", "tie_word_embeddings": False,
+        "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+        "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16,
+                          "hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2,
+                          "temporal_patch_size": 2, "in_chans": 3},
+    },
 }
 # Same architecture, other weights.
 BUILTIN_MODELS["Qwen/Qwen3-VL-8B-Thinking"] = BUILTIN_MODELS["Qwen/Qwen3-VL-8B-Instruct"]

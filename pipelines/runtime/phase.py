@@ -52,7 +52,9 @@ class PhaseRunner:
         self.cfg, self.phase, self.dir = cfg, phase, Path(phase_dir)
         self.run_dir, self.seed_path = run_dir, seed_path
         self.engines, self.placement, self.weights = engines, placement, weights
-        self.start_weights = weights(phase.role)
+        # the role's newest weights, or the run's base model for a phase that says
+        # ``from_base`` (R3V trains each iteration's model from the base)
+        self.start_weights = weights(None if getattr(phase, "from_base", False) else phase.role)
         self.base_version = base_version  # the role's version before this phase
         # LoRA adapters this phase trains as policies of their own (one backbone, one
         # trainer group, one engine pool); none: the phase trains its role's weights.
@@ -82,8 +84,9 @@ class PhaseRunner:
         return needs_reference(self.cfg.algorithm)
 
     def other_pool(self, role: str):
-        """The engines of ``role`` (its newest weights) for scoring or data making."""
-        if role == self.phase.role:
+        """The engines of ``role`` (its newest weights) for scoring or data making; the
+        phase's own role: its pool, or (an SFT phase, which has none) the newest weights."""
+        if role == self.phase.role and self.pool is not None:
             return self.pool
         weights = self.weights(role)
         self._record_provenance(role, weights)
@@ -158,6 +161,9 @@ class PhaseRunner:
                 try:
                     while step < self.phase.steps:
                         metrics = self.step(step)
+                        after = getattr(self.phase, "after_step", None)
+                        if after is not None:  # e.g. MAYE's evaluation at an epoch's end
+                            metrics.update(after(step, self) or {})
                         sink.log(step + 1, metrics)
                         step += 1
                         if on_step is not None:
@@ -525,7 +531,7 @@ def trainer_spec(cfg, start_weights: str, steps: int, sft: bool = False,
         objective=ObjectiveSpec(policy_loss=a.loss, clip_low=a.clip_low, clip_high=a.clip_high,
                                 dual_clip=a.dual_clip or None, loss_agg=a.loss_agg,
                                 kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
-                                entropy_coef=a.entropy_coef),
+                                entropy_coef=a.entropy_coef, log_entropy=a.log_entropy),
         lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), grad_clip=t.grad_clip,
         schedule=t.schedule, warmup_steps=int(round(t.warmup_ratio * steps)),
         total_steps=steps, micro_batch_tokens=t.micro_batch_tokens,

@@ -1,0 +1,264 @@
+"""R3V on the engine: self-training through reflection on a labeled set (docs/r3v.md).
+
+One SFT phase per iteration k, trained from the base model (``from_base``):
+
+    prepare   the newest model (k-1) samples ``samples`` rationales per training question
+              (T 0.9, top_p 0.95, top_k 50) into iter_k/sft/samples.jsonl; the pool is every
+              iteration's file so far (models 0..k-1); ``mix.build_mix`` makes the SFT mix
+    train     the SFT objective over the mix for ``epochs`` epochs (LoRA in the presets)
+    finish    the new model on the test set: Test@1 (greedy), and for each candidate count N
+              self-select over N sampled answers beside majority vote and oracle (pass@N)
+
+Iteration 1 also evaluates the base model first. Every evaluation is saved as
+``r3v_eval/<model>.json`` in the run folder (a resumed run reuses it), and
+``r3v_report.md`` / ``r3v_report.png`` show all models so far.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from actors.generator import Sampling
+from pipelines.eval.tasks import item_seed
+from pipelines.recipes.labeled import LabeledRequest, load_items
+from pipelines.recipes.r3v.mix import (
+    Sample,
+    build_mix,
+    cot_messages,
+    majority_answer,
+    rationale_answer,
+    select_messages,
+)
+from pipelines.runtime.sft import SFTPhase
+
+logger = logging.getLogger(__name__)
+SAMPLES = "samples.jsonl"
+EVAL = "r3v_eval"
+REPORT = "r3v_report"
+TOP_K = 50  # the original's sampling for rationales and test-time candidates
+
+
+def grader(item):
+    """The answer check of one item (its options, for a multiple-choice item)."""
+    from pipelines.algorithms.grading import grade
+
+    options = item.options or None
+    return lambda pred, ref: grade(pred, ref, options=options)
+
+
+class R3VPhase:
+    name = "sft"
+    role = "policy"
+    objective = "sft"
+    from_base = True
+    data_roles = ("policy",)
+
+    def __init__(self, cfg, settings):
+        self.cfg, self.s = cfg, settings
+        self.steps = settings.epochs  # until prepare() has built the mix
+        self._sft: SFTPhase | None = None
+
+    # -- data ----------------------------------------------------------------------
+
+    def prepare(self, ctx) -> dict:
+        s = self.s
+        items = load_items(s.train, "train")
+        self.test = load_items(s.test, "test", s.test_limit or None)
+        pool = ctx.other_pool(self.role)  # the newest model: k - 1
+        if ctx.iteration == 1:
+            self.evaluate(ctx, pool, "base", 0)
+        made = ctx.dir / SAMPLES
+        if not made.exists():
+            self.sample(pool, items, ctx.iteration, made)
+        samples = read_pool(ctx.run_dir, ctx.iteration)
+        rng = np.random.default_rng([*ctx.seed_path, 1])
+        examples, counts = build_mix(
+            items, samples, rng, grader=grader, direct_qa=s.direct_qa, distilled=True, self_refine=s.self_refine,
+            self_select=s.self_select)
+        if examples:
+            self._sft = SFTPhase(self.name, self.role, examples, s.batch_size, s.epochs)
+            self.steps = self._sft.steps
+        else:
+            self.steps = 0
+        newest = [x for x in samples if x.iteration == ctx.iteration]
+        return {**{f"mix_{k}": float(v) for k, v in counts.items()},
+                "mix_examples": float(len(examples)), "pool_samples": float(len(samples)),
+                "sample_accuracy": float(np.mean([x.correct for x in newest])) if newest else 0.0}
+
+    def sample(self, pool, items, iteration: int, path: Path) -> None:
+        """``samples`` rationales per question from the pool's model, written at once."""
+        requests = [LabeledRequest(cot_messages(item), images=item.image_bytes(), item=item,
+                                   sampling=Sampling(
+                                       n=self.s.samples, temperature=self.s.temperature,
+                                       top_p=self.s.top_p, top_k=TOP_K,
+                                       max_tokens=self.s.max_tokens,
+                                       seed=item_seed(self.cfg.run.seed, "r3v", iteration,
+                                                      item.id)))
+                    for item in items]
+        rows = []
+        for request, group in zip(requests, pool.generate(requests)):
+            item = request.item
+            for c in group:
+                answer = rationale_answer(c.text)
+                rows.append({"item_id": item.id, "text": c.text, "answer": answer,
+                             "correct": answer is not None and grader(item)(answer, item.answer),
+                             "iteration": iteration})
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(path)
+
+    def batch_examples(self, step: int, seed_path):
+        return self._sft.batch_examples(step, seed_path)
+
+    def finish(self, ctx) -> None:
+        pool = ctx.engines.pool(self.role, str(ctx.dir / "hf"), ctx.placement)
+        self.evaluate(ctx, pool, f"iter_{ctx.iteration:04d}", ctx.iteration)
+
+    # -- evaluation --------------------------------------------------------------------
+
+    def evaluate(self, ctx, pool, label: str, iteration: int) -> dict:
+        """Test@1 and test-time selection of the model ``pool`` serves (saved once)."""
+        path = ctx.run_dir / EVAL / f"{label}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        figures = evaluate_selection(pool, self.test, seed=self.cfg.run.seed,
+                                     counts=self.s.select_candidates,
+                                     temperature=self.s.eval_temperature, top_p=self.s.top_p,
+                                     max_tokens=self.s.max_tokens)
+        figures = {"model": label, "iteration": iteration, **figures}
+        from pipelines.runtime.rundir import atomic_write
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(figures, indent=1))
+        write_report(ctx.run_dir)
+        logger.info("r3v %s: Test@1 %.3f", label, figures["test@1"])
+        return figures
+
+
+def read_pool(run_dir: Path, iteration: int) -> list[Sample]:
+    """Every rationale sampled by iterations 1..``iteration`` (models 0..iteration-1)."""
+    out = []
+    for k in range(1, iteration + 1):
+        path = run_dir / f"iter_{k:04d}" / R3VPhase.name / SAMPLES
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: iteration {k}'s samples are missing")
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            out.append(Sample(row["item_id"], row["text"], row["answer"], row["correct"],
+                              row["iteration"]))
+    return out
+
+
+def evaluate_selection(pool, items, *, seed: int, counts, temperature: float, top_p: float,
+                       max_tokens: int) -> dict:
+    """Test@1 (greedy); then max(counts) sampled answers per item and, for each N in
+    ``counts``, accuracy of self-select (the model picks among the first N, greedy),
+    majority vote and oracle (any of the N right)."""
+    greedy = [LabeledRequest(cot_messages(item), images=item.image_bytes(), item=item,
+                             sampling=Sampling(temperature=0.0, max_tokens=max_tokens))
+              for item in items]
+    most = max(counts)
+    sampled = [LabeledRequest(cot_messages(item), images=item.image_bytes(), item=item,
+                              sampling=Sampling(n=most, temperature=temperature, top_p=top_p,
+                                                top_k=TOP_K, max_tokens=max_tokens,
+                                                seed=item_seed(seed, "r3v-test", item.id)))
+               for item in items]
+    answers = pool.generate(greedy + sampled)
+    first, candidates = answers[:len(items)], answers[len(items):]
+
+    def right(item, text: str) -> bool:
+        pred = rationale_answer(text)
+        return pred is not None and grader(item)(pred, item.answer)
+
+    figures = {"items": len(items),
+               "test@1": float(np.mean([right(it, g[0].text) for it, g in zip(items, first)]))}
+    select = [LabeledRequest(select_messages(item, [c.text for c in group[:n]]),
+                             images=item.image_bytes(), item=item,
+                             sampling=Sampling(temperature=0.0, max_tokens=max_tokens))
+              for n in counts for item, group in zip(items, candidates)]
+    picks = iter(pool.generate(select))
+    for n in counts:
+        chosen, majority, oracle = [], [], []
+        for item, group in zip(items, candidates):
+            texts = [c.text for c in group[:n]]
+            chosen.append(right(item, next(picks)[0].text))
+            vote = majority_answer([rationale_answer(t) for t in texts], grader(item))
+            majority.append(vote is not None and grader(item)(vote, item.answer))
+            oracle.append(any(right(item, t) for t in texts))
+        figures[f"select@{n}"] = float(np.mean(chosen))
+        figures[f"majority@{n}"] = float(np.mean(majority))
+        figures[f"oracle@{n}"] = float(np.mean(oracle))
+    return figures
+
+
+def write_report(run_dir: Path) -> None:
+    """r3v_report.md (a row per model) and r3v_report.png (Test@1 per model; test-time
+    scaling of the newest model)."""
+    from pipelines.runtime.rundir import atomic_write
+
+    rows = sorted((json.loads(p.read_text()) for p in (run_dir / EVAL).glob("*.json")),
+                  key=lambda r: r["iteration"])
+    if not rows:
+        return
+    counts = sorted(int(k.split("@")[1]) for k in rows[0] if k.startswith("select@"))
+    header = ["model", "Test@1"] + [f"{kind}@{n}" for n in counts
+                                    for kind in ("select", "majority", "oracle")]
+    lines = ["# R3V evaluation", "",
+             ("Test@1: greedy. select@N: the model picks among N sampled answers; majority@N: "
+              "majority vote over them; oracle@N: any of them right (pass@N)."), "",
+             "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in rows:
+        values = [r["test@1"]] + [r[f"{kind}@{n}"] for n in counts
+                                  for kind in ("select", "majority", "oracle")]
+        lines.append(f"| {r['model']} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+    atomic_write(run_dir / f"{REPORT}.md", "\n".join(lines) + "\n")
+    plot_report(rows, counts, run_dir / f"{REPORT}.png")
+
+
+def plot_report(rows: list[dict], counts: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot([r["iteration"] for r in rows], [r["test@1"] for r in rows], marker="o")
+    left.set(xlabel="iteration (0 = base)", ylabel="accuracy", title="Test@1 (greedy)",
+             ylim=(0, 1))
+    left.set_xticks([r["iteration"] for r in rows])
+    newest = rows[-1]
+    for kind in ("select", "majority", "oracle"):
+        right.plot(counts, [newest[f"{kind}@{n}"] for n in counts], marker="o", label=kind)
+    right.set(xlabel="candidates N", ylabel="accuracy", ylim=(0, 1),
+              title=f"test-time scaling, {newest['model']}")
+    right.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+class R3VRecipe:
+    roles = ("policy",)
+    eval_role = "policy"
+    benchmarks = ("smoke",)
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def warm_start_examples(self, count: int, seed: int, cfg) -> list:
+        """``model.warm_start.data: recipe``: the training set's direct answers and worked
+        solutions in R3V's prompts (the mix with an empty pool), cycled to ``count`` in an
+        order drawn from ``seed``: a random tiny model learns the answer format first."""
+        items = load_items(cfg.r3v.train, "train")
+        examples, _ = build_mix(items, [], np.random.default_rng(seed), grader=grader)
+        return [examples[i % len(examples)] for i in range(count)]
+
+    def phases(self, iteration: int) -> list[R3VPhase]:
+        return [R3VPhase(self.cfg, self.cfg.r3v)]
+

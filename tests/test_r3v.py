@@ -1,0 +1,100 @@
+"""R3V: which questions yield which SFT examples (by hand), the answer format, the
+test-time selection figures; the recipe end to end (two iterations, resume after a kill)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines.eval.data import Item
+from pipelines.recipes.r3v.mix import (
+    SELECT,
+    Sample,
+    build_mix,
+    majority_answer,
+    rationale_answer,
+)
+
+
+def exact_grader(item):
+    return lambda a, b: a == b
+
+
+def items():
+    return [Item(str(k), f"question {k}?", str(k), solution=f"worked {k}" if k == 1 else None)
+            for k in range(1, 6)]
+
+
+def s(item_id, answer, correct, n, iteration=1):
+    return Sample(item_id, f"rationale {item_id}.{n}\nAnswer: {answer}", answer, correct,
+                  iteration)
+
+
+def pool():
+    return [
+        # q1: all wrong -> no self-CoT, no refine, no select
+        s("1", "9", False, 0), s("1", "8", False, 1), s("1", "7", False, 2),
+        # q2: all right -> self-CoT only (the last right one)
+        s("2", "2", True, 0), s("2", "2", True, 1), s("2", "2", True, 2),
+        # q3: 2 right + 1 wrong -> self-CoT, refine, one select (2 + 1)
+        s("3", "3", True, 0), s("3", "0", False, 1), s("3", "3", True, 2),
+        # q4: 1 right + 2 wrong -> self-CoT, refine, one select (1 + 2)
+        s("4", "1", False, 0), s("4", "4", True, 1), s("4", None, False, 2),
+        # q5 (two iterations): 2 right + 2 wrong -> two selects (2 + 1 and 1 + 2)
+        s("5", "5", True, 0), s("5", "6", False, 1),
+        s("5", "5", True, 0, 2), s("5", "7", False, 1, 2),
+    ]
+
+
+def test_which_questions_yield_which_examples():
+    examples, counts = build_mix(items(), pool(), np.random.default_rng(0), grader=exact_grader)
+    # direct QA for all 5; the one solution; self-CoT for q2..q5; refine for q3, q4, q5;
+    # select: q3 (2+1), q4 none (its second wrong answer is unparsable), q5 two
+    assert counts == {"direct": 5, "distilled": 1, "self_cot": 4, "self_refine": 3,
+                      "self_select": 3}
+    assert len(examples) == 16
+    by_prompt = {ex.messages[0]["content"][-1]["text"]: ex.target for ex in examples}
+    refine_q3 = next(p for p in by_prompt if p.startswith("question 3?") and "prediction:\n" in p)
+    assert "rationale 3.1" in refine_q3 and by_prompt[refine_q3].startswith("rationale 3.2")
+    cot_q5 = [t for p, t in by_prompt.items() if p.startswith("question 5?")
+              and "prediction" not in p and "chain-of-thought" in p]
+    assert cot_q5 == ["rationale 5.0\nAnswer: 5"]  # the last right one (iteration 2)
+    selects = [(p, t) for p, t in by_prompt.items() if SELECT in p]
+    assert sorted(t for _, t in selects) == ["Answer: 3", "Answer: 5", "Answer: 5"]
+    q3 = next(p for p, _ in selects if p.startswith("question 3?"))
+    assert all(f"rationale 3.{n}" in q3 for n in range(3))
+    assert by_prompt[next(p for p in by_prompt if p.startswith("question 1?") and "directly" in p)] \
+        == "Answer: 1"
+
+
+def test_select_skipped_when_the_right_candidates_disagree():
+    # two right answers that the grader does not call equal: the 2 + 1 select is skipped
+    mixed = [s("3", "3", True, 0), s("3", "0", False, 1), s("3", "3.0", True, 2)]
+    _, counts = build_mix(items()[2:3], mixed, np.random.default_rng(0), grader=exact_grader)
+    assert counts["self_select"] == 0 and counts["self_refine"] == 1
+    # the kinds can be switched off
+    _, counts = build_mix(items()[2:3], mixed, np.random.default_rng(0), grader=exact_grader,
+                          direct_qa=False, self_refine=False, self_select=False)
+    assert counts == {"direct": 0, "distilled": 0, "self_cot": 1, "self_refine": 0,
+                      "self_select": 0}
+
+
+def test_candidates_are_shuffled_by_the_seed():
+    def order(seed):
+        examples, _ = build_mix(items()[2:3], pool()[6:9], np.random.default_rng(seed),
+                                grader=exact_grader, direct_qa=False, self_refine=False)
+        text = next(ex.messages[0]["content"][-1]["text"] for ex in examples if SELECT in
+                    ex.messages[0]["content"][-1]["text"])
+        return [text.index(f"rationale 3.{n}") for n in range(3)]
+
+    orders = {tuple(np.argsort(order(seed))) for seed in range(8)}
+    assert len(orders) > 1
+
+
+def test_answer_format_and_majority():
+    assert rationale_answer("so\nAnswer: 4") == "4"
+    assert rationale_answer("answer: 3 then Answer:  7\nmore") == "7"
+    assert rationale_answer("\\boxed{5} Answer: 6") == "5"  # a boxed answer wins
+    assert rationale_answer("nothing") is None
+    assert majority_answer(["3", "4", "4", None], lambda a, b: a == b) == "4"
+    assert majority_answer(["3", "4"], lambda a, b: a == b) == "3"  # ties: the earliest
+    assert majority_answer([None, "unknown"], lambda a, b: a == b) is None
