@@ -152,9 +152,9 @@ def test_maye_learns_a_fixed_answer_and_resumes_after_a_kill(ray_cluster, tmp_pa
     held = write_code_word_set(tmp_path / "val.jsonl", 16, offset=64)
     args = [str(ROOT / "configs/maye/tiny-cpu.yaml"), f"run.root={tmp_path}", "run.name=learn",
             "logging.progress=false", "model.warm_start.data=test_maye:code_word_examples",
-            "model.warm_start.examples=256", "model.warm_start.steps=32",
+            "model.warm_start.examples=800", "model.warm_start.steps=100",
             f"maye.train=jsonl:{train}", f"maye.validation=jsonl:{held}", "maye.test=",
-            "maye.epochs=3", "maye.prompts_per_step=16", "maye.updates_per_step=2",
+            "maye.epochs=2", "maye.prompts_per_step=16", "maye.updates_per_step=2",
             "maye.max_tokens=32", "trainer.lr=1e-3", "run.save_every=2"]
     metrics = tmp_path / "learn/iter_0001/policy/metrics.jsonl"
     sigkill_after_step(driver_cli(*args), metrics, "reward/accuracy", step=3)
@@ -163,10 +163,31 @@ def test_maye_learns_a_fixed_answer_and_resumes_after_a_kill(ray_cluster, tmp_pa
     rows = [m for m in read_metrics(metrics) if "reward/accuracy" in m]
     curve = [m["reward/accuracy"] for m in rows]
     print("MAYE accuracy per step: " + " ".join(f"{a:.2f}" for a in curve))
-    assert [m["step"] for m in rows] == list(range(1, 13))
+    assert [m["step"] for m in rows] == list(range(1, 9))
     assert np.mean(curve[-3:]) - np.mean(curve[:3]) >= 0.3
     report = json.loads((tmp_path / "learn/maye_report.json").read_text())
     print("evaluation per epoch:", report["epochs"])
-    assert sorted(report["epochs"]) == ["0", "1", "2", "3"]
+    assert sorted(report["epochs"]) == ["0", "1", "2"]
     sampled = report["figures"]["validation_pass@1_t0.6"]
     assert sampled["max"] - sampled["before"] >= 0.3
+
+
+def test_gpu_preset_has_the_originals_values():
+    from conftest import ROOT
+
+    from pipelines.config import load_config
+
+    cfg = load_config(ROOT / "configs/maye/qwen2.5-vl-7b-8gpu.yaml")
+    m, t, a = cfg.maye, cfg.trainer, cfg.algorithm
+    assert (m.prompts_per_step, m.updates_per_step, m.max_tokens, m.epochs, m.pass_k) == \
+        (896, 32, 2048, 30, 8)
+    assert (m.temperature, m.top_p, m.min_tokens, m.invalid_score, m.language_penalty) == \
+        (1.0, 1.0, 1, -0.1, 0.1)
+    assert (t.lr, tuple(t.betas), t.weight_decay, t.schedule, t.warmup_ratio, t.grad_clip) == \
+        (5e-6, (0.9, 0.95), 0.01, "cosine", 0.1, 1.0)
+    assert t.freeze_vision and t.freeze_projector and not t.lora.enabled
+    assert (a.advantage, a.gamma, a.kl_in_reward, a.loss, a.clip_low, a.clip_high) == \
+        ("reinforce_pp", 1.0, 0.0, "ppo", 0.2, 0.2)
+    assert (a.dual_clip, a.kl_coef, a.kl_estimator, a.loss_agg) == \
+        (0.0, 1e-3, "low_var_kl", "token-mean")
+    assert cfg.placement.trainer_ranks == 7 and cfg.placement.roles["policy"].engines == 1

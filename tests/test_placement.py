@@ -500,7 +500,7 @@ def test_ray_two_nodes_span_correctly(two_nodes):
     assert len(set(_gpus(two_nodes["SPREAD"]))) == 8
 
 
-SHIPPED = sorted(p for d in ("mmzero", "simple", "layouts", "evolmm", "ireasoner")
+SHIPPED = sorted(p for d in ("mmzero", "simple", "layouts", "evolmm", "ireasoner", "r3v", "maye")
                  for p in (ROOT / "configs" / d).glob("*.yaml"))
 
 

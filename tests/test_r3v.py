@@ -4,6 +4,7 @@ test-time selection figures; the recipe end to end (two iterations, resume after
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from pipelines.eval.data import Item
 from pipelines.recipes.r3v.mix import (
@@ -98,3 +99,61 @@ def test_answer_format_and_majority():
     assert majority_answer(["3", "4", "4", None], lambda a, b: a == b) == "4"
     assert majority_answer(["3", "4"], lambda a, b: a == b) == "3"  # ties: the earliest
     assert majority_answer([None, "unknown"], lambda a, b: a == b) is None
+
+
+def test_gpu_preset_has_the_originals_values():
+    from conftest import ROOT
+
+    from pipelines.config import load_config
+
+    cfg = load_config(ROOT / "configs/r3v/qwen2-vl-7b-8gpu.yaml")
+    r, t = cfg.r3v, cfg.trainer
+    assert (r.samples, r.temperature, r.top_p, r.epochs, r.batch_size) == (3, 0.9, 0.95, 3, 64)
+    assert r.select_candidates == [2, 3, 4, 5, 6] and cfg.run.iterations == 3
+    assert (t.lr, t.schedule, t.warmup_ratio, t.weight_decay, t.freeze_vision) == \
+        (3e-5, "warmup", 0.1, 0.05, True)
+    assert (t.lora.enabled, t.lora.rank, t.lora.alpha, t.lora.dropout) == (True, 64, 16, 0.05)
+
+
+@pytest.mark.slow
+def test_r3v_two_iterations_resume_after_a_kill(ray_cluster, tmp_path):
+    """The tiny preset, smaller: a warm start, then two iterations of sampling, mix and
+    LoRA SFT from the base, each evaluated. SIGKILLed during iteration 2's SFT and
+    resumed: it finishes, and the samples already made are reused, not drawn again."""
+    import json
+
+    from conftest import ROOT, driver_cli, sigkill_after_step
+
+    from pipelines.runtime.metrics import read_metrics
+
+    args = [str(ROOT / "configs/r3v/tiny-cpu.yaml"), f"run.root={tmp_path}", "run.name=r3v",
+            "logging.progress=false", "r3v.train=shapes:16", "r3v.test=shapes:6",
+            "r3v.select_candidates=[2, 3]", "r3v.batch_size=8", "r3v.epochs=2",
+            "r3v.max_tokens=48", "model.warm_start.steps=32", "run.save_every=2"]
+    run = tmp_path / "r3v"
+    sigkill_after_step(driver_cli(*args), run / "iter_0002/sft/metrics.jsonl", "sft/nll",
+                       step=2)
+    made = {k: (run / f"iter_000{k}/sft/samples.jsonl").read_bytes() for k in (1, 2)}
+    resumed = driver_cli(*args)
+    assert resumed.wait(timeout=900) == 0, resumed.stderr.read()[-3000:]
+    assert {k: (run / f"iter_000{k}/sft/samples.jsonl").read_bytes() for k in (1, 2)} == made
+    assert [len(v.splitlines()) for v in made.values()] == [48, 48]  # 16 questions x 3
+    rows = [m for m in read_metrics(run / "iter_0002/sft/metrics.jsonl") if "sft/nll" in m]
+    assert [m["step"] for m in rows] == list(range(1, len(rows) + 1))
+    data = rows[0]
+    assert data["data/pool_samples"] == 96  # models 0 and 1
+    assert data["data/mix_direct"] == 16 and data["data/mix_distilled"] == 16
+    print("iteration 2 mix:", {k: v for k, v in data.items() if k.startswith("data/mix")},
+          "sample accuracy", data["data/sample_accuracy"])
+    evals = {p.stem: json.loads(p.read_text()) for p in (run / "r3v_eval").glob("*.json")}
+    assert sorted(evals) == ["base", "iter_0001", "iter_0002"]
+    for figures in evals.values():
+        assert figures["items"] == 6
+        for n in (2, 3):  # the oracle bounds majority vote; more candidates never hurt it
+            assert figures[f"oracle@{n}"] >= figures[f"majority@{n}"]
+        assert figures["oracle@3"] >= figures["oracle@2"]
+    print("evaluations:", evals)
+    assert (run / "r3v_report.png").stat().st_size > 0
+    table = [line.split(" | ")[0] for line in (run / "r3v_report.md").read_text().splitlines()
+             if line.startswith("| ") and "---" not in line]
+    assert table == ["| model", "| base", "| iter_0001", "| iter_0002"]

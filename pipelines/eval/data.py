@@ -144,14 +144,14 @@ def _row(row: Any, number: int, root: Path) -> Item:
 def read_hf(source: str, split: str, fields: dict[str, str] | None = None,
             limit: int | None = None) -> list[Item]:
     """Items of a ``datasets`` folder or hub id; ``fields`` maps this format's field
-    names (question, answer, image, id, choices) to the data set's columns."""
+    names (question, answer, image, id, choices, solution) to the data set's columns."""
     try:
         import datasets
     except ImportError:
         raise DataError(f"{source}: reading Hugging Face data needs the `datasets` package "
                         "(installed by setup.sh with lmms-eval)") from None
     names = {"question": "question", "answer": "answer", "image": "image", "id": "id",
-             "choices": "choices", **(fields or {})}
+             "choices": "choices", "solution": "solution", **(fields or {})}
     try:
         if Path(source).is_dir():
             data = datasets.load_from_disk(source)
@@ -172,9 +172,11 @@ def read_hf(source: str, split: str, fields: dict[str, str] | None = None,
         except KeyError as err:
             raise DataError(f"{source} ({split}): no column {err} (columns: "
                             f"{sorted(row)[:12]}); map it with the task's fields") from None
+        solution = row.get(names["solution"])
         items.append(Item(id=str(row.get(names["id"], index)), question=str(question),
                           answer=str(answer), images=[_encode(im) for im in images],
-                          choices=[str(c) for c in _choices(row.get(names["choices"]))]))
+                          choices=[str(c) for c in _choices(row.get(names["choices"]))],
+                          solution=str(solution) if solution is not None else None))
     if not items:
         raise DataError(f"{source} ({split}): no items")
     return items

@@ -6,7 +6,13 @@ to the file, or a Hugging Face ``datasets`` folder / hub id. A recipe names a
 source as a string:
 
     jsonl:PATH            a file in that format (a bare path ending in .jsonl works too)
-    hf:ID_OR_FOLDER       a datasets folder (save_to_disk) or a hub id in the local cache
+    hf:ID_OR_FOLDER[?split=S&FIELD=COLUMN...]
+                          a datasets folder (save_to_disk) or a hub id in the local cache
+                          (HF_DATASETS_OFFLINE=1); the split defaults to the recipe's
+                          (train, validation, test), and FIELD=COLUMN maps this format's
+                          fields (question, answer, image, id, choices, solution) to the
+                          set's columns, e.g. geometry3k-style sets with
+                          hf:hiyouga/geometry3k?question=problem&image=images
     shapes:COUNT          COUNT drawn images of 1-5 circles or squares, "how many?",
                           answer the count (built here, cached; tiny presets and tests)
 
@@ -39,7 +45,17 @@ def load_items(source: str, split: str = "train", limit: int | None = None) -> l
     if kind == "jsonl":
         return read_jsonl(rest, limit)
     if kind == "hf":
-        return read_hf(rest, split, limit=limit)
+        from urllib.parse import parse_qsl
+
+        where, _, query = rest.partition("?")
+        fields = dict(parse_qsl(query, keep_blank_values=True))
+        split = fields.pop("split", split)
+        known = {"question", "answer", "image", "id", "choices", "solution"}
+        if set(fields) - known:
+            raise DataError(f"data source {source!r}: unknown field(s) "
+                            f"{sorted(set(fields) - known)}; map any of {sorted(known)} "
+                            "or split")
+        return read_hf(where, split, fields, limit)
     if kind == "shapes":
         try:
             count = int(rest)

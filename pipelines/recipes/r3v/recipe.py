@@ -40,6 +40,7 @@ SAMPLES = "samples.jsonl"
 EVAL = "r3v_eval"
 REPORT = "r3v_report"
 TOP_K = 50  # the original's sampling for rationales and test-time candidates
+ADAPTER = "r3v"  # the engines' name of the model being sampled or evaluated (LoRA)
 
 
 def grader(item):
@@ -55,7 +56,7 @@ class R3VPhase:
     role = "policy"
     objective = "sft"
     from_base = True
-    data_roles = ("policy",)
+    data_roles = ("policy",)  # samples with the role's engines (check_layouts)
 
     def __init__(self, cfg, settings):
         self.cfg, self.s = cfg, settings
@@ -68,12 +69,12 @@ class R3VPhase:
         s = self.s
         items = load_items(s.train, "train")
         self.test = load_items(s.test, "test", s.test_limit or None)
-        pool = ctx.other_pool(self.role)  # the newest model: k - 1
+        pool, adapter = self.serve(ctx, ctx.iteration - 1)  # the newest model: k - 1
         if ctx.iteration == 1:
-            self.evaluate(ctx, pool, "base", 0)
+            self.evaluate(ctx, pool, adapter, "base", 0)
         made = ctx.dir / SAMPLES
         if not made.exists():
-            self.sample(pool, items, ctx.iteration, made)
+            self.sample(pool, adapter, items, ctx.iteration, made)
         samples = read_pool(ctx.run_dir, ctx.iteration)
         rng = np.random.default_rng([*ctx.seed_path, 1])
         examples, counts = build_mix(
@@ -89,9 +90,26 @@ class R3VPhase:
                 "mix_examples": float(len(examples)), "pool_samples": float(len(samples)),
                 "sample_accuracy": float(np.mean([x.correct for x in newest])) if newest else 0.0}
 
-    def sample(self, pool, items, iteration: int, path: Path) -> None:
+    def serve(self, ctx, k: int):
+        """(pool, adapter) serving model k (0: the base). With LoRA every model is the base
+        plus its adapter (``iter_k/sft/hf/adapter``), so one pool on the base serves them
+        all and no engine restarts between iterations; without, the merged export."""
+        folder = ctx.run_dir / f"iter_{k:04d}" / self.name / "hf"
+        if not self.cfg.trainer.lora.enabled:
+            return ctx.engines.pool(self.role, str(folder) if k else ctx.start_weights,
+                                    ctx.placement), None
+        pool = ctx.engines.pool(self.role, ctx.start_weights, ctx.placement)
+        if k == 0:
+            return pool, None
+        from pipelines.eval.harness import read_adapter
+
+        pool.load_adapter(ADAPTER, read_adapter(folder / "adapter"), k)
+        return pool, ADAPTER
+
+    def sample(self, pool, adapter, items, iteration: int, path: Path) -> None:
         """``samples`` rationales per question from the pool's model, written at once."""
         requests = [LabeledRequest(cot_messages(item), images=item.image_bytes(), item=item,
+                                   adapter=adapter,
                                    sampling=Sampling(
                                        n=self.s.samples, temperature=self.s.temperature,
                                        top_p=self.s.top_p, top_k=TOP_K,
@@ -115,17 +133,17 @@ class R3VPhase:
         return self._sft.batch_examples(step, seed_path)
 
     def finish(self, ctx) -> None:
-        pool = ctx.engines.pool(self.role, str(ctx.dir / "hf"), ctx.placement)
-        self.evaluate(ctx, pool, f"iter_{ctx.iteration:04d}", ctx.iteration)
+        pool, adapter = self.serve(ctx, ctx.iteration)
+        self.evaluate(ctx, pool, adapter, f"iter_{ctx.iteration:04d}", ctx.iteration)
 
     # -- evaluation --------------------------------------------------------------------
 
-    def evaluate(self, ctx, pool, label: str, iteration: int) -> dict:
+    def evaluate(self, ctx, pool, adapter, label: str, iteration: int) -> dict:
         """Test@1 and test-time selection of the model ``pool`` serves (saved once)."""
         path = ctx.run_dir / EVAL / f"{label}.json"
         if path.exists():
             return json.loads(path.read_text())
-        figures = evaluate_selection(pool, self.test, seed=self.cfg.run.seed,
+        figures = evaluate_selection(pool, self.test, adapter=adapter, seed=self.cfg.run.seed,
                                      counts=self.s.select_candidates,
                                      temperature=self.s.eval_temperature, top_p=self.s.top_p,
                                      max_tokens=self.s.max_tokens)
@@ -154,15 +172,17 @@ def read_pool(run_dir: Path, iteration: int) -> list[Sample]:
 
 
 def evaluate_selection(pool, items, *, seed: int, counts, temperature: float, top_p: float,
-                       max_tokens: int) -> dict:
+                       max_tokens: int, adapter: str | None = None) -> dict:
     """Test@1 (greedy); then max(counts) sampled answers per item and, for each N in
     ``counts``, accuracy of self-select (the model picks among the first N, greedy),
     majority vote and oracle (any of the N right)."""
     greedy = [LabeledRequest(cot_messages(item), images=item.image_bytes(), item=item,
+                             adapter=adapter,
                              sampling=Sampling(temperature=0.0, max_tokens=max_tokens))
               for item in items]
     most = max(counts)
     sampled = [LabeledRequest(cot_messages(item), images=item.image_bytes(), item=item,
+                              adapter=adapter,
                               sampling=Sampling(n=most, temperature=temperature, top_p=top_p,
                                                 top_k=TOP_K, max_tokens=max_tokens,
                                                 seed=item_seed(seed, "r3v-test", item.id)))
@@ -177,7 +197,7 @@ def evaluate_selection(pool, items, *, seed: int, counts, temperature: float, to
     figures = {"items": len(items),
                "test@1": float(np.mean([right(it, g[0].text) for it, g in zip(items, first)]))}
     select = [LabeledRequest(select_messages(item, [c.text for c in group[:n]]),
-                             images=item.image_bytes(), item=item,
+                             images=item.image_bytes(), item=item, adapter=adapter,
                              sampling=Sampling(temperature=0.0, max_tokens=max_tokens))
               for n in counts for item, group in zip(items, candidates)]
     picks = iter(pool.generate(select))

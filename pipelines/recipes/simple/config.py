@@ -19,6 +19,10 @@ class SimpleConfig:
         ["Describe the chart.", "How many bars are in the chart?", "Which bar is the tallest?",
          "What colour are the bars?"], "Questions asked about the drawn charts, cycled.")
     images: bool = param(True, "Attach a locally drawn bar chart to each prompt.")
+    data: str = param(
+        "", "Labeled data instead of prompts and charts: jsonl:PATH, hf:ID_OR_FOLDER or "
+        "shapes:COUNT (pipelines/recipes/labeled.py); the reward then sees each item's "
+        "answer (e.g. simple.reward=pipelines.recipes.simple.recipe:correct_answer).")
     steps: int = param(4, "Optimizer steps of the phase.", ge=1)
     prompts_per_step: int = param(4, "Prompts per step (GRPO groups).", ge=1)
     n: int = param(4, "Samples per prompt (GRPO group size).", ge=2)

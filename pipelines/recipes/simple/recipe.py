@@ -6,9 +6,13 @@ bar chart drawn locally when ``simple.images``), samples ``n`` answers from
 the policy engines (weights of the previous step), scores every answer with
 ``simple.reward`` and trains on the group-normalised rewards.
 
+With ``simple.data`` (a labeled set, pipelines/recipes/labeled.py) the questions
+and their images come from the set's items instead, in the set's order.
+
 A reward function is any importable ``fn(sample) -> float`` where ``sample``
 is a dict with ``prompt`` (the question), ``response`` (the decoded answer),
-``token_ids`` (the answer's token ids) and ``prompt_index``. Name it in the
+``token_ids`` (the answer's token ids), ``prompt_index`` and ``answer`` (the
+item's reference answer with ``simple.data``, else None). Name it in the
 config as ``simple.reward: mypackage.rewards:my_reward``.
 """
 
@@ -26,6 +30,19 @@ from pipelines.recipes.base import Scores, load_function
 def answer_length_reward(sample: dict) -> float:
     """A default that needs no labels: prefer answers of about 20 tokens."""
     return math.exp(-((len(sample["token_ids"]) - 20) / 10.0) ** 2)
+
+
+def correct_answer(sample: dict) -> float:
+    """1 if the response's final answer (last \\boxed{}, else <answer>, else its last
+    line) grades equal to the item's answer (needs ``simple.data``), else 0."""
+    from pipelines.algorithms.answers import extract_answer
+    from pipelines.algorithms.grading import grade
+
+    if sample.get("answer") is None:
+        raise ValueError("correct_answer needs labeled data: set simple.data")
+    lines = [line for line in sample["response"].splitlines() if line.strip()]
+    pred = extract_answer(sample["response"], fallback=lambda _: lines[-1] if lines else None)
+    return 1.0 if pred is not None and grade(pred, sample["answer"]) else 0.0
 
 
 def draw_chart(seed: int) -> bytes:
@@ -56,6 +73,7 @@ class SimplePhase:
         self.temperature = cfg.generator.temperature
         self.top_p = cfg.generator.top_p
         self._reward_fn = None
+        self._items = None
 
     @property
     def reward_fn(self):
@@ -64,7 +82,27 @@ class SimplePhase:
             self._reward_fn = load_function(self.cfg.reward)
         return self._reward_fn
 
+    @property
+    def items(self) -> list:
+        """``simple.data``'s items, read on first use (a plan reads no data)."""
+        if self._items is None:
+            from pipelines.recipes.labeled import load_items
+
+            self._items = load_items(self.cfg.data, "train")
+        return self._items
+
+    def _sampling(self, rng) -> Sampling:
+        return Sampling(n=self.cfg.n, temperature=self.temperature, top_p=self.top_p,
+                        max_tokens=self.cfg.max_tokens, seed=int(rng.integers(1 << 31)))
+
     def requests(self, step: int, rng: np.random.Generator) -> list[Request]:
+        if self.cfg.data:
+            from pipelines.recipes.labeled import LabeledRequest, item_messages
+
+            size = self.cfg.prompts_per_step
+            chosen = [self.items[(step * size + k) % len(self.items)] for k in range(size)]
+            return [LabeledRequest(item_messages(item, ""), images=item.image_bytes(),
+                                   item=item, sampling=self._sampling(rng)) for item in chosen]
         out = []
         for k in range(self.cfg.prompts_per_step):
             index = step * self.cfg.prompts_per_step + k
@@ -74,19 +112,18 @@ class SimplePhase:
             if self.cfg.images:
                 content.insert(0, {"type": "image"})
                 images = [draw_chart(int(rng.integers(1 << 31)))]
-            out.append(Request(
-                messages=[{"role": "user", "content": content}], images=images,
-                sampling=Sampling(n=self.cfg.n, temperature=self.temperature, top_p=self.top_p,
-                                  max_tokens=self.cfg.max_tokens, seed=int(rng.integers(1 << 31)))))
+            out.append(Request(messages=[{"role": "user", "content": content}], images=images,
+                               sampling=self._sampling(rng)))
         return out
 
     def score(self, requests: list[Request], completions: list[list[Completion]], ctx) -> Scores:
         rewards = []
         for p, (req, samples) in enumerate(zip(requests, completions)):
             question = req.messages[0]["content"][-1]["text"]
+            answer = req.item.answer if getattr(req, "item", None) is not None else None
             rewards.append([float(self.reward_fn({
                 "prompt": question, "response": c.text, "token_ids": list(c.token_ids),
-                "prompt_index": p})) for c in samples])
+                "prompt_index": p, "answer": answer})) for c in samples])
         return Scores(rewards)
 
 
