@@ -157,3 +157,21 @@ def test_r3v_two_iterations_resume_after_a_kill(ray_cluster, tmp_path):
     table = [line.split(" | ")[0] for line in (run / "r3v_report.md").read_text().splitlines()
              if line.startswith("| ") and "---" not in line]
     assert table == ["| model", "| base", "| iter_0001", "| iter_0002"]
+
+
+def test_status_counts_sft_steps_and_names_the_report(tmp_path):
+    import json
+
+    from pipelines.runtime.status import render_status
+
+    run = tmp_path / "run"
+    (run / "iter_0001/sft").mkdir(parents=True)
+    (run / "state.json").write_text(json.dumps({"finished": True, "updated": 0, "roles": {}}))
+    (run / "iter_0001/sft/metrics.jsonl").write_text(
+        "".join(json.dumps({"step": k, "sft/nll": 3.0 / k, "timing/step": 1.0}) + "\n"
+                for k in (1, 2)))
+    (run / "r3v_report.md").write_text("# R3V evaluation\n")
+    text = render_status(run)
+    assert "iter_0001/sft: in progress, 2 steps logged" in text
+    assert "step 2: sft/nll 1.5" in text
+    assert f"evaluation: {run / 'r3v_report.md'}" in text

@@ -9,7 +9,7 @@ from pathlib import Path
 from pipelines.runtime.metrics import read_metrics
 from pipelines.runtime.rundir import run_relative
 
-SHOWN = ("reward/mean", "train/grad_norm", "policy/loss", "policy/kl", "rollout/response_tokens",
+SHOWN = ("reward/mean", "sft/nll", "train/grad_norm", "policy/loss", "policy/kl", "rollout/response_tokens",
          "perf/tokens_per_s")
 
 
@@ -35,7 +35,8 @@ def render_status(run_dir: str | Path) -> str:
                         key=lambda d: (d.parent.name, order.get(f"{d.parent.name}/{d.name}",
                                                                 len(order)), d.name))
     for phase_dir in phase_dirs:
-        metrics = [m for m in read_metrics(phase_dir / "metrics.jsonl") if "reward/mean" in m]
+        metrics = [m for m in read_metrics(phase_dir / "metrics.jsonl")
+                   if "reward/mean" in m or "sft/nll" in m]
         done = (phase_dir / "DONE").exists()
         ckpts = sorted(p.name for p in (phase_dir / "ckpt").glob("step_*")
                        if (p / "COMPLETE").exists())
@@ -48,6 +49,9 @@ def render_status(run_dir: str | Path) -> str:
             lines.append(_timing_table(metrics))
     for path in sorted(run_dir.glob("iter_*/coevo.json")):
         lines.append(_coevo_line(path))
+    reports = sorted(run_dir.glob("*_report.md"))  # a recipe's evaluation (R3V, MAYE)
+    if reports:
+        lines.append("\nevaluation: " + ", ".join(str(p) for p in reports))
     return "\n".join(lines)
 
 
