@@ -100,3 +100,33 @@ def test_the_simple_recipe_on_labeled_data(tiny_cache):
     assert correct_answer({"response": "", "answer": "4"}) == 0.0
     with pytest.raises(ValueError, match="simple.data"):
         correct_answer({"response": "4", "answer": None})
+
+
+def test_coevolve_eval_names_the_runs_test_set(tmp_path, tiny_cache):
+    from pipelines.config import load_config
+    from pipelines.recipes.maye.recipe import MayeRecipe
+    from pipelines.recipes.r3v.recipe import R3VRecipe
+
+    cfg = load_config(None, ["run.recipe=maye", "maye.test=shapes:4"])
+    [task] = MayeRecipe(cfg).benchmarks
+    assert task.startswith("jsonl:") and task.endswith("shapes-v2-test-4/shapes-v2-test-4.jsonl")
+    cfg = load_config(None, ["run.recipe=r3v", f"r3v.test=jsonl:{tmp_path}/t.jsonl"])
+    assert R3VRecipe(cfg).benchmarks == (f"jsonl:{tmp_path}/t.jsonl",)
+    cfg = load_config(None, ["run.recipe=r3v", "r3v.test=hf:someone/set"])
+    assert R3VRecipe(cfg).benchmarks == ()
+
+
+def test_items_with_broken_images_are_skipped_and_counted(tmp_path):
+    from pipelines.recipes.labeled import usable
+
+    (tmp_path / "good.png").write_bytes(png("green"))
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    path = tmp_path / "set.jsonl"
+    path.write_text('{"question": "a?", "answer": 1, "image": "good.png"}\n'
+                    '{"question": "b?", "answer": 2, "image": "bad.png"}\n'
+                    '{"question": "c?", "answer": 3}\n')
+    kept, skipped = usable(load_items(f"jsonl:{path}"), "test set")
+    assert [i.question for i in kept] == ["a?", "c?"] and skipped == 1
+    path.write_text('{"question": "b?", "answer": 2, "image": "bad.png"}\n')
+    with pytest.raises(DataError, match="no item has images that decode"):
+        usable(load_items(f"jsonl:{path}"), "test set")

@@ -32,7 +32,7 @@ import numpy as np
 from actors.generator import Request
 from pipelines.eval.data import DataError, Item, read_hf, read_jsonl, write_jsonl
 
-SHAPES_VERSION = 1  # bump when the drawn set would change for the same count and split
+SHAPES_VERSION = 2  # bump when the drawn set would change for the same count and split
 SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
 
 
@@ -68,6 +68,38 @@ def load_items(source: str, split: str = "train", limit: int | None = None) -> l
                     "shapes:COUNT")
 
 
+def usable(items: list[Item], what: str) -> tuple[list[Item], int]:
+    """The items whose images all decode, and how many were dropped (each logged once):
+    a broken image costs its item, never the run."""
+    import logging
+
+    kept = []
+    for item in items:
+        try:
+            item.image_bytes()
+        except (DataError, OSError) as err:
+            logging.getLogger(__name__).warning("%s: skipping item %s: %s", what, item.id, err)
+            continue
+        kept.append(item)
+    if not kept:
+        raise DataError(f"{what}: no item has images that decode")
+    return kept, len(items) - len(kept)
+
+
+def eval_task(source: str, split: str) -> str | None:
+    """``coevolve eval``'s task name for a recipe's data ``source`` (``jsonl:PATH``; a
+    drawn set is built first), or None for a source the tasks cannot name (hf:)."""
+    source = source.strip()
+    kind, sep, rest = source.partition(":")
+    if not sep and source.endswith(".jsonl"):
+        return f"jsonl:{Path(source).resolve()}"
+    if kind == "jsonl":
+        return f"jsonl:{Path(rest).resolve()}"
+    if kind == "shapes" and rest.isdigit() and split in SPLIT_SEEDS:
+        return f"jsonl:{shapes_dataset(int(rest), split)}"
+    return None
+
+
 def shapes_dataset(count: int, split: str = "train", root: Path | None = None) -> Path:
     """``count`` counting items drawn once into the model cache; the jsonl's path.
 
@@ -94,9 +126,9 @@ def shapes_dataset(count: int, split: str = "train", root: Path | None = None) -
             rows.append({"id": f"{split}-{i}", "question": f"How many {kind}s are in the image?",
                          "answer": str(number), "image": image,
                          "solution": f"I count the {kind}s one by one: there are {number}."})
-        write_jsonl(folder / "data.jsonl", rows)
+        write_jsonl(folder / f"{name}.jsonl", rows)  # the file's stem names the eval task
 
-    return cached_folder(root / name, build) / "data.jsonl"
+    return cached_folder(root / name, build) / f"{name}.jsonl"
 
 
 def draw_shapes(kind: str, number: int, rng: np.random.Generator, size: int = 112) -> bytes:

@@ -27,7 +27,7 @@ import numpy as np
 
 from actors.generator import Completion, Sampling
 from pipelines.recipes.base import Scores
-from pipelines.recipes.labeled import LabeledRequest, item_messages, load_items
+from pipelines.recipes.labeled import LabeledRequest, item_messages, load_items, usable
 from pipelines.recipes.maye.rewards import reflection_stats, score_response
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class MayePhase:
     def prepare(self, ctx) -> dict:
         s = self.s
         limit = s.eval_limit or None
-        self.train = load_items(s.train, "train")
+        self.train, skipped = usable(load_items(s.train, "train"), "maye.train")
         self.eval_sets = {name: load_items(source, name, limit) for name, source in
                           (("validation", s.validation), ("test", s.test)) if source}
         self.per_epoch = len(self.train) // s.prompts_per_step
@@ -70,7 +70,8 @@ class MayePhase:
                              f"maye.prompts_per_step ({s.prompts_per_step})")
         self.steps = self.per_epoch * s.epochs
         self.evaluate(ctx, epoch=0)
-        return {"train_items": float(len(self.train)), "steps_per_epoch": float(self.per_epoch),
+        return {"train_items": float(len(self.train)), "train_skipped": float(skipped),
+                "steps_per_epoch": float(self.per_epoch),
                 **{f"{k}_items": float(len(v)) for k, v in self.eval_sets.items()}}
 
     # -- one step ------------------------------------------------------------------
@@ -93,6 +94,7 @@ class MayePhase:
         from pipelines.algorithms.grading import grade
 
         s = self.s
+
         def check(options):
             return lambda pred, ref: grade(pred, ref, options=options)
 
@@ -146,8 +148,8 @@ class MayePhase:
             for task in self.tasks(name):
                 tasks.append(task)
                 items[task.name] = loaded
-        model = Model(label=f"epoch_{epoch:03d}", path=str(ctx.start_weights),
-                      iteration=epoch)
+        served = str(ctx.start_weights) if epoch == 0 else f"{ctx.dir}@{ctx.version}"
+        model = Model(label=f"epoch_{epoch:03d}", path=served, iteration=epoch)
         rows = evaluate_model(ctx.pool, model, tasks, ctx.dir / "eval" / f"epoch_{epoch:03d}",
                               run_seed=self.cfg.run.seed, items=items)
         figures = {}
@@ -213,10 +215,17 @@ def report_markdown(report: dict) -> str:
 class MayeRecipe:
     roles = ("policy",)
     eval_role = "policy"
-    benchmarks = ("smoke",)
 
     def __init__(self, cfg):
         self.cfg = cfg
+
+    @property
+    def benchmarks(self) -> tuple[str, ...]:
+        """``coevolve eval RUN_DIR``'s default: the run's test set, when a task can name it."""
+        from pipelines.recipes.labeled import eval_task
+
+        task = eval_task(self.cfg.maye.test, "test") if self.cfg.maye.test else None
+        return (task,) if task else ()
 
     def warm_start_examples(self, count: int, seed: int, cfg) -> list:
         """``model.warm_start.data: recipe``: the training items that have a worked
@@ -225,7 +234,8 @@ class MayeRecipe:
         learns the answer format before the RL; docs/maye.md)."""
         from pipelines.runtime.sft import SFTExample
 
-        items = [i for i in load_items(cfg.maye.train, "train") if i.solution]
+        items = [i for i in usable(load_items(cfg.maye.train, "train"), "maye.train")[0]
+                 if i.solution]
         if not items:
             raise ValueError(f"maye.train ({cfg.maye.train}) has no item with a solution "
                              "to warm-start on")

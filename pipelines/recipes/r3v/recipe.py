@@ -24,7 +24,7 @@ import numpy as np
 
 from actors.generator import Sampling
 from pipelines.eval.tasks import item_seed
-from pipelines.recipes.labeled import LabeledRequest, load_items
+from pipelines.recipes.labeled import LabeledRequest, load_items, usable
 from pipelines.recipes.r3v.mix import (
     Sample,
     build_mix,
@@ -67,8 +67,8 @@ class R3VPhase:
 
     def prepare(self, ctx) -> dict:
         s = self.s
-        items = load_items(s.train, "train")
-        self.test = load_items(s.test, "test", s.test_limit or None)
+        items, skipped = usable(load_items(s.train, "train"), "r3v.train")
+        self.test, _ = usable(load_items(s.test, "test", s.test_limit or None), "r3v.test")
         pool, adapter = self.serve(ctx, ctx.iteration - 1)  # the newest model: k - 1
         if ctx.iteration == 1:
             self.evaluate(ctx, pool, adapter, "base", 0)
@@ -88,6 +88,7 @@ class R3VPhase:
         newest = [x for x in samples if x.iteration == ctx.iteration]
         return {**{f"mix_{k}": float(v) for k, v in counts.items()},
                 "mix_examples": float(len(examples)), "pool_samples": float(len(samples)),
+                "train_skipped": float(skipped),
                 "sample_accuracy": float(np.mean([x.correct for x in newest])) if newest else 0.0}
 
     def serve(self, ctx, k: int):
@@ -266,16 +267,23 @@ def plot_report(rows: list[dict], counts: list[int], path: Path) -> None:
 class R3VRecipe:
     roles = ("policy",)
     eval_role = "policy"
-    benchmarks = ("smoke",)
 
     def __init__(self, cfg):
         self.cfg = cfg
+
+    @property
+    def benchmarks(self) -> tuple[str, ...]:
+        """``coevolve eval RUN_DIR``'s default: the run's test set, when a task can name it."""
+        from pipelines.recipes.labeled import eval_task
+
+        task = eval_task(self.cfg.r3v.test, "test") if self.cfg.r3v.test else None
+        return (task,) if task else ()
 
     def warm_start_examples(self, count: int, seed: int, cfg) -> list:
         """``model.warm_start.data: recipe``: the training set's direct answers and worked
         solutions in R3V's prompts (the mix with an empty pool), cycled to ``count`` in an
         order drawn from ``seed``: a random tiny model learns the answer format first."""
-        items = load_items(cfg.r3v.train, "train")
+        items, _ = usable(load_items(cfg.r3v.train, "train"), "r3v.train")
         examples, _ = build_mix(items, [], np.random.default_rng(seed), grader=grader)
         return [examples[i % len(examples)] for i in range(count)]
 

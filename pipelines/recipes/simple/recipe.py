@@ -86,9 +86,9 @@ class SimplePhase:
     def items(self) -> list:
         """``simple.data``'s items, read on first use (a plan reads no data)."""
         if self._items is None:
-            from pipelines.recipes.labeled import load_items
+            from pipelines.recipes.labeled import load_items, usable
 
-            self._items = load_items(self.cfg.data, "train")
+            self._items, _ = usable(load_items(self.cfg.data, "train"), "simple.data")
         return self._items
 
     def _sampling(self, rng) -> Sampling:
