@@ -191,3 +191,24 @@ def test_gpu_preset_has_the_originals_values():
     assert (a.dual_clip, a.kl_coef, a.kl_estimator, a.loss_agg) == \
         (0.0, 1e-3, "low_var_kl", "token-mean")
     assert cfg.placement.trainer_ranks == 7 and cfg.placement.roles["policy"].engines == 1
+
+
+def test_reinforce_pp_on_one_response_per_question_by_hand():
+    """MAYE's advantages for three questions with one response each (scores 2, 0, -0.1;
+    2, 1 and 3 tokens), through the estimator the phase uses. Returns (gamma 1): 2 2 | 0 |
+    -0.1 -0.1 -0.1; over the 6 tokens mean 3.7 / 6 = 0.61667, unbiased variance
+    5.74833 / 5 = 1.14967 (std 1.07222); whitened with the mean kept:
+    1.38333 / 1.07222 + 0.61667 = 1.90682, -0.61667 / 1.07222 + 0.61667 = 0.04154,
+    -0.71667 / 1.07222 + 0.61667 = -0.05173."""
+    from types import SimpleNamespace
+
+    from pipelines.algorithms.estimators import ReinforcePPEstimator
+
+    batch = SimpleNamespace(old_logprobs=[np.zeros(2), np.zeros(1), np.zeros(3)],
+                            ref_logprobs=None)
+    adv, metrics = ReinforcePPEstimator(kl_in_reward=0.0, gamma=1.0).advantages(
+        np.array([2.0, 0.0, -0.1]), [0, 1, 2], batch)
+    assert np.allclose(adv[0], [1.90682] * 2, atol=1e-5)
+    assert np.allclose(adv[1], [0.04154], atol=1e-5)
+    assert np.allclose(adv[2], [-0.05173] * 3, atol=1e-5)
+    assert metrics["adv/mean"] == pytest.approx(3.7 / 6)
