@@ -49,8 +49,10 @@ class GeneratorPool:
     def __init__(self, role: str, spec: EngineSpec, n_engines: int,
                  resources: dict | None = None, run: str = "default",
                  placement_group=None, bundle_indices: Sequence[int] | None = None,
-                 threads: int | None = None, max_restarts: int = 3):
-        """Start ``n_engines`` engines of ``spec`` and wait until they are ready.
+                 threads: int | None = None, max_restarts: int = 3, wait: bool = True):
+        """Start ``n_engines`` engines of ``spec`` and wait until they are ready
+        (``wait=False``: return at once; ``wait_ready()`` waits, so that several pools
+        start side by side).
 
         ``resources``: Ray actor resources per engine, e.g. ``{"num_cpus": 1}``
         or ``{"num_gpus": 1}`` (default ``{"num_cpus": 1}``). On a CPU host
@@ -60,8 +62,6 @@ class GeneratorPool:
         engine i to bundle ``bundle_indices[i]``. ``max_restarts`` bounds the
         restarts within one call before the error is raised.
         """
-        import ray
-
         if n_engines < 1:
             raise ValueError(f"n_engines must be at least 1, got {n_engines}")
         resources = dict(resources or {"num_cpus": 1})
@@ -89,7 +89,17 @@ class GeneratorPool:
         self.in_flight = [0] * n_engines  # requests sent to engine i and not returned yet
         self._lock = threading.Lock()
         self.actors = [self._start(i) for i in range(n_engines)]
-        ray.get([a.health.remote() for a in self.actors])
+        self._starting = [a.health.remote() for a in self.actors]
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until every engine of a pool started with ``wait=False`` has loaded."""
+        import ray
+
+        if self._starting:
+            ray.get(self._starting)
+            self._starting = []
 
     def __len__(self) -> int:
         return len(self.actors)

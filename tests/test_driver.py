@@ -292,6 +292,7 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted(ray_cluster, tmp_pa
                        "reward/mean")
     status = render_status(tmp_path / "killed")
     assert "not finished" in status and "step_000002" in status
+    state_before = json.loads((tmp_path / "killed/state.json").read_text())
     resumed = driver_cli(*common, "run.name=killed")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
 
@@ -307,7 +308,10 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted(ray_cluster, tmp_pa
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     state = json.loads((tmp_path / "killed/state.json").read_text())
     assert state["finished"] and state["roles"]["policy"]["version"] == 5
-    assert "finished" in render_status(tmp_path / "killed")
+    # the resumed launch's start-up: its engines, trainer group and checkpoint load
+    assert 0 < state["first_step_s"] < 300 and state["launched"] > state_before["launched"]
+    assert f"time to first step: {state['first_step_s']:.1f} s" in render_status(
+        tmp_path / "killed")
     # Running the finished command again does nothing more.
     again = driver_cli(*common, "run.name=killed")
     assert again.wait(timeout=300) == 0

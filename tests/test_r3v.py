@@ -166,12 +166,14 @@ def test_status_counts_sft_steps_and_names_the_report(tmp_path):
 
     run = tmp_path / "run"
     (run / "iter_0001/sft").mkdir(parents=True)
-    (run / "state.json").write_text(json.dumps({"finished": True, "updated": 0, "roles": {}}))
+    (run / "state.json").write_text(json.dumps({"finished": True, "updated": 0, "roles": {},
+                                                "first_step_s": 46.25}))
     (run / "iter_0001/sft/metrics.jsonl").write_text(
         "".join(json.dumps({"step": k, "sft/nll": 3.0 / k, "timing/step": 1.0}) + "\n"
                 for k in (1, 2)))
     (run / "r3v_report.md").write_text("# R3V evaluation\n")
     text = render_status(run)
     assert "iter_0001/sft: in progress, 2 steps logged" in text
+    assert "time to first step: 46.2 s (this launch)" in text
     assert "step 2: sft/nll 1.5" in text
     assert f"evaluation: {run / 'r3v_report.md'}" in text

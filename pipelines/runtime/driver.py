@@ -58,7 +58,9 @@ class Driver:
             self._check_shared({ray.get_runtime_context().get_node_id()})
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.run_dir / "config.yaml", dump_config(self.cfg))
-        self._update_state(finished=False)  # e.g. run.iterations raised after a finished run
+        # e.g. run.iterations raised after a finished run; this launch's start, so that
+        # `coevolve status` can tell how long it took to get to its first step
+        self._update_state(finished=False, launched=time.time(), first_step_s=None)
         engines = Engines(self.cfg)
         places = PlacementManager(self.cfg.placement, run=self.cfg.run.name,
                                   roles_used=self.recipe.roles)
@@ -162,7 +164,7 @@ class Driver:
                          seed_path=(self.cfg.run.seed, iteration, index), engines=engines,
                          placement=placement, weights=self.weights,
                          base_version=role.get("version", 0)) as runner:
-            runner.run(on_step=lambda step: self._update_state(step=step))
+            runner.run(on_step=self._on_step)
             finish = getattr(phase, "finish", None)
             if finish is not None:
                 finish(runner)
@@ -171,6 +173,12 @@ class Driver:
                                  "iteration": iteration,
                                  "version": runner.version}
             self._update_state(roles=roles)
+
+    def _on_step(self, step: int) -> None:
+        changes = {"step": step}
+        if self.state.get("first_step_s") is None and "launched" in self.state:
+            changes["first_step_s"] = round(time.time() - self.state["launched"], 1)
+        self._update_state(**changes)
 
     # -- state.json ----------------------------------------------------------
 

@@ -31,24 +31,35 @@ class Engines:
 
     def pool(self, role: str, weights: str, placement):
         """The pool of ``role`` serving ``weights``, started in ``placement`` if needed."""
+        return self.pools_for({role: weights}, placement)[role]
+
+    def pools_for(self, wanted: dict[str, str], placement) -> dict:
+        """role -> its pool serving ``wanted[role]``; the pools that must start are started
+        side by side (a phase's own engines and its judges load at the same time)."""
         from actors.pool import GeneratorPool
 
-        if self.serving.get(role) == weights:
-            return self.pools[role]
-        self.stop(role)
-        layout = placement.layout.roles.get(role)
-        if layout is None or layout.engines == 0:
-            raise ValueError(f"phase {placement.layout.name} needs engines of role {role!r}; "
-                             f"add placement.roles.{role}.engines=1 (or to this phase's layout)")
-        logger.info("starting %d %s engine(s) on %s", layout.engines, role, weights)
-        spec = engine_spec(self.cfg, weights, layout.tensor_parallel,
-                           gpu_memory_utilization=placement.layout.gpu_memory_utilization,
-                           sleep_mode=role in placement.layout.colocate)
-        self.pools[role] = GeneratorPool(role, spec,
-                                         layout.engines, run=self.cfg.run.name,
-                                         **placement.pool_kwargs(role))
-        self.serving[role] = weights
-        return self.pools[role]
+        starting = {}
+        for role, weights in wanted.items():
+            if self.serving.get(role) == weights:
+                continue
+            self.stop(role)
+            layout = placement.layout.roles.get(role)
+            if layout is None or layout.engines == 0:
+                raise ValueError(f"phase {placement.layout.name} needs engines of role "
+                                 f"{role!r}; add placement.roles.{role}.engines=1 (or to this "
+                                 "phase's layout)")
+            logger.info("starting %d %s engine(s) on %s", layout.engines, role, weights)
+            spec = engine_spec(self.cfg, weights, layout.tensor_parallel,
+                               gpu_memory_utilization=placement.layout.gpu_memory_utilization,
+                               sleep_mode=role in placement.layout.colocate)
+            # registered at once, so that shutdown() stops it if another one fails to load
+            self.pools[role] = starting[role] = GeneratorPool(
+                role, spec, layout.engines, run=self.cfg.run.name, wait=False,
+                **placement.pool_kwargs(role))
+        for role, pool in starting.items():
+            pool.wait_ready()
+            self.serving[role] = wanted[role]
+        return {role: self.pools[role] for role in wanted}
 
     def served(self, role: str, weights: str, saved: bool = False) -> None:
         """Record that the pool of ``role`` now serves ``weights`` (after a weight sync).

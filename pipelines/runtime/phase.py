@@ -118,11 +118,14 @@ class PhaseRunner:
     def __enter__(self) -> PhaseRunner:
         self.dir.mkdir(parents=True, exist_ok=True)
         timer = Timer()
-        with timer("engines"):
-            if not self.is_sft:  # an SFT phase samples nothing
-                self.pool = self._own_pool()
+        with timer("engines"):  # its own engines and its judges', started side by side
+            wanted = {} if self.is_sft else {self.phase.role: self.start_weights}
             for role in getattr(self.phase, "uses", ()):  # judges: started here, not in a step
-                self.other_pool(role)
+                wanted[role] = self.weights(role)
+            pools = self.engines.pools_for(wanted, self.placement)
+            for role, weights in wanted.items():
+                self._record_provenance(role, weights)
+            self.pool = pools.get(self.phase.role)
         prepare = getattr(self.phase, "prepare", None)
         if prepare is not None:
             with timer("prepare"):

@@ -25,6 +25,8 @@ def render_status(run_dir: str | Path) -> str:
                                         "(not finished: `coevolve run` with the same config resumes)"),
              f"  last update {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(state['updated']))}"
              if "updated" in state else "  never updated"]
+    if state.get("first_step_s") is not None:  # engines, trainer group, warm start, data
+        lines.append(f"  time to first step: {state['first_step_s']:.1f} s (this launch)")
     for role, info in sorted(state.get("roles", {}).items()):
         lines.append(f"  role {role}: iteration {info.get('iteration')}, weight version "
                      f"{info.get('version')}, weights "
