@@ -31,6 +31,9 @@ class TrainBatch:
     advantages: np.ndarray | list[np.ndarray] | None = None  # [S] or [S][T_i]
     old_logprobs: list[np.ndarray] | None = None  # [S][T_i]
     ref_logprobs: list[np.ndarray] | None = None  # [S][T_i]
+    # the sampling engine's log-probs of the completion tokens (the behaviour policy as the
+    # engine computed it): the engine-trainer mismatch and truncated importance sampling
+    engine_logprobs: list[np.ndarray] | None = None  # [S][T_i]
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -59,6 +62,7 @@ class TrainBatch:
             advantages=pick(self.advantages),
             old_logprobs=pick(self.old_logprobs),
             ref_logprobs=pick(self.ref_logprobs),
+            engine_logprobs=pick(self.engine_logprobs),
         )
 
     def with_column(self, **columns) -> "TrainBatch":
@@ -142,6 +146,7 @@ class InputBuilder:
         loss_mask = torch.zeros((len(rows), width - 1), dtype=torch.float32)
         old = torch.zeros_like(loss_mask)
         ref = torch.zeros_like(loss_mask)
+        engine = torch.zeros_like(loss_mask)
         adv_tok = torch.zeros_like(loss_mask)
         adv_seq = torch.zeros(len(rows), dtype=torch.float32)
         per_token_adv = isinstance(batch.advantages, list)
@@ -156,6 +161,9 @@ class InputBuilder:
                 old[i, p - 1:n - 1] = torch.tensor(batch.old_logprobs[r], dtype=torch.float32)
             if batch.ref_logprobs is not None:
                 ref[i, p - 1:n - 1] = torch.tensor(batch.ref_logprobs[r], dtype=torch.float32)
+            if batch.engine_logprobs is not None:
+                engine[i, p - 1:n - 1] = torch.tensor(batch.engine_logprobs[r],
+                                                      dtype=torch.float32)
             if batch.advantages is not None:
                 if per_token_adv:
                     adv_tok[i, p - 1:n - 1] = torch.tensor(batch.advantages[r], dtype=torch.float32)
@@ -181,6 +189,7 @@ class InputBuilder:
             "loss_mask": loss_mask,
             "old_logprobs": old if batch.old_logprobs is not None else None,
             "ref_logprobs": ref if batch.ref_logprobs is not None else None,
+            "engine_logprobs": engine if batch.engine_logprobs is not None else None,
             "advantages": None if batch.advantages is None else (adv_tok if per_token_adv else adv_seq),
         }
 
@@ -224,5 +233,6 @@ class InputBuilder:
             advantages=extend(sub.advantages, np.zeros(0, np.float32) if per_token else 0.0),
             old_logprobs=extend(sub.old_logprobs, np.zeros(0, np.float32)),
             ref_logprobs=extend(sub.ref_logprobs, np.zeros(0, np.float32)),
+            engine_logprobs=extend(sub.engine_logprobs, np.zeros(0, np.float32)),
         )
         return dummy, list(range(len(rows) + 1))

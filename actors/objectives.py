@@ -384,6 +384,9 @@ class ObjectiveSpec:
     entropy_coef: weight of the entropy bonus (subtracted); 0 = off.
     log_entropy:  compute the policy's entropy for the metrics (``policy/entropy``)
                   even without a bonus (MAYE's evaluation scheme); costs a softmax.
+    tis_cap:      truncated importance sampling against the engine that sampled:
+                  each token's policy term is weighted by min(exp(old - engine), tis_cap)
+                  (needs engine_logprobs); 0 = off.
     """
 
     policy_loss: str = "ppo"
@@ -395,6 +398,7 @@ class ObjectiveSpec:
     kl_estimator: str = "low_var_kl"
     entropy_coef: float = 0.0
     log_entropy: bool = False
+    tis_cap: float = 0.0
 
     def __post_init__(self) -> None:
         if self.policy_loss not in POLICY_LOSSES:
@@ -409,6 +413,8 @@ class ObjectiveSpec:
             raise ValueError(f"dual_clip must be > 1 (or None to disable), got {self.dual_clip}")
         if self.loss_agg not in AGG_MODES:
             raise ValueError(f"loss_agg must be one of {AGG_MODES}, got {self.loss_agg!r}")
+        if self.tis_cap < 0:
+            raise ValueError(f"tis_cap must be >= 0 (0 = off), got {self.tis_cap}")
         if self.kl_coef < 0.0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.kl_estimator not in KL_ESTIMATORS + ("full",):
@@ -455,10 +461,17 @@ def policy_objective(
     logits: Tensor | None = None,
     ref_logits: Tensor | None = None,
     entropy: Tensor | None = None,
+    engine_logprobs: Tensor | None = None,
     global_tokens: float | int | Tensor | None = None,
     global_seqs: float | int | Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The trainer's one loss: policy term + kl_coef * KL - entropy_coef * H.
+
+    ``engine_logprobs`` [B, T]: the sampling engine's log-probs of the same tokens. With
+    them the metrics gain ``policy/engine_logprob_diff`` (mean |logprobs - engine|: the
+    engine-trainer mismatch when logprobs are the sampling weights' own), and with
+    ``spec.tis_cap`` > 0 the policy term of each token is weighted by the truncated
+    importance ratio ``min(exp(old - engine), tis_cap)`` (no gradient through it).
 
     logprobs, mask, old_logprobs, ref_logprobs [B, T]; advantages [B] or [B, T];
     logits, ref_logits [B, T, V] (only for the entropy bonus / "full" KL, and
@@ -484,6 +497,19 @@ def policy_objective(
         )
     else:
         pg_tok, metrics = reinforce_loss(logprobs, advantages, mask)
+    if engine_logprobs is not None:
+        metrics["policy/engine_logprob_diff"] = masked_mean(
+            (logprobs.detach() - engine_logprobs).abs(), mask).item()
+    if spec.tis_cap > 0:
+        if engine_logprobs is None:
+            raise ValueError(f"tis_cap={spec.tis_cap} needs the engine's log-probs")
+        behaviour = old_logprobs if old_logprobs is not None else logprobs.detach()
+        weight = torch.exp((behaviour - engine_logprobs).clamp(max=_LOG_RATIO_CLAMP))
+        truncated = weight > spec.tis_cap
+        weight = weight.clamp(max=spec.tis_cap).detach()
+        pg_tok = pg_tok * weight
+        metrics["policy/tis_weight_mean"] = masked_mean(weight, mask).item()
+        metrics["policy/tis_truncated_frac"] = masked_mean(truncated.float(), mask).item()
     pg_loss = aggregate(pg_tok, mask, **agg)
     loss = pg_loss
     metrics["policy/pg_loss"] = pg_loss.item()

@@ -462,6 +462,7 @@ class TrainerActor:
             elif spec.entropy_coef > 0 or spec.log_entropy:
                 extra["logits"] = logits
         old = mb["old_logprobs"] if mb["old_logprobs"] is not None else logp.detach()
+        extra["engine_logprobs"] = mb.get("engine_logprobs")
         return policy_objective(spec, logp, mb["advantages"], mask, old_logprobs=old,
                                 ref_logprobs=mb["ref_logprobs"], global_tokens=global_tokens,
                                 global_seqs=global_seqs, **extra)

@@ -214,6 +214,14 @@ class AlgorithmConfig:
         "token-mean", "How per-token losses are reduced over the batch."
     )
     entropy_coef: float = param(0.0, "Entropy bonus coefficient.", ge=0)
+    behaviour_logprobs: Literal["auto", "trainer", "engine"] = param(
+        "auto", "Where the PPO ratio's behaviour log-probs come from: trainer (a forward "
+        "pass before the updates), engine (the sampling engines' own, no pass; they match "
+        "the trainer to ~1e-6 in fp32, not in bf16) or auto (none when a generation batch "
+        "gets one update: that update's own forward is the behaviour policy; else trainer).")
+    tis_cap: float = param(
+        0.0, "Truncated importance sampling against the engines that sampled: each token's "
+        "policy term is weighted by min(p_behaviour / p_engine, tis_cap); 0 = off.", ge=0)
     log_entropy: bool = param(
         False, "Log the policy's entropy (policy/entropy) even without an entropy bonus "
         "(one softmax over the vocabulary per token).")

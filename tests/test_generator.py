@@ -255,13 +255,18 @@ def test_seeded_requests_reproduce_on_either_engine(pool):
 
 @pytest.mark.slow
 def test_logprobs_of_own_samples_match_transformers(pool, hf):
+    """The engines' log-probs are of the model's own distribution (raw logits: before
+    temperature, top-p and the allowed-token mask), as the trainer computes them, also
+    for samples drawn at T 0.7 with top-p 0.9 (CodeGen's sampling)."""
     requests = [image_request(n=3, temperature=1.0, max_tokens=24, seed=5),
-                text_request(n=3, temperature=1.0, max_tokens=24, seed=5)]
+                text_request(n=3, temperature=1.0, max_tokens=24, seed=5),
+                image_request(n=3, temperature=0.7, max_tokens=24, seed=5)]
+    requests[2].sampling.top_p = 0.9
     results = pool.generate(requests)
     model = hf.model(0)
     for request, samples in zip(requests, results):
         worst, mean = max_logprob_diff(hf, model, request, samples)
-        kind = "image" if request.images else "text"
+        kind = ("image" if request.images else "text") + f" T {request.sampling.temperature}"
         print(f"{kind}: max |engine - transformers| log-prob = {worst:.2e}, mean = {mean:.2e}")
         assert worst < 5e-6 and mean < 1e-6
 

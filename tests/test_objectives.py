@@ -4,6 +4,7 @@ Every expected number is derived in the test from the formula, never pasted
 from an output.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -372,3 +373,39 @@ def test_spec_and_objective_validation_name_the_field():
         policy_objective(ObjectiveSpec(kl_coef=0.1), logp, adv, mask, old_logprobs=logp)
     with pytest.raises(ValueError, match="logits"):
         policy_objective(ObjectiveSpec(entropy_coef=0.1), logp, adv, mask, old_logprobs=logp)
+
+
+def test_truncated_importance_sampling_and_the_engine_mismatch_by_hand():
+    """On-policy (old = current), A = 1, token-mean. Engine log-probs -1.5 and -1.0 for
+    tokens the trainer scores -1.0 and -2.0: weights min(exp(0.5), 2) = 1.64872 and
+    exp(-1) = 0.36788, so the loss is -(1.64872 + 0.36788) / 2 = -1.00830 and each
+    token's gradient -w / 2; the mismatch is (0.5 + 1.0) / 2 = 0.75. Engine -2.0 for both:
+    exp(1) = 2.718 is cut to 2 (half the tokens truncated), loss -(2 + 1) / 2 = -1.5."""
+    from actors.objectives import ObjectiveSpec, policy_objective
+
+    spec = ObjectiveSpec(clip_low=0.2, clip_high=0.2, dual_clip=None, tis_cap=2.0)
+    mask = torch.ones(1, 2)
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss, m = policy_objective(spec, logp, torch.tensor([1.0]), mask,
+                               old_logprobs=logp.detach(),
+                               engine_logprobs=torch.tensor([[-1.5, -1.0]]))
+    assert loss.item() == pytest.approx(-1.00830, abs=1e-5)
+    loss.backward()
+    assert logp.grad[0].tolist() == pytest.approx([-0.82436, -0.18394], abs=1e-5)
+    assert m["policy/engine_logprob_diff"] == pytest.approx(0.75)
+    assert m["policy/tis_weight_mean"] == pytest.approx((1.64872 + 0.36788) / 2, abs=1e-5)
+    assert m["policy/tis_truncated_frac"] == 0.0
+    loss, m = policy_objective(spec, logp.detach(), torch.tensor([1.0]), mask,
+                               old_logprobs=logp.detach(),
+                               engine_logprobs=torch.tensor([[-2.0, -2.0]]))
+    assert loss.item() == pytest.approx(-1.5) and m["policy/tis_truncated_frac"] == 0.5
+    # off: no weights, the mismatch still measured; on without engine log-probs: an error
+    off = dataclasses.replace(spec, tis_cap=0.0)
+    loss, m = policy_objective(off, logp.detach(), torch.tensor([1.0]), mask,
+                               old_logprobs=logp.detach(),
+                               engine_logprobs=torch.tensor([[-1.5, -1.0]]))
+    assert loss.item() == pytest.approx(-1.0) and "policy/tis_weight_mean" not in m
+    assert m["policy/engine_logprob_diff"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="engine's log-probs"):
+        policy_objective(spec, logp.detach(), torch.tensor([1.0]), mask,
+                         old_logprobs=logp.detach())

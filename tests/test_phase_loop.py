@@ -66,8 +66,10 @@ class FakeGroup:
 
     def __init__(self, kl: float = 0.05):
         self.kl, self.calls, self.steps, self.adapters = kl, [], 0, []
+        self.passes = []  # "behaviour" / "reference", one per compute_logprobs call
 
     def compute_logprobs(self, batch, reference=False, adapter=None):
+        self.passes.append("reference" if reference else "behaviour")
         value = -1.5 if reference else -1.0
         return [np.full(len(ids) - p, value) for ids, p in zip(batch.input_ids, batch.prompt_lens)]
 
@@ -260,3 +262,41 @@ def test_adaptive_kl_moves_after_every_optimizer_step(tmp_path):
     # each update uses the beta left by the previous one: x e^0.15 per update (KL 0.05)
     assert [kl for _, kl in r.group.calls] == pytest.approx(
         [1e-3 * np.exp(0.15) ** k for k in range(4)], rel=1e-9)
+
+
+@pytest.mark.parametrize(("overrides", "passes", "old"), [
+    # one update per generation batch: that update's forward is the behaviour policy
+    ((), [], None),
+    # several updates: a trainer pass before them
+    (("algorithm.mini_batches=2",), ["behaviour"], "trainer"),
+    (("algorithm.behaviour_logprobs=trainer",), ["behaviour"], "trainer"),
+    # the engines' own log-probs (-1.0 per token from FakePool), no pass
+    (("algorithm.mini_batches=2", "algorithm.behaviour_logprobs=engine"), [], "engine"),
+    # reinforce_pp's KL reward needs the behaviour policy's log-probs: a pass even at one update
+    (("algorithm.advantage=reinforce_pp", "algorithm.kl_in_reward=0.1"),
+     ["behaviour", "reference"], "trainer"),
+])
+def test_where_the_behaviour_logprobs_come_from(tmp_path, overrides, passes, old):
+    r = runner(tmp_path, "algorithm.kl_coef=0", *overrides)
+    metrics = run_steps(r, 1)[0]
+    assert r.group.passes == passes
+    batch = r.group.calls[0][0]
+    if old is None:
+        assert batch.old_logprobs is None
+    else:  # the trainer's fake pass and the fake engines both give -1 per token
+        assert [x.tolist() for x in batch.old_logprobs] == \
+            [[-1.0] * (len(ids) - p) for ids, p in zip(batch.input_ids, batch.prompt_lens)]
+    # the engines' log-probs reach the trainer whenever no trainer pass measures the mismatch
+    assert (batch.engine_logprobs is not None) == (old != "trainer")
+    assert metrics["train/behaviour_pass"] == float(old == "trainer")
+
+
+def test_truncated_importance_sampling_sends_the_engine_logprobs(tmp_path):
+    r = runner(tmp_path, "algorithm.kl_coef=0", "algorithm.tis_cap=2",
+               "algorithm.behaviour_logprobs=trainer")
+    run_steps(r, 1)
+    batch = r.group.calls[0][0]
+    assert batch.old_logprobs is not None and batch.engine_logprobs is not None
+    from pipelines.runtime.phase import trainer_spec
+
+    assert trainer_spec(r.cfg, "tiny://qwen2.5-vl", 4).objective.tis_cap == 2.0

@@ -102,19 +102,25 @@ class ReinforcePPEstimator:
         self.needs_reference = kl_in_reward > 0
 
     def advantages(self, rewards: np.ndarray, groups: Sequence[int], batch=None):
-        if batch is None or batch.old_logprobs is None:
-            raise ValueError("reinforce_pp needs the batch's old log-probs")
-        if self.needs_reference and batch.ref_logprobs is None:
-            raise ValueError("reinforce_pp with kl_in_reward > 0 needs reference log-probs")
-        lengths = [len(lp) for lp in batch.old_logprobs]
+        # the completions' lengths, from whichever log-probs the batch has; the KL reward
+        # needs the behaviour policy's own (the phase then makes a trainer pass)
+        behaviour = None if batch is None else batch.old_logprobs
+        lengths_from = behaviour if behaviour is not None else getattr(batch, "engine_logprobs",
+                                                                        None)
+        if lengths_from is None:
+            raise ValueError("reinforce_pp needs the batch's old (or engine) log-probs")
+        if self.needs_reference and (behaviour is None or batch.ref_logprobs is None):
+            raise ValueError("reinforce_pp with kl_in_reward > 0 needs the old and the "
+                             "reference log-probs")
+        lengths = [len(lp) for lp in lengths_from]
         width = max(lengths, default=0)
         mask = torch.zeros(len(lengths), width, dtype=torch.float64)
         old = torch.zeros_like(mask)
         ref = torch.zeros_like(mask)
         for i, n in enumerate(lengths):
             mask[i, :n] = 1.0
-            old[i, :n] = torch.as_tensor(batch.old_logprobs[i], dtype=torch.float64)
             if self.needs_reference:
+                old[i, :n] = torch.as_tensor(batch.old_logprobs[i], dtype=torch.float64)
                 ref[i, :n] = torch.as_tensor(batch.ref_logprobs[i], dtype=torch.float64)
         adv, _, metrics = reinforce_pp_advantages(
             torch.tensor(rewards, dtype=torch.float64), mask,

@@ -269,10 +269,19 @@ class PhaseRunner:
         key, adapter = self._key(rollout.policy), rollout.policy
         batch, rewards = self._batch(rollout.requests, rollout.completions,
                                      rollout.scores.rewards)
+        source = self._behaviour_source(key, rollout.mini_batches)
+        engine = [np.asarray(c.logprobs, dtype=np.float32)
+                  for group in rollout.completions for c in group]
+        if source != "trainer" or self.cfg.algorithm.tis_cap > 0:
+            batch = batch.with_column(engine_logprobs=engine)
         with timer("logprobs"):
-            # the behaviour policy's log-probs, once, before the first update
-            batch = batch.with_column(old_logprobs=self.group.compute_logprobs(
-                batch, adapter=adapter))
+            # the behaviour policy's log-probs, before the first update: a trainer pass, the
+            # engines' own, or none (one update: its own forward is the behaviour policy)
+            if source == "trainer":
+                batch = batch.with_column(old_logprobs=self.group.compute_logprobs(
+                    batch, adapter=adapter))
+            elif source == "engine":
+                batch = batch.with_column(old_logprobs=engine)
             if self.needs_reference:
                 batch = batch.with_column(ref_logprobs=self.group.compute_logprobs(
                     batch, reference=True, adapter=adapter))
@@ -281,7 +290,18 @@ class PhaseRunner:
         batch = batch.with_column(advantages=advantages)
         with timer("update"):
             train = self._update(batch, step, key, adapter, rollout.mini_batches)
+        train["train/behaviour_pass"] = float(source == "trainer")
         return batch, rewards, advantages, train, adv_metrics
+
+    def _behaviour_source(self, key: str, mini_batches: int | None) -> str:
+        """``algorithm.behaviour_logprobs``, with auto resolved: "update" (no pass) when
+        the batch gets one update and the estimator needs no log-probs of its own."""
+        a = self.cfg.algorithm
+        if a.behaviour_logprobs != "auto":
+            return a.behaviour_logprobs
+        updates = (mini_batches or a.mini_batches) * a.epochs
+        needs = getattr(self.estimators[key], "needs_reference", False)  # reinforce_pp's KL
+        return "update" if updates == 1 and not needs else "trainer"
 
     def _rollout_metrics(self, rollout, batch, rewards, train, adv_metrics) -> dict:
         tokens = [len(c.token_ids) for group in rollout.completions for c in group]
@@ -296,8 +316,11 @@ class PhaseRunner:
                                                 for c in group])),
             "rollout/version": float(self._versions[self._key(rollout.policy)]),
             # engine vs trainer log-probs of the sampled tokens: ~1e-6 in fp32 when the
-            # engines serve the trainer's weights (or adapter), far more when they do not
-            "rollout/logprob_diff": _logprob_diff(rollout.completions, batch.old_logprobs),
+            # engines serve the trainer's weights (or adapter), far more when they do not;
+            # without a trainer pass, measured in the first update's forward
+            "rollout/logprob_diff": _logprob_diff(rollout.completions, batch.old_logprobs)
+            if train.get("train/behaviour_pass") else
+            train.get("policy/engine_logprob_diff", float("nan")),
         }
 
     def sft_step(self, step: int) -> dict:
@@ -461,6 +484,8 @@ class PhaseRunner:
                     kl.update(metrics["policy/kl"])
                 parts.append(metrics)
         merged = {k: float(np.mean([m[k] for m in parts if k in m])) for k in parts[-1]}
+        if "policy/engine_logprob_diff" in parts[0]:  # before any optimizer step of the step
+            merged["policy/engine_logprob_diff"] = parts[0]["policy/engine_logprob_diff"]
         merged["train/step"] = parts[-1]["train/step"]
         merged["train/updates"] = float(len(parts))
         return merged
@@ -534,7 +559,8 @@ def trainer_spec(cfg, start_weights: str, steps: int, sft: bool = False,
         objective=ObjectiveSpec(policy_loss=a.loss, clip_low=a.clip_low, clip_high=a.clip_high,
                                 dual_clip=a.dual_clip or None, loss_agg=a.loss_agg,
                                 kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
-                                entropy_coef=a.entropy_coef, log_entropy=a.log_entropy),
+                                entropy_coef=a.entropy_coef, log_entropy=a.log_entropy,
+                                tis_cap=a.tis_cap),
         lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), grad_clip=t.grad_clip,
         schedule=t.schedule, warmup_steps=int(round(t.warmup_ratio * steps)),
         total_steps=steps, micro_batch_tokens=t.micro_batch_tokens,
