@@ -177,3 +177,46 @@ def test_status_counts_sft_steps_and_names_the_report(tmp_path):
     assert "time to first step: 46.2 s (this launch)" in text
     assert "step 2: sft/nll 1.5" in text
     assert f"evaluation: {run / 'r3v_report.md'}" in text
+
+
+def test_sampling_keeps_finished_chunks_across_a_kill(tmp_path, monkeypatch):
+    """Rationales are saved a chunk at a time: a run killed mid-sampling asks only the
+    questions it has no complete set of samples for, and the file comes out in item
+    order with the same rows as an uninterrupted run (per-question seeds)."""
+    import json
+
+    from actors.generator import Completion
+    from pipelines.config import load_config
+    from pipelines.recipes.r3v import recipe
+
+    class Pool:
+        def __init__(self, fail_after=None):
+            self.asked, self.fail_after = [], fail_after
+
+        def generate(self, requests):
+            if self.fail_after is not None and len(self.asked) >= self.fail_after:
+                raise RuntimeError("killed")
+            self.asked.append([r.item.id for r in requests])
+            return [[Completion(f"s{k} {r.sampling.seed}\nAnswer: {r.item.answer}", [], [1],
+                                [0.0], "stop", 0) for k in range(r.sampling.n)]
+                    for r in requests]
+
+    monkeypatch.setattr(recipe, "CHUNK", 2)
+    cfg = load_config(None, ["run.recipe=r3v", "r3v.samples=3"])
+    phase = recipe.R3VPhase(cfg, cfg.r3v)
+    items = [Item(str(k), f"q{k}?", str(k)) for k in range(5)]
+    whole = tmp_path / "whole.jsonl"
+    phase.sample(Pool(), None, items, 1, whole)
+    killed, pool = tmp_path / "killed.jsonl", Pool(fail_after=2)
+    with pytest.raises(RuntimeError):
+        phase.sample(pool, None, items, 1, killed)
+    assert not killed.exists() and pool.asked == [["0", "1"], ["2", "3"]]
+    partial = tmp_path / ".killed.jsonl.partial"
+    partial.write_text(partial.read_text() + '{"item_id": "4", "te')  # a torn last line
+    again = Pool()
+    phase.sample(again, None, items, 1, killed)
+    assert again.asked == [["4"]]
+    assert killed.read_text() == whole.read_text()
+    rows = [json.loads(line) for line in whole.read_text().splitlines()]
+    assert [r["item_id"] for r in rows] == [str(k) for k in range(5) for _ in range(3)]
+    assert all(r["correct"] for r in rows)

@@ -40,6 +40,7 @@ SAMPLES = "samples.jsonl"
 EVAL = "r3v_eval"
 REPORT = "r3v_report"
 TOP_K = 50  # the original's sampling for rationales and test-time candidates
+CHUNK = 256  # questions per engine call while sampling (saved as each returns)
 ADAPTER = "r3v"  # the engines' name of the model being sampled or evaluated (LoRA)
 
 
@@ -108,27 +109,53 @@ class R3VPhase:
         return pool, ADAPTER
 
     def sample(self, pool, adapter, items, iteration: int, path: Path) -> None:
-        """``samples`` rationales per question from the pool's model, written at once."""
-        requests = [LabeledRequest(cot_messages(item), images=item.image_bytes(), item=item,
-                                   adapter=adapter,
-                                   sampling=Sampling(
-                                       n=self.s.samples, temperature=self.s.temperature,
-                                       top_p=self.s.top_p, top_k=TOP_K,
-                                       max_tokens=self.s.max_tokens,
-                                       seed=item_seed(self.cfg.run.seed, "r3v", iteration,
-                                                      item.id)))
-                    for item in items]
-        rows = []
-        for request, group in zip(requests, pool.generate(requests)):
-            item = request.item
-            for c in group:
-                answer = rationale_answer(c.text)
-                rows.append({"item_id": item.id, "text": c.text, "answer": answer,
-                             "correct": answer is not None and grader(item)(answer, item.answer),
-                             "iteration": iteration})
+        """``samples`` rationales per question from the pool's model into ``path``.
+
+        Questions go to the engines ``CHUNK`` at a time, each chunk appended to a partial
+        file as it returns, so a killed run keeps what it sampled (per-question seeds make
+        the rest the same as in an uninterrupted run); the file is renamed when complete.
+        """
+        partial = path.with_name(f".{path.name}.partial")
+        done: set[str] = set()
+        if partial.exists():
+            lines = partial.read_text().splitlines(keepends=True)
+            complete = [line for line in lines if line.endswith("\n")]  # a torn last line
+            partial.write_text("".join(complete))
+            by_item: dict[str, int] = {}
+            for line in complete:
+                item_id = json.loads(line)["item_id"]
+                by_item[item_id] = by_item.get(item_id, 0) + 1
+            done = {k for k, n in by_item.items() if n == self.s.samples}
+        todo = [item for item in items if item.id not in done]
+        for start in range(0, len(todo), CHUNK):
+            chunk = todo[start:start + CHUNK]
+            requests = [LabeledRequest(
+                cot_messages(item), images=item.image_bytes(), item=item, adapter=adapter,
+                sampling=Sampling(n=self.s.samples, temperature=self.s.temperature,
+                                  top_p=self.s.top_p, top_k=TOP_K, max_tokens=self.s.max_tokens,
+                                  seed=item_seed(self.cfg.run.seed, "r3v", iteration, item.id)))
+                for item in chunk]
+            rows = []
+            for request, group in zip(requests, pool.generate(requests)):
+                item = request.item
+                for c in group:
+                    answer = rationale_answer(c.text)
+                    rows.append({"item_id": item.id, "text": c.text, "answer": answer,
+                                 "correct": answer is not None
+                                 and grader(item)(answer, item.answer),
+                                 "iteration": iteration})
+            with partial.open("a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in rows))
+            logger.info("r3v iteration %d: sampled %d of %d questions", iteration,
+                        len(items) - len(todo) + start + len(chunk), len(items))
+        # the items' own order, whatever order the chunks were made in
+        rows = [json.loads(line) for line in partial.read_text().splitlines()]
+        rank = {item.id: n for n, item in enumerate(items)}
+        rows.sort(key=lambda r: rank.get(r["item_id"], len(rank)))
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         tmp.replace(path)
+        partial.unlink()
 
     def batch_examples(self, step: int, seed_path):
         return self._sft.batch_examples(step, seed_path)
