@@ -220,3 +220,16 @@ def test_sampling_keeps_finished_chunks_across_a_kill(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in whole.read_text().splitlines()]
     assert [r["item_id"] for r in rows] == [str(k) for k in range(5) for _ in range(3)]
     assert all(r["correct"] for r in rows)
+
+
+def test_a_select_prompt_that_cannot_fit_is_refused_up_front():
+    from pipelines.config import load_config
+    from pipelines.recipes.r3v.recipe import R3VPhase
+
+    cfg = load_config(None, ["run.recipe=r3v", "r3v.max_tokens=1024",
+                             "generator.max_model_len=4096"])
+    with pytest.raises(ValueError, match="max_model_len >= 7168"):
+        R3VPhase(cfg, cfg.r3v)
+    cfg = load_config(None, ["run.recipe=r3v", "r3v.select_candidates=[0, 2]"])
+    with pytest.raises(ValueError, match="at least 1"):
+        R3VPhase(cfg, cfg.r3v)

@@ -21,7 +21,7 @@ class R3VConfig:
     samples: int = param(3, "Rationales each model samples per training question.", ge=1)
     temperature: float = param(0.9, "Sampling temperature of the rationales.", ge=0)
     top_p: float = param(0.95, "Nucleus threshold of the rationales.", gt=0, le=1)
-    max_tokens: int = param(1024, "Budget of a rationale and of an evaluation answer (tokens).",
+    max_tokens: int = param(384, "Budget of a rationale and of an evaluation answer (tokens).",
                             ge=1)
     direct_qa: bool = param(True, "Add each question with its short answer to the SFT mix.")
     self_refine: bool = param(True, "Add self-refine examples (a wrong rationale to correct).")

@@ -60,6 +60,15 @@ class R3VPhase:
     data_roles = ("policy",)  # samples with the role's engines (check_layouts)
 
     def __init__(self, cfg, settings):
+        # a self-select prompt holds up to max(select_candidates) rationales, then an answer
+        need = (max(settings.select_candidates) + 1) * settings.max_tokens
+        if need > cfg.generator.max_model_len:
+            raise ValueError(f"r3v: self-select over {max(settings.select_candidates)} "
+                             f"rationales of up to {settings.max_tokens} tokens needs "
+                             f"generator.max_model_len >= {need} (it is "
+                             f"{cfg.generator.max_model_len}); raise it or lower r3v.max_tokens")
+        if min(settings.select_candidates) < 1:
+            raise ValueError("r3v.select_candidates: counts must be at least 1")
         self.cfg, self.s = cfg, settings
         self.steps = settings.epochs  # until prepare() has built the mix
         self._sft: SFTPhase | None = None
