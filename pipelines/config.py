@@ -218,7 +218,8 @@ class AlgorithmConfig:
         "auto", "Where the PPO ratio's behaviour log-probs come from: trainer (a forward "
         "pass before the updates), engine (the sampling engines' own, no pass; they match "
         "the trainer to ~1e-6 in fp32, not in bf16) or auto (none when a generation batch "
-        "gets one update: that update's own forward is the behaviour policy; else trainer).")
+        "gets one update without dropout: that update's own forward is the behaviour "
+        "policy; else trainer).")
     tis_cap: float = param(
         0.0, "Truncated importance sampling against the engines that sampled: each token's "
         "policy term is weighted by min(p_behaviour / p_engine, tis_cap); 0 = off.", ge=0)

@@ -272,6 +272,9 @@ def test_adaptive_kl_moves_after_every_optimizer_step(tmp_path):
     (("algorithm.behaviour_logprobs=trainer",), ["behaviour"], "trainer"),
     # the engines' own log-probs (-1.0 per token from FakePool), no pass
     (("algorithm.mini_batches=2", "algorithm.behaviour_logprobs=engine"), [], "engine"),
+    # LoRA dropout: the update's forward is not the sampling policy's
+    (("trainer.lora.enabled=true",), ["behaviour"], "trainer"),
+    (("trainer.lora.enabled=true", "trainer.lora.dropout=0"), [], None),
     # reinforce_pp's KL reward needs the behaviour policy's log-probs: a pass even at one update
     (("algorithm.advantage=reinforce_pp", "algorithm.kl_in_reward=0.1"),
      ["behaviour", "reference"], "trainer"),

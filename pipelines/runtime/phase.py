@@ -295,13 +295,15 @@ class PhaseRunner:
 
     def _behaviour_source(self, key: str, mini_batches: int | None) -> str:
         """``algorithm.behaviour_logprobs``, with auto resolved: "update" (no pass) when
-        the batch gets one update and the estimator needs no log-probs of its own."""
-        a = self.cfg.algorithm
+        the batch gets one update whose forward runs exactly the sampling weights: the
+        estimator needs no log-probs of its own and no dropout (LoRA's) perturbs it."""
+        a, lora = self.cfg.algorithm, self.cfg.trainer.lora
         if a.behaviour_logprobs != "auto":
             return a.behaviour_logprobs
         updates = (mini_batches or a.mini_batches) * a.epochs
         needs = getattr(self.estimators[key], "needs_reference", False)  # reinforce_pp's KL
-        return "update" if updates == 1 and not needs else "trainer"
+        dropout = lora.enabled and lora.dropout > 0
+        return "update" if updates == 1 and not needs and not dropout else "trainer"
 
     def _rollout_metrics(self, rollout, batch, rewards, train, adv_metrics) -> dict:
         tokens = [len(c.token_ids) for group in rollout.completions for c in group]
