@@ -86,18 +86,35 @@ def usable(items: list[Item], what: str) -> tuple[list[Item], int]:
     return kept, len(items) - len(kept)
 
 
-def eval_task(source: str, split: str) -> str | None:
-    """``coevolve eval``'s task name for a recipe's data ``source`` (``jsonl:PATH``; a
-    drawn set is built first), or None for a source the tasks cannot name (hf:)."""
+class LabeledRecipe:
+    """What the recipes on labeled data share: one role, evaluated by ``coevolve eval`` on
+    the run's test set (``<settings>.test``). Subclasses name their config section."""
+
+    roles = ("policy",)
+    eval_role = "policy"
+    settings_section = ""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    @property
+    def benchmarks(self) -> tuple[str, ...]:
+        """``coevolve eval RUN_DIR``'s default: the test set, when a task can name it."""
+        return eval_tasks(getattr(self.cfg, self.settings_section).test, "test")
+
+
+def eval_tasks(source: str, split: str) -> tuple[str, ...]:
+    """``coevolve eval``'s tasks for a recipe's data ``source``: ``jsonl:PATH`` (a drawn
+    set is built first), or none for an empty source or one the tasks cannot name (hf:)."""
     source = source.strip()
     kind, sep, rest = source.partition(":")
     if not sep and source.endswith(".jsonl"):
-        return f"jsonl:{Path(source).resolve()}"
+        return (f"jsonl:{Path(source).resolve()}",)
     if kind == "jsonl":
-        return f"jsonl:{Path(rest).resolve()}"
+        return (f"jsonl:{Path(rest).resolve()}",)
     if kind == "shapes" and rest.isdigit() and split in SPLIT_SEEDS:
-        return f"jsonl:{shapes_dataset(int(rest), split)}"
-    return None
+        return (f"jsonl:{shapes_dataset(int(rest), split)}",)
+    return ()
 
 
 def shapes_dataset(count: int, split: str = "train", root: Path | None = None) -> Path:

@@ -27,7 +27,13 @@ import numpy as np
 
 from actors.generator import Completion, Sampling
 from pipelines.recipes.base import Scores
-from pipelines.recipes.labeled import LabeledRequest, item_messages, load_items, usable
+from pipelines.recipes.labeled import (
+    LabeledRecipe,
+    LabeledRequest,
+    item_messages,
+    load_items,
+    usable,
+)
 from pipelines.recipes.maye.rewards import reflection_stats, score_response
 
 logger = logging.getLogger(__name__)
@@ -212,20 +218,8 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-class MayeRecipe:
-    roles = ("policy",)
-    eval_role = "policy"
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    @property
-    def benchmarks(self) -> tuple[str, ...]:
-        """``coevolve eval RUN_DIR``'s default: the run's test set, when a task can name it."""
-        from pipelines.recipes.labeled import eval_task
-
-        task = eval_task(self.cfg.maye.test, "test") if self.cfg.maye.test else None
-        return (task,) if task else ()
+class MayeRecipe(LabeledRecipe):
+    settings_section = "maye"
 
     def warm_start_examples(self, count: int, seed: int, cfg) -> list:
         """``model.warm_start.data: recipe``: the training items that have a worked

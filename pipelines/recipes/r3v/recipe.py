@@ -24,7 +24,7 @@ import numpy as np
 
 from actors.generator import Sampling
 from pipelines.eval.tasks import item_seed
-from pipelines.recipes.labeled import LabeledRequest, load_items, usable
+from pipelines.recipes.labeled import LabeledRecipe, LabeledRequest, load_items, usable
 from pipelines.recipes.r3v.mix import (
     Sample,
     build_mix,
@@ -300,20 +300,8 @@ def plot_report(rows: list[dict], counts: list[int], path: Path) -> None:
     tmp.replace(path)
 
 
-class R3VRecipe:
-    roles = ("policy",)
-    eval_role = "policy"
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    @property
-    def benchmarks(self) -> tuple[str, ...]:
-        """``coevolve eval RUN_DIR``'s default: the run's test set, when a task can name it."""
-        from pipelines.recipes.labeled import eval_task
-
-        task = eval_task(self.cfg.r3v.test, "test") if self.cfg.r3v.test else None
-        return (task,) if task else ()
+class R3VRecipe(LabeledRecipe):
+    settings_section = "r3v"
 
     def warm_start_examples(self, count: int, seed: int, cfg) -> list:
         """``model.warm_start.data: recipe``: the training set's direct answers and worked
