@@ -89,7 +89,7 @@ class TaskSpec:
     def extract(self, response: str) -> str | None:
         if self.answer == "boxed":
             return extract_answer(response)
-        return extract_answer(response, fallback=_last_line)
+        return extract_answer(response, fallback=last_line)
 
     def correct(self, item: Item, response: str, grader) -> tuple[str | None, bool]:
         """The extracted answer and whether it answers the item (rule grader)."""
@@ -127,7 +127,8 @@ def item_seed(*parts) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def _last_line(text: str) -> str | None:
+def last_line(text: str) -> str | None:
+    """The last non-empty line, stripped (the fallback answer of a response)."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else None
 

@@ -37,11 +37,11 @@ def correct_answer(sample: dict) -> float:
     line) grades equal to the item's answer (needs ``simple.data``), else 0."""
     from pipelines.algorithms.answers import extract_answer
     from pipelines.algorithms.grading import grade
+    from pipelines.eval.tasks import last_line
 
     if sample.get("answer") is None:
         raise ValueError("correct_answer needs labeled data: set simple.data")
-    lines = [line for line in sample["response"].splitlines() if line.strip()]
-    pred = extract_answer(sample["response"], fallback=lambda _: lines[-1] if lines else None)
+    pred = extract_answer(sample["response"], fallback=last_line)
     return 1.0 if pred is not None and grade(pred, sample["answer"]) else 0.0
 
 
