@@ -1,4 +1,5 @@
-"""Labeled data for the recipes that train on answers (R3V, MAYE): where it comes from.
+"""Labeled data for the recipes that train on answers (R3V, MAYE, `simple.data`): where it
+comes from.
 
 The format is evaluation's (``pipelines/eval/data.py``): JSON-lines rows
 ``{question, answer, image[, solution, id, choices]}`` with image paths relative
