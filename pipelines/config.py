@@ -291,6 +291,13 @@ class PlacementConfig:
     trainer_ranks: int = param(1, "FSDP trainer ranks (one device each on a GPU host).", ge=1)
     gpus_per_rank: int = param(0, "GPUs per trainer rank (0 on a CPU host, else 1).", ge=0, le=1)
     cpus_per_rank: int = param(1, "CPUs reserved per trainer rank.", ge=0)
+    cpu_threads: Literal["reserved", "all"] = param(
+        "reserved", "CPU hosts: the threads of each trainer rank and engine. reserved: its "
+        "cpus_per_rank / cpus_per_engine. all: the whole host's cores, split evenly between "
+        "the trainer ranks and between the engines of one role, because the trainer and the "
+        "engines take turns (generate, then update): each works with every core while the "
+        "others wait without spinning. Not with run.overlap, where they work at once. "
+        "docs/architecture.md#all-cores")
     roles: dict[str, RoleLayout] = param(
         {}, "Engine layout per generating role (e.g. policy for the simple recipe; proposer, "
             "codegen and solver for MM-Zero); each role the recipe samples from needs one.",

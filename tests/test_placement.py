@@ -44,7 +44,9 @@ from pipelines.runtime.placement import (
     group_specs,
     resolve_layout,
     simulate,
+    thread_counts,
 )
+from pipelines.runtime.plan import run_plan
 
 LAYOUTS = ROOT / "configs" / "layouts"
 TWO_SIX = LAYOUTS / "mmzero-8gpu-2+6.yaml"
@@ -92,11 +94,40 @@ def test_cpu_layout_and_pool_kwargs():
     layout = resolve_layout(cfg.placement)
     assert not layout.uses_gpus and layout.gpus() == 0 and layout.cpus() == 5
     placement = Placement(layout, groups={"trainer": "pg-t", "solver": "pg-s",
-                                          "proposer": "pg-p", "codegen": "pg-c"})
+                                          "proposer": "pg-p", "codegen": "pg-c"}, cores=2)
     assert placement.trainer_kwargs() == {"placement_group": "pg-t", "cpus_per_rank": 1,
                                           "gpus_per_rank": 0}
     assert placement.pool_kwargs("solver") == {"placement_group": "pg-s", "bundle_indices": [0],
-                                               "resources": {"num_cpus": 1}}
+                                               "resources": {"num_cpus": 1}, "threads": 2}
+
+
+@pytest.mark.parametrize("cores, ranks, threads", [(2, 1, 2), (2, 2, 1), (16, 2, 8), (1, 2, 1)])
+def test_all_cores_threads_take_turns_with_the_whole_host(cores, ranks, threads):
+    """cpu_threads: all: the ranks split the cores, each engine of a role gets them all
+    (roles generate one after the other); reserved: what each one reserves."""
+    cfg = load_config(LAYOUTS / "cpu.yaml", [f"placement.trainer_ranks={ranks}",
+                                             "placement.roles.solver.engines=2"])
+    layout = resolve_layout(cfg.placement)
+    assert thread_counts(layout, cores) == {"trainer": threads, "proposer": cores,
+                                            "codegen": cores, "solver": max(1, cores // 2)}
+    reserved = resolve_layout(load_config(LAYOUTS / "cpu.yaml", [
+        "placement.cpu_threads=reserved", "placement.cpus_per_rank=3"]).placement)
+    assert thread_counts(reserved, cores) == {"trainer": 3, "proposer": 1, "codegen": 1,
+                                              "solver": 1}
+
+
+def test_the_simple_tiny_layout_schedules_on_a_two_core_host(capsys):
+    """The shipped laptop layout: one rank and one engine, each reserving one of the two
+    CPUs Ray sees on a 2-core host and running two threads in its turn."""
+    cfg = load_config(ROOT / "configs/simple/tiny-cpu.yaml")
+    layout = resolve_layout(cfg.placement, None, ("policy",))
+    slots = simulate(layout, [Node("laptop", 0, cpus=2)])
+    assert sorted((s.role, s.cpus) for s in slots) == [("policy", 1), ("trainer", 1)]
+    assert thread_counts(layout, 2) == {"trainer": 2, "policy": 2}
+    assert run_plan(cfg, nodes=1, cpus_per_node=2) == 0
+    out = capsys.readouterr().out
+    assert "threads (cpu_threads: all, 2 cores): trainer 1 x 2, policy 1 x 2" in out
+    assert "take turns" in out
 
 
 def test_per_phase_layouts_replace_and_inherit():

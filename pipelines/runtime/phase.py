@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -361,10 +362,12 @@ class PhaseRunner:
     def _start_group(self) -> TrainerGroup:
         cfg = self.cfg
         kwargs = self.placement.trainer_kwargs()
-        threads = max(1, int(kwargs["cpus_per_rank"]))
-        return TrainerGroup(trainer_spec(cfg, self.start_weights, self.phase.steps, sft=self.is_sft,
-                                         adapters=self.policies,
-                                         mini_batches=getattr(self.phase, "mini_batches", None)),
+        threads = self.placement.rank_threads()
+        spec = replace(trainer_spec(cfg, self.start_weights, self.phase.steps, sft=self.is_sft,
+                                    adapters=self.policies,
+                                    mini_batches=getattr(self.phase, "mini_batches", None)),
+                       threads=threads)
+        return TrainerGroup(spec,
                             self.placement.layout.trainer_ranks,
                             name=f"coevolve/{cfg.run.name}/trainer", **kwargs,
                             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})

@@ -39,6 +39,7 @@ own choice of node and device ids may differ, never the counts.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class Layout:
     colocate: tuple[str, ...]
     strategy: str
     gpu_memory_utilization: float | None = None  # None: generator.gpu_memory_utilization
+    cpu_threads: str = "reserved"  # CPU hosts: "reserved" or "all" (see thread_counts)
 
     @property
     def name(self) -> str:
@@ -119,6 +121,7 @@ def resolve_layout(placement: PlacementConfig, phase: str | None = None,
         colocate=tuple(colocate),
         strategy=placement.strategy,
         gpu_memory_utilization=utilization,
+        cpu_threads=placement.cpu_threads,
     )
 
 
@@ -180,6 +183,30 @@ def _resources(cpu: float, gpu: float) -> dict:
     if gpu:
         out["GPU"] = gpu
     return out
+
+
+def host_cores() -> int:
+    """The cores this process may run on (the driver's host)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def thread_counts(layout: Layout, cores: int) -> dict[str, int]:
+    """CPU threads of each trainer rank (``trainer``) and of each engine per role on a CPU
+    host of ``cores`` cores.
+
+    ``reserved``: a rank's or an engine's reserved CPUs. ``all``: the trainer and the
+    engines take turns, so each works with the whole host: the ranks split its cores, and
+    so do the engines of one role (they generate at the same time); different roles'
+    engines generate one after the other. A one-host layout: ``cores`` is the driver's.
+    """
+    if layout.cpu_threads == "all":
+        return {TRAINER: max(1, cores // layout.trainer_ranks),
+                **{name: max(1, cores // r.engines) for name, r in layout.roles.items()}}
+    return {TRAINER: max(1, layout.cpus_per_rank),
+            **{name: max(1, r.cpus_per_engine) for name, r in layout.roles.items()}}
 
 
 # --------------------------------------------------------------------------
@@ -393,10 +420,11 @@ def _bundles_text(g: GroupSpec) -> str:
 class Placement:
     """The ready placement groups of one layout, and the options actors need."""
 
-    def __init__(self, layout: Layout, groups: dict[str, Any]):
+    def __init__(self, layout: Layout, groups: dict[str, Any], cores: int | None = None):
         self.layout = layout
         self.specs = {g.role: g for g in group_specs(layout)}
         self.groups = groups  # host role -> PlacementGroup
+        self.threads = thread_counts(layout, cores or host_cores())  # CPU hosts only
 
     def trainer_kwargs(self) -> dict:
         """Keyword arguments for ``TrainerGroup`` (rank r -> bundle r)."""
@@ -404,14 +432,19 @@ class Placement:
         return {"placement_group": self.groups[TRAINER], "cpus_per_rank": spec.actor["num_cpus"],
                 "gpus_per_rank": spec.actor["num_gpus"]}
 
+    def rank_threads(self) -> int:
+        """Torch threads of each trainer rank on a CPU host (``thread_counts``)."""
+        return self.threads[TRAINER]
+
     def pool_kwargs(self, role: str) -> dict:
         """Keyword arguments for ``GeneratorPool`` (engine i -> its first bundle)."""
         spec = self._role(role)
         resources = {"num_cpus": spec.actor["num_cpus"]}
         if spec.actor["num_gpus"]:
             resources["num_gpus"] = spec.actor["num_gpus"]
+        cpu = {} if self.layout.uses_gpus else {"threads": self.threads[role]}
         return {"placement_group": self.groups[spec.host],
-                "bundle_indices": [m[0] for m in spec.members], "resources": resources}
+                "bundle_indices": [m[0] for m in spec.members], "resources": resources, **cpu}
 
     def _role(self, role: str) -> GroupSpec:
         if role == TRAINER or role not in self.specs:

@@ -12,6 +12,7 @@ The memory model (every term of it printed per device) is in
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +37,10 @@ from pipelines.runtime.placement import (
     cluster_nodes,
     describe_nodes,
     group_specs,
+    host_cores,
     resolve_layout,
     simulate,
+    thread_counts,
 )
 
 # --------------------------------------------------------------------------
@@ -175,6 +178,21 @@ def _check_memory(plan: PhasePlan, layout: Layout, trainer: dict, engines: dict,
                 f"{e.budget / GIB:.1f} GiB share; " + _terms(e.parts))
 
 
+def _threads_lines(layout: Layout, nodes: list[Node]) -> list[str]:
+    """How many threads each rank and engine of a CPU layout runs, and why."""
+    cores = int(nodes[0].cpus) if len(nodes) == 1 and math.isfinite(nodes[0].cpus) \
+        else host_cores()
+    threads = thread_counts(layout, cores)
+    counts = ", ".join([f"trainer {layout.trainer_ranks} x {threads[TRAINER]}"]
+                       + [f"{n} {r.engines} x {threads[n]}" for n, r in layout.roles.items()])
+    if layout.cpu_threads == "reserved":
+        return [f"threads (cpu_threads: reserved): {counts}, each its reserved CPUs"]
+    return [f"threads (cpu_threads: all, {cores} cores): {counts}. The trainer and the engines "
+            "take turns (generate, then update), so each works with all the cores while the "
+            "others wait idle; the Ray CPUs above only place the actors (coevolve run's local "
+            "Ray advertises at least their sum)"]
+
+
 def _terms(parts: dict) -> str:
     shown = [f"{k} {v / GIB:.1f}" for k, v in parts.items() if v]
     return " + ".join(shown) + f" = {sum(parts.values()) / GIB:.1f} GiB"
@@ -284,6 +302,7 @@ def render(cfg: Config, plans: list[PhasePlan], nodes: list[Node], device_bytes:
                 if g.bundles:
                     lines.append(f"  {g.role}: {len(g.bundles)} x bundle "
                                  + ", ".join(f"{k} {v:g}" for k, v in g.bundles[0].items()))
+            lines.extend(f"  {text}" for text in _threads_lines(layout, nodes))
     problems = [p for plan in plans for p in plan.problems]
     lines.append("")
     if problems:
