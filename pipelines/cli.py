@@ -6,6 +6,7 @@
     coevolve model build REF                               build/locate a model (tiny:// offline)
     coevolve generate [FILE] [key=value ...]               sample from the model in a vLLM actor
     coevolve plan FILE [key=value ...] [--cluster FILE]    placement and memory per device, no GPU
+                 [--timings RUN_DIR]                      and the step time, in turns and overlapped
     coevolve plot RUN_DIR                                  co-evolution figures of an MM-Zero run
     coevolve eval RUN_DIR|MODEL [--tasks ...]              benchmarks for every iteration's policy
 
@@ -86,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--probe", action="store_true",
                       help="also create the placement groups on Ray (RAY_ADDRESS, else a private "
                            "Ray with logical GPUs) and print the real node and GPU ids")
+    plan.add_argument("--timings", metavar="RUN_DIR",
+                      help="also predict this layout's step time, in turns and with run.overlap, "
+                           "from a run's measured timings (pipelines/runtime/timings.py)")
     plan.set_defaults(func=_plan)
 
     export = sub.add_parser("export", help="copy every trained policy of a run (merged hf/ "
@@ -188,9 +192,16 @@ def _model_build(args) -> int:
 def _plan(args) -> int:
     from pipelines.runtime.plan import run_plan
 
-    return run_plan(_load(args), cluster_file=args.cluster, nodes=args.nodes,
+    cfg = _load(args)
+    code = run_plan(cfg, cluster_file=args.cluster, nodes=args.nodes,
                     gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
                     cpus_per_node=args.cpus_per_node, probe=args.probe)
+    if args.timings:
+        from pipelines.runtime.timings import timings_report
+
+        print()
+        print(timings_report(cfg, args.timings), end="")
+    return code
 
 
 def _export(args) -> int:

@@ -81,6 +81,12 @@ class RunConfig:
     max_restarts: int = param(
         3, "Times a phase rebuilds its trainer group from the last checkpoint after a rank dies "
            "before the run fails.", ge=0)
+    overlap: int = param(
+        0, "1: the engines sample (and the recipe scores) step k+1's batch with weights k while "
+           "the trainer updates on batch k: one step off-policy, the ratio taken against the "
+           "engines' log-probs (algorithm.behaviour_logprobs auto = engine), staleness logged "
+           "per sample. For layouts where trainer and engines have devices of their own. "
+           "docs/algorithms.md#overlap", ge=0, le=1)
 
 
 @dataclass
@@ -219,7 +225,9 @@ class AlgorithmConfig:
         "pass before the updates), engine (the sampling engines' own, no pass; they match "
         "the trainer to ~1e-6 in fp32, not in bf16) or auto (none when a generation batch "
         "gets one update without dropout: that update's own forward is the behaviour "
-        "policy; else trainer).")
+        "policy; else trainer; with run.overlap: engine, the weights that sampled). trainer "
+        "with run.overlap: the ratio is against the weights before the update (decoupled "
+        "PPO), with tis_cap correcting for the engines' older weights.")
     tis_cap: float = param(
         0.0, "Truncated importance sampling against the engines that sampled: each token's "
         "policy term is weighted by min(p_behaviour / p_engine, tis_cap); 0 = off.", ge=0)
@@ -357,6 +365,17 @@ class Config:
 
     def check(self) -> None:
         a = self.algorithm
+        if self.run.overlap:
+            if self.placement.cpu_threads == "all":
+                raise ConfigError("run.overlap: 1 generates while the trainer updates, but "
+                                  "placement.cpu_threads: all gives each of them every core for "
+                                  "its turn; set placement.cpu_threads=reserved")
+            colocated = set(self.placement.colocate).union(
+                *(p.colocate or () for p in self.placement.phases.values()))
+            if colocated:
+                raise ConfigError(f"run.overlap: the engines of {', '.join(sorted(colocated))} "
+                                  "share the trainer's devices and sleep during its updates; "
+                                  "overlap needs engines on devices of their own")
         if self.trainer.logprob_chunk_tokens and a.kl_estimator == "full" and a.kl_coef > 0:
             raise ConfigError("trainer.logprob_chunk_tokens: kl_estimator 'full' needs the "
                               "whole-vocabulary logits; set trainer.logprob_chunk_tokens=0")

@@ -79,6 +79,31 @@ def start(name: str, engine_spec: EngineSpec, threads: int = 1):
                          threads=threads, run="test-shapes")
 
 
+def idle_cpu_seconds(pool, seconds: float) -> dict[str, float]:
+    """CPU seconds an idle engine's processes (its actor's and vLLM's under it) burn in
+    ``seconds`` of wall time, by process."""
+    import psutil
+    import ray
+
+    root = psutil.Process(ray.get(pool.actors[0].health.remote())["pid"])
+    tree = [root, *root.children(recursive=True)]
+
+    def used() -> dict[str, float]:
+        out = {}
+        for p in tree:
+            try:
+                t = p.cpu_times()
+                out[f"{p.name()} {p.pid}"] = t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    before = used()
+    time.sleep(seconds)
+    after = used()
+    return {name: round(after[name] - before.get(name, 0.0), 3) for name in after}
+
+
 def first(pool) -> list:
     return [samples[0] for samples in pool.generate(requests())]
 
@@ -98,6 +123,15 @@ def test_multiprocess_and_tensor_parallel_engines_load_the_trainers_weights(trai
         [t] = tp.update_weights(refs, version=1, manifest=manifest)
         assert m["workers"] == 1 and t["workers"] == 2  # each TP rank loaded its shard
         synced_mp, synced_tp = first(mp), first(tp)
+        # cpu_threads: all gives an engine every core in its turn; between turns it must
+        # not spin (vLLM polls its worker queue for 1 s after a call, then sleeps). A
+        # spinning thread burns 2 CPU-seconds in 2 s; measured here: 0.02-0.4 in all (a
+        # worker process's Ray connection, which fetches the weights, wakes now and then)
+        time.sleep(1.5)
+        for pool in (mp, tp):
+            used = idle_cpu_seconds(pool, 2.0)
+            print(f"{pool.role} engine idle for 2 s: {used} CPU-seconds")
+            assert sum(used.values()) < 0.6, f"{pool.role} engine idle for 2 s used {used}"
     finally:
         tp.shutdown()
     assert [c.token_ids for c in synced_mp] != before  # the step moved the weights enough

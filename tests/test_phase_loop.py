@@ -303,3 +303,77 @@ def test_truncated_importance_sampling_sends_the_engine_logprobs(tmp_path):
     from pipelines.runtime.phase import trainer_spec
 
     assert trainer_spec(r.cfg, "tiny://qwen2.5-vl", 4).objective.tis_cap == 2.0
+
+
+class VersionedPool(FakePool):
+    """Stamps each completion with the weight version it serves (log-probs -0.5, unlike
+    the fake trainer's -1) and logs generate and push calls in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.version, self.log = 0, []
+
+    def update_weights(self, refs, version, rollback=False):
+        self.version = version
+        self.log.append(("push", version))
+
+    def generate(self, requests):
+        import dataclasses
+
+        self.log.append(("generate", self.version))
+        return [[dataclasses.replace(c, logprobs=[-0.5] * len(c.token_ids), version=self.version)
+                 for c in group] for group in super().generate(requests)]
+
+
+def overlap_runner(tmp_path, *overrides) -> PhaseRunner:
+    r = runner(tmp_path, "run.sync_weights=true", "run.overlap=1",
+               "placement.cpu_threads=reserved", "algorithm.kl_coef=0", *overrides)
+    r.pool = VersionedPool()
+    r.engines = types.SimpleNamespace(served=lambda role, label, saved=False: None)
+    r.group.weight_buckets = lambda bucket_bytes: []
+    return r
+
+
+def staleness(r: PhaseRunner, step: int) -> list:
+    return pq.read_table(r.dir / f"rollouts-{step + 1:06d}.parquet").column("staleness").to_pylist()
+
+
+def test_overlap_samples_the_next_batch_with_the_weights_being_updated(tmp_path):
+    """run.overlap=1: step k+1's batch is sampled with weights k during step k's update,
+    trained one version later (staleness 1, per sample in the rollouts), against the
+    engines' log-probs; the batch sampled ahead is saved with the checkpoint and the
+    resumed run trains on it instead of sampling again."""
+    r = overlap_runner(tmp_path)
+    metrics = run_steps(r, 4)
+    assert r.pool.log == [("generate", 0), ("generate", 0), ("push", 1), ("generate", 1),
+                          ("push", 2), ("generate", 2), ("push", 3), ("push", 4)]
+    assert [staleness(r, s) for s in range(4)] == [[0] * 8] + [[1] * 8] * 3
+    assert [m["rollout/staleness"] for m in metrics] == [0.0, 1.0, 1.0, 1.0]
+    assert r.group.passes == []  # no trainer pass: the engines' log-probs are the behaviour's
+    for batch, _ in r.group.calls:
+        assert {float(x) for lp in batch.old_logprobs for x in lp} == {-0.5}
+    assert all(m["timing/overlap"] > 0 for m in metrics[:3]) and "timing/overlap" not in metrics[3]
+    assert metrics[1]["timing/generate"] > 0  # the batch's own sampling, a step earlier
+
+    # killed after the checkpoint of step 2: the resumed run takes steps 3 and 4 on the
+    # batch sampled ahead (with weights 1), as the uninterrupted run did
+    resumed_dir = tmp_path / "resumed"
+    first = overlap_runner(resumed_dir)
+    run_steps(first, 2)
+    assert (first.dir / "ckpt/step_000002/upcoming.pkl").exists()
+    again = overlap_runner(resumed_dir)
+    assert run_steps(again, 4)[0]["rollout/staleness"] == 1.0
+    # the checkpoint's weights pushed; step 3's batch not sampled again; step 4's sampled
+    assert again.pool.log == [("push", 2), ("generate", 2), ("push", 3), ("push", 4)]
+    assert [staleness(again, s) for s in (2, 3)] == [[1] * 8, [1] * 8]
+    for s in (2, 3):
+        assert parquet_advantages(again, s) == parquet_advantages(r, s)
+
+
+def test_overlap_refuses_layouts_where_trainer_and_engines_share(tmp_path):
+    from pipelines.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cpu_threads"):
+        runner(tmp_path, "run.overlap=1", "placement.cpu_threads=all")
+    with pytest.raises(ConfigError, match="sleep during its updates"):
+        load_config(ROOT / "configs/layouts/mmzero-8gpu-per-phase.yaml", ["run.overlap=1"])

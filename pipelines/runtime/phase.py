@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,18 @@ from pipelines.runtime.metrics import MetricsSink, Timer
 from pipelines.runtime.rundir import latest_checkpoint, link_tree, prune_checkpoints
 
 logger = logging.getLogger(__name__)
+
+UPCOMING = "upcoming.pkl"  # in a step checkpoint: the batch sampled for the next step (overlap)
+
+
+@dataclass
+class SampledBatch:
+    """One step's rollouts as sampled and scored, with what sampling them took."""
+
+    rollouts: list[Rollout]
+    seconds: dict[str, float]  # generate and reward (or rollout)
+    timeouts: float = 0.0  # answer checks cut by their time limit or the step's budget
+    too_long: float = 0.0  # answers too long to check
 
 
 class PhaseRunner:
@@ -68,6 +80,7 @@ class PhaseRunner:
         self.data_metrics: dict[str, float] = {}
         self.group = None
         self.pool = None
+        self._pending: dict[int, SampledBatch] = {}  # step -> its batch, sampled ahead (overlap)
         self._provenance: dict[str, str] | None = None  # role -> weights; provenance.json
 
     @property
@@ -203,32 +216,36 @@ class PhaseRunner:
             sink.close()
 
     def step(self, step: int) -> dict:
-        """One generation step and the updates of every policy it sampled for."""
+        """One generation step and the updates of every policy it sampled for.
+
+        With ``run.overlap`` the batch was sampled during the previous step (or, on the
+        first step and after a resume without one saved, now), and the engines sample
+        the next step's batch with the same weights while the trainer updates."""
         if self.is_sft:
             return self.sft_step(step)
         timer = Timer()
+        inside = set()  # timers inside this step's wall time, for timing/overhead
         with timer("step"):
-            rng = step_rng(self.seed_path, step)
-            before = grading_stats()
-            if self.policies:  # several policies: the recipe samples and scores for each
-                with timer("rollout"), grading_budget(self.cfg.algorithm.reward_budget_s):
-                    rollouts = list(self.phase.rollout(step, rng, self))
-            else:
-                requests = self.phase.requests(step, rng)
-                with timer("generate"):
-                    completions = self.pool.generate(requests)
-                with timer("reward"), grading_budget(self.cfg.algorithm.reward_budget_s):
-                    scores = self.phase.score(requests, completions, self)
-                rollouts = [Rollout(None, requests, completions, scores,
-                                    mini_batches=getattr(self.phase, "mini_batches", None))]
-            after = grading_stats()
+            batch = self._pending.pop(step, None)
+            if batch is None:
+                batch = self._sample(step)
+                inside.update(batch.seconds)
+            rollouts = batch.rollouts
             # Engines colocated with the trainer ranks free their devices for the updates.
             asleep = self.phase.role in self.placement.layout.colocate
             if asleep:
                 with timer("sleep"):
                     self.pool.sleep()
             try:
-                trained = [self._train(r, step, timer) for r in rollouts]
+                if self.cfg.run.overlap and step + 1 < self.phase.steps:
+                    train_timer = Timer()
+                    with timer("overlap"):
+                        trained, self._pending[step + 1] = self._overlapped(
+                            rollouts, step, train_timer)
+                    timer.seconds.update({k: v for k, v in train_timer.seconds.items()})
+                else:
+                    trained = [self._train(r, step, timer) for r in rollouts]
+                    inside.update(k for k in timer.seconds if k != "step")
             finally:
                 if asleep:
                     with timer("wake"):
@@ -240,30 +257,81 @@ class PhaseRunner:
             with timer("save"):
                 self._write_rollouts(step, rollouts, trained)
                 if (step + 1) % self.cfg.run.save_every == 0 or step + 1 == self.phase.steps:
-                    self.group.save(str(self.dir / "ckpt" / f"step_{step + 1:06d}"),
-                                    self._state())
-                    prune_checkpoints(self.dir / "ckpt", self.cfg.run.keep_checkpoints)
+                    self._save(step + 1)
+            inside.update(("overlap", "sleep", "wake", "weight_sync", "save"))
         metrics = {}
-        for r, (batch, rewards, _, train, adv_metrics) in zip(rollouts, trained):
+        for r, (tb, rewards, _, train, adv_metrics, _) in zip(rollouts, trained):
             prefix = f"{r.policy}/" if r.policy else ""
-            part = self._rollout_metrics(r, batch, rewards, train, adv_metrics)
+            part = self._rollout_metrics(r, tb, rewards, train, adv_metrics)
             metrics.update({prefix + k: v for k, v in part.items()})
         sampled = sum(len(c.token_ids) for r in rollouts for g in r.completions for c in g)
-        seconds = timer.seconds.get("generate", timer.seconds.get("rollout", 0.0))
+        seconds = {**batch.seconds, **timer.seconds}
+        generate = seconds.get("generate", seconds.get("rollout", 0.0))
         metrics.update({
             # answer checks cut by their time limit or the step's budget (counted wrong)
-            "reward/timeouts": float(sum(after[k] - before[k] for k in
-                                         ("symbolic_timeouts", "symbolic_over_budget"))),
-            "reward/answers_too_long": float(after["too_long"] - before["too_long"]),
+            "reward/timeouts": batch.timeouts,
+            "reward/answers_too_long": batch.too_long,
             "rollout/engine_restarts": float(self.pool.restarts),
             "train/group_restarts": float(self.group_restarts),
             **self.data_metrics,
-            "perf/tokens_per_s": sampled / max(seconds, 1e-9),
-            **{f"timing/{k}": v for k, v in timer.seconds.items()},
+            "perf/tokens_per_s": sampled / max(generate, 1e-9),
+            **{f"timing/{k}": v for k, v in seconds.items()},
             "timing/overhead": timer.seconds["step"] - sum(
-                v for k, v in timer.seconds.items() if k != "step"),
+                v for k, v in seconds.items() if k in inside),
         })
         return metrics
+
+    def _sample(self, step: int) -> SampledBatch:
+        """The step's requests, sampled by the engines with the weights they serve now and
+        scored by the recipe."""
+        timer = Timer()
+        rng = step_rng(self.seed_path, step)
+        before = grading_stats()
+        if self.policies:  # several policies: the recipe samples and scores for each
+            with timer("rollout"), grading_budget(self.cfg.algorithm.reward_budget_s):
+                rollouts = list(self.phase.rollout(step, rng, self))
+        else:
+            requests = self.phase.requests(step, rng)
+            with timer("generate"):
+                completions = self.pool.generate(requests)
+            with timer("reward"), grading_budget(self.cfg.algorithm.reward_budget_s):
+                scores = self.phase.score(requests, completions, self)
+            rollouts = [Rollout(None, requests, completions, scores,
+                                mini_batches=getattr(self.phase, "mini_batches", None))]
+        after = grading_stats()
+        return SampledBatch(
+            rollouts, timer.seconds,
+            timeouts=float(sum(after[k] - before[k] for k in
+                               ("symbolic_timeouts", "symbolic_over_budget"))),
+            too_long=float(after["too_long"] - before["too_long"]))
+
+    def _overlapped(self, rollouts, step: int, timer: Timer) -> tuple[list, SampledBatch]:
+        """The updates on this step's batch (in a thread: the trainer's calls wait on Ray)
+        while this thread samples and scores the next step's batch with the engines'
+        current weights (scoring may need the main thread: answer checks set alarms)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="coevolve-update") as worker:
+            future = worker.submit(lambda: [self._train(r, step, timer) for r in rollouts])
+            try:
+                upcoming = self._sample(step + 1)
+            finally:
+                trained = future.result()  # the update's error first: it is the step's
+        return trained, upcoming
+
+    def _save(self, steps: int) -> None:
+        """A checkpoint after ``steps`` steps, with the batch sampled for the next step
+        (run.overlap), so that a resumed run trains on the same batch."""
+        import pickle
+
+        path = self.dir / "ckpt" / f"step_{steps:06d}"
+        self.group.save(str(path), self._state())
+        upcoming = self._pending.get(steps)
+        if upcoming is not None:
+            tmp = path / ".upcoming.pkl.tmp"
+            tmp.write_bytes(pickle.dumps(upcoming))
+            tmp.replace(path / UPCOMING)
+        prune_checkpoints(self.dir / "ckpt", self.cfg.run.keep_checkpoints)
 
     def _train(self, rollout, step: int, timer) -> tuple:
         """Behaviour (and reference) log-probs, advantages and the updates of one policy."""
@@ -290,9 +358,14 @@ class PhaseRunner:
             rewards, batch.prompt_index, batch)
         batch = batch.with_column(advantages=advantages)
         with timer("update"):
+            trained_from = self._versions[key]
             train = self._update(batch, step, key, adapter, rollout.mini_batches)
         train["train/behaviour_pass"] = float(source == "trainer")
-        return batch, rewards, advantages, train, adv_metrics
+        # weight versions between the engines' weights and the ones the update started from
+        staleness = np.array([trained_from - c.version for g in rollout.completions for c in g])
+        train["rollout/staleness"] = float(staleness.mean()) if staleness.size else 0.0
+        train["rollout/staleness_max"] = float(staleness.max()) if staleness.size else 0.0
+        return batch, rewards, advantages, train, adv_metrics, staleness
 
     def _behaviour_source(self, key: str, mini_batches: int | None) -> str:
         """``algorithm.behaviour_logprobs``, with auto resolved: "update" (no pass) when
@@ -301,6 +374,8 @@ class PhaseRunner:
         a, lora = self.cfg.algorithm, self.cfg.trainer.lora
         if a.behaviour_logprobs != "auto":
             return a.behaviour_logprobs
+        if self.cfg.run.overlap:  # sampled one step earlier: the engines' weights
+            return "engine"
         updates = (mini_batches or a.mini_batches) * a.epochs
         needs = getattr(self.estimators[key], "needs_reference", False)  # reinforce_pp's KL
         dropout = lora.enabled and lora.dropout > 0
@@ -385,9 +460,14 @@ class PhaseRunner:
         self.estimators = {k: make_estimator(self.cfg.algorithm) for k in keys}
         self.kls = {k: make_kl_controller(self.cfg.algorithm) for k in keys}
         self.version = self.base_version
+        self._pending = {}
         if found is not None:
             step, path = found
             state = self.group.load(str(path)).get("state", {})
+            if self.cfg.run.overlap and (path / UPCOMING).exists():
+                import pickle
+
+                self._pending[step] = pickle.loads((path / UPCOMING).read_bytes())
             saved = state.get("policies", {})
             for k in keys:
                 self.estimators[k].load_state_dict(saved.get(k, {}).get("estimator", {}))
@@ -520,7 +600,7 @@ class PhaseRunner:
         import pyarrow.parquet as pq
 
         tables = []
-        for r, (_, rewards, advantages, _, _) in zip(rollouts, trained):
+        for r, (_, rewards, advantages, _, _, staleness) in zip(rollouts, trained):
             rows = [(p, s, c) for p, group in enumerate(r.completions)
                     for s, c in enumerate(group)]
             columns = {
@@ -533,6 +613,7 @@ class PhaseRunner:
                 "response_tokens": [len(c.token_ids) for _, _, c in rows],
                 "finish_reason": [c.finish_reason for _, _, c in rows],
                 "version": [c.version for _, _, c in rows],
+                "staleness": staleness.tolist(),
                 "reward": rewards.tolist(),
                 # per sample, or per completion token (reinforce_pp)
                 "advantage": [a.tolist() if isinstance(a, np.ndarray) else float(a)
