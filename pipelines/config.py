@@ -86,7 +86,7 @@ class RunConfig:
            "the trainer updates on batch k: one step off-policy, the ratio taken against the "
            "engines' log-probs (algorithm.behaviour_logprobs auto = engine), staleness logged "
            "per sample. For layouts where trainer and engines have devices of their own. "
-           "docs/algorithms.md#overlap", ge=0, le=1)
+           "docs/algorithms.md#overlap-runoverlap", ge=0, le=1)
 
 
 @dataclass

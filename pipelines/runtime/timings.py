@@ -15,8 +15,8 @@ the planned one (``CONFIG``'s, phase by phase):
   the driver's own work (``timing/overhead``) stay as measured.
 
 A step then takes ``g' + r + u' + rest`` in turns, and ``max(g' + r, u') + rest``
-with ``run.overlap: 1`` (docs/algorithms.md#overlap), which a colocated phase cannot
-use. A phase without generation (SFT) only scales its update. The speed is the
+with ``run.overlap: 1`` (docs/algorithms.md, Overlap), which a colocated phase
+cannot use. A phase without generation (SFT) only scales its update. The speed is the
 run's hardware: plan a GPU layout from a run on those GPUs (a short one suffices);
 a CPU run shows the model, not a GPU's figures.
 """
@@ -115,12 +115,12 @@ def timings_report(cfg: Config, run_dir: str) -> str:
     timings = read_timings(run_dir)
     run_roles, run_phase_roles = _roles(run_cfg)
     plan_roles, plan_phase_roles = _roles(cfg)
-    lines = [f"timings   {run_dir}: medians over each phase's steps, seconds; scaled from the "
-             f"run's layout to this one (generation by engines, the update by trainer ranks)",
-             "",
-             f"  {'phase':<10}{'steps':>6}{'generate':>10}{'reward':>8}{'train':>8}{'rest':>7}"
-             f"{'measured':>10}  |  {'layout':<36}{'generate':>9}{'train':>8}{'in turns':>10}"
-             f"{'overlap':>9}{'gain':>7}"]
+    title = (f"timings   {run_dir}: medians over each phase's steps, seconds; scaled from the "
+             f"run's layout to this one (generation by engines, the update by trainer ranks)")
+    header = (f"  {'phase':<10}{'steps':>6}{'generate':>10}{'reward':>8}{'train':>8}{'rest':>7}"
+              f"{'measured':>10}  |  {'layout':<36}{'generate':>9}{'train':>8}{'in turns':>10}"
+              f"{'overlap':>9}{'gain':>7}")
+    lines = [title, "", header]
     for phase, t in timings.items():
         role = run_phase_roles.get(phase, plan_phase_roles.get(phase, phase))
         run = resolve_layout(run_cfg.placement, phase, run_roles)
@@ -135,8 +135,9 @@ def timings_report(cfg: Config, run_dir: str) -> str:
             lines.append(f"{left}{shape:<36}{p.generate:>9.2f}{p.train:>8.2f}{p.sequential:>10.2f}"
                          f"{over:>9}{gain:>7}")
             left = " " * (len(left) - 5) + "  |  "
-    lines += ["", "  in turns: generate + reward + train + rest; overlap (run.overlap: 1): "
-              "max(generate + reward, train) + rest; '-': colocated or no sampling"]
+    legend = ("  in turns: generate + reward + train + rest; overlap (run.overlap: 1): "
+              "max(generate + reward, train) + rest; '-': colocated or no sampling")
+    lines += ["", legend]
     return "\n".join(lines) + "\n"
 
 
