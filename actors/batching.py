@@ -127,13 +127,15 @@ class InputBuilder:
         self._pixels.clear()
 
     def build(self, batch: TrainBatch, rows: list[int], batch_key: int = 0,
-              ensure_image: bool = False) -> dict:
+              ensure_image: bool = False, share: bool = False) -> dict:
         """Tensors for rows of batch. Log-prob-aligned tensors are [B, L-1].
 
         ``ensure_image``: when none of the rows has an image, append one extra
         row holding only a tiny dummy image (zero loss weight), so that the
         vision tower runs inside this forward exactly where it runs on ranks
         whose micro-batch has images (FSDP's collectives must match).
+        ``share``: also the packed rows of the samples that share a prompt
+        (``packed``, actors/packing.py), when some do.
         """
         has_image = bool(batch.images) and any(batch.images[int(batch.prompt_index[r])] for r in rows)
         dummy = ensure_image and not has_image
@@ -150,7 +152,7 @@ class InputBuilder:
         adv_tok = torch.zeros_like(loss_mask)
         adv_seq = torch.zeros(len(rows), dtype=torch.float32)
         per_token_adv = isinstance(batch.advantages, list)
-        pixels, grids = [], []
+        row_pixels: list[tuple | None] = [None] * len(rows)
         for i, r in enumerate(rows):
             seq = torch.tensor(np.asarray(batch.input_ids[r]), dtype=torch.long)  # copies read-only refs
             n, p = len(seq), int(batch.prompt_lens[r])
@@ -175,15 +177,29 @@ class InputBuilder:
                     # the dummy row's prompt index is one of the sub-batch's, which may name
                     # another prompt of the whole batch: its pixels have a key of their own
                     key = ("dummy",) if dummy and i == len(rows) - 1 else batch_key
-                    pv, grid = self._prompt_pixels(key, int(batch.prompt_index[r]), images)
-                    pixels.append(pv)
-                    grids.append(grid)
+                    row_pixels[i] = self._prompt_pixels(key, int(batch.prompt_index[r]), images)
         mm_types = (ids == self.image_token_id).long() + 2 * (ids == self.video_token_id).long()
         inputs = {"input_ids": ids, "attention_mask": attention, "mm_token_type_ids": mm_types}
-        if pixels:
-            inputs["pixel_values"] = torch.cat(pixels)
-            inputs["image_grid_thw"] = torch.cat(grids)
+        _add_pixels(inputs, [x for x in row_pixels if x is not None])
+        packed = None
+        if share:
+            from actors.packing import pack_groups
+
+            keys = [("dummy",) if dummy and i == len(rows) - 1 else
+                    (int(batch.prompt_index[r]),
+                     np.asarray(batch.input_ids[r][:int(batch.prompt_lens[r])]).tobytes())
+                    for i, r in enumerate(rows)]
+            packed = pack_groups([batch.input_ids[r] for r in rows],
+                                 [int(batch.prompt_lens[r]) for r in rows], keys, self.pad_id,
+                                 self.image_token_id, self.video_token_id)
+            if packed is not None:  # each group's images once, in group order
+                first = {}
+                for i, g in enumerate(packed["group"].tolist()):
+                    first.setdefault(g, i)
+                _add_pixels(packed, [row_pixels[first[g]] for g in sorted(first)
+                                     if row_pixels[first[g]] is not None])
         return {
+            "packed": packed,
             "inputs": inputs,
             "targets": ids[:, 1:],
             "loss_mask": loss_mask,
@@ -236,3 +252,10 @@ class InputBuilder:
             engine_logprobs=extend(sub.engine_logprobs, np.zeros(0, np.float32)),
         )
         return dummy, list(range(len(rows) + 1))
+
+
+def _add_pixels(inputs: dict, pixels: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """The rows' (pixel values, grid sizes), in row order, as the model's inputs."""
+    if pixels:
+        inputs["pixel_values"] = torch.cat([pv for pv, _ in pixels])
+        inputs["image_grid_thw"] = torch.cat([grid for _, grid in pixels])

@@ -79,6 +79,7 @@ class TrainerSpec:
     mixed_precision: bool | None = None  # None: bf16 on GPU, fp32 on CPU
     # Memory levers (see pipelines/runtime/memory.py for what each saves):
     logprob_chunk_tokens: int = 2048  # score tokens from hidden states in chunks (0: full logits)
+    share_prompts: bool = True  # with chunks: a prompt's samples in one packed row (packing.py)
     reference_dtype: str = "float32"  # float32 | bfloat16: storage of the frozen reference
     offload: bool = False  # FSDP2 CPUOffloadPolicy: parameter/gradient/AdamW shards in host memory
     max_pixels: int = 0  # the processor's image size limit, as the engines' (0: the model's own)
@@ -426,7 +427,9 @@ class TrainerActor:
         any_images = fsdp.all_reduce_max(int(any(bool(im) for im in batch.images)))
         for i in range(count):
             rows = groups[i] if i < len(groups) else []
-            mb = self.inputs.build(batch, rows or [0], key, ensure_image=bool(any_images))
+            mb = self.inputs.build(batch, rows or [0], key, ensure_image=bool(any_images),
+                                   share=self.spec.share_prompts
+                                   and self.spec.logprob_chunk_tokens > 0)
             yield rows, _to_device(mb, self.device)
 
     def _forward_logits(self, model, mb: dict) -> torch.Tensor:
@@ -492,7 +495,8 @@ def chunked_model_logprobs(model, mb: dict, chunk_tokens: int, with_entropy: boo
     out = {}
 
     def score(head, args):
-        hidden = args[0][:, :-1][where]  # [M, H]: the hidden state at t-1 predicts the token at t
+        # [M, H]: the hidden state at t-1 predicts the token at t (packed: where it sits)
+        hidden = args[0][:, :-1][where] if predicting is None else args[0][predicting]
         logp, entropy = chunked_token_logprobs(hidden, head.weight, mb["targets"][where],
                                                chunk_tokens, with_entropy)
         out["logp"] = mask.new_zeros(mask.shape).index_put(where, logp)
@@ -500,9 +504,22 @@ def chunked_model_logprobs(model, mb: dict, chunk_tokens: int, with_entropy: boo
             out["entropy"] = mask.new_zeros(mask.shape).index_put(where, entropy)
         return (args[0][:, :0],)
 
+    packed = mb.get("packed")
+    if packed is None:
+        inputs, predicting = mb["inputs"], None
+    else:  # the samples of one prompt in one row (actors/packing.py)
+        from actors.packing import block_mask, packed_positions
+
+        core = fsdp.hf_core(model)
+        inputs = {"input_ids": packed["input_ids"], "attention_mask": block_mask(packed["segment"]),
+                  "position_ids": packed_positions(core.model, packed,
+                                                   packed.get("image_grid_thw")),
+                  "mm_token_type_ids": packed["mm_token_type_ids"]}
+        inputs.update({k: packed[k] for k in ("pixel_values", "image_grid_thw") if k in packed})
+        predicting = (packed["row"][where], packed["pos"][where])
     handle = fsdp.hf_core(model).lm_head.register_forward_pre_hook(score)
     try:
-        model(**mb["inputs"], use_cache=False)
+        model(**inputs, use_cache=False)
     finally:
         handle.remove()
     return out["logp"], out.get("entropy")

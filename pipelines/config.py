@@ -178,6 +178,11 @@ class TrainerConfig:
         2048, "Score tokens from the final hidden states and the LM head in chunks of this many "
               "tokens, recomputed in the backward, instead of materialising [tokens, vocabulary] "
               "logits (0 = full logits; the 'full' KL estimator needs 0).", ge=0)
+    share_prompts: bool = param(
+        True, "Score the samples of one prompt in one packed row: the prompt and its images "
+        "run once per group instead of once per sample, each completion attending to the "
+        "prompt and to itself (same log-probs to fp32 rounding). Needs logprob_chunk_tokens "
+        "> 0; a micro-batch without shared prompts runs flat.")
     reference_dtype: Literal["float32", "bfloat16"] = param(
         "float32", "Storage dtype of the frozen KL reference; bfloat16 halves it and, under bf16 "
                    "mixed precision (GPU), gives the same log-probs.")

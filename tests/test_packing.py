@@ -1,0 +1,80 @@
+"""Shared prompts (actors/packing.py): the packed layout by hand, and its positions and
+log-probs against the flat rows on the tiny models (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_train_batch
+
+from actors.batching import InputBuilder
+from actors.packing import block_mask, pack_groups, packed_positions
+
+P, IMG, VID = 0, 90, 91
+
+
+def test_two_groups_by_hand():
+    # samples 0, 1 answer prompt a = [5, 6, 7] (completions [8, 9], [10]); sample 2
+    # answers prompt b = [5, 4] alone (completion [3, 2, 1])
+    ids = [np.array([5, 6, 7, 8, 9]), np.array([5, 6, 7, 10]), np.array([5, 4, 3, 2, 1])]
+    packed = pack_groups(ids, [3, 3, 2], ["a", "a", "b"], P, IMG, VID)
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10], [5, 4, 3, 2, 1, P]]
+    assert packed["segment"].tolist() == [[0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 1, -1]]
+    assert packed["group"].tolist() == [0, 0, 1]
+    # flat t = p-1 predicts the first completion token from the prompt's last position;
+    # t = p-1+k from the sample's own token k-1
+    assert packed["row"].tolist() == [[0] * 4, [0] * 4, [1] * 4]
+    assert packed["pos"][0].tolist() == [0, 0, 2, 3]   # t=2 -> 2 (prompt end), t=3 -> 3
+    assert packed["pos"][1].tolist() == [0, 0, 2, 0]   # one token: only t=2
+    assert packed["pos"][2].tolist() == [0, 1, 2, 3]   # p=2: t=1 -> 1, t=2 -> 2, t=3 -> 3
+    mask = block_mask(packed["segment"])[:, 0].int().tolist()
+    assert mask[0] == [[1, 0, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0, 0],
+                       [1, 1, 1, 0, 0, 0],
+                       [1, 1, 1, 1, 0, 0],
+                       [1, 1, 1, 1, 1, 0],
+                       [1, 1, 1, 0, 0, 1]]  # completion 2 sees the prompt, not completion 1
+    assert mask[1][5] == [0, 0, 0, 0, 0, 1]  # padding sees only itself
+
+
+def test_nothing_to_share_stays_flat():
+    ids = [np.array([5, 6, 7]), np.array([5, 4, 3])]
+    assert pack_groups(ids, [2, 2], ["a", "b"], P, IMG, VID) is None
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+def test_packed_positions_and_logprobs_equal_the_flat_rows(tiny_cache, family):
+    """Each completion gets the multimodal RoPE positions its flat row has, and the
+    packed forward gives the flat forward's log-probs (fp32), images included."""
+    from transformers import AutoModelForImageTextToText
+
+    from actors.models import resolve_model
+    from actors.objectives import token_logprobs
+    from actors.trainer import chunked_model_logprobs
+
+    path = resolve_model(f"tiny://{family}")
+    batch = make_train_batch(path, n_prompts=2, n=3, seed=4)
+    builder = InputBuilder.for_model(path)
+    mb = builder.build(batch, list(range(len(batch))), share=True)
+    packed = mb["packed"]
+    assert packed is not None and packed["input_ids"].shape[0] == 2
+    assert packed["image_grid_thw"].shape[0] == 2  # each prompt's image once
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    core = model.model
+    flat = mb["inputs"]
+    flat_pos, _ = core.get_rope_index(input_ids=flat["input_ids"],
+                                      image_grid_thw=flat["image_grid_thw"],
+                                      attention_mask=flat["attention_mask"],
+                                      mm_token_type_ids=flat["mm_token_type_ids"])
+    got = packed_positions(core, packed, packed["image_grid_thw"])
+    for i in range(len(batch)):
+        p, n = int(batch.prompt_lens[i]), len(batch.input_ids[i])
+        g = int(packed["group"][i])
+        where = (packed["segment"][g] > 0) & (packed["segment"][g] == 1 + list(
+            np.flatnonzero(packed["group"].numpy() == g)).index(i))
+        assert got[:, g, where].tolist() == flat_pos[:, i, p:n].tolist()
+    with torch.no_grad():
+        want = token_logprobs(model(**flat).logits[:, :-1], mb["targets"]) * mb["loss_mask"]
+        shared, _ = chunked_model_logprobs(model, mb, chunk_tokens=64)
+    assert float((shared - want).abs().max()) < 1e-5
