@@ -56,13 +56,14 @@ def pack_groups(input_ids: list[np.ndarray], prompt_lens: list[int], keys: list,
     group = torch.zeros(len(keys), dtype=torch.long)
     for g, m in enumerate(members):
         p = int(prompt_lens[m[0]])
-        ids[g, :p] = torch.as_tensor(np.asarray(input_ids[m[0]][:p]), dtype=torch.long)
+        # torch.tensor copies: the arrays may be Ray's read-only views
+        ids[g, :p] = torch.tensor(np.asarray(input_ids[m[0]][:p]), dtype=torch.long)
         segment[g, :p] = 0
         start = p
         for j, i in enumerate(m, start=1):
             completion = np.asarray(input_ids[i][p:])
             n = len(completion)
-            ids[g, start:start + n] = torch.as_tensor(completion, dtype=torch.long)
+            ids[g, start:start + n] = torch.tensor(completion, dtype=torch.long)
             segment[g, start:start + n] = j
             group[i] = g
             row[i] = g

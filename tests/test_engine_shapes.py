@@ -123,15 +123,16 @@ def test_multiprocess_and_tensor_parallel_engines_load_the_trainers_weights(trai
         [t] = tp.update_weights(refs, version=1, manifest=manifest)
         assert m["workers"] == 1 and t["workers"] == 2  # each TP rank loaded its shard
         synced_mp, synced_tp = first(mp), first(tp)
-        # cpu_threads: all gives an engine every core in its turn; between turns it must
-        # not spin (vLLM polls its worker queue for 1 s after a call, then sleeps). A
-        # spinning thread burns 2 CPU-seconds in 2 s; measured here: 0.02-0.4 in all (a
-        # worker process's Ray connection, which fetches the weights, wakes now and then)
+        # cpu_threads: all gives an engine every core in its turn; between turns no
+        # process of it may spin (vLLM polls its worker queue for 1 s after a call, then
+        # sleeps). A spinning thread burns 2 CPU-seconds in 2 s; measured per process:
+        # 0.00-0.02, and 0.35-0.44 for a worker process, whose Ray connection (it fetches
+        # the weights) wakes now and then in this busy session (0.05 in a quiet one)
         time.sleep(1.5)
         for pool in (mp, tp):
             used = idle_cpu_seconds(pool, 2.0)
             print(f"{pool.role} engine idle for 2 s: {used} CPU-seconds")
-            assert sum(used.values()) < 0.6, f"{pool.role} engine idle for 2 s used {used}"
+            assert max(used.values()) < 0.7, f"{pool.role} engine idle for 2 s used {used}"
     finally:
         tp.shutdown()
     assert [c.token_ids for c in synced_mp] != before  # the step moved the weights enough

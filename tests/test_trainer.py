@@ -344,21 +344,17 @@ def test_merge_metrics_sums_losses_and_weights_means():
                       "policy/ratio_max": 1.5, "train/tokens": 4.0}
 
 
-@pytest.mark.slow
-def test_trainer_logprobs_match_the_engine_on_its_own_samples(group1, engines, path):
-    """The engine samples (temperature 1) with the starting weights; the trainer scores
-    the same token sequences with the same weights: fp32 agreement."""
+def engine_batch(engines, pngs: list[bytes], question: str, **sampling):
+    """The shared tiny Qwen2.5-VL engine's samples for one question per image (request i
+    seeded i), as (prompt index, completion) pairs and as a TrainBatch."""
     import ray
-    from conftest import chart_png
 
     from actors.batching import TrainBatch
     from actors.generator import Request, Sampling
 
-    pngs = [chart_png(1), chart_png(2)]
     requests = [Request([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": f"What is in chart {i}?"}]}],
-        images=[png], sampling=Sampling(n=2, temperature=1.0, max_tokens=12, seed=i))
-        for i, png in enumerate(pngs)]
+        {"type": "image"}, {"type": "text", "text": question.format(i)}]}],
+        images=[png], sampling=Sampling(seed=i, **sampling)) for i, png in enumerate(pngs)]
     results = ray.get(engines("qwen2.5-vl").generate.remote(requests))
     samples = [(p, s) for p, group in enumerate(results) for s in group]
     batch = TrainBatch(
@@ -366,6 +362,17 @@ def test_trainer_logprobs_match_the_engine_on_its_own_samples(group1, engines, p
         prompt_lens=np.array([len(s.prompt_ids) for _, s in samples]),
         prompt_index=np.array([p for p, _ in samples]),
         images=[[png] for png in pngs])
+    return samples, batch
+
+
+@pytest.mark.slow
+def test_trainer_logprobs_match_the_engine_on_its_own_samples(group1, engines, path):
+    """The engine samples (temperature 1) with the starting weights; the trainer scores
+    the same token sequences with the same weights: fp32 agreement."""
+    from conftest import chart_png
+
+    samples, batch = engine_batch(engines, [chart_png(1), chart_png(2)], "What is in chart {}?",
+                                  n=2, temperature=1.0, max_tokens=12)
     trainer = group1.compute_logprobs(batch, reference=True)  # the untouched starting weights
     diffs = np.concatenate([np.abs(t - np.array(s.logprobs)) for t, (_, s) in zip(trainer, samples)])
     print(f"trainer vs engine log-probs on {diffs.size} sampled tokens: "
@@ -380,23 +387,10 @@ def test_engine_behaviour_logprobs_give_the_trainers_update(ray_cluster, engines
     model (vLLM's raw_logprobs: before temperature and top-p), which is the policy the
     trainer scores. The same clipped update with either as the behaviour log-probs: the
     gradients agree to 1e-4 of the largest element in fp32 (measured: ~1e-6)."""
-    import ray
     from conftest import chart_png
 
-    from actors.batching import TrainBatch
-    from actors.generator import Request, Sampling
-
-    requests = [Request([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": f"Draw chart {i} again."}]}],
-        images=[chart_png(i)], sampling=Sampling(n=3, temperature=0.7, top_p=0.9,
-                                                 max_tokens=16, seed=i)) for i in range(2)]
-    results = ray.get(engines("qwen2.5-vl").generate.remote(requests))
-    samples = [(p, s) for p, group in enumerate(results) for s in group]
-    batch = TrainBatch(
-        input_ids=[np.array(s.prompt_ids + s.token_ids) for _, s in samples],
-        prompt_lens=np.array([len(s.prompt_ids) for _, s in samples]),
-        prompt_index=np.array([p for p, _ in samples]),
-        images=[[chart_png(i)] for i in range(2)])
+    samples, batch = engine_batch(engines, [chart_png(0), chart_png(1)], "Draw chart {} again.",
+                                  n=3, temperature=0.7, top_p=0.9, max_tokens=16)
     batch = batch.with_column(
         advantages=np.random.default_rng(3).normal(size=len(samples)).astype(np.float32))
     group = TrainerGroup(spec(objective=ObjectiveSpec(kl_coef=0.0), reference=False,
