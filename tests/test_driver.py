@@ -279,7 +279,7 @@ def test_grpo_with_lora_adapters_serves_each_adapter_version(ray_cluster, tmp_pa
     steps = ["simple.steps=12", "simple.prompts_per_step=4", "simple.n=8", "simple.max_tokens=16",
              "simple.reward=test_driver:aligned_token_share", "trainer.lr=1e-2",
              f"model.path={LORA_MODEL}", "placement.colocate=[policy]",
-             "placement.roles.policy.engines=2",
+             "placement.trainer_ranks=2", "placement.roles.policy.engines=2",
              "algorithm.kl_coef=0.01", "run.save_every=100", "trainer.lora.enabled=true",
              "trainer.lora.rank=8", "trainer.lora.alpha=16", "trainer.lora.dropout=0"]
     state = Driver(config(tmp_path, "lora", *steps)).run()
@@ -367,7 +367,7 @@ def test_dead_engine_and_dead_trainer_rank_mid_step_are_recovered(ray_cluster, t
                      2 * per_step + 1: "coevolve/failing/trainer/1"}
     cfg = config(tmp_path, "failing", "simple.reward=test_driver:kill_actors_reward",
                  "simple.steps=4", "simple.prompts_per_step=2", "simple.n=2",
-                 "simple.max_tokens=8", "run.save_every=2")
+                 "simple.max_tokens=8", "run.save_every=2", "placement.trainer_ranks=2")
     state = Driver(cfg).run()
     assert KILLS["plan"] == {}, "both actors were killed"
     assert state["finished"] and state["roles"]["policy"]["version"] == 4
