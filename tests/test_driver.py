@@ -58,34 +58,28 @@ def test_grpo_raises_a_dense_reward_and_not_without_weight_sync(ray_cluster, tmp
     assert abs(np.mean(flat[-5:]) - np.mean(flat[:5])) < 0.05
 
 
-@pytest.mark.parametrize("estimator", ["rloo", "reinforce"])
-def test_other_estimators_raise_the_dense_reward(ray_cluster, tmp_path, estimator):
-    """The learning check with rloo, and with REINFORCE against an EMA baseline."""
-    steps = ["simple.steps=24", "simple.prompts_per_step=4", "simple.n=8", "simple.max_tokens=16",
-             "trainer.lr=2e-3", "algorithm.kl_coef=0", "run.save_every=100",
-             f"algorithm.advantage={estimator}"]
-    Driver(config(tmp_path, estimator, *steps)).run()
-    curve = rewards(tmp_path / estimator)
-    print(f"reward with {estimator}: " + " ".join(f"{r:.2f}" for r in curve))
-    start = np.mean(curve[:3])
-    assert max(np.convolve(curve, np.ones(3) / 3, mode="valid")) - start >= 0.15
-
-
-def test_grpo_learns_with_overlapped_generation_one_step_off_policy(ray_cluster, tmp_path):
-    """run.overlap=1: the engines sample step k+1 with weights k while the trainer updates
+@pytest.mark.parametrize("estimator, overlap", [("rloo", 1), ("reinforce", 0)])
+def test_other_estimators_raise_the_dense_reward(ray_cluster, tmp_path, estimator, overlap):
+    """The learning check with REINFORCE against an EMA baseline, and with rloo and
+    run.overlap=1: the engines sample step k+1 with weights k while the trainer updates
     on batch k. It still learns, and the rollouts show the bounded staleness: every
-    sample after the first step was drawn by the weights one version behind the update's
-    (the engines' log-probs are the ratio's behaviour policy)."""
+    sample after the first step was drawn by the weights one version behind the
+    update's (the engines' log-probs are the ratio's behaviour policy)."""
     import pyarrow.parquet as pq
 
     steps = ["simple.steps=24", "simple.prompts_per_step=4", "simple.n=8", "simple.max_tokens=16",
-             "trainer.lr=2e-3", "algorithm.kl_coef=0", "run.save_every=100", "run.overlap=1",
-             "placement.cpu_threads=reserved"]
-    Driver(config(tmp_path, "overlap", *steps)).run()
-    curve = rewards(tmp_path / "overlap")
-    print("reward with overlap: " + " ".join(f"{r:.2f}" for r in curve))
-    assert max(np.convolve(curve, np.ones(3) / 3, mode="valid")) - np.mean(curve[:3]) >= 0.15
-    phase = tmp_path / "overlap/iter_0001/policy"
+             "trainer.lr=2e-3", "algorithm.kl_coef=0", "run.save_every=100",
+             f"algorithm.advantage={estimator}", f"run.overlap={overlap}"]
+    if overlap:  # generation and the update at once: each with its reserved CPUs
+        steps.append("placement.cpu_threads=reserved")
+    Driver(config(tmp_path, estimator, *steps)).run()
+    curve = rewards(tmp_path / estimator)
+    print(f"reward with {estimator}, overlap {overlap}: " + " ".join(f"{r:.2f}" for r in curve))
+    start = np.mean(curve[:3])
+    assert max(np.convolve(curve, np.ones(3) / 3, mode="valid")) - start >= 0.15
+    if not overlap:
+        return
+    phase = tmp_path / estimator / "iter_0001/policy"
     for step in range(1, 25):
         rows = pq.read_table(phase / f"rollouts-{step:06d}.parquet").to_pylist()
         assert {r["version"] for r in rows} == {max(step - 2, 0)}
