@@ -31,11 +31,11 @@ def pack_groups(input_ids: list[np.ndarray], prompt_lens: list[int], keys: list,
     answers, equal keys = same prompt ids and images), or None when no two samples
     share a prompt (nothing to gain).
 
-    Returns the packed ``input_ids`` [G, W], ``mm_token_type_ids``, ``valid`` [G, W],
-    ``segment`` [G, W] (0: prompt, j: sample j's completion, -1: padding), the
-    ``group`` of each sample (packed row; groups in first-appearance order, which is
-    the order their images are given to the model), and ``row``, ``pos`` [S, L-1]:
-    where the hidden state predicting each flat (sample, t) token sits.
+    Returns the packed ``input_ids`` [G, W], ``mm_token_type_ids``, ``segment`` [G, W]
+    (0: prompt, j: sample j's completion, -1: padding), the ``group`` of each sample
+    (its packed row; groups in first-appearance order, which is the order their images
+    are given to the model), and ``pos`` [S, L-1]: where in its group's row the hidden
+    state predicting each flat (sample, t) token sits.
     """
     order: dict = {}
     for k in keys:
@@ -51,7 +51,6 @@ def pack_groups(input_ids: list[np.ndarray], prompt_lens: list[int], keys: list,
     flat_width = max(len(ids) for ids in input_ids)
     ids = torch.full((len(members), width), pad_id, dtype=torch.long)
     segment = torch.full((len(members), width), -1, dtype=torch.long)
-    row = torch.zeros((len(keys), flat_width - 1), dtype=torch.long)
     pos = torch.zeros((len(keys), flat_width - 1), dtype=torch.long)
     group = torch.zeros(len(keys), dtype=torch.long)
     for g, m in enumerate(members):
@@ -66,7 +65,6 @@ def pack_groups(input_ids: list[np.ndarray], prompt_lens: list[int], keys: list,
             ids[g, start:start + n] = torch.tensor(completion, dtype=torch.long)
             segment[g, start:start + n] = j
             group[i] = g
-            row[i] = g
             if n:
                 # flat t = p - 1 predicts the first completion token: the prompt's last
                 # position; flat t = p - 1 + k (k >= 1): the sample's token k - 1
@@ -74,8 +72,8 @@ def pack_groups(input_ids: list[np.ndarray], prompt_lens: list[int], keys: list,
                 pos[i, p:p + n - 1] = torch.arange(start, start + n - 1)
             start += n
     mm_types = (ids == image_token_id).long() + 2 * (ids == video_token_id).long()
-    return {"input_ids": ids, "mm_token_type_ids": mm_types, "valid": segment >= 0,
-            "segment": segment, "group": group, "row": row, "pos": pos}
+    return {"input_ids": ids, "mm_token_type_ids": mm_types, "segment": segment,
+            "group": group, "pos": pos}
 
 
 def block_mask(segment: torch.Tensor) -> torch.Tensor:

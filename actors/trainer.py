@@ -516,7 +516,7 @@ def chunked_model_logprobs(model, mb: dict, chunk_tokens: int, with_entropy: boo
                                                    packed.get("image_grid_thw")),
                   "mm_token_type_ids": packed["mm_token_type_ids"]}
         inputs.update({k: packed[k] for k in ("pixel_values", "image_grid_thw") if k in packed})
-        predicting = (packed["row"][where], packed["pos"][where])
+        predicting = (packed["group"][where[0]], packed["pos"][where])
     handle = fsdp.hf_core(model).lm_head.register_forward_pre_hook(score)
     try:
         model(**inputs, use_cache=False)

@@ -24,7 +24,6 @@ def test_two_groups_by_hand():
     assert packed["group"].tolist() == [0, 0, 1]
     # flat t = p-1 predicts the first completion token from the prompt's last position;
     # t = p-1+k from the sample's own token k-1
-    assert packed["row"].tolist() == [[0] * 4, [0] * 4, [1] * 4]
     assert packed["pos"][0].tolist() == [0, 0, 2, 3]   # t=2 -> 2 (prompt end), t=3 -> 3
     assert packed["pos"][1].tolist() == [0, 0, 2, 0]   # one token: only t=2
     assert packed["pos"][2].tolist() == [0, 1, 2, 3]   # p=2: t=1 -> 1, t=2 -> 2, t=3 -> 3

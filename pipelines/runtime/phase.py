@@ -242,7 +242,7 @@ class PhaseRunner:
                     with timer("overlap"):
                         trained, self._pending[step + 1] = self._overlapped(
                             rollouts, step, train_timer)
-                    timer.seconds.update({k: v for k, v in train_timer.seconds.items()})
+                    timer.seconds.update(train_timer.seconds)
                 else:
                     trained = [self._train(r, step, timer) for r in rollouts]
                     inside.update(k for k in timer.seconds if k != "step")
