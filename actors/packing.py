@@ -6,15 +6,23 @@ row holds the prompt once followed by every sample's completion:
 
     [ prompt | completion 1 | completion 2 | ... | completion n | padding ]
 
-with a block mask (each completion sees the prompt and its own earlier tokens,
-never another completion) and positions that restart after the prompt for each
-completion (multimodal RoPE: the prompt's from the model's ``get_rope_index``,
-a completion's token k at the first completion position + k on every axis). The
-hidden state at a packed position is then the one the flat row would have at
-the same place, so each sample's log-probs come out as before (to fp32
-rounding: tests/test_trainer.py), gathered back into the flat ``[B, L-1]``
+with positions that restart after the prompt for each completion (multimodal
+RoPE: the prompt's from the model's ``get_rope_index``, a completion's token k
+at the first completion position + k on every axis), and attention in which
+each completion sees the prompt and its own earlier tokens, never another
+completion. The hidden state at a packed position is then the one the flat row
+would have at the same place, so each sample's log-probs come out as before (to
+fp32 rounding: tests/test_packing.py), gathered back into the flat ``[B, L-1]``
 layout the objective reads. Only the scoring forward changes: targets, masks,
 advantages and the loss are the flat micro-batch's.
+
+The linear layers (most of the compute) run on the prompt once instead of n
+times. Attention does not go through one [W, W] mask over the packed row, whose
+cost grows with (prompt + n x completion)^2: ``shared_prompt_attention`` (the
+text model's attention implementation in the trainer) gathers each
+completion's queries and attends them to its prompt's keys and its own, n x
+completion x (prompt + completion) pairs, fewer than the flat rows' n x
+(prompt + completion)^2.
 """
 
 from __future__ import annotations
@@ -23,6 +31,9 @@ import inspect
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+ATTENTION = "coevolve_shared_prompt"  # the trainer's text attention (shared_prompt_attention)
 
 
 def pack_groups(input_ids: list[np.ndarray], prompt_lens: list[int], keys: list,
@@ -76,20 +87,6 @@ def pack_groups(input_ids: list[np.ndarray], prompt_lens: list[int], keys: list,
             "group": group, "pos": pos}
 
 
-def block_mask(segment: torch.Tensor) -> torch.Tensor:
-    """[G, 1, W, W] boolean attention (True: attend): causal, within the prompt and
-    each completion, plus every completion onto the prompt. A padding query sees
-    only itself (an empty row would make the softmax NaN)."""
-    q, k = segment[:, :, None], segment[:, None, :]
-    width = segment.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=segment.device).tril()
-    same = (q == k) & (q >= 0)
-    onto_prompt = (k == 0) & (q > 0)
-    mask = (same | onto_prompt) & causal
-    mask |= torch.eye(width, dtype=torch.bool, device=segment.device)
-    return mask[:, None]
-
-
 def packed_positions(core, packed: dict, image_grid_thw: torch.Tensor | None) -> torch.Tensor:
     """[3, G, W] multimodal RoPE positions of the packed rows: the prompt's from the
     model's ``get_rope_index``, each completion's token k at the first completion
@@ -113,3 +110,115 @@ def packed_positions(core, packed: dict, image_grid_thw: torch.Tensor | None) ->
     k = index - begin
     text = first[:, :, None] + k[None]
     return torch.where(completion[None], text, positions).to(positions.dtype)
+
+
+def prompt_layout(segment: torch.Tensor) -> dict:
+    """Where the prompts and completions of packed rows ``segment`` [G, W] sit, for
+    ``shared_prompt_attention``: flat positions (row x W + column) of each row's
+    prompt (``prompt`` [G, P], P the longest prompt) and of each completion
+    (``completion`` [C, N], N the longest; ``owner`` [C]: its row), their validity
+    masks, the boolean attention of the prompt queries (``prompt_mask``
+    [G, 1, P, P]: causal) and of the completion queries (``completion_mask``
+    [C, 1, N, P + N]: the whole prompt, then causal over the completion), and
+    ``dest``/``src``: where the outputs of real tokens go in the packed layout.
+    Padding slots point at a real position of their row and are masked out.
+    """
+    rows = segment.tolist()
+    width = segment.shape[1]
+    prompts, completions, owner = [], [], []
+    for g, row in enumerate(rows):
+        prompts.append([g * width + t for t, s in enumerate(row) if s == 0])
+        spans: dict[int, list[int]] = {}
+        for t, s in enumerate(row):
+            if s > 0:
+                spans.setdefault(s, []).append(g * width + t)
+        completions += spans.values()
+        owner += [g] * len(spans)
+    device = segment.device
+
+    def padded(lists):
+        size = max(1, max(len(x) for x in lists))
+        index = torch.tensor([x + [x[0]] * (size - len(x)) for x in lists], dtype=torch.long,
+                             device=device)
+        keep = torch.tensor([[True] * len(x) + [False] * (size - len(x)) for x in lists],
+                            device=device)
+        return index, keep
+
+    prompt, prompt_keep = padded(prompts)
+    completion, completion_keep = padded(completions) if completions else (
+        torch.zeros(0, 1, dtype=torch.long, device=device),
+        torch.zeros(0, 1, dtype=torch.bool, device=device))
+    owner = torch.tensor(owner, dtype=torch.long, device=device)
+    p, n = prompt.shape[1], completion.shape[1]
+    causal_p = torch.ones(p, p, dtype=torch.bool, device=device).tril()
+    causal_n = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    prompt_mask = causal_p[None] & prompt_keep[:, None, :]
+    completion_mask = torch.cat([prompt_keep[owner][:, None, :].expand(-1, n, -1),
+                                 causal_n[None] & completion_keep[:, None, :]], dim=-1)
+    # a padding query still sees its row's first prompt token: no empty softmax row
+    dest = torch.cat([prompt[prompt_keep], completion[completion_keep]])
+    src = torch.cat([prompt_keep.flatten().nonzero().squeeze(1),
+                     prompt.numel() + completion_keep.flatten().nonzero().squeeze(1)])
+    return {"prompt": prompt, "completion": completion, "owner": owner,
+            "prompt_mask": prompt_mask[:, None], "completion_mask": completion_mask[:, None],
+            "dest": dest, "src": src, "calls": [0]}
+
+
+def shared_prompt_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                            scaling: float | None = None, prompt_layout: dict | None = None,
+                            **kwargs):
+    """A transformers attention implementation: SDPA, or with ``prompt_layout``
+    (packed rows, ``chunked_model_logprobs``) each prompt attended causally on its
+    own and each completion onto its prompt and its own earlier tokens.
+
+    query [G, H, W, D], key/value [G, Hkv, W, D] -> ([G, W, H, D], None), like
+    transformers' SDPA; positions outside every prompt and completion (padding)
+    come out 0. Without a layout (flat rows, generation) it is transformers' SDPA.
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if prompt_layout is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if kwargs.get("sliding_window") is not None:
+        raise ValueError("shared prompts do not support sliding-window attention; "
+                         "set trainer.share_prompts: false")
+    layout = prompt_layout
+    layout["calls"][0] += 1
+    g, h, w, d = query.shape
+    groups = h // key.shape[1]
+
+    def rows(x, index):  # [G, heads, W, D] -> [len(index), heads, index width, D]
+        flat = x.transpose(1, 2).reshape(g * w, x.shape[1], d)
+        return flat[index].transpose(1, 2)
+
+    def attend(q, k, v, mask):
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                              scale=scaling)
+
+    prompt, completion, owner = layout["prompt"], layout["completion"], layout["owner"]
+    kp, vp = rows(key, prompt), rows(value, prompt)
+    out_p = attend(rows(query, prompt), kp, vp, layout["prompt_mask"])
+    out_c = attend(rows(query, completion), torch.cat([kp[owner], rows(key, completion)], 2),
+                   torch.cat([vp[owner], rows(value, completion)], 2), layout["completion_mask"])
+    outputs = torch.cat([out_p.transpose(1, 2).reshape(-1, h, d),
+                         out_c.transpose(1, 2).reshape(-1, h, d)])
+    out = query.new_zeros(g * w, h, d).index_put((layout["dest"],), outputs[layout["src"]])
+    return out.view(g, w, h, d), None
+
+
+def use_shared_prompt_attention(core) -> None:
+    """Make ``shared_prompt_attention`` the text model's attention implementation of
+    ``core`` (a transformers VLM; the vision tower keeps its own). Idempotent. Without
+    a layout it runs transformers' SDPA, so flat rows and the reference model are
+    unchanged."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION, shared_prompt_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
+    text = core.config.get_text_config()
+    if text._attn_implementation != ATTENTION:
+        text._attn_implementation = ATTENTION

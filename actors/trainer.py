@@ -508,10 +508,12 @@ def chunked_model_logprobs(model, mb: dict, chunk_tokens: int, with_entropy: boo
     if packed is None:
         inputs, predicting = mb["inputs"], None
     else:  # the samples of one prompt in one row (actors/packing.py)
-        from actors.packing import block_mask, packed_positions
+        from actors.packing import packed_positions, prompt_layout, use_shared_prompt_attention
 
         core = fsdp.hf_core(model)
-        inputs = {"input_ids": packed["input_ids"], "attention_mask": block_mask(packed["segment"]),
+        use_shared_prompt_attention(core)
+        layout = prompt_layout(packed["segment"])
+        inputs = {"input_ids": packed["input_ids"], "prompt_layout": layout,
                   "position_ids": packed_positions(core.model, packed,
                                                    packed.get("image_grid_thw")),
                   "mm_token_type_ids": packed["mm_token_type_ids"]}
@@ -522,6 +524,9 @@ def chunked_model_logprobs(model, mb: dict, chunk_tokens: int, with_entropy: boo
         model(**inputs, use_cache=False)
     finally:
         handle.remove()
+    if packed is not None and layout["calls"][0] == 0:  # never silently causal over the row
+        raise RuntimeError("the packed forward did not reach shared_prompt_attention; "
+                           "set trainer.share_prompts: false")
     return out["logp"], out.get("entropy")
 
 
