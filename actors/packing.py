@@ -113,41 +113,45 @@ def packed_positions(core, packed: dict, image_grid_thw: torch.Tensor | None) ->
 
 
 def prompt_layout(segment: torch.Tensor) -> dict:
-    """Where the prompts and completions of packed rows ``segment`` [G, W] sit, for
-    ``shared_prompt_attention``: flat positions (row x W + column) of each row's
-    prompt (``prompt`` [G, P], P the longest prompt) and of each completion
-    (``completion`` [C, N], N the longest; ``owner`` [C]: its row), their validity
-    masks, the boolean attention of the prompt queries (``prompt_mask``
-    [G, 1, P, P]: causal) and of the completion queries (``completion_mask``
-    [C, 1, N, P + N]: the whole prompt, then causal over the completion), and
-    ``dest``/``src``: where the outputs of real tokens go in the packed layout.
-    Padding slots point at a real position of their row and are masked out.
+    """Where the prompts and completions of packed rows ``segment`` [G, W] sit once
+    the rows are compacted into one sequence of their real tokens (row after row,
+    padding dropped: ``tokens`` [M], the flat slots row x W + column kept), for
+    ``shared_prompt_attention``: the compact positions of each row's prompt
+    (``prompt`` [G, P], P the longest prompt) and of each completion
+    (``completion`` [C, N], N the longest; ``owner`` [C]: its row), the boolean
+    attention of the prompt queries (``prompt_mask`` [G, 1, P, P]: causal) and of
+    the completion queries (``completion_mask`` [C, 1, N, P + N]: the whole prompt,
+    then causal over the completion), and ``order``: which attention output each
+    compact position takes. Slots past the end of a prompt or completion repeat
+    its first position and are masked out as keys; as queries they still see their
+    prompt's first token (no empty softmax row) and are dropped.
     """
-    rows = segment.tolist()
-    width = segment.shape[1]
+    device = segment.device
+    tokens = (segment >= 0).flatten().nonzero().squeeze(1)
     prompts, completions, owner = [], [], []
-    for g, row in enumerate(rows):
-        prompts.append([g * width + t for t, s in enumerate(row) if s == 0])
+    at = 0
+    for g, row in enumerate(segment.tolist()):
         spans: dict[int, list[int]] = {}
-        for t, s in enumerate(row):
-            if s > 0:
-                spans.setdefault(s, []).append(g * width + t)
+        for s in row:
+            if s >= 0:
+                spans.setdefault(s, []).append(at)
+                at += 1
+        prompts.append(spans.pop(0, []))
         completions += spans.values()
         owner += [g] * len(spans)
-    device = segment.device
 
     def padded(lists):
-        size = max(1, max(len(x) for x in lists))
-        index = torch.tensor([x + [x[0]] * (size - len(x)) for x in lists], dtype=torch.long,
-                             device=device)
+        size = max([1] + [len(x) for x in lists])
+        index = torch.tensor([x + x[:1] * (size - len(x)) for x in lists], dtype=torch.long,
+                             device=device).reshape(len(lists), size)
         keep = torch.tensor([[True] * len(x) + [False] * (size - len(x)) for x in lists],
-                            device=device)
+                            dtype=torch.bool, device=device).reshape(len(lists), size)
         return index, keep
 
+    if not all(prompts):
+        raise ValueError("every packed row starts with its prompt")
     prompt, prompt_keep = padded(prompts)
-    completion, completion_keep = padded(completions) if completions else (
-        torch.zeros(0, 1, dtype=torch.long, device=device),
-        torch.zeros(0, 1, dtype=torch.bool, device=device))
+    completion, completion_keep = padded(completions)
     owner = torch.tensor(owner, dtype=torch.long, device=device)
     p, n = prompt.shape[1], completion.shape[1]
     causal_p = torch.ones(p, p, dtype=torch.bool, device=device).tril()
@@ -155,25 +159,28 @@ def prompt_layout(segment: torch.Tensor) -> dict:
     prompt_mask = causal_p[None] & prompt_keep[:, None, :]
     completion_mask = torch.cat([prompt_keep[owner][:, None, :].expand(-1, n, -1),
                                  causal_n[None] & completion_keep[:, None, :]], dim=-1)
-    # a padding query still sees its row's first prompt token: no empty softmax row
+    # the prompts' outputs, then the completions': which one lands at each position
     dest = torch.cat([prompt[prompt_keep], completion[completion_keep]])
     src = torch.cat([prompt_keep.flatten().nonzero().squeeze(1),
                      prompt.numel() + completion_keep.flatten().nonzero().squeeze(1)])
-    return {"prompt": prompt, "completion": completion, "owner": owner,
+    order = torch.empty_like(src)
+    order[dest] = src
+    return {"tokens": tokens, "prompt": prompt, "completion": completion, "owner": owner,
             "prompt_mask": prompt_mask[:, None], "completion_mask": completion_mask[:, None],
-            "dest": dest, "src": src, "calls": [0]}
+            "order": order, "calls": [0]}
 
 
 def shared_prompt_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                             scaling: float | None = None, prompt_layout: dict | None = None,
                             **kwargs):
     """A transformers attention implementation: SDPA, or with ``prompt_layout``
-    (packed rows, ``chunked_model_logprobs``) each prompt attended causally on its
-    own and each completion onto its prompt and its own earlier tokens.
+    (packed rows compacted into one sequence, ``chunked_model_logprobs``) each prompt
+    attended causally on its own and each completion onto its prompt and its own
+    earlier tokens.
 
-    query [G, H, W, D], key/value [G, Hkv, W, D] -> ([G, W, H, D], None), like
-    transformers' SDPA; positions outside every prompt and completion (padding)
-    come out 0. Without a layout (flat rows, generation) it is transformers' SDPA.
+    With a layout: query [1, H, M, D], key/value [1, Hkv, M, D] (M = the layout's
+    tokens) -> ([1, M, H, D], None), like transformers' SDPA. Without one (flat
+    rows, generation) it is transformers' SDPA.
     """
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
@@ -184,13 +191,15 @@ def shared_prompt_attention(module, query, key, value, attention_mask, dropout: 
         raise ValueError("shared prompts do not support sliding-window attention; "
                          "set trainer.share_prompts: false")
     layout = prompt_layout
+    b, h, m, d = query.shape
+    if b != 1 or m != len(layout["order"]):
+        raise ValueError(f"shared_prompt_attention expects one compacted row of "
+                         f"{len(layout['order'])} tokens, got {b} x {m}")
     layout["calls"][0] += 1
-    g, h, w, d = query.shape
     groups = h // key.shape[1]
 
-    def rows(x, index):  # [G, heads, W, D] -> [len(index), heads, index width, D]
-        flat = x.transpose(1, 2).reshape(g * w, x.shape[1], d)
-        return flat[index].transpose(1, 2)
+    def rows(x, index):  # [1, heads, M, D] -> [len(index), heads, index width, D]
+        return x[0].transpose(0, 1)[index].transpose(1, 2)
 
     def attend(q, k, v, mask):
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
@@ -204,8 +213,7 @@ def shared_prompt_attention(module, query, key, value, attention_mask, dropout: 
                    torch.cat([vp[owner], rows(value, completion)], 2), layout["completion_mask"])
     outputs = torch.cat([out_p.transpose(1, 2).reshape(-1, h, d),
                          out_c.transpose(1, 2).reshape(-1, h, d)])
-    out = query.new_zeros(g * w, h, d).index_put((layout["dest"],), outputs[layout["src"]])
-    return out.view(g, w, h, d), None
+    return outputs[layout["order"]][None], None
 
 
 def use_shared_prompt_attention(core) -> None:

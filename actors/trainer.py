@@ -512,13 +512,21 @@ def chunked_model_logprobs(model, mb: dict, chunk_tokens: int, with_entropy: boo
 
         core = fsdp.hf_core(model)
         use_shared_prompt_attention(core)
+        # the rows compacted into one sequence of their real tokens: no padding computed
         layout = prompt_layout(packed["segment"])
-        inputs = {"input_ids": packed["input_ids"], "prompt_layout": layout,
-                  "position_ids": packed_positions(core.model, packed,
-                                                   packed.get("image_grid_thw")),
-                  "mm_token_type_ids": packed["mm_token_type_ids"]}
+        tokens = layout["tokens"]
+        positions = packed_positions(core.model, packed, packed.get("image_grid_thw"))
+        inputs = {"input_ids": packed["input_ids"].flatten()[tokens][None],
+                  "position_ids": positions.flatten(1)[:, tokens][:, None],
+                  "mm_token_type_ids": packed["mm_token_type_ids"].flatten()[tokens][None],
+                  "prompt_layout": layout}
         inputs.update({k: packed[k] for k in ("pixel_values", "image_grid_thw") if k in packed})
-        predicting = (packed["group"][where[0]], packed["pos"][where])
+        compact = torch.full((packed["segment"].numel(),), -1, dtype=torch.long,
+                             device=tokens.device)
+        compact[tokens] = torch.arange(len(tokens), device=tokens.device)
+        width = packed["segment"].shape[1]
+        at = compact[packed["group"][where[0]] * width + packed["pos"][where]]
+        predicting = (torch.zeros_like(at), at)
     handle = fsdp.hf_core(model).lm_head.register_forward_pre_hook(score)
     try:
         model(**inputs, use_cache=False)

@@ -27,7 +27,9 @@ def test_two_groups_by_hand():
     assert packed["pos"][0].tolist() == [0, 0, 2, 3]   # t=2 -> 2 (prompt end), t=3 -> 3
     assert packed["pos"][1].tolist() == [0, 0, 2, 0]   # one token: only t=2
     assert packed["pos"][2].tolist() == [0, 1, 2, 3]   # p=2: t=1 -> 1, t=2 -> 2, t=3 -> 3
-    layout = prompt_layout(packed["segment"])  # W = 6: row 1 starts at flat position 6
+    # compacted: row 0's 6 tokens, then row 1's 5 (its padding slot 11 dropped)
+    layout = prompt_layout(packed["segment"])
+    assert layout["tokens"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     assert layout["prompt"].tolist() == [[0, 1, 2], [6, 7, 6]]  # padded with a real slot
     assert layout["completion"].tolist() == [[3, 4, 3], [5, 5, 5], [8, 9, 10]]
     assert layout["owner"].tolist() == [0, 0, 1]
@@ -37,36 +39,47 @@ def test_two_groups_by_hand():
     assert layout["completion_mask"][2, 0].int().tolist() == [[1, 1, 0, 1, 0, 0],
                                                               [1, 1, 0, 1, 1, 0],
                                                               [1, 1, 0, 1, 1, 1]]
-    assert layout["dest"].tolist() == [0, 1, 2, 6, 7, 3, 4, 5, 8, 9, 10]  # not 11: padding
+    # attention outputs: 2 x 3 prompt slots, then 3 x 3 completion slots (from 6)
+    assert layout["order"].tolist() == [0, 1, 2, 6, 7, 9, 3, 4, 12, 13, 14]
 
 
 def test_shared_prompt_attention_is_the_block_masked_attention():
-    """Against SDPA over the whole packed row with the dense block mask (each completion
-    sees the prompt and itself, causally), outputs and input gradients, with GQA."""
+    """Against SDPA over each padded packed row with the dense block mask (each
+    completion sees the prompt and itself, causally), outputs and input gradients on
+    the compacted row, with GQA."""
     from types import SimpleNamespace
 
     from actors.packing import shared_prompt_attention
 
     segment = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 1, 1, 1, 2, -1, -1]])
     g, w, h, kv, d = 2, 8, 4, 2, 8
+    real = (segment >= 0).flatten()
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(g, n, w, d, generator=gen, dtype=torch.float64, requires_grad=True)
                for n in (h, kv, kv))
-    out, _ = shared_prompt_attention(SimpleNamespace(), q, k, v, None, scaling=0.3,
-                                     prompt_layout=prompt_layout(segment))
+
+    def compact(x):  # [G, heads, W, D] -> [1, heads, M, D]
+        return x.transpose(0, 1).reshape(x.shape[1], g * w, d)[:, real][None]
+
+    layout = prompt_layout(segment)
+    out, _ = shared_prompt_attention(SimpleNamespace(), compact(q), compact(k), compact(v),
+                                     None, scaling=0.3, prompt_layout=layout)
+    assert layout["calls"] == [1]
     sq, sk = segment[:, :, None], segment[:, None, :]
     mask = (((sq == sk) & (sq >= 0)) | ((sk == 0) & (sq > 0))) & torch.ones(w, w).tril().bool()
     want = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(h // kv, 1), v.repeat_interleave(h // kv, 1),
-        attn_mask=mask[:, None] | torch.eye(w, dtype=torch.bool), scale=0.3).transpose(1, 2)
-    real = (segment >= 0)[:, :, None, None]
-    assert torch.allclose(out, want * real, atol=1e-12)
-    assert float(out.detach()[1, 6:].abs().max()) == 0.0  # padding comes out 0
-    weights = torch.randn(out.shape, generator=gen, dtype=torch.float64) * real
+        attn_mask=mask[:, None] | torch.eye(w, dtype=torch.bool), scale=0.3)
+    want = compact(want).transpose(1, 2)  # [1, M, H, D], like transformers' SDPA
+    assert out.shape == (1, 14, h, d)
+    assert torch.allclose(out, want, atol=1e-12)
+    weights = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
     wants = torch.autograd.grad((want * weights).sum(), (q, k, v))
     for got, expected in zip(grads, wants):
         assert torch.allclose(got, expected, atol=1e-12)
+    with pytest.raises(ValueError, match="one compacted row of 14 tokens"):
+        shared_prompt_attention(SimpleNamespace(), q, k, v, None, prompt_layout=layout)
 
 
 def test_nothing_to_share_stays_flat():
