@@ -383,8 +383,12 @@ class GeneratorActor:
         return {"wake_seconds": time.perf_counter() - start}
 
     def health(self) -> dict:
+        from vllm.config import CompilationMode
+
+        # vLLM may overrule enforce_eager=False (no compilation with LoRA on CPU)
+        compiled = self.llm.llm_engine.vllm_config.compilation_config.mode != CompilationMode.NONE
         return {"name": self.name, "version": self.version, "pid": os.getpid(),
-                "broken": self._broken, "asleep": self._asleep,
+                "broken": self._broken, "asleep": self._asleep, "compiled": compiled,
                 "adapters": {n: v for n, (_, v, _) in self._adapters.items()}}
 
     def stats(self) -> dict:

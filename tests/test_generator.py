@@ -304,6 +304,36 @@ def test_weight_update_changes_output_and_restoring_is_bit_identical(pool, hf):
 
 
 @pytest.mark.slow
+def test_weight_update_reaches_a_compiled_engine(ray_cluster, hf):
+    """``enforce_eager=False`` (torch.compile on CPU, CUDA graphs too on GPUs; vLLM
+    compiles only without LoRA on CPU): the compiled model reads the synced weights,
+    computing what the seed=1 model computes after the update."""
+    import ray
+
+    from actors.generator import GeneratorActor, cpu_engine_env
+
+    spec = EngineSpec(model=MODEL, dtype="float32", max_model_len=1024,
+                      max_num_batched_tokens=2048, enforce_eager=False)
+    engine = ray.remote(num_cpus=1, runtime_env={"env_vars": cpu_engine_env(1)})(
+        GeneratorActor).options(name="test/compiled").remote(spec, "compiled")
+    requests = [image_request(max_tokens=16, temperature=0.0),
+                text_request(max_tokens=16, temperature=0.0)]
+    try:
+        assert ray.get(engine.health.remote())["compiled"]
+        before = ray.get(engine.generate.remote(requests))
+        for request, samples in zip(requests, before):
+            assert max_logprob_diff(hf, hf.model(0), request, samples)[0] < 5e-6
+        other = hf.model(seed=1)
+        ray.get(engine.update_weights.remote(put_buckets(state_buckets(other)), 1))
+        after = ray.get(engine.generate.remote(requests))
+    finally:
+        ray.kill(engine)
+    for request, b, a in zip(requests, before, after):
+        assert a[0].version == 1 and a[0].token_ids != b[0].token_ids
+        assert max_logprob_diff(hf, other, request, a)[0] < 2e-5
+
+
+@pytest.mark.slow
 def test_bad_weights_are_refused_before_the_engine_changes(pool, hf):
     request = image_request(max_tokens=8, temperature=0.0)
     [[before]] = pool.generate([request])

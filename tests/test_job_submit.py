@@ -23,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_job_submit_runs_a_tiny_config_and_the_same_submission_resumes_it(tmp_path, monkeypatch):
+def test_ray_job_submit_runs_a_tiny_config_and_the_same_submission_resumes_it(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(COEVOLVE_HEAD_DIR=str(tmp_path / "head"), DASHBOARD_PORT=str(port),
@@ -35,14 +35,19 @@ def test_ray_job_submit_runs_a_tiny_config_and_the_same_submission_resumes_it(tm
     assert pids
     try:
         address = f"http://127.0.0.1:{port}"
+        headers = None
         if "RAY_AUTH_MODE=token" in started.stdout:
             env["RAY_AUTH_MODE"] = "token"
-            monkeypatch.setenv("RAY_AUTH_MODE", "token")
+            # This process may have read RAY_AUTH_MODE already (an earlier test's Ray):
+            # the client sends the token itself rather than rely on the environment.
+            token = os.environ.get("RAY_AUTH_TOKEN") or Path(os.environ.get(
+                "RAY_AUTH_TOKEN_PATH", Path.home() / ".ray/auth_token")).read_text().strip()
+            headers = {"Authorization": f"Bearer {token}"}
         ray_bin = str(Path(sys.executable).parent / "ray")
 
         from ray.job_submission import JobStatus, JobSubmissionClient
 
-        client = JobSubmissionClient(address)
+        client = JobSubmissionClient(address, headers=headers)
 
         def submit() -> tuple[JobStatus, str]:
             done = subprocess.run(
