@@ -239,3 +239,44 @@ def test_full_kl_needs_the_full_logits():
 if __name__ == "__main__":
     if sys.argv[1] == "reference":
         print(json.dumps(_reference_logprobs(sys.argv[2])))
+
+
+FAULTS = """
+import resource, torch
+def steps():
+    for _ in range(8):
+        block = torch.empty(64 << 20)  # 256 MiB of fp32
+        block.fill_(1.0)
+        del block
+for _ in range(3):  # the first rounds grow the heap
+    steps()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+steps()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_cpu_ranks_keep_freed_memory_for_the_next_allocation(monkeypatch):
+    """A trainer rank on a CPU host (``cpu_rank_env``): glibc keeps freed memory, so
+    once the heap has grown, allocating and filling a 256 MiB block 8 times faults
+    no page in; by default each allocation is a fresh mapping and faults its 65536
+    pages in again (the kernel's minor page-fault count)."""
+    from actors.trainer_group import KEEP_FREED_MEMORY, cpu_rank_env
+
+    for key in KEEP_FREED_MEMORY:
+        monkeypatch.delenv(key, raising=False)
+    env = cpu_rank_env({"env_vars": {"OMP_NUM_THREADS": "2"}, "pip": ["x"]})
+    assert env == {"pip": ["x"], "env_vars": {"OMP_NUM_THREADS": "2", "MALLOC_MMAP_MAX_": "0",
+                                              "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}}
+
+    def faults(extra: dict) -> int:
+        out = subprocess.run([sys.executable, "-c", FAULTS], env={**os.environ, **extra},
+                             capture_output=True, text=True, check=True)
+        return int(out.stdout)
+
+    pages = (256 << 20) // 4096
+    default, kept = faults({}), faults(env["env_vars"])
+    print(f"minor page faults for 8 x 256 MiB: default {default}, kept {kept}")
+    assert default >= 8 * pages and kept < pages // 100
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")  # the user's setting wins
+    assert cpu_rank_env(None)["env_vars"]["MALLOC_TRIM_THRESHOLD_"] == "0"
