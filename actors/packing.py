@@ -167,7 +167,16 @@ def prompt_layout(segment: torch.Tensor) -> dict:
     order[dest] = src
     return {"tokens": tokens, "prompt": prompt, "completion": completion, "owner": owner,
             "prompt_mask": prompt_mask[:, None], "completion_mask": completion_mask[:, None],
-            "order": order, "calls": [0]}
+            "order": order, "calls": Calls()}
+
+
+class Calls:
+    """How many attention layers took the layout. Not a list: FSDP2's mixed precision
+    rebuilds the containers in a forward's keyword arguments (casting their tensors),
+    so a count kept in a list would grow in a copy."""
+
+    def __init__(self):
+        self.n = 0
 
 
 def shared_prompt_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -195,7 +204,7 @@ def shared_prompt_attention(module, query, key, value, attention_mask, dropout: 
     if b != 1 or m != len(layout["order"]):
         raise ValueError(f"shared_prompt_attention expects one compacted row of "
                          f"{len(layout['order'])} tokens, got {b} x {m}")
-    layout["calls"][0] += 1
+    layout["calls"].n += 1
     groups = h // key.shape[1]
 
     def rows(x, index):  # [1, heads, M, D] -> [len(index), heads, index width, D]

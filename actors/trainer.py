@@ -532,7 +532,7 @@ def chunked_model_logprobs(model, mb: dict, chunk_tokens: int, with_entropy: boo
         model(**inputs, use_cache=False)
     finally:
         handle.remove()
-    if packed is not None and layout["calls"][0] == 0:  # never silently causal over the row
+    if packed is not None and layout["calls"].n == 0:  # never silently causal over the row
         raise RuntimeError("the packed forward did not reach shared_prompt_attention; "
                            "set trainer.share_prompts: false")
     return out["logp"], out.get("entropy")
