@@ -112,6 +112,15 @@ def packed_positions(core, packed: dict, image_grid_thw: torch.Tensor | None) ->
     return torch.where(completion[None], text, positions).to(positions.dtype)
 
 
+class Calls:
+    """How many attention layers took the layout. Not a list: FSDP2's mixed precision
+    rebuilds the containers in a forward's keyword arguments (casting their tensors),
+    so a count kept in a list would grow in a copy."""
+
+    def __init__(self):
+        self.n = 0
+
+
 def prompt_layout(segment: torch.Tensor) -> dict:
     """Where the prompts and completions of packed rows ``segment`` [G, W] sit once
     the rows are compacted into one sequence of their real tokens (row after row,
@@ -168,15 +177,6 @@ def prompt_layout(segment: torch.Tensor) -> dict:
     return {"tokens": tokens, "prompt": prompt, "completion": completion, "owner": owner,
             "prompt_mask": prompt_mask[:, None], "completion_mask": completion_mask[:, None],
             "order": order, "calls": Calls()}
-
-
-class Calls:
-    """How many attention layers took the layout. Not a list: FSDP2's mixed precision
-    rebuilds the containers in a forward's keyword arguments (casting their tensors),
-    so a count kept in a list would grow in a copy."""
-
-    def __init__(self):
-        self.n = 0
 
 
 def shared_prompt_attention(module, query, key, value, attention_mask, dropout: float = 0.0,

@@ -137,9 +137,9 @@ class GeneratorConfig:
     cpu_kvcache_gib: int = param(1, "KV-cache size per engine on a CPU host (whole GiB).", ge=1)
     enforce_eager: bool = param(
         True, "Run the model eagerly: no torch.compile (and on GPUs no CUDA graphs). Faster "
-        "start, slower decode: false costs the tiny CPU model ~20 s of start-up per engine and "
-        "saves ~15% of its generate time at 256 new tokens. vLLM compiles nothing with LoRA "
-        "on CPU.")
+        "start, slower decode: false costs the ~50M benchmark model (benchmarks/vs_trl.py) "
+        "~20 s of start-up per engine on CPU and saves ~15% of its generate time at 256 new "
+        "tokens. vLLM compiles nothing with LoRA on CPU.")
     bucket_mb: int = param(256, "Weight-sync bucket size in MiB (one object-store put each).", gt=0)
     multiprocess: Literal["auto", "always", "never"] = param(
         "auto", "vLLM's engine core in its own process (always) or in the engine actor's "

@@ -13,7 +13,10 @@ both fixed in actors/fsdp.py: NCCL alone refused the trainer's CPU all-reduces (
 fp32 parameters refuse (now fp32 units of their own). After the first fix the bf16,
 chunked and offload scenarios ran through; the machine was withdrawn before the LoRA
 fix and the figures could be recorded, so the bounds below are estimates from bf16's
-precision, to be replaced by measured figures at the next GPU run.
+precision, to be replaced by measured figures at the next GPU run. A run on
+2026-12-04 (H200, torch 2.11) failed all four: under bf16 mixed precision FSDP2
+rebuilt the list that counted shared-prompt attention calls (fixed in
+actors/packing.py, tested on CPU in tests/test_packing.py; not yet rerun on a GPU).
 """
 
 from __future__ import annotations

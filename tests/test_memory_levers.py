@@ -236,10 +236,6 @@ def test_full_kl_needs_the_full_logits():
         load_config(None, ["trainer.reference_dtype=float16"])
 
 
-if __name__ == "__main__":
-    if sys.argv[1] == "reference":
-        print(json.dumps(_reference_logprobs(sys.argv[2])))
-
 
 FAULTS = """
 import resource, torch
@@ -280,3 +276,8 @@ def test_cpu_ranks_keep_freed_memory_for_the_next_allocation(monkeypatch):
     assert default >= 8 * pages and kept < pages // 100
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")  # the user's setting wins
     assert cpu_rank_env(None)["env_vars"]["MALLOC_TRIM_THRESHOLD_"] == "0"
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "reference":
+        print(json.dumps(_reference_logprobs(sys.argv[2])))
