@@ -20,6 +20,20 @@ importing this module has no side effects). Verbs:
   update (vLLM sleep mode; ``EngineSpec.sleep_mode``).
 - ``health()``, ``stats()``.
 
+Requests that vLLM refuses (a prompt past ``max_model_len``, more images than
+``limit_mm_per_prompt``, an image that does not decode) fail alone: each gets
+``n`` empty completions with ``finish_reason == "refused"`` and the reason in
+``text``, counted in ``stats()["refused"]`` and logged; the rest of the
+batch is sampled. An engine whose core died (``EngineDeadError``) is marked
+broken, and its pool restarts it like a dead actor.
+
+Sampling state stays small whatever the vocabulary: the banned ids (vision
+placeholders, vocabulary padding) go as a ``logit_bias`` of -100 (vLLM's
+floor; e^-100 is ~4e-44, never sampled) instead of the allowed-id list
+of the whole vocabulary, which vLLM's V2 GPU runner caps at 1,024 ids.
+Every request's parameters go through that runner's own checks first
+(``actors/vllm_limits.py``), also on CPU, where vLLM runs its V1 runner.
+
 Versions: ``Completion.version`` is the version of the weights that sampled
 it: the adapter's version for a request with an adapter, else the version of
 the base weights.
@@ -44,6 +58,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -53,6 +68,8 @@ from pathlib import Path
 from typing import Any
 
 from actors.vllm_worker import RAY_ADDRESS_ENV
+
+logger = logging.getLogger(__name__)
 
 # Token ids a completion must never contain: the model's vision placeholders.
 # A random tiny model samples them freely, and a completion holding an image
@@ -89,14 +106,21 @@ class Request:
     adapter: str | None = None
 
 
+REFUSED = "refused"  # Completion.finish_reason of a request the engine refused
+
+
 @dataclass
 class Completion:
-    text: str
+    text: str  # for a refused request: why
     prompt_ids: list[int]
     token_ids: list[int]
     logprobs: list[float]  # log-prob of each sampled token under the engine's weights
-    finish_reason: str  # "stop" | "length" | ...
+    finish_reason: str  # "stop" | "length" | ... | REFUSED
     version: int  # weight version that produced it
+
+    @property
+    def refused(self) -> bool:
+        return self.finish_reason == REFUSED
 
 
 @dataclass
@@ -151,7 +175,32 @@ def cpu_engine_env(threads: int) -> dict[str, str]:
 
 
 class EngineBroken(RuntimeError):
-    """The engine failed half-way through changing its weights and must be restarted."""
+    """The engine failed half-way through changing its weights, or its core died: it
+    must be restarted."""
+
+
+# vLLM's floor for a logit bias (SamplingParams clamps to [-100, 100]).
+BAN = -100.0
+
+
+def banned_token_ids(tokenizer, vocab_size: int) -> list[int]:
+    """Ids a completion must never hold: the vision placeholders, and the rows past the
+    tokenizer (vocabulary padding, which decodes to nothing). A few hundred ids at most
+    for the real Qwen models (152,064 rows, 151,665 tokens), whatever the vocabulary."""
+    placeholders = {tokenizer.convert_tokens_to_ids(t) for t in VISION_PLACEHOLDERS}
+    return sorted(placeholders | set(range(len(tokenizer), vocab_size)))
+
+
+def sampling_params(s: Sampling, banned: list[int]):
+    """vLLM SamplingParams of one request: the engine's raw log-prob of each sampled
+    token, the banned ids as a logit bias."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+        max_tokens=s.max_tokens, stop=list(s.stop) or None, seed=s.seed, logprobs=0,
+        logit_bias=dict.fromkeys(banned, BAN) if banned else None,
+    )
 
 
 class GeneratorActor:
@@ -163,7 +212,8 @@ class GeneratorActor:
         self.version = spec.version
         self._broken: str | None = None
         self._asleep = False
-        self._counters = {"requests": 0, "samples": 0, "prompt_tokens": 0, "tokens": 0,
+        self._counters = {"requests": 0, "refused": 0, "samples": 0, "prompt_tokens": 0,
+                          "tokens": 0,
                           "seconds": 0.0, "weight_updates": 0, "weight_bytes": 0,
                           "weight_seconds": 0.0}
         # name -> (LoRARequest, version, folder)
@@ -217,11 +267,8 @@ class GeneratorActor:
             logprobs_mode="raw_logprobs",
             worker_extension_cls="actors.vllm_worker.WeightSync",
         )
-        tokenizer = self.processor.tokenizer
-        banned = {tokenizer.convert_tokens_to_ids(t) for t in VISION_PLACEHOLDERS}
-        vocab = self.llm.llm_engine.model_config.get_vocab_size()
-        # Ids past the tokenizer (vocabulary padding) decode to nothing: ban them too.
-        self._allowed = [i for i in range(min(vocab, len(tokenizer))) if i not in banned]
+        self._banned = banned_token_ids(self.processor.tokenizer,
+                                        self.llm.llm_engine.model_config.get_vocab_size())
         from actors.weights import expected_weights
 
         self._expected, self._optional = expected_weights(path)
@@ -229,45 +276,80 @@ class GeneratorActor:
     # -- verbs ---------------------------------------------------------------
 
     def generate(self, requests: list[Request]) -> list[list[Completion]]:
-        """Sample every request; result[i] holds request i's n completions."""
-        from vllm import SamplingParams
+        """Sample every request; result[i] holds request i's n completions (n refused
+        placeholders when the engine refused it: module doc)."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        from actors.vllm_limits import check_gpu_sampler_limits
 
         self._check_usable()
         unknown = {r.adapter for r in requests if r.adapter is not None} - set(self._adapters)
         if unknown:
             raise ValueError(f"unknown adapter(s) {sorted(unknown)}; loaded: {sorted(self._adapters)}")
-        prompts, params, loras, versions = [], [], [], []
-        for req in requests:
-            adapter = self._adapters.get(req.adapter) if req.adapter is not None else None
-            loras.append(adapter[0] if adapter else None)
-            versions.append(adapter[1] if adapter else self.version)
-            prompts.append(self._prompt(req))
-            s = req.sampling
-            params.append(SamplingParams(
-                n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                max_tokens=s.max_tokens, stop=list(s.stop) or None, seed=s.seed, logprobs=0,
-                allowed_token_ids=self._allowed,
-            ))
-        lora_request = loras if any(x is not None for x in loras) else None
         start = time.perf_counter()
-        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
-        elapsed = time.perf_counter() - start
-        results = []
-        for out, version in zip(outputs, versions):
+        queued: list[int] = []  # indices of the requests in the engine, in queue order
+        results: list[list[Completion]] = [[] for _ in requests]
+        try:
+            for i, req in enumerate(requests):
+                check_image_parts(req)  # the caller's mistake: raise, not refuse
+                params = sampling_params(req.sampling, self._banned)
+                check_gpu_sampler_limits(params)  # a violation is ours: raise, not refuse
+                reason = self._enqueue(req, params, queued, i)
+                if reason is not None:
+                    results[i] = self._refuse(req, reason)
+            # in queue order: vLLM sorts the finished outputs by its request counter
+            outputs = self.llm.wait_for_completion(use_tqdm=False) if queued else []
+        except EngineDeadError as exc:
+            self._broken = f"engine core died: {exc!r}"
+            raise EngineBroken(f"{self.name}: {self._broken}") from exc
+        if len(outputs) != len(queued):
+            raise RuntimeError(f"{self.name}: {len(queued)} requests queued, "
+                               f"{len(outputs)} finished")
+        for i, out in zip(queued, outputs):
+            version = self._version_of(requests[i])
             prompt_ids = list(out.prompt_token_ids)
-            samples = []
             for c in out.outputs:
                 token_ids = list(c.token_ids)
                 logprobs = [step[tok].logprob for step, tok in zip(c.logprobs, token_ids)]
-                samples.append(Completion(c.text, prompt_ids, token_ids, logprobs,
-                                          str(c.finish_reason), version))
+                results[i].append(Completion(c.text, prompt_ids, token_ids, logprobs,
+                                             str(c.finish_reason), version))
                 self._counters["tokens"] += len(token_ids)
             self._counters["prompt_tokens"] += len(prompt_ids)
-            self._counters["samples"] += len(samples)
-            results.append(samples)
+            self._counters["samples"] += len(out.outputs)
         self._counters["requests"] += len(requests)
-        self._counters["seconds"] += elapsed
+        self._counters["seconds"] += time.perf_counter() - start
         return results
+
+    def _enqueue(self, req: Request, params, queued: list, index: int) -> str | None:
+        """Queue one request in the engine; the reason if the engine refused it.
+
+        One request per call, so that vLLM's validation of one (prompt length, image
+        count, image decoding) cannot fail the others: vLLM aborts a whole batch when
+        one of its prompts is invalid."""
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        adapter = self._adapters.get(req.adapter) if req.adapter is not None else None
+        try:
+            self.llm.enqueue([self._prompt(req)], [params], use_tqdm=False,
+                             lora_request=adapter[0] if adapter else None)
+        except EngineDeadError:
+            raise
+        except (VLLMClientError, ValueError, TypeError, OSError) as exc:
+            # vLLM's validation (VLLMValidationError, some ValueErrors), undecodable images
+            return f"{type(exc).__name__}: {exc}"
+        queued.append(index)
+        return None
+
+    def _refuse(self, req: Request, reason: str) -> list[Completion]:
+        logger.warning("%s refused a request: %s", self.name, reason)
+        self._counters["refused"] += 1
+        return [Completion(reason, [], [], [], REFUSED, self._version_of(req))
+                for _ in range(req.sampling.n)]
+
+    def _version_of(self, req: Request) -> int:
+        adapter = self._adapters.get(req.adapter) if req.adapter is not None else None
+        return adapter[1] if adapter else self.version
 
     def update_weights(self, bucket_refs: list, version: int, manifest=None) -> dict:
         """Load full weights from bucket refs into the live engine; returns timing metrics.
@@ -364,14 +446,18 @@ class GeneratorActor:
         self.llm.reset_prefix_cache()
         return {"adapter": name, "version": version, "lora_id": lora_id}
 
-    def sleep(self) -> dict:
-        """Free the engine's device memory while a colocated trainer updates: weights to
-        host memory, KV cache dropped (vLLM sleep level 1; the base weights must survive
-        for LoRA and for runs without weight sync). ``wake_up`` before the next call."""
+    def sleep(self, level: int = 1) -> dict:
+        """Free the engine's device memory while a colocated trainer updates; the KV cache
+        is dropped. ``level`` 1: the weights go to host memory and come back on wake-up
+        (LoRA's base, runs without weight sync); 2: the weights are discarded, for a caller
+        that overwrites them right after ``wake_up`` (a full weight sync), which saves the
+        copy to host and back. ``wake_up`` before the next call."""
         if not self.spec.sleep_mode:
             raise ValueError("this engine was built without sleep mode: set EngineSpec.sleep_mode")
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
         start = time.perf_counter()
-        self.llm.sleep(level=1)
+        self.llm.sleep(level=level)
         self._asleep = True
         return {"sleep_seconds": time.perf_counter() - start}
 
@@ -427,18 +513,21 @@ class GeneratorActor:
         check_manifest(manifest, self._expected, self._optional)
 
     def _prompt(self, req: Request) -> dict:
-        n_parts = sum(
-            1 for m in req.messages if isinstance(m.get("content"), list)
-            for part in m["content"] if part.get("type") == "image"
-        )
-        if n_parts != len(req.images):
-            raise ValueError(f"request has {n_parts} image parts but {len(req.images)} images")
         text = self.processor.apply_chat_template(
             req.messages, tokenize=False, add_generation_prompt=True)
         prompt: dict[str, Any] = {"prompt": text}
         if req.images:
             prompt["multi_modal_data"] = {"image": [to_pil(im) for im in req.images]}
         return prompt
+
+
+def check_image_parts(req: Request) -> None:
+    n_parts = sum(
+        1 for m in req.messages if isinstance(m.get("content"), list)
+        for part in m["content"] if part.get("type") == "image"
+    )
+    if n_parts != len(req.images):
+        raise ValueError(f"request has {n_parts} image parts but {len(req.images)} images")
 
 
 def fix_cpu_lora_base_rows() -> bool:

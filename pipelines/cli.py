@@ -267,6 +267,10 @@ def _generate(args) -> int:
         [samples] = ray.get(engine.generate.remote([request]))
         stats = ray.get(engine.stats.remote())
         ray.kill(engine)
+    if samples[0].refused:
+        print(f"coevolve generate: the engine refused the request: {samples[0].text}",
+              file=sys.stderr)
+        return 1
     print(f"model {cfg.model.path}: {len(samples[0].prompt_ids)} prompt tokens")
     for i, s in enumerate(samples):
         mean_lp = sum(s.logprobs) / max(len(s.logprobs), 1)

@@ -167,6 +167,38 @@ def test_reinforce_pp_token_advantages_with_a_kl_reward(tmp_path):
     assert got[0][0] == pytest.approx((1 - 2 * k - mean) / std + mean, abs=1e-5)
 
 
+class RefusingPool(FakePool):
+    """Refuses the prompts in ``refuse`` (by index), as an engine does a prompt too long."""
+
+    def __init__(self, refuse=(1,)):
+        super().__init__()
+        self.refuse = refuse
+
+    def generate(self, requests):
+        from actors.generator import REFUSED
+
+        out = super().generate(requests)
+        for p in self.refuse:
+            out[p] = [Completion("ValueError: prompt too long", [], [], [], REFUSED, 0)] * 4
+        return out
+
+
+def test_a_refused_request_is_dropped_counted_and_the_step_completes(tmp_path):
+    """The recipe scores the refused placeholders (its rewards for prompt b), the phase
+    drops them: the update sees prompt a's four samples, with prompt a's GRPO
+    advantages of step 0 (rewards 1, 0, 0, 1: +-0.866025); rollout/refused counts 1."""
+    r = runner(tmp_path)
+    r.pool = RefusingPool()
+    metrics = run_steps(r, 2)
+    assert [m["rollout/refused"] for m in metrics] == [1.0, 1.0]
+    [batch, _] = [b for b, _ in r.group.calls][:1] + [None]
+    assert len(batch) == 4 and set(batch.prompt_index.tolist()) == {0}
+    assert parquet_advantages(r, 0) == pytest.approx(HAND["grpo"][:4], abs=1e-5)
+    r.pool = RefusingPool(refuse=(0, 1))
+    with pytest.raises(RuntimeError, match="refused every request"):
+        r.step(2)
+
+
 def test_mini_batches_and_epochs_schedule_whole_prompt_groups(tmp_path):
     r = runner(tmp_path, "algorithm.mini_batches=2", "algorithm.epochs=2")
     metrics = run_steps(r, 1)[0]
@@ -377,3 +409,37 @@ def test_overlap_refuses_layouts_where_trainer_and_engines_share(tmp_path):
         runner(tmp_path, "run.overlap=1", "placement.cpu_threads=all")
     with pytest.raises(ConfigError, match="sleep during its updates"):
         load_config(ROOT / "configs/layouts/mmzero-8gpu-per-phase.yaml", ["run.overlap=1"])
+
+
+class SleepingPool(VersionedPool):
+    """Logs the sleep mode calls of engines colocated with the trainer ranks."""
+
+    def sleep(self, level=1):
+        self.log.append(("sleep", level))
+
+    def wake_up(self):
+        self.log.append(("wake",))
+
+
+@pytest.mark.parametrize("overrides, level", [([], 2), (["trainer.lora.enabled=true"], 1),
+                                               (["run.sync_weights=false"], 1)])
+def test_colocated_engines_sleep_through_the_update_and_wake_after_the_ranks_free_memory(
+        tmp_path, overrides, level):
+    """Colocated engines sleep while the ranks update; the ranks return their cached device
+    memory before the engines wake into it; then the weights are pushed. Level 2 (the
+    weights discarded) only where that push overwrites them: full weights synced."""
+    r = runner(tmp_path, "run.sync_weights=true", "algorithm.kl_coef=0", *overrides)
+    r.placement = types.SimpleNamespace(layout=types.SimpleNamespace(colocate=("policy",)))
+    r.pool = SleepingPool()
+    r.engines = types.SimpleNamespace(served=lambda role, label, saved=False: None)
+    log = r.pool.log
+    r.group.weight_buckets = lambda bucket_bytes: []
+    r.group.release_memory = lambda: log.append(("release",))
+    update = r.group.optim_step
+    r.group.optim_step = lambda adapter=None: log.append(("update",)) or update(adapter)
+    if "trainer.lora.enabled=true" in overrides:
+        r.pool.load_adapter = lambda name, payload, version: log.append(("push", version))
+    run_steps(r, 1)
+    pushed = [("push", 1)] if "run.sync_weights=false" not in overrides else []
+    assert log == [("generate", 0), ("sleep", level), ("update",), ("release",), ("wake",),
+                   *pushed]

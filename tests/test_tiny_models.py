@@ -21,6 +21,8 @@ from actors.models import resolve_model
 from actors.tiny import build_tiny, parse_tiny
 
 FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
+# The real Qwen vocabulary and embedding rows (152,064 / 151,936), tiny depth and width.
+REAL_VOCAB = ["qwen2.5-vl?tokenizer=qwen", "qwen3-vl?tokenizer=qwen"]
 QUESTION = "How many bars are in the chart? Answer with a number."
 
 
@@ -56,8 +58,30 @@ def test_sizes_come_from_the_reference(tiny_cache):
     assert config.text_config.rope_parameters["mrope_section"] == [4, 6, 6]
 
 
+@pytest.mark.parametrize("family, rows, added", [
+    ("qwen2.5-vl", 152064, 151665), ("qwen3-vl", 151936, 151669)])
+def test_the_real_vocabulary_has_the_real_ids_and_rows(family, rows, added, tiny_cache):
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = resolve_model(f"tiny://{family}?tokenizer=qwen")
+    config = AutoConfig.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert config.text_config.vocab_size == rows and len(tokenizer) == added
+    assert config.tie_word_embeddings is False  # as Qwen2.5-VL-7B and Qwen3-VL-8B
+    assert tokenizer.convert_tokens_to_ids(
+        ["<|endoftext|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>"]) == [
+        151643, 151645, 151652, 151655]
+    assert config.image_token_id == 151655 and config.vision_start_token_id == 151652
+    # Qwen's real BPE: "Hello world" is two tokens, with their real ids.
+    assert tokenizer("Hello world")["input_ids"] == [9707, 1879]
+    tied = AutoConfig.from_pretrained(resolve_model(f"tiny://{family}?tokenizer=qwen&tie=1"))
+    assert tied.tie_word_embeddings is True
+
+
 @pytest.mark.parametrize("ref, message", [
     ("tiny://llama", "unknown tiny family"),
+    ("tiny://qwen2.5-vl?tokenizer=gpt2", "tokenizer must be one of tiny, qwen"),
+    ("tiny://qwen2.5-vl?tie=2", "tie must be 0 or 1"),
     ("tiny://qwen2.5-vl?hiden=64", "unknown size 'hiden'"),
     ("tiny://qwen2.5-vl?hidden=abc", "hidden must be an integer"),
     ("tiny://qwen2.5-vl?hidden=100&heads=3", "hidden must divide by heads"),
@@ -74,7 +98,7 @@ def test_missing_local_model_folder_is_a_clear_error(tmp_path):
         resolve_model(str(tmp_path))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + REAL_VOCAB)
 def test_loads_in_transformers_and_generates_from_an_image(family, tiny_cache):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -116,7 +140,7 @@ def test_vllm_samples_n4_with_logprobs_from_image_prompt(family, engines):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + REAL_VOCAB)
 def test_vllm_greedy_equals_transformers_in_fp32(family, engines):
     import ray
     from transformers import AutoModelForImageTextToText, AutoProcessor

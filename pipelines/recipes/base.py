@@ -15,6 +15,7 @@ runner) lets a scorer sample from other roles' engines with
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -39,6 +40,25 @@ class Rollout:
     completions: list[list[Completion]]  # [request][sample]
     scores: Scores
     mini_batches: int | None = None  # updates over it (default: algorithm.mini_batches)
+
+    def refused(self) -> list[str]:
+        """Why the engines refused requests of this rollout (one reason per request)."""
+        return [group[0].text for group in self.completions if group and group[0].refused]
+
+    def answered(self) -> Rollout:
+        """This rollout without the requests the engines refused: nothing to train on."""
+        keep = [i for i, group in enumerate(self.completions)
+                if not (group and group[0].refused)]
+        if len(keep) == len(self.completions):
+            return self
+
+        def pick(rows: list) -> list:
+            return [rows[i] for i in keep]
+
+        scores = Scores(pick(self.scores.rewards), self.scores.metrics,
+                        {k: pick(v) for k, v in self.scores.columns.items()})
+        return dataclasses.replace(self, requests=pick(self.requests),
+                                   completions=pick(self.completions), scores=scores)
 
 
 class Phase(Protocol):
@@ -79,6 +99,7 @@ class Recipe(Protocol):
 #   phase.objective = "sft"      a supervised phase: batch_examples(step, seed_path) instead of
 #                                requests/score, no engines (pipelines/runtime/sft.py)
 #   recipe.close() -> None       when the run ends (helper processes)
+#   recipe.eval_role: str        the role coevolve eval evaluates per iteration (eval_role())
 
 
 def load_function(ref: str) -> Callable:
@@ -96,6 +117,13 @@ def build_recipe(cfg) -> Recipe:
     from pipelines.recipes import build_recipe as build
 
     return build(cfg)
+
+
+def eval_role(recipe: Recipe) -> str | None:
+    """The role ``coevolve eval`` evaluates after every iteration: the recipe's
+    ``eval_role``, else its only role; None when it trains several and names none."""
+    named = getattr(recipe, "eval_role", None)
+    return named or (recipe.roles[0] if len(recipe.roles) == 1 else None)
 
 
 def check_layouts(cfg, recipe: Recipe) -> None:
