@@ -75,9 +75,11 @@ def load_checkpoint(directory: str, model, optimizer, rank: int) -> dict:
 
 
 def export_hf(directory: str, model, base_path: str, rank: int, lora=None, merged: bool = True,
-              adapter: str | None = None) -> None:
+              adapter: str | None = None, dtype: torch.dtype = torch.float32) -> None:
     """Write a folder that loads with plain transformers and vLLM (and peft for adapters).
 
+    The weights are written in ``dtype``: the model's compute dtype (bfloat16 on GPUs,
+    half the disk of the fp32 training copy, which the step checkpoints keep).
     Full fine-tuning: the full weights with the base's config and processor.
     LoRA: ``merged=True`` writes the base merged with ``adapter`` (default: the
     first) and the adapters under ``adapter/`` (peft's layout: an adapter named
@@ -92,7 +94,7 @@ def export_hf(directory: str, model, base_path: str, rank: int, lora=None, merge
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        _write_hf(tmp, state, base_path, lora, merged, adapter)
+        _write_hf(tmp, state, base_path, lora, merged, adapter, dtype)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -100,11 +102,12 @@ def export_hf(directory: str, model, base_path: str, rank: int, lora=None, merge
 
 
 def _write_hf(out: Path, state: dict, base_path: str, lora, merged: bool,
-              adapter: str | None = None) -> None:
+              adapter: str | None = None, dtype: torch.dtype = torch.float32) -> None:
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     config = AutoConfig.from_pretrained(base_path)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    # load_state_dict below casts the gathered fp32 weights into the model's dtype
+    model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     if lora is not None:
         from peft import LoraConfig, get_peft_model
 

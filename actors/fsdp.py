@@ -107,6 +107,35 @@ def apply_fsdp(model: torch.nn.Module, mixed_precision: bool, offload: bool = Fa
     return model
 
 
+def load_full_state(model: torch.nn.Module, full_state: dict[str, torch.Tensor] | None,
+                    device: torch.device, offload: bool = False) -> None:
+    """Fill the shards of a model sharded by ``apply_fsdp`` with rank 0's weights.
+
+    Rank 0 built the model from its checkpoint and passes ``model.state_dict()``
+    taken before sharding (the one full copy in the group, freed by the caller
+    afterwards); every other rank built it on the meta device and passes None.
+    Their shards are allocated here where FSDP2 keeps them (host memory under
+    ``offload``, else ``device``) and receive rank 0's tensors one at a time
+    (``broadcast_from_rank0``, as torchtitan and verl load): a rank never holds
+    more than its shards and one full tensor. Buffers are in no state dict (the
+    rotary embeddings' inv_freq is non-persistent) and a meta rank's are
+    uninitialised memory, so they are broadcast from rank 0 as they are.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    assert (full_state is None) == (dist.get_rank() != 0), "only rank 0 passes the weights"
+    if full_state is None:
+        model.to_empty(device=torch.device("cpu") if offload else device)
+        # fully_shard moved rank 0's buffers to the compute device, offloaded or not.
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                setattr(module, name, torch.empty_like(buffer, device=device))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state or {}, options=options)
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded CPU tensors on rank 0 (empty dict elsewhere); every rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

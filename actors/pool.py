@@ -200,10 +200,10 @@ class GeneratorPool:
         self._adapters = adapters
         return metrics
 
-    def sleep(self) -> list[dict]:
-        """Every engine frees its device memory (``GeneratorActor.sleep``); a dead engine
-        is restarted (awake)."""
-        return self._broadcast(lambda a: a.sleep.remote())
+    def sleep(self, level: int = 1) -> list[dict]:
+        """Every engine frees its device memory (``GeneratorActor.sleep`` at ``level``); a
+        dead engine is restarted (awake)."""
+        return self._broadcast(lambda a: a.sleep.remote(level))
 
     def wake_up(self) -> list[dict]:
         """Every engine takes its device memory back; a dead engine is restarted (awake)."""

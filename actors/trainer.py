@@ -130,8 +130,11 @@ class TrainerActor:
         for policy in self.policies:
             params = self._policy_params[policy]
             trainable += sum(p.numel() for p in params)
+            # Fused: one kernel over all shards instead of ~10 ops per parameter. torch picks
+            # its for-loop for DTensors, and with trainer.offload the step runs on the host's
+            # shards (benchmarks/trainer.py times both).
             opt = torch.optim.AdamW(params, lr=self.spec.lr, betas=tuple(self.spec.betas),
-                                    weight_decay=self.spec.weight_decay, eps=1e-8)
+                                    weight_decay=self.spec.weight_decay, eps=1e-8, fused=True)
             _init_adam_state(opt)
             self.optimizers[policy] = opt
             self.schedulers[policy] = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
@@ -316,11 +319,13 @@ class TrainerActor:
 
     def export_hf(self, directory: str, merged: bool = True, adapter: str | None = None) -> None:
         """hf/ of the policy ``adapter`` (default: the first): full weights, or with LoRA the
-        base merged with that adapter plus every adapter in peft's format under adapter/."""
+        base merged with that adapter plus every adapter in peft's format under adapter/;
+        in the compute dtype (bfloat16 under mixed precision, else float32)."""
         from actors.checkpoint import export_hf
 
         export_hf(directory, self.model, self.path, self.rank, lora=self.spec.lora, merged=merged,
-                  adapter=adapter or self.policies[0])
+                  adapter=adapter or self.policies[0],
+                  dtype=torch.bfloat16 if self._mixed_precision() else torch.float32)
 
     def parameters_digest(self) -> dict[str, np.ndarray]:
         """Full parameters as numpy on rank 0 (tests compare runs with it); copies, never
@@ -343,6 +348,14 @@ class TrainerActor:
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
 
+    def release_memory(self) -> None:
+        """Return the blocks torch's CUDA allocator keeps cached after the update to the
+        device: an engine colocated on this GPU is another process and wakes into that
+        memory (vLLM maps its weights and KV cache back on ``wake_up``). A no-op on CPU
+        hosts, whose ranks keep freed memory on purpose (docs/architecture.md)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def shutdown(self) -> None:
         import torch.distributed as dist
 
@@ -352,9 +365,7 @@ class TrainerActor:
     # -- model ---------------------------------------------------------------
 
     def _build_policy(self) -> torch.nn.Module:
-        from transformers import AutoModelForImageTextToText
-
-        model = AutoModelForImageTextToText.from_pretrained(self.path, dtype=torch.float32)
+        model = self._pretrained(torch.float32)
         if self.spec.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -379,7 +390,7 @@ class TrainerActor:
             for name, p in model.named_parameters():  # every adapter trainable
                 if _adapter_of(name) is not None:
                     p.requires_grad_(True)
-        return fsdp.apply_fsdp(model, self._mixed_precision(), offload=self.spec.offload)
+        return self._shard(model, offload=self.spec.offload)
 
     def _build_reference(self) -> torch.nn.Module | None:
         """The frozen starting policy; for LoRA, the base with adapters disabled (None).
@@ -391,13 +402,31 @@ class TrainerActor:
         """
         if not self.spec.reference or self.spec.lora is not None:
             return None
-        from transformers import AutoModelForImageTextToText
-
-        dtype = getattr(torch, self.spec.reference_dtype)
-        ref = AutoModelForImageTextToText.from_pretrained(self.path, dtype=dtype)
+        ref = self._pretrained(getattr(torch, self.spec.reference_dtype))
         ref.requires_grad_(False)
         ref.eval()
-        return fsdp.apply_fsdp(ref, self._mixed_precision())
+        return self._shard(ref)
+
+    def _pretrained(self, dtype: torch.dtype) -> torch.nn.Module:
+        """The starting weights in host memory on rank 0; on the other ranks the same
+        modules on the meta device, which hold no memory until ``_shard`` gives them
+        their shards: N ranks of a node load one full copy, not N."""
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        if self.rank == 0:
+            return AutoModelForImageTextToText.from_pretrained(self.path, dtype=dtype)
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(self.path),
+                                                            dtype=dtype)
+        return model.eval()  # as from_pretrained leaves it
+
+    def _shard(self, model: torch.nn.Module, offload: bool = False) -> torch.nn.Module:
+        """FSDP2 over ``model``, every rank's shards filled from rank 0's weights (with LoRA,
+        also its freshly initialised adapters; the full state is freed on return)."""
+        full = model.state_dict() if self.rank == 0 else None
+        model = fsdp.apply_fsdp(model, self._mixed_precision(), offload=offload)
+        fsdp.load_full_state(model, full, self.device, offload=offload)
+        return model
 
     def _mixed_precision(self) -> bool:
         mp = self.spec.mixed_precision
@@ -603,8 +632,8 @@ def _init_adam_state(optimizer: torch.optim.AdamW) -> None:
     """
     for group in optimizer.param_groups:
         for p in group["params"]:
-            optimizer.state[p] = {
-                "step": torch.tensor(0.0),
+            optimizer.state[p] = {  # fused AdamW keeps its step count beside the shard
+                "step": torch.zeros((), dtype=torch.float32, device=p.device),
                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
             }

@@ -154,6 +154,10 @@ class TrainerGroup:
     def discard_gradients(self) -> None:
         self._all("discard_gradients")
 
+    def release_memory(self) -> None:
+        """Every rank returns its cached device memory (before colocated engines wake)."""
+        self._all("release_memory")
+
     def shutdown(self) -> None:
         try:
             self._all("shutdown")

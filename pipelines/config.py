@@ -74,7 +74,15 @@ class RunConfig:
     iterations: int = param(1, "Self-evolution iterations to run (resumable: raise it to continue).", ge=1)
     seed: int = param(0, "Seed of every RNG stream of the run (data order, sampling, init).", ge=0)
     save_every: int = param(10, "Checkpoint a training phase every K optimizer steps.", ge=1)
-    keep_checkpoints: int = param(2, "Step checkpoints kept per phase (the newest K).", ge=1)
+    keep_checkpoints: int = param(
+        2, "Step checkpoints kept by the running phase (the newest K; one more exists for a "
+           "moment while the next is saved). A finished phase keeps none: a resume skips it "
+           "and the next phases and coevolve export read its hf/ export.", ge=1)
+    keep_exports: int = param(
+        0, "hf/ exports kept per role: the newest K finished phases' (an older one is deleted "
+           "when a newer phase of its role is done; resume and coevolve export read only the "
+           "newest). The role coevolve eval evaluates per iteration (the recipe's eval_role, "
+           "e.g. MM-Zero's Solver) keeps all of its exports. 0 keeps every phase's.", ge=0)
     sync_weights: bool = param(
         True, "Push trained weights to the engines after every step (off only for experiments "
         "that need a frozen sampler).")
@@ -135,6 +143,10 @@ class GeneratorConfig:
         0.6, "Share of each engine GPU that vLLM may take (weights + KV cache).", gt=0, le=1
     )
     cpu_kvcache_gib: int = param(1, "KV-cache size per engine on a CPU host (whole GiB).", ge=1)
+    min_kv_sequences: int = param(
+        8, "coevolve plan refuses a GPU engine whose KV cache holds fewer than this many "
+           "max_model_len sequences (vLLM itself starts with one; the batch's other requests "
+           "then wait or are preempted).", ge=1)
     enforce_eager: bool = param(
         True, "Run the model eagerly: no torch.compile (and on GPUs no CUDA graphs). Faster "
         "start, slower decode: false costs the ~50M benchmark model (benchmarks/vs_trl.py) "
@@ -277,6 +289,10 @@ class ClusterSpec:
     gpus_per_node: int = param(0, "GPUs per node.", ge=0)
     cpus_per_node: int = param(0, "CPUs per node (0 = not checked).", ge=0)
     gpu_memory_gib: float = param(0.0, "Memory of one GPU in GiB (0 = unknown: no memory check).", ge=0)
+    host_memory_gib: float = param(
+        1024.0, "Host memory of one node in GiB, which coevolve plan checks the trainer ranks' "
+                "and sleeping engines' host memory against (default 1 TiB; 0 = not checked).",
+        ge=0)
 
     @property
     def declared(self) -> bool:

@@ -27,6 +27,8 @@ ELSEWHERE = {
     "algorithm.reward_budget_s": "the grading budget of a step's scoring; "
                                  "tests/test_hostile_output.py budget test",
     "placement.strategy": "placement groups' strategy; tests/test_placement.py two-node scenario",
+    "generator.min_kv_sequences": "coevolve plan's KV-cache check; tests/test_footprint.py "
+                                  "refusal",
     "algorithm.behaviour_logprobs": "where a phase takes the PPO behaviour log-probs from "
                                     "(phase._behaviour_source); tests/test_phase_loop.py",
 }

@@ -90,22 +90,58 @@ def test_other_estimators_raise_the_dense_reward(ray_cluster, tmp_path, estimato
 
 
 def test_a_users_recipe_runs_by_module_path(ray_cluster, tmp_path):
-    """run.recipe=package.module:Class with its own settings section."""
+    """run.recipe=package.module:Class with its own settings section; two iterations that
+    leave only what a resume, ``coevolve export`` and ``coevolve eval`` need: no step
+    checkpoint (each phase saved one per step), each phase's hf/ (its one role is the
+    evaluated one, which run.keep_exports leaves whole), logs and rollouts."""
     import pyarrow.parquet as pq
     import yaml
+
+    from pipelines.runtime.export import export_run
 
     cfg = load_config(None, [
         "run.recipe=tests.user_recipe:LengthRecipe", "length.target=3", "length.steps=2",
         f"run.root={tmp_path}", "run.name=user", "logging.wandb=disabled",
         "logging.progress=false", "placement.roles={policy: {}}", "trainer.micro_batch_tokens=4096",
-        "generator.max_model_len=1024", "generator.max_num_batched_tokens=2048"])
+        "generator.max_model_len=1024", "generator.max_num_batched_tokens=2048",
+        "run.iterations=2", "run.save_every=1", "run.keep_exports=1"])
     Driver(cfg).run()
-    phase = tmp_path / "user/iter_0001/policy"
+    run = tmp_path / "user"
+    phase = run / "iter_0001/policy"
     rows = pq.read_table(phase / "rollouts-000002.parquet").to_pylist()
     assert [r["reward"] for r in rows] == [-abs(r["response_tokens"] - 3) for r in rows]
-    saved = yaml.safe_load((tmp_path / "user/config.yaml").read_text())
+    saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["length"]["target"] == 3 and saved["run"]["recipe"].endswith(":LengthRecipe")
-    assert (phase / "hf" / "model.safetensors").exists()
+
+    def left() -> dict[str, int]:
+        """Files left in the run directory, by folder; the exports' files under "hf"."""
+        out: dict[str, int] = {}
+        for f in run.rglob("*"):
+            if f.is_file():
+                key = str(f.parent.relative_to(run)) if "hf" not in f.parts else "hf"
+                out[key] = out.get(key, 0) + 1
+        return out
+
+    files = left()
+    print("files left:", files)
+    assert not list(run.rglob("ckpt"))  # step checkpoints of finished phases pruned
+    assert files["hf"] == 2 * len(list((phase / "hf").iterdir()))  # iterations 1 and 2
+    assert (run / "iter_0002/policy/hf/model.safetensors").exists()
+    for it in ("iter_0001/policy", "iter_0002/policy"):  # two steps each, DONE, logs
+        names = {f.name for f in (run / it).iterdir() if f.is_file()}
+        assert names == {"DONE", "metrics.jsonl", "provenance.json", "rollouts-000001.parquet",
+                         "rollouts-000002.parquet"}, names
+    assert set(files) == {".", "iter_0001/policy", "iter_0002/policy", "hf"}
+    small = sum(f.stat().st_size for f in run.rglob("*") if f.is_file() and "hf" not in f.parts)
+    assert small < 1 << 20  # besides the export: logs, rollouts, state
+    state = json.loads((run / "state.json").read_text())
+    assert state["roles"]["policy"]["path"] == "iter_0002/policy/hf" and state["finished"]
+    # A resume finds nothing to do; the export finds what it needs.
+    Driver(cfg).run()
+    assert left() == files
+    manifest = export_run(run, tmp_path / "export")
+    assert manifest["policies"]["policy"]["source"] == "iter_0002/policy/hf"
+    assert (tmp_path / "export/policy/model.safetensors").exists()
 
 
 def test_sft_phase_learns_resumes_after_sigkill_and_exports_what_vllm_serves(ray_cluster,

@@ -22,7 +22,7 @@ from actors.generator import EngineSpec, Request, Sampling
 
 pytestmark = pytest.mark.slow
 
-MODEL = "tiny://qwen2.5-vl"
+MODEL = "tiny://qwen2.5-vl?tokenizer=qwen"  # the real Qwen vocabulary (152,064 rows)
 
 
 def spec(model: str = MODEL, **changes) -> EngineSpec:
@@ -173,6 +173,34 @@ def test_failed_sync_breaks_a_multiprocess_engine_and_the_pool_restarts_it(train
         assert "failed" in pool.health()[0]["broken"]
         assert [c.token_ids for c in first(pool)] == synced
         assert pool.restarts == 1 and pool.health()[0]["version"] == 1
+    finally:
+        pool.shutdown()
+
+
+def test_a_dead_engine_core_is_restarted_like_a_dead_actor(trained):
+    """The engine core process of a multiprocess engine (the shape GPU runs use) dies:
+    vLLM's client raises EngineDeadError, the actor reports itself broken, and the pool
+    restarts it at the version it served and resends the requests."""
+    import psutil
+    import ray
+
+    refs, manifest, _ = trained
+    pool = start("dead-core", spec(multiprocess=True))
+    try:
+        pool.update_weights(refs, version=1, manifest=manifest)
+        before = [c.token_ids for c in first(pool)]
+        actor_pid = ray.get(pool.actors[0].health.remote())["pid"]
+        cores = [p for p in psutil.Process(actor_pid).children(recursive=True)
+                 if "EngineCore" in " ".join(p.cmdline()) + p.name()]
+        assert cores, [p.name() for p in psutil.Process(actor_pid).children(recursive=True)]
+        for p in cores:  # this test's own engine's core
+            p.kill()
+        psutil.wait_procs(cores, timeout=30)
+        after = [c.token_ids for c in first(pool)]
+        assert after == before
+        assert pool.restarts == 1
+        health = pool.health()[0]
+        assert health["version"] == 1 and health["pid"] != actor_pid and not health["broken"]
     finally:
         pool.shutdown()
 

@@ -1,4 +1,4 @@
-"""GPU tier (``pytest -m gpu``; skipped without CUDA or vLLM): the whole step on one GPU.
+"""GPU tier (``pytest -m gpu``; skipped without CUDA, vLLM or Ray): the whole step on one GPU.
 
 The simple recipe end to end as a GPU user runs it on one device: a bf16 vLLM
 engine with multiprocessing (its worker process loads each pushed version
@@ -18,20 +18,24 @@ measured: replace with ~2x the figure of the first GPU run.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+
+# Checked before anything imports vLLM or Ray: a CPU host does not pay vLLM's import,
+# and the trainer-only GPU tier (tests/gpu_tier.sh, no vLLM or Ray) skips this file.
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+pytest.importorskip("vllm", reason="the engine GPU tests need vLLM (the trainer ones do not)")
+pytest.importorskip("ray", reason="the engine GPU tests need Ray (the trainer ones do not)")
 
 from pipelines.config import load_config
 from pipelines.runtime.driver import Driver
 from pipelines.runtime.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-              pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM")]
+pytestmark = pytest.mark.gpu
 
 BF16_LOGPROB_BOUND = 0.05
 

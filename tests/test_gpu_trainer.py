@@ -1,11 +1,14 @@
 """GPU tier (``pytest -m gpu``; skipped without CUDA): the FSDP2 trainer on one GPU.
 
 What only a GPU exercises: NCCL, FSDP2's bf16 mixed precision (the GPU default),
-chunked log-probs in bf16, CPU offload with pinned host memory, and LoRA under
-mixed precision. The checks run in a child process started from this file
-(``python tests/test_gpu_trainer.py``, which prints JSON): each trainer joins a
-1-rank process group, which the pytest process must not hold. The child also
-runs on a CPU (gloo, fp32), which is how the script itself is kept working.
+chunked log-probs in bf16 on the real 152k-row vocabulary, CPU offload with pinned
+host memory (fused AdamW on the host's shards), and LoRA under mixed precision. The
+checks run in a child process started from this file (``python
+tests/test_gpu_trainer.py``, which prints JSON): each trainer joins a 1-rank process
+group, which the pytest process must not hold. The child also runs on a CPU (gloo,
+fp32), which is how the script itself is kept working. Nothing here imports vLLM or
+Ray: ``tests/gpu_tier.sh`` runs this file on a bare CUDA host (docs/architecture.md,
+"GPU tier").
 
 First run on one H200 (torch 2.11, bf16, tiny Qwen2.5-VL) found two GPU-only bugs,
 both fixed in actors/fsdp.py: NCCL alone refused the trainer's CPU all-reduces (now
@@ -16,7 +19,10 @@ fix and the figures could be recorded, so the bounds below are estimates from bf
 precision, to be replaced by measured figures at the next GPU run. A run on
 2026-12-04 (H200, torch 2.11) failed all four: under bf16 mixed precision FSDP2
 rebuilt the list that counted shared-prompt attention calls (fixed in
-actors/packing.py, tested on CPU in tests/test_packing.py; not yet rerun on a GPU).
+actors/packing.py, tested on CPU in tests/test_packing.py). Not yet run on a GPU
+since: that fix, the real-vocabulary chunks, the weights loaded on rank 0 and
+broadcast into the shards (actors/fsdp.py ``load_full_state``; one rank here, so
+only rank 0's side of it), and fused AdamW.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 MODEL = "tiny://qwen2.5-vl"
+REAL_VOCAB = "tiny://qwen2.5-vl?tokenizer=qwen"  # Qwen2.5-VL-7B's 152,064 rows, tiny depth
 LR = 1e-4
 
 
@@ -74,6 +81,7 @@ def test_chunked_logprobs_match_full_logits_in_bf16(measured):
     # bf16 matmuls of another shape round differently; the log-probs are fp32 from
     # bf16 logits, whose spacing near |logit| ~ 4 is 1.6e-2.
     chunks = _result(measured, "chunks")
+    assert chunks["vocab"] >= 151936  # the real vocabulary, not the tiny 1,024
     assert chunks["max_abs"] < 5e-2
     assert chunks["mean_abs"] < 1e-2
 
@@ -107,9 +115,13 @@ def _spec(**changes):
 
 
 def _trainer(spec):
+    import torch.distributed as dist
+
     from actors import fsdp
     from actors.trainer import TrainerActor
 
+    if dist.is_initialized():  # a scenario's previous trainer
+        dist.destroy_process_group()
     actor = TrainerActor(spec, 0, 1)
     info = actor.setup(*fsdp.free_address())
     return actor, info
@@ -156,7 +168,6 @@ def _child() -> dict:
 def _bf16(batches, shared) -> dict:
     plain, info = _trainer(_spec())
     shared["initial"] = plain.parameters_digest()
-    shared["first"] = plain.compute_logprobs(batches[0])
     losses, norms = [], []
     for i, batch in enumerate(batches):
         train, step = _step(plain, batch)
@@ -170,12 +181,21 @@ def _bf16(batches, shared) -> dict:
 
 
 def _chunks(batches, shared) -> dict:
+    """Chunked (with shared prompts) against full-logits log-probs of the real vocabulary."""
     import numpy as np
+    from conftest import make_train_batch
 
-    full, _ = _trainer(_spec(logprob_chunk_tokens=0))
-    diff = np.concatenate([np.abs(a - b) for a, b in
-                           zip(full.compute_logprobs(batches[0]), shared["first"])])
-    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean())}
+    from actors import fsdp
+    from actors.models import resolve_model
+
+    batch = make_train_batch(resolve_model(REAL_VOCAB), n_prompts=3, n=2, seed=0)
+    logprobs = {}
+    for chunk in (2048, 0):
+        trainer, _ = _trainer(_spec(model=REAL_VOCAB, reference=False, logprob_chunk_tokens=chunk))
+        logprobs[chunk] = trainer.compute_logprobs(batch)
+    diff = np.concatenate([np.abs(a - b) for a, b in zip(logprobs[2048], logprobs[0])])
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
+            "vocab": int(fsdp.hf_core(trainer.model).lm_head.weight.shape[0])}
 
 
 def _offload(batches, shared) -> dict:

@@ -30,7 +30,9 @@ pytestmark = pytest.mark.slow
 def config(tmp_path, *extra: str):
     return load_config(ROOT / "configs/mmzero/tiny-cpu.yaml", [
         f"run.root={tmp_path}", "run.name=mmz", "mmzero.train_steps=1", "logging.progress=false",
-        "logging.wandb=offline", "run.iterations=1", "model.path=tiny://qwen2.5-vl",
+        "logging.wandb=offline", "run.iterations=1",
+        # the real Qwen vocabulary (152,064 rows): the run a 7B model makes, at tiny width
+        "model.path=tiny://qwen2.5-vl?tokenizer=qwen",
         "model.warm_start.data=", "mmzero.max_tokens=64", "mmzero.bootstrap=4",
         "mmzero.eval_samples=4", "mmzero.solver_n=4", "mmzero.codegen_proposals=8",
         "mmzero.codegen_filter_samples=2", "mmzero.solver_proposals=8", "mmzero.heldout=2",

@@ -93,7 +93,8 @@ def test_nothing_to_share_stays_flat():
     assert pack_groups(ids, [2, 2], ["a", "b"], P, IMG, VID) is None
 
 
-@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl?tokenizer=qwen",
+                                    "qwen3-vl?tokenizer=qwen"])
 def test_packed_positions_and_logprobs_equal_the_flat_rows(tiny_cache, family):
     """Each completion gets the multimodal RoPE positions its flat row has, and the
     packed forward gives the flat forward's log-probs (fp32), images included."""

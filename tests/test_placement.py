@@ -138,7 +138,7 @@ def test_per_phase_layouts_replace_and_inherit():
     assert resolve_layout(placement, "codegen").gpus() == 8
     solver = resolve_layout(placement, "solver")
     assert list(solver.roles) == ["solver"] and solver.colocate == ("solver",)
-    assert solver.gpu_memory_utilization == 0.25
+    assert solver.gpu_memory_utilization == 0.8
     specs = {g.role: g for g in group_specs(solver)}
     assert specs["trainer"].bundles == ({"CPU": 10, "GPU": 1},) * 8  # rank 8 + engine 2 CPUs
     assert specs["trainer"].actor["num_gpus"] == 0.5
@@ -349,21 +349,27 @@ def test_trainer_memory_qwen3_vl_8b_two_ranks():
 
 
 def test_engine_memory_by_hand():
+    """Text-only profile (no image tokens), eager: weights, the text model's profile
+    activations, the sampler's logits for vLLM's default 1,024 sequences, the context."""
     m = model_sizes(BUILTIN_MODELS["Qwen/Qwen3-VL-8B-Instruct"])
-    e = engine_memory(m, tensor_parallel=1, device_bytes=80 * GIB, utilization=0.85,
-                      max_num_batched_tokens=8192)
+    shape = {"device_bytes": 80 * GIB, "utilization": 0.85, "max_num_batched_tokens": 8192,
+             "max_model_len": 8192, "max_num_seqs": 1024}
+    e = engine_memory(m, tensor_parallel=1, **shape)
     assert e.budget == 0.85 * 80 * GIB
     assert e.parts["weights"] == 17_534_247_392
-    assert e.parts["activations"] == 2 * 8192 * (3 * 12288 + 4 * 4096) + 6 * 256 * 151936
+    assert e.parts["activations"] == 2 * 8192 * (3 * 12288 + 4 * 4096) == 872_415_232
+    assert e.parts["sampler"] == 6 * 1024 * 151936 == 933_494_784  # bf16 + fp32 logits
     assert e.kv_bytes_per_token == 2 * 36 * 8 * 128 * 2 == 147_456
-    assert e.parts["KV cache"] == e.budget - 17_534_247_392 - 1_105_788_928 - GIB
-    assert e.kv_tokens == 361_468
-    tp2 = engine_memory(m, tensor_parallel=2, device_bytes=80 * GIB, utilization=0.85,
-                        max_num_batched_tokens=8192)
+    assert e.parts["KV cache"] == e.budget - 17_534_247_392 - 872_415_232 - 933_494_784 - GIB
+    # 52,600,544,800 bytes / 147,456 per token; / 8,192 tokens per sequence
+    assert e.kv_tokens == 356_720 and e.sequences(8192) == 356_720 / 8192  # 43.5
+    tp2 = engine_memory(m, tensor_parallel=2, **shape)
     assert tp2.parts["weights"] == 17_534_247_392 / 2 and tp2.kv_bytes_per_token == 147_456 / 2
-    tp16 = engine_memory(m, tensor_parallel=16, device_bytes=80 * GIB, utilization=0.85,
-                         max_num_batched_tokens=8192)
+    tp16 = engine_memory(m, tensor_parallel=16, **shape)
     assert tp16.kv_bytes_per_token == 2 * 36 * 1 * 128 * 2  # 8 KV heads replicated, one per GPU
+    # max_num_seqs is capped at max_num_batched_tokens, as vLLM caps a default it chose
+    small = engine_memory(m, tensor_parallel=1, **{**shape, "max_num_batched_tokens": 512})
+    assert small.max_num_seqs == 512 and small.parts["sampler"] == 6 * 512 * 151936
 
 
 def test_lora_params_by_hand():
@@ -392,7 +398,7 @@ def test_plan_refuses_two_plus_six_with_qwen3_vl_8b(capsys, monkeypatch):
     assert "node0     0  trainer rank 0" in out and "node0     7  solver engine 1" in out
     # Chunked log-probs are the default: 8 x 2048 x 151936 bytes of logits.
     assert "a trainer rank needs 99.8 GiB on a 80 GiB device (over by 19.8 GiB)" in out
-    assert "logits 2.3" in out and "KV 49.6 GiB = 361,468 tokens" in out
+    assert "logits 2.3" in out and "KV 44.3 GiB = 322,942 tokens = 39.4 sequences of 8,192" in out
     assert "trainer.offload" in out  # the levers are named
     code, out = _plan(capsys, TWO_SIX, "trainer.logprob_chunk_tokens=0")
     assert code == 2 and "a trainer rank needs 134.6 GiB" in out and "logits 37.1" in out
@@ -421,7 +427,8 @@ def test_plan_refusals(capsys, monkeypatch, tmp_path):
     code, out = _plan(capsys, TWO_SIX, f"model.path={tmp_path}", "trainer.lora.enabled=true",
                       "generator.gpu_memory_utilization=0.25", "generator.max_model_len=65536")
     assert code == 2 and f"sizes from {tmp_path / 'config.json'}" in out
-    assert "proposer engine: KV cache" in out and "less than one max_model_len sequence (65536" in out
+    assert "proposer engine: its KV cache of" in out
+    assert "sequences of max_model_len 65,536, fewer than generator.min_kv_sequences 8" in out
 
 
 PRESETS = sorted((ROOT / "configs" / "mmzero").glob("*8gpu*.yaml"))
@@ -446,8 +453,8 @@ def test_gpu_preset_fits_with_the_spec_defaults(preset, capsys, monkeypatch):
     code, out = _plan(capsys, preset)
     assert code == 0, out
     assert out.rstrip().endswith("fits")
-    if t.offload:
-        assert "host memory node0: 2 trainer ranks x" in out
+    assert "host memory node0 (2 trainer ranks): " in out and "of 1024 GiB" in out
+    assert "sequences of 8,192" in out and "disk      step checkpoint" in out
 
 
 def test_qwen3_vl_8b_preset_trainer_rank(capsys, monkeypatch):
@@ -458,7 +465,8 @@ def test_qwen3_vl_8b_preset_trainer_rank(capsys, monkeypatch):
     assert ("trainer rank (2 ranks): reference 16.3 + gathered 4.5 + grad buffers 3.4 + "
             "activations 7.0 + logits 2.3 + context 1.0 = 34.5 GiB") in out
     assert "trainer rank host memory (trainer.offload): master 16.3 + grads 16.3 + adamw 32.7 = 65.3 GiB" in out
-    assert "host memory node0: 2 trainer ranks x 65.3 = 130.6 GiB offloaded state" in out
+    assert ("host memory node0 (2 trainer ranks): 2 x 65.3 offloaded 130.6 + rank 0's weight "
+            "sync 65.3 = 196.0 GiB of 1024 GiB") in out
     # Without offload the same preset does not fit: the reason it is on.
     code, out = _plan(capsys, ROOT / "configs/mmzero/qwen3-vl-8b-8gpu.yaml", "trainer.offload=false")
     assert code == 2 and "a trainer rank needs 99.8 GiB" in out

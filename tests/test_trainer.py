@@ -25,6 +25,9 @@ from actors.trainer import LoraSpec, TrainerSpec, lr_factor, merge_metrics
 from actors.trainer_group import TrainerGroup
 
 MODEL = "tiny://qwen2.5-vl"
+# The trainer-vs-engine tests run the real Qwen vocabulary (152,064 rows): the log-prob
+# chunks and the engines' sampling at the size a 7B model has.
+REAL_VOCAB = "qwen2.5-vl?tokenizer=qwen"
 OBJECTIVE = ObjectiveSpec(kl_coef=0.01)  # PPO clip-higher + dual-clip + low-var KL (MM-Zero)
 # Large enough that two steps move weights ~2e-4 (far past the 1e-5 tolerance), small
 # enough that Adam's first steps, which scale gradients near eps=1e-8 up to ~lr, do not
@@ -79,7 +82,8 @@ def bare_loop(path, batches, lr=LR, grad_clip=1.0):
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
     ref = copy.deepcopy(model).eval()
     builder = InputBuilder.for_model(path)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
+                            fused=True)  # the trainer's implementation
     history = []
     for key, batch in enumerate(batches):
         mb = builder.build(batch, list(range(len(batch))), key)
@@ -344,8 +348,20 @@ def test_merge_metrics_sums_losses_and_weights_means():
                       "policy/ratio_max": 1.5, "train/tokens": 4.0}
 
 
+@pytest.fixture(scope="module")
+def real_group(ray_cluster):
+    """A 1-rank group of the real-vocabulary model, without KL, reference or
+    checkpointing; its tests never step its optimizer (the weights stay the engine's)."""
+    group = TrainerGroup(spec(model=f"tiny://{REAL_VOCAB}", objective=ObjectiveSpec(kl_coef=0.0),
+                              reference=False, gradient_checkpointing=False,
+                              micro_batch_tokens=4096), 1,
+                         name="test/trainer-real-vocab", runtime_env=ENV)
+    yield group
+    group.shutdown()
+
+
 def engine_batch(engines, pngs: list[bytes], question: str, **sampling):
-    """The shared tiny Qwen2.5-VL engine's samples for one question per image (request i
+    """The shared real-vocabulary tiny Qwen2.5-VL engine's samples for one question per image (request i
     seeded i), as (prompt index, completion) pairs and as a TrainBatch."""
     import ray
 
@@ -355,7 +371,7 @@ def engine_batch(engines, pngs: list[bytes], question: str, **sampling):
     requests = [Request([{"role": "user", "content": [
         {"type": "image"}, {"type": "text", "text": question.format(i)}]}],
         images=[png], sampling=Sampling(seed=i, **sampling)) for i, png in enumerate(pngs)]
-    results = ray.get(engines("qwen2.5-vl").generate.remote(requests))
+    results = ray.get(engines(REAL_VOCAB).generate.remote(requests))
     samples = [(p, s) for p, group in enumerate(results) for s in group]
     batch = TrainBatch(
         input_ids=[np.array(s.prompt_ids + s.token_ids) for _, s in samples],
@@ -366,14 +382,14 @@ def engine_batch(engines, pngs: list[bytes], question: str, **sampling):
 
 
 @pytest.mark.slow
-def test_trainer_logprobs_match_the_engine_on_its_own_samples(group1, engines, path):
+def test_trainer_logprobs_match_the_engine_on_its_own_samples(real_group, engines):
     """The engine samples (temperature 1) with the starting weights; the trainer scores
     the same token sequences with the same weights: fp32 agreement."""
     from conftest import chart_png
 
     samples, batch = engine_batch(engines, [chart_png(1), chart_png(2)], "What is in chart {}?",
                                   n=2, temperature=1.0, max_tokens=12)
-    trainer = group1.compute_logprobs(batch, reference=True)  # the untouched starting weights
+    trainer = real_group.compute_logprobs(batch)  # the untouched starting weights
     diffs = np.concatenate([np.abs(t - np.array(s.logprobs)) for t, (_, s) in zip(trainer, samples)])
     print(f"trainer vs engine log-probs on {diffs.size} sampled tokens: "
           f"max {diffs.max():.2e}, mean {diffs.mean():.2e}")
@@ -381,7 +397,7 @@ def test_trainer_logprobs_match_the_engine_on_its_own_samples(group1, engines, p
 
 
 @pytest.mark.slow
-def test_engine_behaviour_logprobs_give_the_trainers_update(ray_cluster, engines, path):
+def test_engine_behaviour_logprobs_give_the_trainers_update(real_group, engines):
     """algorithm.behaviour_logprobs: engine instead of trainer. The engine samples at
     temperature 0.7 (CodeGen's) with the trainer's weights; its log-probs are of the raw
     model (vLLM's raw_logprobs: before temperature and top-p), which is the policy the
@@ -393,19 +409,13 @@ def test_engine_behaviour_logprobs_give_the_trainers_update(ray_cluster, engines
                                   n=3, temperature=0.7, top_p=0.9, max_tokens=16)
     batch = batch.with_column(
         advantages=np.random.default_rng(3).normal(size=len(samples)).astype(np.float32))
-    group = TrainerGroup(spec(objective=ObjectiveSpec(kl_coef=0.0), reference=False,
-                              gradient_checkpointing=False, micro_batch_tokens=4096), 1,
-                         name="test/trainer-behaviour", runtime_env=ENV)
-    try:
-        grads, losses = {}, {}
-        trainer = group.compute_logprobs(batch)
-        engine = [np.asarray(s.logprobs, dtype=np.float32) for _, s in samples]
-        for source, old in (("trainer", trainer), ("engine", engine)):
-            losses[source] = group.forward_backward(batch.with_column(old_logprobs=old))
-            grads[source] = group.gradients()
-            group.discard_gradients()
-    finally:
-        group.shutdown()
+    grads, losses = {}, {}
+    trainer = real_group.compute_logprobs(batch)
+    engine = [np.asarray(s.logprobs, dtype=np.float32) for _, s in samples]
+    for source, old in (("trainer", trainer), ("engine", engine)):
+        losses[source] = real_group.forward_backward(batch.with_column(old_logprobs=old))
+        grads[source] = real_group.gradients()
+        real_group.discard_gradients()
     worst = max(float(np.abs(grads["trainer"][k] - grads["engine"][k]).max()) for k in grads["trainer"])
     scale = max(float(np.abs(g).max()) for g in grads["trainer"].values())
     lp = np.concatenate([np.abs(t - e) for t, e in zip(trainer, engine)])

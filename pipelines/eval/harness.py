@@ -71,12 +71,11 @@ def _label(name: str) -> str:
 
 def _run_target(run_dir: Path, out: str | None) -> Target:
     from pipelines.config import load_config
-    from pipelines.recipes.base import build_recipe
+    from pipelines.recipes.base import build_recipe, eval_role
 
     cfg = load_config(str(run_dir / "config.yaml"), [])
     recipe = build_recipe(cfg)
-    role = getattr(recipe, "eval_role", None) or (recipe.roles[0] if len(recipe.roles) == 1
-                                                  else None)
+    role = eval_role(recipe)
     if role is None:
         raise ValueError(f"recipe {cfg.run.recipe} trains {recipe.roles} and names no eval_role")
     models = [Model(label="base", path=cfg.model.path, iteration=0)]

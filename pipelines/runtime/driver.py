@@ -24,11 +24,12 @@ so a resumed run takes the same steps as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 from pipelines.config import Config, dump_config
-from pipelines.recipes.base import Phase, build_recipe, check_layouts
+from pipelines.recipes.base import Phase, build_recipe, check_layouts, eval_role
 from pipelines.runtime.rundir import STATE, atomic_write, run_relative
 
 
@@ -70,6 +71,7 @@ class Driver:
                 for index, phase in enumerate(self.recipe.phases(iteration)):
                     phase_dir = self.run_dir / f"iter_{iteration:04d}" / phase.name
                     if (phase_dir / "DONE").exists():
+                        self._prune(iteration, phase)  # a launch that stopped before it did
                         continue
                     order = self.state.get("order", [])
                     name = f"{phase_dir.parent.name}/{phase.name}"
@@ -79,6 +81,7 @@ class Driver:
                     placement = self._enter(places, phase.name, engines)
                     self.run_phase(iteration, index, phase, phase_dir, engines, placement)
                     atomic_write(phase_dir / "DONE", "ok\n")
+                    self._prune(iteration, phase)
         finally:
             from pipelines.runtime.metrics import finish_wandb
 
@@ -102,7 +105,26 @@ class Driver:
             self._update_state(iteration=0, phase=FOLDER, step=0)
             warm_start(self.cfg, self.recipe, run_dir=self.run_dir, engines=engines,
                        placement=self._enter(places, None, engines))
+        shutil.rmtree(self.run_dir / FOLDER / "ckpt", ignore_errors=True)  # done: hf/ is kept
         self._update_state(base=f"{FOLDER}/hf")
+
+    def _prune(self, iteration: int, phase: Phase) -> None:
+        """What a finished phase leaves on disk: its step checkpoints go (a resume skips a
+        phase with DONE, and the next phases and ``coevolve export`` read its hf/); with
+        run.keep_exports K, the exports of its role's phases older than the newest K go too
+        (the driver and export read only the newest: state.json's roles), except the
+        role ``coevolve eval`` evaluates after every iteration."""
+        shutil.rmtree(self.run_dir / f"iter_{iteration:04d}" / phase.name / "ckpt",
+                      ignore_errors=True)
+        keep = self.cfg.run.keep_exports
+        if not keep or phase.role == eval_role(self.recipe):
+            return
+        done = [self.run_dir / f"iter_{i:04d}" / p.name for i in range(1, iteration + 1)
+                for p in self.recipe.phases(i) if p.role == phase.role]
+        done = [d for d in done if (d / "DONE").exists()]
+        for folder in done[:-keep]:
+            for export in [folder / "hf", *folder.glob("hf-*")]:
+                shutil.rmtree(export, ignore_errors=True)
 
     def _enter(self, places, phase: str | None, engines):
         """The placement of ``phase`` (None: the top-level layout), its nodes checked."""

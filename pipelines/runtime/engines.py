@@ -102,6 +102,14 @@ def engine_spec(cfg, model: str, tensor_parallel: int,
                       sleep_mode=sleep_mode)
 
 
+def sleep_level(cfg) -> int:
+    """vLLM sleep level of engines colocated with the trainer ranks during an update: 2
+    (weights discarded) when the weight sync overwrites every weight right after they
+    wake; 1 (weights to host memory and back) when they must survive: LoRA serves
+    adapters on the base weights, and without run.sync_weights nothing replaces them."""
+    return 2 if cfg.run.sync_weights and not cfg.trainer.lora.enabled else 1
+
+
 # The adapter ranks vLLM accepts as max_lora_rank (an adapter may have any rank up to it).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 

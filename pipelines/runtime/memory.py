@@ -33,23 +33,46 @@ precision, as ``actors/trainer.py`` and ``actors/fsdp.py`` do):
   kv = kv_heads x head_dim, V vocabulary, L decoder blocks; vision-tower
   activations depend on the images and are not counted.)
 
-engine (one vLLM engine, tensor_parallel p, per GPU; vLLM takes
-gpu_memory_utilization u of the device and fills what the rest leaves with KV cache):
-  weights      2 P / p
-  activations  2 B (3 I / p + 4 H) + 6 S V   profile run over B =
-               max_num_batched_tokens tokens, sampler logits of S = 256 sequences
-  context      1 GiB
-  KV cache     u D - the above;  per token 2 (K, V) x L x max(1, kv_heads / p) x head_dim x 2
-  vLLM refuses to start when the KV cache holds less than one max_model_len sequence.
+engine (one vLLM 0.32 engine, tensor_parallel p, per GPU; vLLM takes
+gpu_memory_utilization u of the device, runs a profile pass and fills what the
+pass leaves with KV cache):
+  weights        2 P / p
+  activations    2 B (3 I / p + 4 H)     the text model's profile over B =
+                                          generator.max_num_batched_tokens tokens
+  sampler        6 S V                   bf16 logits and their fp32 copy for S =
+                                          max_num_seqs sequences: vLLM's default, 1,024
+                                          on GPUs of 70 GiB or more, 256 below
+                                          (capped at B)
+  vision encoder 2 n m^2 (3 Iv / p + 4 Hv)  the encoder's profile over the largest
+                                          images that fill max(B, one image's tokens):
+                                          n merged tokens of m x m patches each
+                                          (model.max_pixels, else the processor's
+                                          default), Hv the vision width, Iv its MLP
+  encoder outputs 2 n H (1 + D)          kept through the text profile (D: Qwen3-VL's
+                                          DeepStack levels)
+  cuda graphs    2 GiB                   generator.enforce_eager false: an allowance
+                                          for what vLLM measures and sets aside
+  context        1 GiB
+  KV cache       u D - the above;  per token 2 (K, V) x L x max(1, kv_heads / p) x head_dim x 2
+  The profile's terms are summed, an upper bound of the peak vLLM measures. vLLM
+  refuses to start below one max_model_len sequence of KV cache; the plan refuses
+  fewer than generator.min_kv_sequences.
 
-A colocated engine shares its trainer rank's device: rank + u D must fit D.
+A colocated engine shares its trainer rank's device and takes turns with it
+(vLLM sleep mode): while it generates, the rank keeps only its resident terms
+(master, adamw, reference, context: the update's working memory was returned
+by release_memory) and the engine its u D; while the rank updates, the
+sleeping engine keeps its context. Both turns must fit D.
 
-host memory (trainer.offload): each rank holds master + grads + adamw = 16 T / N
-(+ 4 (P - T) / N) in host memory; the plan sums the ranks of each node. No
-cluster field declares host memory, so it is reported, not checked; loading
-adds a transient 4 P per rank (each rank reads the whole fp32 checkpoint before
-sharding it). With offload, the shard copies for each unit's all-gather and the
-gradient shards before their copy to the host are transient and not counted.
+host memory, per node: with trainer.offload each rank holds master + grads +
+adamw = 16 T / N (+ 4 (P - T) / N); trainer rank 0 holds, for a moment, one
+full fp32 copy while loading (the other ranks build on the meta device and
+receive their shards), 8 P during a full weight sync (the gathered fp32 state
+and its copy in Ray's object store) and (4 + e) P while exporting hf/ in e
+bytes per parameter: the largest counts; engines that sleep at level 1 (LoRA,
+or no weight sync) keep their weights, 2 P / p each, in host memory. The sum
+is checked against placement.cluster.host_memory_gib. Each process's own
+runtime (CUDA, Python, vLLM) is not counted.
 """
 
 from __future__ import annotations
@@ -60,7 +83,6 @@ from pathlib import Path
 
 GIB = 2**30
 CONTEXT_BYTES = GIB
-SAMPLER_SEQS = 256  # vLLM's default max_num_seqs: sampler logits in the profile run
 
 # The public config.json of each model, reduced to the fields sizes are computed from.
 BUILTIN_MODELS: dict[str, dict] = {
@@ -129,6 +151,13 @@ class ModelSizes:
     kv_heads: int
     head_dim: int
     vocab: int
+    # the vision tower's shapes, for vLLM's encoder profile (0: not known)
+    vision_width: int = 0    # hidden size of a vision block
+    vision_mlp: int = 0      # width of its MLP
+    vision_out: int = 0      # width of a merged image token (the text model's hidden size)
+    vision_outputs: int = 1  # encoder outputs per image token: 1 + Qwen3-VL's DeepStack levels
+    patch: int = 14          # pixels per patch side
+    merge: int = 2           # patches per merged token side
 
     @property
     def params(self) -> int:
@@ -153,7 +182,20 @@ def model_sizes(config: dict) -> ModelSizes:
     root = vocab * h * (1 if tied else 2) + h
     vision, projector = _vision_sizes(family, config["vision_config"], h)
     return ModelSizes(family, vision, projector, root, layer, n_layers, h, i_size, q, kv,
-                      kv_heads, head_dim, vocab)
+                      kv_heads, head_dim, vocab, **_vision_shape(family, config["vision_config"], h))
+
+
+def _vision_shape(family: str, v: dict, text_hidden: int) -> dict:
+    """The shapes of the vision tower that its activations scale with."""
+    if family == "qwen2_vl":
+        width = v["embed_dim"]
+        shape = dict(vision_width=width, vision_mlp=int(width * v.get("mlp_ratio", 4)),
+                     vision_out=v.get("hidden_size", text_hidden))
+    else:
+        shape = dict(vision_width=v["hidden_size"], vision_mlp=v["intermediate_size"],
+                     vision_out=v["out_hidden_size"])
+    return {**shape, "vision_outputs": 1 + len(v.get("deepstack_visual_indexes", [])),
+            "patch": v["patch_size"], "merge": v.get("spatial_merge_size", 2)}
 
 
 def _vision_sizes(family: str, v: dict, text_hidden: int) -> tuple[int, int]:
@@ -293,29 +335,121 @@ def trainer_memory(m: ModelSizes, *, ranks: int, micro_batch_tokens: int, checkp
     }
 
 
+# What a rank keeps on its device between updates, once ``release_memory`` has returned
+# the allocator's cache: its parameter and AdamW shards (zero_grad(set_to_none) freed
+# the gradients), the reference, the context. The rest is the update's working memory.
+RESIDENT_TERMS = ("master", "adamw", "reference", "context")
+
+
+def resident(parts: dict[str, float]) -> dict[str, float]:
+    """The terms of ``trainer_memory`` that stay on the device between updates."""
+    return {k: v for k, v in parts.items() if k in RESIDENT_TERMS}
+
+
+# --------------------------------------------------------------------------
+# vLLM engines (vLLM 0.32 on CUDA)
+# --------------------------------------------------------------------------
+
+
+def vllm_max_num_seqs(device_bytes: float) -> int:
+    """vLLM's max_num_seqs for the LLM class when the engine leaves it unset, as
+    ``EngineArgs.get_batch_defaults`` picks it: 1,024 on a GPU of 70 GiB or more, 256
+    below. (vLLM gives an 80 GB A100 256 by its name, which the plan does not know: it
+    counts the larger sampler.)"""
+    return 1024 if device_bytes >= 70 * GIB else 256
+
+
+# The public processors' default pixel limit when model.max_pixels is 0: Qwen2-VL and
+# Qwen2.5-VL max_pixels 12,845,056 (16,384 tokens of 28 x 28 pixels), Qwen3-VL
+# size.longest_edge 16,777,216 (16,384 tokens of 32 x 32).
+DEFAULT_MAX_PIXELS = {"qwen2_vl": 12_845_056, "qwen2_5_vl": 12_845_056, "qwen3_vl": 16_777_216}
+
+
+def image_tokens(m: ModelSizes, max_pixels: int) -> int:
+    """Merged tokens of the largest image the processor makes (vLLM profiles with it:
+    ``get_image_size_with_most_features``); ``max_pixels`` 0: the family's default."""
+    unit = m.patch * m.merge
+    return (max_pixels or DEFAULT_MAX_PIXELS[m.family]) // (unit * unit)
+
+
+def encoder_profile(m: ModelSizes, *, image_tokens: int, max_num_batched_tokens: int,
+                    max_num_seqs: int, images_per_prompt: int, max_model_len: int,
+                    tensor_parallel: int = 1) -> dict[str, float]:
+    """Peak bytes of vLLM's profile run of the vision encoder (``MultiModalBudget``,
+    ``EncoderRunner.profile_encoder_cache``): the largest images fill the encoder budget
+    max(max_num_batched_tokens, one image's tokens); the tower's activations over their
+    patches, and its outputs, which stay cached through the text model's profile."""
+    if not image_tokens or not m.vision_width:
+        return {}
+    budget = max(max_num_batched_tokens, image_tokens)
+    per_prompt = max(1, min(images_per_prompt, max_model_len // image_tokens))
+    images = max(1, min(budget // image_tokens, max_num_seqs * per_prompt))
+    tokens = images * image_tokens
+    patches = tokens * m.merge ** 2
+    return {"vision encoder": 2 * patches * (3 * m.vision_mlp / tensor_parallel + 4 * m.vision_width),
+            "encoder outputs": 2 * tokens * m.vision_out * m.vision_outputs}
+
+
+SAMPLER_BYTES_PER_LOGIT = 6  # the sampler's bf16 logits and their fp32 copy
+# vLLM measures its CUDA graphs at start-up and takes them from the KV cache
+# (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS, on by default); logged figures for 7-8B
+# models run 0.4-1.6 GiB, so the plan sets aside 2.
+CUDA_GRAPH_BYTES = 2 * GIB
+
+
 @dataclass(frozen=True)
 class EngineMemory:
     budget: float              # u x device bytes: what vLLM takes
-    parts: dict[str, float]    # weights, activations, context, KV cache
+    parts: dict[str, float]    # weights, profile peaks, context, KV cache
     kv_bytes_per_token: int
+    max_num_seqs: int
 
     @property
     def kv_tokens(self) -> int:
         return max(0, int(self.parts["KV cache"] // self.kv_bytes_per_token))
 
+    def sequences(self, max_model_len: int) -> float:
+        """Whole max_model_len sequences the KV cache holds."""
+        return self.kv_tokens / max_model_len
+
 
 def engine_memory(m: ModelSizes, *, tensor_parallel: int, device_bytes: float, utilization: float,
-                  max_num_batched_tokens: int, dtype_bytes: int = 2) -> EngineMemory:
-    """One engine's share of each of its GPUs."""
+                  max_num_batched_tokens: int, max_model_len: int, max_num_seqs: int,
+                  image_tokens: int = 0, images_per_prompt: int = 1, cuda_graphs: bool = False,
+                  dtype_bytes: int = 2) -> EngineMemory:
+    """One engine's share of each of its GPUs; ``max_num_seqs`` as vLLM sets it
+    (``vllm_max_num_seqs``), ``image_tokens`` of the largest image (0: no vision profile),
+    ``cuda_graphs``: not enforce_eager."""
     p = tensor_parallel
+    seqs = min(max_num_seqs, max_num_batched_tokens)  # vLLM's cap on a default it chose
+    parts = {
+        "weights": dtype_bytes * m.params / p,
+        "activations": 2 * max_num_batched_tokens * (3 * m.intermediate / p + 4 * m.hidden),
+        "sampler": SAMPLER_BYTES_PER_LOGIT * seqs * m.vocab,
+        **encoder_profile(m, image_tokens=image_tokens, max_num_batched_tokens=max_num_batched_tokens,
+                          max_num_seqs=seqs, images_per_prompt=images_per_prompt,
+                          max_model_len=max_model_len, tensor_parallel=p),
+        "cuda graphs": CUDA_GRAPH_BYTES if cuda_graphs else 0,
+        "context": CONTEXT_BYTES,
+    }
     budget = utilization * device_bytes
-    weights = dtype_bytes * m.params / p
-    seqs = min(SAMPLER_SEQS, max_num_batched_tokens)
-    activations = (2 * max_num_batched_tokens * (3 * m.intermediate / p + 4 * m.hidden)
-                   + 6 * seqs * m.vocab)
-    kv_per_token = 2 * m.layers * max(1, m.kv_heads // p) * m.head_dim * dtype_bytes
-    parts = {"weights": weights, "activations": activations, "context": CONTEXT_BYTES}
     parts["KV cache"] = budget - sum(parts.values())
-    return EngineMemory(budget, parts, kv_per_token)
+    kv_per_token = 2 * m.layers * max(1, m.kv_heads // p) * m.head_dim * dtype_bytes
+    return EngineMemory(budget, parts, kv_per_token, seqs)
 
 
+# --------------------------------------------------------------------------
+# Host memory (per node)
+# --------------------------------------------------------------------------
+
+
+def rank0_host_peak(m: ModelSizes, *, full_sync: bool, export_bytes: int,
+                    lora: int = 0) -> dict[str, float]:
+    """Host bytes trainer rank 0 holds for a moment, by occasion (the largest counts):
+    loading (one full fp32 copy, sharded from there to every rank), the weight sync of
+    full weights (the gathered fp32 state and its copy in Ray's object store), the hf/
+    export (the gathered fp32 state and the model written in ``export_bytes`` per
+    parameter)."""
+    params = m.params + lora
+    return {"loading": 4 * params, "weight sync": 8 * params if full_sync else 0,
+            "export": (4 + export_bytes) * params}

@@ -39,6 +39,7 @@ from pipelines.algorithms.estimators import make_estimator, make_kl_controller
 from pipelines.algorithms.grading import budget as grading_budget
 from pipelines.algorithms.grading import grading_stats
 from pipelines.recipes.base import Rollout
+from pipelines.runtime.engines import sleep_level
 from pipelines.runtime.metrics import MetricsSink, Timer
 from pipelines.runtime.rundir import latest_checkpoint, link_tree, prune_checkpoints
 
@@ -55,6 +56,7 @@ class SampledBatch:
     seconds: dict[str, float]  # generate and reward (or rollout)
     timeouts: float = 0.0  # answer checks cut by their time limit or the step's budget
     too_long: float = 0.0  # answers too long to check
+    refused: float = 0.0  # requests the engines refused (dropped from the rollouts)
 
 
 class PhaseRunner:
@@ -235,7 +237,7 @@ class PhaseRunner:
             asleep = self.phase.role in self.placement.layout.colocate
             if asleep:
                 with timer("sleep"):
-                    self.pool.sleep()
+                    self.pool.sleep(sleep_level(self.cfg))
             try:
                 if self.cfg.run.overlap and step + 1 < self.phase.steps:
                     train_timer = Timer()
@@ -246,6 +248,8 @@ class PhaseRunner:
                 else:
                     trained = [self._train(r, step, timer) for r in rollouts]
                     inside.update(k for k in timer.seconds if k != "step")
+                if asleep:  # the engines wake into the memory the ranks cached in the update
+                    self.group.release_memory()
             finally:
                 if asleep:
                     with timer("wake"):
@@ -271,6 +275,8 @@ class PhaseRunner:
             # answer checks cut by their time limit or the step's budget (counted wrong)
             "reward/timeouts": batch.timeouts,
             "reward/answers_too_long": batch.too_long,
+            # requests vLLM refused (too long, too many images, bad image): dropped, logged
+            "rollout/refused": batch.refused,
             "rollout/engine_restarts": float(self.pool.restarts),
             "train/group_restarts": float(self.group_restarts),
             **self.data_metrics,
@@ -299,8 +305,14 @@ class PhaseRunner:
             rollouts = [Rollout(None, requests, completions, scores,
                                 mini_batches=getattr(self.phase, "mini_batches", None))]
         after = grading_stats()
+        reasons = [why for r in rollouts for why in r.refused()]
+        if reasons:
+            rollouts = [a for a in (r.answered() for r in rollouts) if a.requests]
+            if not rollouts:
+                raise RuntimeError(f"{self.phase.name} step {step}: the engines refused every "
+                                   f"request ({len(reasons)}), e.g. {reasons[0]}")
         return SampledBatch(
-            rollouts, timer.seconds,
+            rollouts, timer.seconds, refused=float(len(reasons)),
             timeouts=float(sum(after[k] - before[k] for k in
                                ("symbolic_timeouts", "symbolic_over_budget"))),
             too_long=float(after["too_long"] - before["too_long"]))

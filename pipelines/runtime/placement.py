@@ -277,6 +277,7 @@ class Node:
     name: str
     gpus: int
     cpus: float = math.inf  # inf: not checked
+    host_memory: float = 0.0  # bytes; 0: not checked
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,8 @@ class Slot:
 def cluster_nodes(cluster) -> list[Node]:
     """Nodes of a declared ClusterSpec."""
     cpus = cluster.cpus_per_node or math.inf
-    return [Node(f"node{i}", cluster.gpus_per_node, cpus) for i in range(cluster.nodes)]
+    return [Node(f"node{i}", cluster.gpus_per_node, cpus, cluster.host_memory_gib * 2**30)
+            for i in range(cluster.nodes)]
 
 
 def describe_nodes(nodes: list[Node]) -> str:

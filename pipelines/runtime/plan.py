@@ -6,8 +6,9 @@ placement is ``placement.simulate``; the model's sizes come from its
 config.json (local folder, ``tiny://`` reference) or a built-in table of
 public configs for hub ids (no download here).
 
-The memory model (every term of it printed per device) is in
-``pipelines/runtime/memory.py``.
+The memory model (every term of it printed: per device, and host memory per
+node) is in ``pipelines/runtime/memory.py``; the disk a run fills (step
+checkpoints, hf/ exports) in ``pipelines/runtime/disk.py``.
 """
 
 from __future__ import annotations
@@ -19,14 +20,20 @@ from pathlib import Path
 
 from pipelines.config import ClusterSpec, Config, ConfigError, config_from_dict
 from pipelines.runtime.memory import (
+    CONTEXT_BYTES,
     GIB,
+    EngineMemory,
     ModelSizes,
     engine_memory,
+    image_tokens,
     load_model_config,
     lora_params,
     model_sizes,
     optimizer_state,
+    rank0_host_peak,
+    resident,
     trainer_memory,
+    vllm_max_num_seqs,
 )
 from pipelines.runtime.placement import (
     TRAINER,
@@ -93,89 +100,165 @@ def plan_phase(cfg: Config, layout: Layout, nodes: list[Node], device_bytes: flo
         return plan
     if not layout.uses_gpus or m is None:
         return plan
-    dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
-    specs = {g.role: g for g in group_specs(layout)}
     trainer, host = _trainer_terms(cfg, m, layout.trainer_ranks)
     utilization = layout.gpu_memory_utilization or cfg.generator.gpu_memory_utilization
-    engines = {name: engine_memory(m, tensor_parallel=r.tensor_parallel, device_bytes=device_bytes,
-                                   utilization=utilization,
-                                   max_num_batched_tokens=cfg.generator.max_num_batched_tokens,
-                                   dtype_bytes=dtype_bytes)
+    engines = {name: _engine(cfg, m, r.tensor_parallel, device_bytes, utilization)
                for name, r in layout.roles.items()}
     known = device_bytes > 0
     plan.breakdown.append(f"trainer rank ({layout.trainer_ranks} ranks): " + _terms(trainer))
+    if layout.colocate:
+        plan.breakdown.extend(_turn_lines(trainer, [engines[g] for g in layout.colocate]))
     if host:
         plan.breakdown.append("trainer rank host memory (trainer.offload): " + _terms(host))
+    max_len = cfg.generator.max_model_len
     for name, e in engines.items():
         if known:
-            plan.breakdown.append(f"{name} engine: {utilization:g} x "
-                                  f"{device_bytes / GIB:.0f} = {e.budget / GIB:.1f} GiB: "
-                                  + _terms(e.parts))
-    max_len = cfg.generator.max_model_len
+            plan.breakdown.append(f"{name} engine: {utilization:g} x {device_bytes / GIB:.0f} = "
+                                  f"{e.budget / GIB:.1f} GiB (max_num_seqs {e.max_num_seqs}): "
+                                  + _terms(e.parts) + f"; the KV cache holds {e.kv_tokens:,} "
+                                  f"tokens = {e.sequences(max_len):.1f} sequences of {max_len:,}")
+    specs = {g.role: g for g in group_specs(layout)}
     for slot in plan.slots:
         if not slot.devices:
             continue
         spec = specs[slot.role]
         owner = next(i for i, members in enumerate(spec.members) if slot.bundle in members)
         if slot.role == TRAINER:
-            total = sum(trainer.values()) + sum(engines[g].budget for g in layout.colocate)
+            total = max(_turns(trainer, [engines[g] for g in layout.colocate]).values())
             who = " + ".join([f"trainer rank {owner}"] + [f"{g} engine {owner}" for g in layout.colocate])
             note = f"over the {device_bytes / GIB:.0f} GiB device" if known and total > device_bytes else ""
             if known and layout.colocate and not note:
-                e = engines[layout.colocate[0]]
-                note = f"KV {e.parts['KV cache'] / GIB:.1f} GiB = {e.kv_tokens:,} tokens"
+                note = _kv_note(engines[layout.colocate[0]], max_len)
         else:
             tp = len(slot.devices)
             e = engines[slot.role]
             total = e.budget if known else 0.0
-            note = (f"KV {e.parts['KV cache'] / GIB:.1f} GiB = {e.kv_tokens:,} tokens "
-                    f"({e.kv_tokens / max_len:.1f} x max_model_len)") if known else ""
+            note = _kv_note(e, max_len) if known else ""
             for shard, device in enumerate(slot.devices):
                 who = f"{slot.role} engine {owner}" + (f" (shard {shard}/{tp})" if tp > 1 else "")
                 plan.rows.append(DeviceRow(slot.node, device, who, total, note))
             continue
         plan.rows.append(DeviceRow(slot.node, slot.devices[0], who, total, note))
-    if host:
-        plan.breakdown.extend(_host_lines(plan.slots, nodes, host, 4 * m.params))
+    _host_memory(plan, cfg, m, nodes, host, engines)
     if known:
-        _check_memory(plan, layout, trainer, engines, device_bytes, max_len)
+        _check_memory(plan, layout, trainer, engines, device_bytes, cfg.generator)
     return plan
 
 
-def _host_lines(slots: list[Slot], nodes: list[Node], host: dict, load_bytes: float) -> list[str]:
-    """Host memory of the offloaded trainer state, per node (reported: no cluster field
-    declares host memory to check it against)."""
+def _engine(cfg: Config, m: ModelSizes, tensor_parallel: int, device_bytes: float,
+            utilization: float) -> EngineMemory:
+    """One engine's memory, from the EngineSpec the run builds (pipelines/runtime/engines.py)."""
+    from pipelines.runtime.engines import engine_spec
+
+    spec = engine_spec(cfg, cfg.model.path, tensor_parallel)
+    return engine_memory(m, tensor_parallel=tensor_parallel, device_bytes=device_bytes,
+                         utilization=utilization,
+                         max_num_batched_tokens=spec.max_num_batched_tokens,
+                         max_model_len=spec.max_model_len,
+                         max_num_seqs=vllm_max_num_seqs(device_bytes),
+                         image_tokens=image_tokens(m, cfg.model.max_pixels),
+                         images_per_prompt=spec.max_images_per_prompt,
+                         cuda_graphs=not spec.enforce_eager,
+                         dtype_bytes=4 if cfg.model.dtype == "float32" else 2)
+
+
+def _kv_note(e: EngineMemory, max_len: int) -> str:
+    return (f"KV {e.parts['KV cache'] / GIB:.1f} GiB = {e.kv_tokens:,} tokens = "
+            f"{e.sequences(max_len):.1f} sequences of {max_len:,}")
+
+
+def _turns(trainer: dict, guests: list[EngineMemory]) -> dict[str, float]:
+    """Bytes on a trainer rank's device in each turn. Alone: the update. With colocated
+    engines (vLLM sleep mode): they generate beside the rank's resident state, and
+    sleep through the update keeping their context."""
+    if not guests:
+        return {"update": sum(trainer.values())}
+    return {"generate": sum(resident(trainer).values()) + sum(e.budget for e in guests),
+            "update": sum(trainer.values()) + CONTEXT_BYTES * len(guests)}
+
+
+def _turn_lines(trainer: dict, guests: list[EngineMemory]) -> list[str]:
+    turns, kept = _turns(trainer, guests), resident(trainer)
+    return ["trainer rank between updates (engines awake): " + _terms(kept),
+            f"a trainer GPU by turns: generate {sum(kept.values()) / GIB:.1f} + engines "
+            f"{sum(e.budget for e in guests) / GIB:.1f} = {turns['generate'] / GIB:.1f} GiB; "
+            f"update {sum(trainer.values()) / GIB:.1f} + sleeping engines "
+            f"{CONTEXT_BYTES * len(guests) / GIB:.1f} = {turns['update'] / GIB:.1f} GiB"]
+
+
+def _host_memory(plan: PhasePlan, cfg: Config, m: ModelSizes, nodes: list[Node], host: dict,
+                 engines: dict[str, EngineMemory]) -> None:
+    """Host memory per node (module docstring of memory.py): breakdown lines, and a
+    problem where a node declares less."""
+    from pipelines.runtime.engines import sleep_level
+
+    layout = plan.layout
     ranks: dict[int, int] = {}
-    for slot in slots:
+    rank0 = None
+    for slot in plan.slots:
         if slot.role == TRAINER:
             ranks[slot.node] = ranks.get(slot.node, 0) + 1
-    per_rank = sum(host.values())
-    return [f"host memory {nodes[node].name}: {count} trainer rank{'s' * (count > 1)} x "
-            f"{per_rank / GIB:.1f} = {count * per_rank / GIB:.1f} GiB offloaded state "
-            f"(+ {load_bytes / GIB:.1f} GiB per rank while loading the fp32 checkpoint)"
-            for node, count in sorted(ranks.items())]
+            rank0 = slot.node if slot.bundle == 0 else rank0
+    lora = lora_params(m, cfg.trainer.lora.rank, cfg.trainer.lora.target_modules) \
+        if cfg.trainer.lora.enabled else 0
+    peak = rank0_host_peak(m, full_sync=cfg.run.sync_weights and not lora,
+                           export_bytes=2 if cfg.model.dtype != "float32" else 4, lora=lora)
+    occasion = max(peak, key=peak.get)
+    asleep = sum(engines[g].parts["weights"] for g in layout.colocate) \
+        if layout.colocate and sleep_level(cfg) == 1 else 0.0
+    for node, count in sorted(ranks.items()):
+        terms = {}
+        if host:
+            terms[f"{count} x {sum(host.values()) / GIB:.1f} offloaded"] = count * sum(host.values())
+        if node == rank0:
+            terms[f"rank 0's {occasion}"] = peak[occasion]
+        if asleep:
+            terms[f"{count} x {asleep / GIB:.1f} weights of level-1 sleeping engines"] = count * asleep
+        total, limit = sum(terms.values()), nodes[node].host_memory
+        of = f" of {limit / GIB:.0f} GiB" if limit else " (host memory not declared)"
+        plan.breakdown.append(f"host memory {nodes[node].name} ({count} trainer rank"
+                              f"{'s' * (count > 1)}): " + (_terms(terms) if terms else "0 GiB")
+                              + of)
+        if limit and total > limit:
+            plan.problems.append(
+                f"phase {layout.name}: host memory of {nodes[node].name}: {total / GIB:.1f} GiB "
+                f"over its {limit / GIB:.0f} GiB (placement.cluster.host_memory_gib): "
+                + _terms(terms))
+    plan.breakdown.append(
+        "  (rank 0 for a moment: loading {:.1f}, weight sync {:.1f}, export {:.1f} GiB; "
+        "the other ranks build on the meta device and receive their shards)".format(
+            peak["loading"] / GIB, peak["weight sync"] / GIB, peak["export"] / GIB))
 
 
 def _check_memory(plan: PhasePlan, layout: Layout, trainer: dict, engines: dict,
-                  device_bytes: float, max_model_len: int) -> None:
+                  device_bytes: float, generator) -> None:
     dev = device_bytes / GIB
+    guests = [engines[g] for g in layout.colocate]
+    turns = _turns(trainer, guests)
     rank = sum(trainer.values())
-    guests = sum(engines[g].budget for g in layout.colocate)
-    if rank + guests > device_bytes:
-        extra = (f" + colocated engines {guests / GIB:.1f} GiB "
-                 f"(gpu_memory_utilization)" if guests else "")
+    if turns["update"] > device_bytes:
+        extra = f" + sleeping colocated engines {CONTEXT_BYTES * len(guests) / GIB:.1f} GiB" \
+            if guests else ""
         plan.problems.append(
             f"phase {layout.name}: a trainer rank needs {rank / GIB:.1f} GiB{extra} on a "
-            f"{dev:.0f} GiB device (over by {(rank + guests - device_bytes) / GIB:.1f} GiB): "
+            f"{dev:.0f} GiB device (over by {(turns['update'] - device_bytes) / GIB:.1f} GiB): "
             + _terms(trainer))
+    if guests and turns["generate"] > device_bytes:
+        plan.problems.append(
+            f"phase {layout.name}: while the colocated engines generate, a trainer rank keeps "
+            f"{_terms(resident(trainer))} and the engines take "
+            f"{sum(e.budget for e in guests) / GIB:.1f} GiB (gpu_memory_utilization): "
+            f"{turns['generate'] / GIB:.1f} GiB on a {dev:.0f} GiB device; lower this phase's "
+            "gpu_memory_utilization or move the rank's state (trainer.offload)")
+    max_len, need = generator.max_model_len, generator.min_kv_sequences
     for name, e in engines.items():
-        kv = e.parts["KV cache"]
-        if kv < max_model_len * e.kv_bytes_per_token:
+        if e.kv_tokens < need * max_len:
             plan.problems.append(
-                f"phase {layout.name}: {name} engine: KV cache {kv / GIB:.2f} GiB holds "
-                f"{e.kv_tokens} tokens, less than one max_model_len sequence ({max_model_len} "
-                f"tokens = {max_model_len * e.kv_bytes_per_token / GIB:.2f} GiB) in its "
-                f"{e.budget / GIB:.1f} GiB share; " + _terms(e.parts))
+                f"phase {layout.name}: {name} engine: its KV cache of "
+                f"{max(e.parts['KV cache'], 0) / GIB:.2f} GiB holds {e.kv_tokens:,} tokens = "
+                f"{e.sequences(max_len):.1f} sequences of max_model_len {max_len:,}, fewer than "
+                f"generator.min_kv_sequences {need} ({need * max_len * e.kv_bytes_per_token / GIB:.2f}"
+                f" GiB) in its {e.budget / GIB:.1f} GiB share: " + _terms(e.parts))
 
 
 def _threads_lines(layout: Layout, nodes: list[Node]) -> list[str]:
@@ -303,6 +386,11 @@ def render(cfg: Config, plans: list[PhasePlan], nodes: list[Node], device_bytes:
                     lines.append(f"  {g.role}: {len(g.bundles)} x bundle "
                                  + ", ".join(f"{k} {v:g}" for k, v in g.bundles[0].items()))
             lines.extend(f"  {text}" for text in _threads_lines(layout, nodes))
+    if m is not None:
+        from pipelines.runtime.disk import describe, disk_plan
+
+        lines.append("")
+        lines.extend(describe(disk_plan(cfg, m, gpu=True)))
     problems = [p for plan in plans for p in plan.problems]
     lines.append("")
     if problems:
