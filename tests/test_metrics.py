@@ -43,6 +43,29 @@ def test_two_runs_on_one_cluster_keep_their_own_series(tmp_path, monkeypatch):
     assert {dict(k)["iteration"] for k in gauge.series} == {"2"}
 
 
+def test_a_line_cut_by_a_kill_is_dropped_before_the_next_row(tmp_path):
+    """A kill or a full disk during log() leaves half a line; readers skip it and the
+    resumed phase's sink cuts it off, so its next row starts on a line of its own."""
+    cfg = load_config(None, ["logging.wandb=disabled", "logging.progress=false"])
+    path = tmp_path / "metrics.jsonl"
+    sink = MetricsSink(path, cfg, phase="solver")
+    sink.log(1, {"reward/mean": 0.5})
+    sink.close()
+    with open(path, "a") as f:
+        f.write('{"step": 2, "phase": "solver", "rew')
+    assert read_metrics(path) == [{"step": 1, "phase": "solver", "reward/mean": 0.5}]
+    sink = MetricsSink(path, cfg, phase="solver", truncate_after=1)
+    sink.log(2, {"reward/mean": 0.75})
+    sink.close()
+    assert path.read_text().splitlines() == [
+        '{"step": 1, "phase": "solver", "reward/mean": 0.5}',
+        '{"step": 2, "phase": "solver", "reward/mean": 0.75}']
+    with open(path, "a") as f:  # without a resume point too (a phase's first sink)
+        f.write('{"step": 3')
+    MetricsSink(path, cfg, phase="solver").close()
+    assert path.read_text().endswith('0.75}\n')
+
+
 def test_grafana_dashboard_reads_the_gauges_the_driver_sets():
     board = json.loads((ROOT / "cluster/grafana-coevolve.json").read_text())
     exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]

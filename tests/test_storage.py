@@ -73,6 +73,24 @@ def test_state_paths_are_relative_to_the_run_directory(tmp_path, monkeypatch):
     assert f"weights {elsewhere}/runs/moved/iter_0001/policy/hf" in status
 
 
+def test_pruning_counts_only_complete_checkpoints(tmp_path):
+    """keep 1 with step 4 complete and steps 5-6 cut short by kills: step 4 stays (the
+    only one a resume can use); step 2 (complete, older) and step 3 (a cut save older
+    than step 4) go; cut saves newer than it are left for the next save to supersede."""
+    from actors.checkpoint import MARKER
+    from pipelines.runtime.rundir import latest_checkpoint, prune_checkpoints
+
+    for step, complete in ((2, True), (3, False), (4, True), (5, False), (6, False)):
+        folder = tmp_path / f"step_{step:06d}"
+        folder.mkdir()
+        if complete:
+            (folder / MARKER).write_text("ok\n")
+    prune_checkpoints(tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step_000004", "step_000005", "step_000006"]
+    assert latest_checkpoint(tmp_path)[0] == 4
+
+
 def test_state_of_older_runs_still_resolves(tmp_path, monkeypatch):
     """state.json written before paths were relative to the run directory: absolute
     paths stay, working-directory-relative ones (<run.root>/<name>/iter_...) are read

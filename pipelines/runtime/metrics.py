@@ -53,6 +53,7 @@ class MetricsSink:
         self.iteration, self.total_steps = iteration, total_steps
         self.tags = {"run": cfg.run.name, "role": role or phase, "phase": phase,
                      "iteration": str(iteration)}
+        drop_cut_line(self.path)  # a kill or a full disk mid-log(): the next row starts clean
         if truncate_after is not None:
             self._truncate(truncate_after)
         self._file = open(self.path, "a")
@@ -92,7 +93,7 @@ class MetricsSink:
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+                if (row := _parse(line)) is not None and row["step"] <= step]
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
@@ -105,9 +106,32 @@ class MetricsSink:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line that is not one JSON object (the last line
+    while a driver writes it, or one cut short by a kill) is skipped."""
     if not Path(path).exists():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = [_parse(line) for line in Path(path).read_text().splitlines()]
+    return [row for row in rows if row is not None]
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
+
+
+def drop_cut_line(path: Path) -> None:
+    """Cut a file back to its last newline: ``log`` writes whole lines, so anything after
+    the last one is a line a kill or a full disk stopped half-way."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def wandb_run_id(run_dir: Path) -> str:

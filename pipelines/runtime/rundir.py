@@ -43,9 +43,18 @@ def latest_checkpoint(ckpt_dir: Path) -> tuple[int, Path] | None:
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    complete = sorted((int(p.name.split("_")[1]), p) for p in ckpt_dir.glob("step_*")
-                      if p.name.split("_")[1].isdigit())
-    for _, path in complete[:-keep]:
+    """Keep the newest ``keep`` complete checkpoints. Folders without the completion
+    marker (a save a kill cut short) never count toward ``keep``: counting them could
+    delete the only checkpoint a resume can use. Those older than the newest complete
+    one are leftovers and go too."""
+    from actors.checkpoint import is_complete
+
+    steps = sorted((int(p.name.split("_")[1]), p) for p in ckpt_dir.glob("step_*")
+                   if p.name.split("_")[1].isdigit())
+    complete = [(step, p) for step, p in steps if is_complete(p)]
+    newest = complete[-1][0] if complete else -1
+    cut = [p for step, p in steps if step < newest and not is_complete(p)]
+    for path in cut + [p for _, p in complete[:-keep]]:
         shutil.rmtree(path, ignore_errors=True)
 
 
