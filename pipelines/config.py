@@ -83,6 +83,10 @@ class RunConfig:
            "when a newer phase of its role is done; resume and coevolve export read only the "
            "newest). The role coevolve eval evaluates per iteration (the recipe's eval_role, "
            "e.g. MM-Zero's Solver) keeps all of its exports. 0 keeps every phase's.", ge=0)
+    resume_changed: bool = param(
+        False, "Continue a run directory although settings that decide what it computes "
+               "changed (e.g. a recipe setting for the later iterations); without it such a "
+               "resume is refused. The run's earlier config.yaml is kept as config.N.yaml.")
     sync_weights: bool = param(
         True, "Push trained weights to the engines after every step (off only for experiments "
         "that need a frozen sampler).")

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from ray.util import placement_group_table
 
-from pipelines.config import load_config
+from pipelines.config import ConfigError, load_config
 from pipelines.runtime.driver import Driver
 from pipelines.runtime.metrics import read_metrics
 from pipelines.runtime.status import render_status
@@ -99,10 +99,15 @@ def test_one_iteration_resume_and_a_second_iteration(ray_cluster, tmp_path):
     # The Solver phase gets a layout with Solver engines only (as MM-Zero's per-phase
     # layout on 8 GPUs): its data, which takes Proposer and CodeGen engines, is made
     # under the top-level layout first (DATA marker), then the phase's layout is entered.
+    # bootstrap decides the data: a changed setting only with run.resume_changed
+    with pytest.raises(ConfigError, match="mmzero.bootstrap: 4 -> 0"):
+        Driver(config(tmp_path, "run.iterations=2", "mmzero.bootstrap=0")).run()
     state = Driver(config(tmp_path, "run.iterations=2", "mmzero.bootstrap=0",
+                          "run.resume_changed=true",
                           "placement.phases.proposer.trainer_ranks=1",
                           "placement.phases.solver.roles={solver: {engines: 1}}")).run()
     assert state["finished"] and len(state["order"]) == 6
+    assert "bootstrap: 4" in (run / "config.1.yaml").read_text()
     groups = {g["name"]: g["state"] for g in placement_group_table().values()
               if g["name"].startswith("coevolve/mmz/")}
     assert groups == {**{f"coevolve/mmz/{layout}/{role}": "REMOVED"

@@ -91,6 +91,43 @@ def test_pruning_counts_only_complete_checkpoints(tmp_path):
     assert latest_checkpoint(tmp_path)[0] == 4
 
 
+def test_a_resume_under_other_settings_is_refused(tmp_path):
+    """The same run.name with another seed or lr would continue the old checkpoints under
+    new settings; run.iterations, placement, logging and memory levers may change."""
+    from pipelines.config import dump_config
+    from pipelines.runtime.driver import check_resume_config
+
+    saved = tmp_path / "config.yaml"
+    base = ["run.name=r", "trainer.lr=1e-5"]
+    saved.write_text(dump_config(load_config(ROOT / "configs/simple/tiny-cpu.yaml", base)))
+    for ok in (["run.iterations=3"], ["logging.wandb=disabled", "trainer.offload=true"],
+               ["placement.trainer_ranks=2", "generator.max_model_len=1024"]):
+        check_resume_config(saved, load_config(ROOT / "configs/simple/tiny-cpu.yaml", base + ok))
+    changed = load_config(ROOT / "configs/simple/tiny-cpu.yaml",
+                          ["run.name=r", "trainer.lr=2e-5", "run.seed=7"])
+    with pytest.raises(ConfigError, match=r"run.seed: 0 -> 7; trainer.lr: 1e-05 -> 2e-05.*"
+                                          r"Use a new run.name"):
+        check_resume_config(saved, changed)
+    before = saved.read_text()
+    changed.run.resume_changed = True  # the user's explicit yes: the old config is kept
+    check_resume_config(saved, changed)
+    assert (tmp_path / "config.1.yaml").read_text() == before and not saved.exists()
+
+
+def test_a_second_driver_on_the_same_run_directory_stops(tmp_path):
+    from pipelines.runtime.driver import run_lock
+
+    other = [sys.executable, "-c", "import sys; from pathlib import Path; "
+             "from pipelines.runtime.driver import run_lock\n"
+             "with run_lock(Path(sys.argv[1])): pass", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with run_lock(tmp_path):
+        proc = subprocess.run(other, env=env, capture_output=True, text=True)
+        assert proc.returncode != 0
+        assert f"another driver (pid {os.getpid()}) is running" in proc.stderr
+    assert subprocess.run(other, env=env).returncode == 0  # released when the first stops
+
+
 def test_state_of_older_runs_still_resolves(tmp_path, monkeypatch):
     """state.json written before paths were relative to the run directory: absolute
     paths stay, working-directory-relative ones (<run.root>/<name>/iter_...) are read

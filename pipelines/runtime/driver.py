@@ -23,7 +23,10 @@ so a resumed run takes the same steps as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +34,8 @@ from pathlib import Path
 from pipelines.config import Config, dump_config
 from pipelines.recipes.base import Phase, build_recipe, check_layouts, eval_role
 from pipelines.runtime.rundir import STATE, atomic_write, run_relative
+
+logger = logging.getLogger(__name__)
 
 
 class Driver:
@@ -51,13 +56,18 @@ class Driver:
     def run(self) -> dict:
         import ray
 
-        from pipelines.runtime.engines import Engines
-        from pipelines.runtime.placement import PlacementManager
-
         check_layouts(self.cfg, self.recipe)  # a phase without the engines it needs: fail now
         if self.on_cluster:  # the driver's node first: it writes state.json and reads checkpoints
             self._check_shared({ray.get_runtime_context().get_node_id()})
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        with run_lock(self.run_dir):  # one driver per run directory
+            return self._run()
+
+    def _run(self) -> dict:
+        from pipelines.runtime.engines import Engines
+        from pipelines.runtime.placement import PlacementManager
+
+        check_resume_config(self.run_dir / "config.yaml", self.cfg)
         atomic_write(self.run_dir / "config.yaml", dump_config(self.cfg))
         # e.g. run.iterations raised after a finished run; this launch's start, so that
         # `coevolve status` can tell how long it took to get to its first step
@@ -215,3 +225,80 @@ class Driver:
         self.state.update(changes, updated=time.time())
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.run_dir / STATE, json.dumps(self.state, indent=1))
+
+
+# Settings a resumed run may change: how long it runs, how it is laid out and logged,
+# memory levers that leave the numbers as they are. Everything else decides what the
+# run computes, and a resume with another value would mix two experiments in one folder.
+RESUMABLE = ("run.iterations", "run.root", "run.resume_changed", "run.save_every", "run.keep_checkpoints",
+             "run.keep_exports", "run.max_restarts", "generator.", "placement.", "logging.",
+             "trainer.micro_batch_tokens", "trainer.gradient_checkpointing",
+             "trainer.logprob_chunk_tokens", "trainer.share_prompts", "trainer.offload")
+
+
+def check_resume_config(saved: Path, cfg: Config) -> None:
+    """Refuse to continue a run directory under settings other than the ones it was made
+    with (``RESUMABLE`` may change). The fix: a new run.name, or the old values; or
+    run.resume_changed, which keeps the old config.yaml as config.N.yaml."""
+    import yaml
+
+    from pipelines.config import ConfigError, config_to_dict
+
+    if not saved.exists():
+        return
+    old, new = _flat(yaml.safe_load(saved.read_text()) or {}), _flat(config_to_dict(cfg))
+    changed = [k for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k) and not k.startswith(RESUMABLE)]
+    if not changed:
+        return
+    shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+    shown += "; ..." if len(changed) > 6 else ""
+    if not cfg.run.resume_changed:
+        raise ConfigError(
+            f"{saved.parent} was made with other settings ({shown}): resuming would mix two "
+            "experiments. Use a new run.name, set these back to the run's values (its "
+            "config.yaml), or continue under the new ones with run.resume_changed=true.")
+    n = 1
+    while saved.with_name(f"config.{n}.yaml").exists():
+        n += 1
+    os.replace(saved, saved.with_name(f"config.{n}.yaml"))
+    logger.warning("resuming %s with changed settings (%s); the earlier config is config.%d.yaml",
+                   saved.parent, shown, n)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """An exclusive lock on the run directory while a driver runs it (released by the OS
+    if the process dies); a second driver on the same directory stops with the holder's
+    pid. An advisory lock (flock): drivers on one host, or on hosts whose shared
+    filesystem implements it."""
+    import fcntl
+
+    from pipelines.config import ConfigError
+
+    handle = open(run_dir / ".driver.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConfigError(f"another driver (pid {holder}) is running {run_dir}; wait for it "
+                          "to finish or stop it first") from None
+    try:
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
