@@ -244,18 +244,19 @@ def _plot(args) -> int:
 
 
 def _generate(args) -> int:
+    import dataclasses
+
     import ray
 
-    from actors.generator import EngineSpec, GeneratorActor, Request, Sampling, cpu_engine_env
+    from actors.generator import GeneratorActor, Request, Sampling, cpu_engine_env
+    from pipelines.runtime.engines import engine_spec
     from pipelines.runtime.local_ray import ray_session
 
     cfg = _load(args)
     image = _read_image(args.image)
-    spec = EngineSpec(model=cfg.model.path, dtype=_engine_dtype(cfg.model.dtype),
-                      max_model_len=cfg.generator.max_model_len,
-                      max_num_batched_tokens=cfg.generator.max_num_batched_tokens,
-                      gpu_memory_utilization=cfg.generator.gpu_memory_utilization,
-                      cpu_kvcache_gib=cfg.generator.cpu_kvcache_gib, seed=cfg.run.seed)
+    # the engine a run builds from the config (no adapters: the base model is sampled)
+    spec = dataclasses.replace(engine_spec(cfg, cfg.model.path, tensor_parallel=1),
+                               enable_lora=False)
     messages = [{"role": "user", "content": [{"type": "image"},
                                              {"type": "text", "text": args.question}]}]
     request = Request(messages, images=[image], sampling=Sampling(
@@ -279,14 +280,6 @@ def _generate(args) -> int:
     print(f"{stats['tokens']} tokens in {stats['seconds']:.2f} s "
           f"({stats['tokens_per_s']:.0f} tokens/s, weight version {stats['version']})")
     return 0
-
-
-def _engine_dtype(dtype: str) -> str:
-    if dtype != "auto":
-        return dtype
-    import torch
-
-    return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
 def _read_image(path: str | None) -> bytes:
