@@ -83,5 +83,6 @@ def describe(disk: DiskPlan) -> list[str]:
               f"{disk.end / GIB:.1f} = {disk.peak / GIB:.1f} GiB ({disk.peak / 1e9:.0f} GB)")
     return [first, second]
 
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'s' * (n != 1)}"
