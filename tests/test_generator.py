@@ -30,6 +30,7 @@ from actors.weights import (
 )
 
 MODEL = "tiny://qwen2.5-vl?tokenizer=qwen"
+SMALL = "tiny://qwen2.5-vl"  # the 1,024-token vocabulary, where a test is about images only
 IMAGE_TOKENS = 12  # 120x90 chart -> 112x84 pixels -> 8x6 patches of 14 -> 48 / 2x2 merge
 
 
@@ -487,9 +488,9 @@ def test_killed_engine_is_restarted_at_the_current_version_and_its_requests_rese
     v = pool.version
     pool.update_weights(state_buckets(hf.model(seed=1)), version=v + 1)
     try:
-        # ~20k sampled tokens: several seconds per engine on 2 cores.
+        # ~12k sampled tokens of the real vocabulary: several seconds per engine on 2 cores.
         requests = [image_request(f"Question {i}: how tall is bar {i % 3}?", n=4,
-                                  temperature=1.0, max_tokens=160, seed=100 + i)
+                                  temperature=1.0, max_tokens=96, seed=100 + i)
                     for i in range(32)]
         reference = pool.generate(requests)
         restarts = pool.restarts
@@ -555,15 +556,15 @@ def test_max_pixels_gives_engine_and_trainer_the_same_image_tokens(ray_cluster):
     Image.new("RGB", (400, 300), "white").save(buf, format="PNG")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
     request = Request(messages, images=[buf.getvalue()], sampling=Sampling(max_tokens=1))
-    spec = EngineSpec(model=MODEL, dtype="float32", max_model_len=2048, max_num_batched_tokens=4096,
-                      max_pixels=16384)
+    spec = EngineSpec(model=SMALL, dtype="float32", max_model_len=2048,
+                      max_num_batched_tokens=4096, max_pixels=16384)
     engine = ray.remote(num_cpus=1, runtime_env={"env_vars": cpu_engine_env(1)})(
         GeneratorActor).options(name="test/max-pixels").remote(spec, "max-pixels")
     try:
         [samples] = ray.get(engine.generate.remote([request]))
     finally:
         ray.kill(engine)
-    path = resolve_model(MODEL)
+    path = resolve_model(SMALL)
     counts = {}
     for limit in (16384, 0):
         processor = InputBuilder.for_model(path, limit).processor

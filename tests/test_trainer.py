@@ -27,7 +27,7 @@ from actors.trainer_group import TrainerGroup
 MODEL = "tiny://qwen2.5-vl"
 # The trainer-vs-engine tests run the real Qwen vocabulary (152,064 rows): the log-prob
 # chunks and the engines' sampling at the size a 7B model has.
-REAL_VOCAB = "qwen2.5-vl?tokenizer=qwen"
+REAL_VOCAB = "qwen3-vl?tokenizer=qwen"  # the session's engine of it (tests/test_tiny_models.py)
 OBJECTIVE = ObjectiveSpec(kl_coef=0.01)  # PPO clip-higher + dual-clip + low-var KL (MM-Zero)
 # Large enough that two steps move weights ~2e-4 (far past the 1e-5 tolerance), small
 # enough that Adam's first steps, which scale gradients near eps=1e-8 up to ~lr, do not
@@ -350,7 +350,7 @@ def test_merge_metrics_sums_losses_and_weights_means():
 
 @pytest.fixture(scope="module")
 def real_group(ray_cluster):
-    """A 1-rank group of the real-vocabulary model, without KL, reference or
+    """A 1-rank group of the real-vocabulary Qwen3-VL, without KL, reference or
     checkpointing; its tests never step its optimizer (the weights stay the engine's)."""
     group = TrainerGroup(spec(model=f"tiny://{REAL_VOCAB}", objective=ObjectiveSpec(kl_coef=0.0),
                               reference=False, gradient_checkpointing=False,
@@ -361,8 +361,8 @@ def real_group(ray_cluster):
 
 
 def engine_batch(engines, pngs: list[bytes], question: str, **sampling):
-    """The shared real-vocabulary tiny Qwen2.5-VL engine's samples for one question per image (request i
-    seeded i), as (prompt index, completion) pairs and as a TrainBatch."""
+    """The shared real-vocabulary tiny Qwen3-VL engine's samples for one question per
+    image (request i seeded i), as (prompt index, completion) pairs and as a TrainBatch."""
     import ray
 
     from actors.batching import TrainBatch
