@@ -332,7 +332,7 @@ class GeneratorActor:
         adapter = self._adapters.get(req.adapter) if req.adapter is not None else None
         try:
             self.llm.enqueue([self._prompt(req)], [params], use_tqdm=False,
-                             lora_request=adapter[0] if adapter else None)
+                             lora_request=adapter and adapter[0])
         except EngineDeadError:
             raise
         except (VLLMClientError, ValueError, TypeError, OSError) as exc:

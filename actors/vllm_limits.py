@@ -17,6 +17,7 @@ stand-ins that record nothing, so the checks are vLLM's, not a copy of them.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 
@@ -38,9 +39,10 @@ class _Sink:
         pass
 
 
+@functools.cache
 def _unbuffered(state_cls: type) -> Any:
     """An instance of a V2 sampler state whose every buffer is a ``_Sink``, built without
-    its ``__init__`` (which allocates device memory)."""
+    its ``__init__`` (which allocates device memory); one per class: it keeps no state."""
     replay = type(f"Replay{state_cls.__name__}", (state_cls,),
                   {"__getattr__": lambda self, name: _Sink()})
     return object.__new__(replay)
