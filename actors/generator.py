@@ -236,6 +236,9 @@ class GeneratorActor:
         from transformers import AutoProcessor
         from vllm import LLM
 
+        from actors.vllm_plugin import register
+
+        register()  # also an entry point; here for a checkout that was never pip-installed
         if on_cpu and spec.enable_lora:
             fix_cpu_lora_base_rows()
         pixels = {"max_pixels": spec.max_pixels} if spec.max_pixels else {}
