@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.contract import recipe_spec
 from pipelines.eval.data import DataError, Item
 from pipelines.eval.runner import Model, evaluate_model
 from pipelines.eval.tasks import TaskSpec, resolve_task
@@ -94,7 +95,7 @@ def _run_target(run_dir: Path, out: str | None) -> Target:
     if len(models) == 1:
         logger.warning("%s: no finished iteration yet; evaluating the base model only", run_dir)
     return Target(models, cfg, Path(out).resolve() if out else run_dir / "eval",
-                  tuple(getattr(recipe, "benchmarks", ())), cfg.run.recipe)
+                  recipe_spec(recipe).benchmarks, cfg.run.recipe)
 
 
 def resolve_tasks(names: Sequence[str] | None, target: Target, data_dir: str | None,

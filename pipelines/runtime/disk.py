@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipelines.contract import phase_spec
 from pipelines.runtime.memory import GIB, ModelSizes, lora_params, optimizer_state
 
 
@@ -58,7 +59,7 @@ def disk_plan(cfg, m: ModelSizes, gpu: bool) -> DiskPlan:
     phases = [p for i in range(1, cfg.run.iterations + 1) for p in recipe.phases(i)]
     exports: dict[str, list[int]] = {}  # role -> the exports of each of its phases
     for p in phases:  # a phase of several LoRA policies exports hf/ and hf-<policy>/ each
-        exports.setdefault(p.role, []).append(max(1, len(getattr(p, "policies", ()))))
+        exports.setdefault(p.role, []).append(max(1, len(phase_spec(p).policies)))
     keep, evaluated = cfg.run.keep_exports, eval_role(recipe)
     kept = sum(sum(each[-keep:] if keep and role != evaluated else each)
                for role, each in exports.items())

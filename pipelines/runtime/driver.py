@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 from pipelines.config import Config, dump_config
-from pipelines.recipes.base import Phase, build_recipe, check_layouts, eval_role
+from pipelines.contract import Phase, phase_spec, recipe_spec
+from pipelines.recipes.base import build_recipe, check_layouts, eval_role
 from pipelines.runtime.rundir import STATE, atomic_write, run_relative
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class Driver:
             finish_wandb()
             engines.shutdown()
             places.release()
-            close = getattr(self.recipe, "close", None)
+            close = recipe_spec(self.recipe).close
             if close is not None:
                 close()
         self._update_state(finished=True)
@@ -156,7 +157,7 @@ class Driver:
         from pipelines.runtime.phase import PhaseRunner
         from pipelines.runtime.placement import resolve_layout
 
-        needs = set(getattr(phase, "data_roles", ()))
+        needs = set(phase_spec(phase).data_roles)
         own = resolve_layout(self.cfg.placement, phase.name, self.recipe.roles).roles
         if not needs - {r for r, layout in own.items() if layout.engines > 0} \
                 or (phase_dir / "DATA").exists():
@@ -197,7 +198,7 @@ class Driver:
                          placement=placement, weights=self.weights,
                          base_version=role.get("version", 0)) as runner:
             runner.run(on_step=self._on_step)
-            finish = getattr(phase, "finish", None)
+            finish = phase_spec(phase).finish
             if finish is not None:
                 finish(runner)
             roles = dict(self.state.get("roles", {}))

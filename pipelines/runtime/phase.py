@@ -38,7 +38,7 @@ from actors.trainer_group import TrainerGroup, TrainerGroupFailed
 from pipelines.algorithms.estimators import make_estimator, make_kl_controller
 from pipelines.algorithms.grading import budget as grading_budget
 from pipelines.algorithms.grading import grading_stats
-from pipelines.recipes.base import Rollout
+from pipelines.contract import Rollout, phase_spec
 from pipelines.runtime.engines import sleep_level
 from pipelines.runtime.metrics import MetricsSink, Timer
 from pipelines.runtime.rundir import latest_checkpoint, link_tree, prune_checkpoints
@@ -65,15 +65,16 @@ class PhaseRunner:
     def __init__(self, cfg, phase, phase_dir: Path, *, run_dir: Path, seed_path: tuple[int, ...],
                  engines, placement, weights, base_version: int = 0):
         self.cfg, self.phase, self.dir = cfg, phase, Path(phase_dir)
+        self.spec = phase_spec(phase)  # its kind, optional members and hooks (contract.py)
         self.run_dir, self.seed_path = run_dir, seed_path
         self.engines, self.placement, self.weights = engines, placement, weights
         # the role's newest weights, or the run's base model for a phase that says
         # ``from_base`` (R3V trains each iteration's model from the base)
-        self.start_weights = weights(None if getattr(phase, "from_base", False) else phase.role)
+        self.start_weights = weights(None if self.spec.from_base else phase.role)
         self.base_version = base_version  # the role's version before this phase
         # LoRA adapters this phase trains as policies of their own (one backbone, one
         # trainer group, one engine pool); none: the phase trains its role's weights.
-        self.policies = tuple(getattr(phase, "policies", ()))
+        self.policies = self.spec.policies
         if self.policies and not cfg.trainer.lora.enabled:
             raise ValueError(f"phase {phase.name} trains the policies {self.policies} as LoRA "
                              "adapters of one backbone: set trainer.lora.enabled=true")
@@ -92,7 +93,7 @@ class PhaseRunner:
     @property
     def is_sft(self) -> bool:
         """The phase trains on a data set with the SFT objective (pipelines/runtime/sft.py)."""
-        return getattr(self.phase, "objective", "rl") == "sft"
+        return self.spec.sft
 
     @property
     def needs_reference(self) -> bool:
@@ -136,16 +137,16 @@ class PhaseRunner:
         timer = Timer()
         with timer("engines"):  # its own engines and its judges', started side by side
             wanted = {} if self.is_sft else {self.phase.role: self.start_weights}
-            for role in getattr(self.phase, "uses", ()):  # judges: started here, not in a step
+            for role in self.spec.uses:  # judges: started here, not in a step
                 wanted[role] = self.weights(role)
             pools = self.engines.pools_for(wanted, self.placement)
             for role, weights in wanted.items():
                 self._record_provenance(role, weights)
             self.pool = pools.get(self.phase.role)
-        prepare = getattr(self.phase, "prepare", None)
-        if prepare is not None:
+        if self.spec.prepare is not None:
             with timer("prepare"):
-                self.data_metrics = {f"data/{k}": v for k, v in (prepare(self) or {}).items()}
+                made = self.spec.prepare(self) or {}
+                self.data_metrics = {f"data/{k}": v for k, v in made.items()}
         self.data_metrics.update({f"phase/{k}_seconds": v for k, v in timer.seconds.items()})
         if self.phase.steps > 0:
             self.group = self._start_group()
@@ -155,9 +156,10 @@ class PhaseRunner:
         """Only the phase's data (``prepare``), under this runner's placement, which must
         serve the phase's ``data_roles``; no trainer group is started."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        if self.phase.role in getattr(self.phase, "data_roles", ()):
+        if self.phase.role in self.spec.data_roles:
             self.pool = self._own_pool()
-        self.phase.prepare(self)
+        if self.spec.prepare is not None:
+            self.spec.prepare(self)
 
     def __exit__(self, *exc) -> None:
         if self.group is not None:
@@ -180,9 +182,8 @@ class PhaseRunner:
                 try:
                     while step < self.phase.steps:
                         metrics = self.step(step)
-                        after = getattr(self.phase, "after_step", None)
-                        if after is not None:  # e.g. MAYE's evaluation at an epoch's end
-                            metrics.update(after(step, self) or {})
+                        if self.spec.after_step is not None:  # e.g. MAYE's evaluation
+                            metrics.update(self.spec.after_step(step, self) or {})
                         sink.log(step + 1, metrics)
                         step += 1
                         if on_step is not None:
@@ -303,7 +304,7 @@ class PhaseRunner:
             with timer("reward"), grading_budget(self.cfg.algorithm.reward_budget_s):
                 scores = self.phase.score(requests, completions, self)
             rollouts = [Rollout(None, requests, completions, scores,
-                                mini_batches=getattr(self.phase, "mini_batches", None))]
+                                mini_batches=self.spec.mini_batches)]
         after = grading_stats()
         reasons = [why for r in rollouts for why in r.refused()]
         if reasons:
@@ -452,7 +453,7 @@ class PhaseRunner:
         threads = self.placement.rank_threads()
         spec = replace(trainer_spec(cfg, self.start_weights, self.phase.steps, sft=self.is_sft,
                                     adapters=self.policies,
-                                    mini_batches=getattr(self.phase, "mini_batches", None)),
+                                    mini_batches=self.spec.mini_batches),
                        threads=threads)
         return TrainerGroup(spec,
                             self.placement.layout.trainer_ranks,

@@ -31,6 +31,7 @@ from pathlib import Path
 from actors.tiny import cache_root as tiny_cache_root
 from actors.tiny import cached_folder
 from pipelines.config import ConfigError
+from pipelines.contract import recipe_spec
 from pipelines.runtime.rundir import atomic_write
 from pipelines.runtime.sft import SFTExample, SFTPhase
 
@@ -44,7 +45,7 @@ def data_function(cfg, recipe) -> Callable[[int, int, object], list[SFTExample]]
     """The function that makes the warm-start examples (``model.warm_start.data``)."""
     ref = cfg.model.warm_start.data
     if ref == "recipe":
-        fn = getattr(recipe, "warm_start_examples", None)
+        fn = recipe_spec(recipe).warm_start_examples
         if fn is None:
             raise ConfigError(f"model.warm_start.data: the recipe {cfg.run.recipe!r} has no "
                               "built-in warm-start examples; name a function "
