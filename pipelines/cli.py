@@ -243,20 +243,23 @@ def _plot(args) -> int:
     return 0
 
 
-def _generate(args) -> int:
-    import dataclasses
+def generate_spec(cfg):
+    """The engine ``coevolve generate`` samples with: the one a run builds from the config
+    (pipelines/runtime/specs.py) for the base model, without adapters, on one device."""
+    from pipelines.runtime.specs import engine_spec
 
+    return engine_spec(cfg, cfg.model.path, lora=False)
+
+
+def _generate(args) -> int:
     import ray
 
     from actors.generator import GeneratorActor, Request, Sampling, cpu_engine_env
-    from pipelines.runtime.engines import engine_spec
     from pipelines.runtime.local_ray import ray_session
 
     cfg = _load(args)
     image = _read_image(args.image)
-    # the engine a run builds from the config (no adapters: the base model is sampled)
-    spec = dataclasses.replace(engine_spec(cfg, cfg.model.path, tensor_parallel=1),
-                               enable_lora=False)
+    spec = generate_spec(cfg)
     messages = [{"role": "user", "content": [{"type": "image"},
                                              {"type": "text", "text": args.question}]}]
     request = Request(messages, images=[image], sampling=Sampling(

@@ -79,9 +79,8 @@ def other_value(path: str, kind, current):
 
 def built(cfg) -> dict:
     from pipelines.algorithms.estimators import make_estimator, make_kl_controller
-    from pipelines.runtime.engines import engine_spec
-    from pipelines.runtime.phase import trainer_spec
     from pipelines.runtime.placement import phase_layouts
+    from pipelines.runtime.specs import engine_spec, trainer_spec
 
     estimator = make_estimator(cfg.algorithm)
     return {"engine": engine_spec(cfg, cfg.model.path, 1),
@@ -154,7 +153,7 @@ def test_every_offered_estimator_is_built():
 
 
 def test_dual_clip_zero_is_off():
-    from pipelines.runtime.phase import trainer_spec
+    from pipelines.runtime.specs import trainer_spec
 
     cfg = load_config(None, ["algorithm.dual_clip=0"])
     assert trainer_spec(cfg, "m", 1).objective.dual_clip is None
@@ -162,10 +161,25 @@ def test_dual_clip_zero_is_off():
 
 
 def test_max_pixels_reaches_engines_and_trainer_alike():
-    from pipelines.runtime.engines import engine_spec
-    from pipelines.runtime.phase import trainer_spec
+    from pipelines.runtime.specs import engine_spec, trainer_spec
 
     cfg = load_config(None, ["model.max_pixels=16384"])
     assert engine_spec(cfg, "m", 1).max_pixels == trainer_spec(cfg, "m", 1).max_pixels == 16384
     default = load_config(None)
     assert engine_spec(default, "m", 1).max_pixels == 0  # the model folder's own setting
+
+
+def test_coevolve_generate_samples_with_the_engine_a_phase_builds():
+    """One spec builder (pipelines/runtime/specs.py): the CLI's engine is a phase's."""
+    from pipelines.cli import generate_spec
+    from pipelines.recipes.base import build_recipe
+    from pipelines.runtime.placement import resolve_layout
+    from pipelines.runtime.specs import role_engine_spec
+
+    cfg = load_config(ROOT / "configs/simple/tiny-cpu.yaml",
+                      ["generator.enforce_eager=false", "model.max_pixels=50176",
+                       "generator.multiprocess=always"])
+    layout = resolve_layout(cfg.placement, None, build_recipe(cfg).roles)
+    spec = role_engine_spec(cfg, layout, "policy", cfg.model.path)
+    assert generate_spec(cfg) == spec
+    assert (spec.enforce_eager, spec.max_pixels, spec.multiprocess) == (False, 50176, True)

@@ -13,7 +13,6 @@ import pytest
 
 from pipelines.config import load_config
 from pipelines.runtime.disk import disk_plan
-from pipelines.runtime.engines import sleep_level
 from pipelines.runtime.memory import (
     BUILTIN_MODELS,
     CUDA_GRAPH_BYTES,
@@ -25,6 +24,7 @@ from pipelines.runtime.memory import (
     rank0_host_peak,
     vllm_max_num_seqs,
 )
+from pipelines.runtime.specs import sleep_level
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN3_8B = model_sizes(BUILTIN_MODELS["Qwen/Qwen3-VL-8B-Instruct"])

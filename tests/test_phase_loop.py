@@ -217,7 +217,7 @@ def test_mini_batches_and_epochs_schedule_whole_prompt_groups(tmp_path):
 def test_a_phase_sets_its_own_updates_per_generation_step(tmp_path, monkeypatch):
     """phase.mini_batches (MM-Zero's per-role update batches) overrides
     algorithm.mini_batches for the updates and for the schedule's length."""
-    from pipelines.runtime.phase import trainer_spec
+    from pipelines.runtime.specs import trainer_spec
 
     monkeypatch.setattr(TablePhase, "mini_batches", 2, raising=False)
     r = runner(tmp_path, "algorithm.mini_batches=1")
@@ -332,7 +332,7 @@ def test_truncated_importance_sampling_sends_the_engine_logprobs(tmp_path):
     run_steps(r, 1)
     batch = r.group.calls[0][0]
     assert batch.old_logprobs is not None and batch.engine_logprobs is not None
-    from pipelines.runtime.phase import trainer_spec
+    from pipelines.runtime.specs import trainer_spec
 
     assert trainer_spec(r.cfg, "tiny://qwen2.5-vl", 4).objective.tis_cap == 2.0
 

@@ -224,14 +224,13 @@ def run_lmms(pool, model: Model, names: Sequence[str], out: Path, *, adapter: st
 def start_pool(cfg, role: str, model: str, engines: int = 1, lora: bool = False):
     """A generator pool of ``engines`` engines serving ``model`` with the config's engine
     settings (on a CPU host each engine gets an equal share of the cores)."""
-    import dataclasses
 
     import torch
 
     from actors.pool import GeneratorPool
-    from pipelines.runtime.engines import engine_spec
+    from pipelines.runtime.specs import engine_spec
 
-    spec = dataclasses.replace(engine_spec(cfg, model, tensor_parallel=1), enable_lora=lora)
+    spec = engine_spec(cfg, model, lora=lora)
     if torch.cuda.is_available():
         return GeneratorPool(role, spec, engines, resources={"num_gpus": 1}, run=cfg.run.name)
     threads = max(1, (os.cpu_count() or 1) // engines)

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
-from actors.generator import EngineSpec
+from pipelines.runtime.specs import role_engine_spec
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +47,7 @@ class Engines:
                                  f"{role!r}; add placement.roles.{role}.engines=1 (or to this "
                                  "phase's layout)")
             logger.info("starting %d %s engine(s) on %s", layout.engines, role, weights)
-            spec = engine_spec(self.cfg, weights, layout.tensor_parallel,
-                               gpu_memory_utilization=placement.layout.gpu_memory_utilization,
-                               sleep_mode=role in placement.layout.colocate)
+            spec = role_engine_spec(self.cfg, placement.layout, role, weights)
             # registered at once, so that shutdown() stops it if another one fails to load
             self.pools[role] = starting[role] = GeneratorPool(
                 role, spec, layout.engines, run=self.cfg.run.name, wait=False,
@@ -80,43 +76,3 @@ class Engines:
     def shutdown(self) -> None:
         for role in list(self.pools):
             self.stop(role)
-
-
-def engine_spec(cfg, model: str, tensor_parallel: int,
-                gpu_memory_utilization: float | None = None, sleep_mode: bool = False) -> EngineSpec:
-    """How the config builds one engine serving ``model`` (no actor started);
-    ``gpu_memory_utilization``: a phase layout's own share (colocated engines);
-    ``sleep_mode``: the engine shares its device with a trainer rank."""
-    g = cfg.generator
-    dtype = cfg.model.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    return EngineSpec(model=model, dtype=dtype, max_model_len=g.max_model_len,
-                      max_num_batched_tokens=g.max_num_batched_tokens,
-                      gpu_memory_utilization=gpu_memory_utilization or g.gpu_memory_utilization,
-                      cpu_kvcache_gib=g.cpu_kvcache_gib, tensor_parallel=tensor_parallel,
-                      enforce_eager=g.enforce_eager, seed=cfg.run.seed,
-                      max_pixels=cfg.model.max_pixels, enable_lora=cfg.trainer.lora.enabled,
-                      max_lora_rank=vllm_lora_rank(cfg.trainer.lora.rank),
-                      multiprocess={"auto": None, "always": True, "never": False}[g.multiprocess],
-                      sleep_mode=sleep_mode)
-
-
-def sleep_level(cfg) -> int:
-    """vLLM sleep level of engines colocated with the trainer ranks during an update: 2
-    (weights discarded) when the weight sync overwrites every weight right after they
-    wake; 1 (weights to host memory and back) when they must survive: LoRA serves
-    adapters on the base weights, and without run.sync_weights nothing replaces them."""
-    return 2 if cfg.run.sync_weights and not cfg.trainer.lora.enabled else 1
-
-
-# The adapter ranks vLLM accepts as max_lora_rank (an adapter may have any rank up to it).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def vllm_lora_rank(rank: int) -> int:
-    """The smallest max_lora_rank vLLM accepts that holds adapters of ``rank``."""
-    for allowed in VLLM_LORA_RANKS:
-        if rank <= allowed:
-            return allowed
-    raise ValueError(f"trainer.lora.rank: {rank} is over vLLM's largest ({VLLM_LORA_RANKS[-1]})")

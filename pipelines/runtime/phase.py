@@ -32,16 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from actors.batching import TrainBatch
-from actors.objectives import ObjectiveSpec
-from actors.trainer import LoraSpec, TrainerSpec
 from actors.trainer_group import TrainerGroup, TrainerGroupFailed
 from pipelines.algorithms.estimators import make_estimator, make_kl_controller
 from pipelines.algorithms.grading import budget as grading_budget
 from pipelines.algorithms.grading import grading_stats
 from pipelines.contract import Rollout, phase_spec
-from pipelines.runtime.engines import sleep_level
 from pipelines.runtime.metrics import MetricsSink, Timer
 from pipelines.runtime.rundir import latest_checkpoint, link_tree, prune_checkpoints
+from pipelines.runtime.specs import needs_reference, sleep_level, trainer_spec
 
 logger = logging.getLogger(__name__)
 
@@ -641,45 +639,6 @@ class PhaseRunner:
         tmp = path.with_name(f".{path.name}.tmp")
         pq.write_table(table, tmp)
         tmp.replace(path)
-
-
-def trainer_spec(cfg, start_weights: str, steps: int, sft: bool = False,
-                 adapters: tuple[str, ...] = (), mini_batches: int | None = None) -> TrainerSpec:
-    """How the config builds the trainer group of a phase of ``steps`` generation steps
-    (SFT: optimizer steps) that starts from ``start_weights`` (no actor started); ``sft``:
-    the SFT objective; ``adapters``: the LoRA adapters a phase trains as policies (default:
-    one); ``mini_batches``: the phase's updates per generation step, if it sets its own."""
-    t, a = cfg.trainer, cfg.algorithm
-    lora = t.lora
-    if not sft:  # optimizer steps: the schedule's length
-        steps *= (mini_batches or a.mini_batches) * a.epochs
-    return TrainerSpec(
-        model=start_weights,
-        objective=ObjectiveSpec(policy_loss=a.loss, clip_low=a.clip_low, clip_high=a.clip_high,
-                                dual_clip=a.dual_clip or None, loss_agg=a.loss_agg,
-                                kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
-                                entropy_coef=a.entropy_coef, log_entropy=a.log_entropy,
-                                tis_cap=a.tis_cap),
-        lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), grad_clip=t.grad_clip,
-        schedule=t.schedule, warmup_steps=int(round(t.warmup_ratio * steps)),
-        total_steps=steps, micro_batch_tokens=t.micro_batch_tokens,
-        gradient_checkpointing=t.gradient_checkpointing, freeze_vision=t.freeze_vision,
-        freeze_projector=t.freeze_projector,
-        logprob_chunk_tokens=t.logprob_chunk_tokens, reference_dtype=t.reference_dtype,
-        share_prompts=t.share_prompts,
-        offload=t.offload, max_pixels=cfg.model.max_pixels,
-        mixed_precision={"auto": None, "bfloat16": True, "float32": False}[cfg.model.dtype],
-        lora=LoraSpec(lora.rank, lora.alpha, lora.dropout, list(lora.target_modules),
-                      adapters=tuple(adapters) or ("default",))
-        if lora.enabled else None,
-        reference=needs_reference(a) and not sft, sft=sft, seed=cfg.run.seed,
-        threads=max(1, cfg.placement.cpus_per_rank))
-
-
-def needs_reference(algorithm) -> bool:
-    """A KL loss (fixed or adaptive coefficient) or reinforce_pp's KL reward."""
-    return algorithm.kl_coef > 0 or (algorithm.advantage == "reinforce_pp"
-                                     and algorithm.kl_in_reward > 0)
 
 
 def _logprob_diff(completions, old_logprobs) -> float:

@@ -148,7 +148,7 @@ def plan_phase(cfg: Config, layout: Layout, nodes: list[Node], device_bytes: flo
 def _engine(cfg: Config, m: ModelSizes, tensor_parallel: int, device_bytes: float,
             utilization: float) -> EngineMemory:
     """One engine's memory, from the EngineSpec the run builds (pipelines/runtime/engines.py)."""
-    from pipelines.runtime.engines import engine_spec
+    from pipelines.runtime.specs import engine_spec
 
     spec = engine_spec(cfg, cfg.model.path, tensor_parallel)
     return engine_memory(m, tensor_parallel=tensor_parallel, device_bytes=device_bytes,
@@ -190,7 +190,7 @@ def _host_memory(plan: PhasePlan, cfg: Config, m: ModelSizes, nodes: list[Node],
                  engines: dict[str, EngineMemory]) -> None:
     """Host memory per node (module docstring of memory.py): breakdown lines, and a
     problem where a node declares less."""
-    from pipelines.runtime.engines import sleep_level
+    from pipelines.runtime.specs import sleep_level
 
     layout = plan.layout
     ranks: dict[int, int] = {}
