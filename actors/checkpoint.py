@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from actors.lora import language_targets
+
 MARKER = "COMPLETE"
 
 
@@ -111,10 +113,9 @@ def _write_hf(out: Path, state: dict, base_path: str, lora, merged: bool,
     if lora is not None:
         from peft import LoraConfig, get_peft_model
 
-        from actors.trainer import _language_targets
 
         config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=_language_targets(model, lora.target_modules))
+                            target_modules=language_targets(model, lora.target_modules))
         model = get_peft_model(model, config, adapter_name=lora.adapters[0])
         for name in lora.adapters[1:]:
             model.add_adapter(name, config)

@@ -230,7 +230,7 @@ class GeneratorPool:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         for actor in self.actors:
-            _wait_dead(actor)
+            wait_dead(actor)
 
     # -- helpers -------------------------------------------------------------
 
@@ -265,7 +265,7 @@ class GeneratorPool:
         logger.warning("restarting %s (restart %d of the pool): %r", self.name(i), self.restarts,
                        cause)
         ray.kill(self.actors[i], no_restart=True)
-        _wait_dead(self.actors[i])
+        wait_dead(self.actors[i])
         actor = self._start(i)
         calls = [actor.health.remote()]
         if weights is not None:
@@ -326,7 +326,7 @@ def balance(costs: Sequence[float], n_bins: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def _wait_dead(actor, timeout: float = 60.0) -> None:
+def wait_dead(actor, timeout: float = 60.0) -> None:
     """Block until calls to a killed actor fail, i.e. Ray has it dead and its name is free.
 
     ``ray.kill`` is asynchronous: a call sent just after it may still run.

@@ -37,24 +37,22 @@ import struct
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
-from typing import Literal, get_args
+from dataclasses import asdict, dataclass
 
 from actors.sandbox import SandboxWorker
 from actors.svg_checks import (
-    _DOCTYPE_WITHOUT_SUBSET,
+    DOCTYPE_WITHOUT_SUBSET,
+    FAILURES,
+    Failure,
+    Refusal,
     RefusedFetch,
-    _check_expansion,
-    _local,
-    _output_size,
-    _Reject,
-    _scan,
+    RenderLimits,
+    check_expansion,
     fetch_data_only,
+    local_name,
+    output_size,
+    scan_tree,
 )
-
-Failure = Literal["empty", "not_svg", "parse_error", "external_reference", "too_large",
-                  "timeout", "memory", "render_error", "cancelled"]
-FAILURES: tuple[str, ...] = get_args(Failure)
 
 
 @dataclass
@@ -68,40 +66,6 @@ class RenderResult:
     failure: Failure | None
     seconds: float  # dispatch to result in the parent; 0.0 if refused before reaching a worker
     detail: str = ""  # human-readable reason for logs; never contains fetched content
-
-
-@dataclass
-class RenderLimits:
-    """Per-render limits, applied inside each worker (wall-clock by the parent)."""
-
-    wall_seconds: float = 30.0
-    """Wall-clock seconds per render; the parent kills the worker after this (original: 30)."""
-    memory_bytes: int = 1 << 30
-    """Address-space limit (RLIMIT_AS) of each worker process."""
-    max_input_bytes: int = 2_000_000
-    """Longer documents are refused before parsing (failure "too_large")."""
-    max_side: float = 16384
-    """Largest accepted canvas side in px, before downscaling."""
-    max_aspect: float = 100
-    """Largest accepted ratio long side / short side."""
-    max_output_side: int = 1280
-    """PNG is rendered at most this wide and high, keeping the aspect ratio (never upscaled)."""
-    max_elements: int = 50_000
-    """Largest number of XML elements in the document."""
-    max_depth: int = 200
-    """Deepest element nesting (cairosvg draws recursively)."""
-    max_expanded_elements: int = 100_000
-    """Largest element count after expanding <use> and url(#id) references."""
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            if getattr(self, f.name) <= 0:
-                raise ValueError(f"RenderLimits.{f.name} must be > 0, got {getattr(self, f.name)}")
-        if self.memory_bytes < 64 << 20:
-            raise ValueError(f"RenderLimits.memory_bytes must be >= 64 MiB (a worker needs that "
-                             f"to import cairosvg), got {self.memory_bytes}")
-        if self.max_aspect < 1:
-            raise ValueError(f"RenderLimits.max_aspect must be >= 1, got {self.max_aspect}")
 
 
 @dataclass
@@ -142,7 +106,7 @@ def _classify(exc: BaseException) -> tuple[Failure, str]:
     from defusedxml import DefusedXmlException
     from PIL.Image import DecompressionBombError
 
-    if isinstance(exc, _Reject):
+    if isinstance(exc, Refusal):
         return exc.failure, exc.detail
     if isinstance(exc, (RefusedFetch, DefusedXmlException)):
         return "external_reference", f"{type(exc).__name__}: {exc}"
@@ -161,14 +125,14 @@ def _render_bytes(data: bytes, limits: RenderLimits) -> tuple[dict, bytes]:
     from defusedxml import ElementTree as DefusedET
 
     try:
-        data = _DOCTYPE_WITHOUT_SUBSET.sub(b"", data, count=1)
+        data = DOCTYPE_WITHOUT_SUBSET.sub(b"", data, count=1)
         root = DefusedET.fromstring(data, forbid_dtd=True, forbid_entities=True,
                                     forbid_external=True)
-        if _local(root.tag) != "svg":
-            raise _Reject("not_svg", f"root element is <{_local(root.tag)[:40]}>")
-        ids = _scan(root, limits)
-        _check_expansion(root, ids, limits)
-        out_w, out_h = _output_size(root, limits)
+        if local_name(root.tag) != "svg":
+            raise Refusal("not_svg", f"root element is <{local_name(root.tag)[:40]}>")
+        ids = scan_tree(root, limits)
+        check_expansion(root, ids, limits)
+        out_w, out_h = output_size(root, limits)
         # cairosvg re-parses the same bytes with the same defusedxml parser; svg2png
         # does not forward url_fetcher, PNGSurface.convert hands it to the Tree.
         png = cairosvg.surface.PNGSurface.convert(

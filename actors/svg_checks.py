@@ -11,11 +11,48 @@ import math
 import re
 import types
 from collections import Counter
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields
+from typing import Literal, get_args
 from urllib.parse import unquote_to_bytes
 
-if TYPE_CHECKING:
-    from actors.renderer import Failure, RenderLimits
+# Why a render failed (RenderResult.failure).
+Failure = Literal["empty", "not_svg", "parse_error", "external_reference", "too_large",
+                  "timeout", "memory", "render_error", "cancelled"]
+FAILURES: tuple[str, ...] = get_args(Failure)
+
+
+@dataclass
+class RenderLimits:
+    """Per-render limits, applied inside each worker (wall-clock by the parent)."""
+
+    wall_seconds: float = 30.0
+    """Wall-clock seconds per render; the parent kills the worker after this (original: 30)."""
+    memory_bytes: int = 1 << 30
+    """Address-space limit (RLIMIT_AS) of each worker process."""
+    max_input_bytes: int = 2_000_000
+    """Longer documents are refused before parsing (failure "too_large")."""
+    max_side: float = 16384
+    """Largest accepted canvas side in px, before downscaling."""
+    max_aspect: float = 100
+    """Largest accepted ratio long side / short side."""
+    max_output_side: int = 1280
+    """PNG is rendered at most this wide and high, keeping the aspect ratio (never upscaled)."""
+    max_elements: int = 50_000
+    """Largest number of XML elements in the document."""
+    max_depth: int = 200
+    """Deepest element nesting (cairosvg draws recursively)."""
+    max_expanded_elements: int = 100_000
+    """Largest element count after expanding <use> and url(#id) references."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"RenderLimits.{f.name} must be > 0, got {getattr(self, f.name)}")
+        if self.memory_bytes < 64 << 20:
+            raise ValueError(f"RenderLimits.memory_bytes must be >= 64 MiB (a worker needs that "
+                             f"to import cairosvg), got {self.memory_bytes}")
+        if self.max_aspect < 1:
+            raise ValueError(f"RenderLimits.max_aspect must be >= 1, got {self.max_aspect}")
 
 # ---------------------------------------------------------------- extraction
 
@@ -95,7 +132,7 @@ def svg_like(code: str | None) -> bool:
 
 # ------------------------------------------------- validation (in the worker)
 
-_DOCTYPE_WITHOUT_SUBSET = re.compile(rb"<!DOCTYPE[^\[>]*>", re.IGNORECASE)
+DOCTYPE_WITHOUT_SUBSET = re.compile(rb"<!DOCTYPE[^\[>]*>", re.IGNORECASE)
 _URL_REF = re.compile(r"url\(\s*['\"]?\s*([^'\")\s]*)", re.IGNORECASE)
 # CSS Syntax 4.3.7: a backslash and 1-6 hex digits plus one optional whitespace,
 # or a backslash and any other character, which stands for itself; a backslash
@@ -112,7 +149,7 @@ class RefusedFetch(Exception):
     """cairosvg asked for a resource that the sandbox does not serve."""
 
 
-class _Reject(Exception):
+class Refusal(Exception):
     def __init__(self, failure: Failure, detail: str):
         super().__init__(detail)
         self.failure, self.detail = failure, detail
@@ -177,7 +214,7 @@ def fetch_data_only(url: str, resource_type: str) -> bytes:
         raise RefusedFetch(str(exc)) from None
 
 
-def _local(name: str) -> str:
+def local_name(name: str) -> str:
     return name.rsplit("}", 1)[-1]
 
 
@@ -223,10 +260,10 @@ def _references(el, include_external: bool = True) -> list[tuple[str, str]]:
     a link, not drawn), "url" or "@import"; without `include_external`, the `#id`s only."""
     refs = []
     for name, value in el.attrib.items():
-        if _local(name) in ("href", "src") and _local(el.tag) != "a":
+        if local_name(name) in ("href", "src") and local_name(el.tag) != "a":
             refs.append(("href", value.strip()))
-        refs.extend(_css_references(value, imports=_local(name) == "style"))
-    if _local(el.tag) == "style" and el.text:
+        refs.extend(_css_references(value, imports=local_name(name) == "style"))
+    if local_name(el.tag) == "style" and el.text:
         refs.extend(_css_references(el.text, imports=True))
     return [r for r in refs if include_external or r[1].startswith("#")]
 
@@ -235,34 +272,34 @@ def _check_reference(kind: str, ref: str) -> None:
     """Refuse an @import, a url() other than url(#id), an href other than #id or a
     data: URI of a raster image."""
     if kind == "@import":
-        raise _Reject("external_reference",
+        raise Refusal("external_reference",
                       "CSS @import (found after decoding CSS escapes and comments)")
     if ref.startswith("#") and len(ref) > 1:
         return
     if kind == "url":
         # cairosvg resolves url() only to elements (fill, clip-path, mask, ...): an image
         # in it has no use, and nothing fetched for CSS is ever looked at again.
-        raise _Reject("external_reference",
+        raise Refusal("external_reference",
                       f"url({ref[:80]!r}) is not url(#id) (found after decoding CSS escapes)")
     if ref[:5].lower() != "data:":
-        raise _Reject("external_reference",
+        raise Refusal("external_reference",
                       f"reference {ref[:80]!r} is neither #id nor a data: raster image")
     try:
         _decode_raster_data_uri(ref)
     except ValueError as exc:
-        raise _Reject("external_reference", f"{exc} (href {ref[:40]!r}...)") from None
+        raise Refusal("external_reference", f"{exc} (href {ref[:40]!r}...)") from None
 
 
-def _scan(root, limits: RenderLimits) -> dict:
+def scan_tree(root, limits: RenderLimits) -> dict:
     """Check counts, depth and references; return the id -> element map (first id wins)."""
     stack, count = [(root, 1)], 0
     while stack:
         el, depth = stack.pop()
         count += 1
         if count > limits.max_elements:
-            raise _Reject("too_large", f"more than max_elements={limits.max_elements} elements")
+            raise Refusal("too_large", f"more than max_elements={limits.max_elements} elements")
         if depth > limits.max_depth:
-            raise _Reject("too_large", f"nesting deeper than max_depth={limits.max_depth}")
+            raise Refusal("too_large", f"nesting deeper than max_depth={limits.max_depth}")
         for kind, ref in _references(el):
             _check_reference(kind, ref)
         stack.extend((child, depth + 1) for child in el)
@@ -273,7 +310,7 @@ def _scan(root, limits: RenderLimits) -> dict:
     return ids
 
 
-def _check_expansion(root, ids: dict, limits: RenderLimits) -> None:
+def check_expansion(root, ids: dict, limits: RenderLimits) -> None:
     """Refuse documents whose <use>/url(#id) expansion exceeds max_expanded_elements.
 
     cost(el) = 1 + sum(cost(children)) + sum(cost(referenced elements)), by an
@@ -301,15 +338,15 @@ def _check_expansion(root, ids: dict, limits: RenderLimits) -> None:
         stack.append((el, True))
         for dep in deps(el):
             if id(dep) in on_path:
-                raise _Reject("too_large", "reference cycle (unbounded <use> expansion)")
+                raise Refusal("too_large", "reference cycle (unbounded <use> expansion)")
             if id(dep) not in cost:
                 stack.append((dep, False))
     if cost[id(root)] >= cap:
-        raise _Reject("too_large", f"more than max_expanded_elements="
+        raise Refusal("too_large", f"more than max_expanded_elements="
                                    f"{limits.max_expanded_elements} after expanding references")
 
 
-def _output_size(root, limits: RenderLimits) -> tuple[int, int]:
+def output_size(root, limits: RenderLimits) -> tuple[int, int]:
     """Canvas size as cairosvg reads it, checked, then clamped to max_output_side."""
     from cairosvg.helpers import node_format
 
@@ -319,16 +356,16 @@ def _output_size(root, limits: RenderLimits) -> tuple[int, int]:
     try:
         width, height, _ = node_format(probe, root)
     except (ValueError, IndexError) as exc:
-        raise _Reject("parse_error", f"unreadable width/height/viewBox: {exc}") from exc
+        raise Refusal("parse_error", f"unreadable width/height/viewBox: {exc}") from exc
     if not (math.isfinite(width) and math.isfinite(height)):
-        raise _Reject("too_large", f"canvas {width} x {height}")
+        raise Refusal("too_large", f"canvas {width} x {height}")
     if width <= 0 or height <= 0:
-        raise _Reject("render_error", f"canvas size undefined ({width} x {height})")
+        raise Refusal("render_error", f"canvas size undefined ({width} x {height})")
     if max(width, height) > limits.max_side:
-        raise _Reject("too_large",
+        raise Refusal("too_large",
                       f"canvas {width:g} x {height:g} exceeds max_side={limits.max_side}")
     if max(width, height) / min(width, height) > limits.max_aspect:
-        raise _Reject("too_large", f"aspect of {width:g} x {height:g} exceeds "
+        raise Refusal("too_large", f"aspect of {width:g} x {height:g} exceeds "
                                    f"max_aspect={limits.max_aspect}")
     scale = min(1.0, limits.max_output_side / width, limits.max_output_side / height)
     return max(1, round(width * scale)), max(1, round(height * scale))

@@ -35,6 +35,7 @@ import torch
 
 from actors import fsdp
 from actors.batching import InputBuilder, TrainBatch, micro_batches
+from actors.lora import adapter_of, language_targets, peft_name
 from actors.objectives import (
     ObjectiveSpec,
     chunked_token_logprobs,
@@ -146,7 +147,7 @@ class TrainerActor:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if self.spec.lora is None or len(self.spec.lora.adapters) == 1:
             return [p for _, p in named]
-        return [p for n, p in named if _adapter_of(n) == policy]
+        return [p for n, p in named if adapter_of(n) == policy]
 
     def _activate(self, adapter: str | None) -> str:
         """Route the forward pass through ``adapter`` (default: the first policy)."""
@@ -244,7 +245,7 @@ class TrainerActor:
         if self.rank != 0:
             return []
         if self.spec.lora is not None:
-            state = {_peft_name(k): v for k, v in state.items() if "lora_" in k}
+            state = {peft_name(k): v for k, v in state.items() if "lora_" in k}
         return put_buckets(make_buckets(state.items(), bucket_bytes))
 
     def adapter(self, name: str | None = None) -> list:
@@ -266,9 +267,9 @@ class TrainerActor:
             raise ValueError(f"unknown adapter {adapter!r}; this trainer has {self.policies}")
         tensors = []
         for param_name, p in self.model.named_parameters():
-            if _adapter_of(param_name) == adapter:
+            if adapter_of(param_name) == adapter:
                 full = p.full_tensor() if isinstance(p, DTensor) else p
-                tensors.append((_peft_name(param_name, adapter), full.detach().float().cpu()))
+                tensors.append((peft_name(param_name, adapter), full.detach().float().cpu()))
         if self.rank != 0:
             return []
         config = self.model.peft_config[adapter].to_dict()
@@ -383,12 +384,12 @@ class TrainerActor:
 
             lora = self.spec.lora
             config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                target_modules=_language_targets(model, lora.target_modules))
+                                target_modules=language_targets(model, lora.target_modules))
             model = get_peft_model(model, config, adapter_name=lora.adapters[0])
             for name in lora.adapters[1:]:
                 model.add_adapter(name, config)
             for name, p in model.named_parameters():  # every adapter trainable
-                if _adapter_of(name) is not None:
+                if adapter_of(name) is not None:
                     p.requires_grad_(True)
         return self._shard(model, offload=self.spec.offload)
 
@@ -576,26 +577,6 @@ def _to_device(mb: dict, device: torch.device) -> dict:
 
     return {k: ({n: move(t) for n, t in v.items()} if isinstance(v, dict) else move(v))
             for k, v in mb.items()}
-
-
-def _language_targets(model, names: list[str]) -> list[str]:
-    """Full module paths of the language model's target modules (not the vision tower's)."""
-    return [n for n, _ in model.named_modules()
-            if n.split(".")[-1] in names and ".visual." not in f".{n}."]
-
-
-def _adapter_of(name: str) -> str | None:
-    """The LoRA adapter a parameter belongs to (``...lora_A.<adapter>.weight``), or None."""
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.startswith("lora_"):
-            return parts[i + 1]
-    return None
-
-
-def _peft_name(name: str, adapter: str = "default") -> str:
-    """FSDP/peft state-dict name -> peft adapter-file name (no adapter segment)."""
-    return name.replace(f".{adapter}.", ".") if _adapter_of(name) == adapter else name
 
 
 def _scheduler_state(scheduler) -> dict:

@@ -15,7 +15,6 @@ import numpy as np
 from actors.batching import TrainBatch
 from actors.trainer import TrainerActor, TrainerSpec, merge_metrics
 
-
 # A rank on a CPU host frees and allocates the same activation buffers (gigabytes at
 # a time) in every forward and backward. glibc hands a freed block of 32 MiB or more
 # back to the OS at once (munmap), so each reuse faults every page in again: 40% of
@@ -170,9 +169,9 @@ class TrainerGroup:
         """Kill every rank and wait until Ray reports them dead (names and bundles free)."""
         import ray
 
-        from actors.pool import _wait_dead
+        from actors.pool import wait_dead
 
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         for actor in self.actors:
-            _wait_dead(actor)
+            wait_dead(actor)

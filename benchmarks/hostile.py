@@ -104,9 +104,9 @@ def renderer_checks(svg: str) -> None:
 
     root = ElementTree.fromstring(svg.encode())
     try:
-        svg_checks._scan(root, renderer.RenderLimits())
-        svg_checks._check_expansion(root, {}, renderer.RenderLimits())
-    except svg_checks._Reject:
+        svg_checks.scan_tree(root, renderer.RenderLimits())
+        svg_checks.check_expansion(root, {}, renderer.RenderLimits())
+    except svg_checks.Refusal:
         pass
 
 

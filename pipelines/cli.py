@@ -157,8 +157,8 @@ def _local_cpus(cfg) -> int:
     """
     import os
 
-    from pipelines.recipes.base import build_recipe
-    from pipelines.runtime.placement import resolve_layout
+    from pipelines.layouts import resolve_layout
+    from pipelines.registry import build_recipe
 
     roles = build_recipe(cfg).roles
     p = cfg.placement

@@ -15,7 +15,6 @@ built from the recipe's settings dataclass (``pipelines/recipes``) and read as
 
 from __future__ import annotations
 
-import copy
 import difflib
 import math
 import types
@@ -28,34 +27,27 @@ import yaml
 
 from pipelines.config_yaml import (
     ConfigError,
-    _load_file,
-    _name,
-    _parse_yaml,
-    _show,
+    key_name,
+    load_file,
+    param,
+    parse_yaml,
+    show,
 )
+from pipelines.layouts import ClusterSpec, PhaseLayout, PlacementConfig, RoleLayout
 
 __all__ = [
+    "ClusterSpec",
     "Config",
     "ConfigError",
+    "PhaseLayout",
+    "PlacementConfig",
+    "RoleLayout",
     "load_config",
     "config_from_dict",
     "config_to_dict",
     "dump_config",
     "param",
 ]
-
-
-def param(default: Any, doc: str, *, gt=None, ge=None, lt=None, le=None) -> Any:
-    """A documented dataclass field with an optional numeric range.
-
-    ``doc`` is shown by ``coevolve config show --doc``; the bounds are checked
-    on load. Mutable defaults (lists, dicts, dataclasses) are copied per
-    instance.
-    """
-    meta = {"doc": doc, "gt": gt, "ge": ge, "lt": lt, "le": le}
-    if isinstance(default, (list, dict)) or is_dataclass(default):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 # --------------------------------------------------------------------------
@@ -273,92 +265,6 @@ class AlgorithmConfig:
 
 
 @dataclass
-class RoleLayout:
-    engines: int = param(1, "Number of vLLM engines serving this role.", ge=0)
-    gpus_per_engine: int = param(0, "GPUs per engine (0 on a CPU host).", ge=0)
-    tensor_parallel: int = param(1, "Tensor-parallel size of each engine.", ge=1)
-    cpus_per_engine: int = param(1, "CPUs reserved per engine.", ge=0)
-
-    def check(self) -> None:
-        if self.gpus_per_engine and self.gpus_per_engine < self.tensor_parallel:
-            raise ConfigError(
-                f"gpus_per_engine: must be >= tensor_parallel ({self.tensor_parallel}), "
-                f"got {self.gpus_per_engine}"
-            )
-
-
-@dataclass
-class ClusterSpec:
-    nodes: int = param(0, "Nodes of the cluster the layout targets (0 = not declared).", ge=0)
-    gpus_per_node: int = param(0, "GPUs per node.", ge=0)
-    cpus_per_node: int = param(0, "CPUs per node (0 = not checked).", ge=0)
-    gpu_memory_gib: float = param(0.0, "Memory of one GPU in GiB (0 = unknown: no memory check).", ge=0)
-    host_memory_gib: float = param(
-        1024.0, "Host memory of one node in GiB, which coevolve plan checks the trainer ranks' "
-                "and sleeping engines' host memory against (default 1 TiB; 0 = not checked).",
-        ge=0)
-
-    @property
-    def declared(self) -> bool:
-        return self.nodes > 0
-
-    def check(self) -> None:
-        if self.declared and self.gpus_per_node == 0 and self.gpu_memory_gib:
-            raise ConfigError("gpu_memory_gib: set only with gpus_per_node > 0")
-
-
-@dataclass
-class PhaseLayout:
-    trainer_ranks: int | None = param(
-        None, "Trainer ranks in this phase (default: placement.trainer_ranks).", ge=1)
-    roles: dict[str, RoleLayout] = param(
-        {}, "Engines per role in this phase; when given it replaces placement.roles "
-            "(a role left out runs no engine in this phase).")
-    colocate: list[str] | None = param(
-        None, "Roles whose engines share the trainer ranks' GPUs in this phase, one engine "
-              "per rank (default: placement.colocate).")
-    gpu_memory_utilization: float | None = param(
-        None, "vLLM's share of each engine GPU in this phase (default: "
-              "generator.gpu_memory_utilization); lower it when engines share the trainer's GPUs.",
-        gt=0, le=1)
-
-
-@dataclass
-class PlacementConfig:
-    trainer_ranks: int = param(1, "FSDP trainer ranks (one device each on a GPU host).", ge=1)
-    gpus_per_rank: int = param(0, "GPUs per trainer rank (0 on a CPU host, else 1).", ge=0, le=1)
-    cpus_per_rank: int = param(1, "CPUs reserved per trainer rank.", ge=0)
-    cpu_threads: Literal["reserved", "all"] = param(
-        "reserved", "CPU hosts: the threads of each trainer rank and engine. reserved: its "
-        "cpus_per_rank / cpus_per_engine. all: the whole host's cores, split evenly between "
-        "the trainer ranks and between the engines of one role, because the trainer and the "
-        "engines take turns (generate, then update): each works with every core while the "
-        "others wait without spinning. Not with run.overlap, where they work at once. "
-        "docs/architecture.md#all-cores")
-    roles: dict[str, RoleLayout] = param(
-        {}, "Engine layout per generating role (e.g. policy for the simple recipe; proposer, "
-            "codegen and solver for MM-Zero); each role the recipe samples from needs one.",
-    )
-    colocate: list[str] = param(
-        [], "Roles whose engines share the trainer ranks' GPUs, one engine per rank.")
-    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = param(
-        "PACK", "Ray placement strategy of each role's placement group (PACK: few nodes; "
-                "SPREAD: across nodes).")
-    phases: dict[str, PhaseLayout] = param(
-        {}, "Per-phase layouts by phase name (e.g. proposer, codegen, solver); placement "
-            "groups are released and re-created between phases whose layouts differ.")
-    cluster: ClusterSpec = param(
-        ClusterSpec(), "The cluster this layout is meant for; checked on load when declared.")
-
-    def check(self) -> None:
-        # Cross-field rules (GPU/CPU consistency, colocation, cluster size) live
-        # with the placement code; imported here to keep one source of truth.
-        from pipelines.runtime.placement import check_placement
-
-        check_placement(self)
-
-
-@dataclass
 class LoggingConfig:
     wandb: Literal["offline", "online", "disabled"] = param(
         "offline", "wandb mode: offline (default, syncable later), online, or disabled."
@@ -444,25 +350,25 @@ def _load_layered(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path in seen:
         raise ConfigError(f"{path}: base files form a cycle: "
                           f"{' -> '.join(str(p) for p in (*seen, path))}")
-    data = _load_file(path)
+    data = load_file(path)
     base = data.pop("base", None)
     if base is None:
         return data
     if not isinstance(base, str) or not base:
         raise ConfigError(f"{path}: base must be the path of another config file, "
-                          f"got {_show(base)}")
+                          f"got {show(base)}")
     return _merge(_load_layered(path.parent / base, (*seen, path)), data)
 
 
 def config_from_dict(data: dict) -> Config:
-    from pipelines.recipes import BUILTIN_RECIPES, resolve_recipe
+    from pipelines.registry import BUILTIN_RECIPES, resolve_recipe
 
     if not isinstance(data, dict):
-        raise ConfigError(f"config: expected a mapping of fields, got {_show(data)}")
+        raise ConfigError(f"config: expected a mapping of fields, got {show(data)}")
     run = data.get("run")
     name = run.get("recipe", RunConfig.recipe) if isinstance(run, dict) else RunConfig.recipe
     if not isinstance(name, str):
-        raise ConfigError(f"run.recipe: expected a string, got {_show(name)}")
+        raise ConfigError(f"run.recipe: expected a string, got {show(name)}")
     try:
         ref = resolve_recipe(name)
     except ValueError as err:
@@ -538,20 +444,20 @@ def _dump_documented(obj: Any, indent: int, out: list[str]) -> None:
 def _apply_override(data: dict, item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {_show(item)}: expected KEY=VALUE, e.g. trainer.lr=2e-6")
+        raise ConfigError(f"override {show(item)}: expected KEY=VALUE, e.g. trainer.lr=2e-6")
     node = data
     parts = key.strip().split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {_show(item)}: {_name(part)} is a value, not a section")
+            raise ConfigError(f"override {show(item)}: {key_name(part)} is a value, not a section")
         node = child
-    node[parts[-1]] = _parse_yaml(raw, f"override {_name(key.strip())}") if raw.strip() else ""
+    node[parts[-1]] = parse_yaml(raw, f"override {key_name(key.strip())}") if raw.strip() else ""
 
 
 def _build(cls: type, data: Any, path: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping of fields, got {_show(data)}")
+        raise ConfigError(f"{path or 'config'}: expected a mapping of fields, got {show(data)}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in fields(cls) if "recipe" not in f.metadata}
     for key in data:
@@ -596,16 +502,16 @@ def _coerce(tp: Any, value: Any, path: str, meta: Any = None) -> Any:
         if value not in args:
             hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             extra = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(f"{path}: must be one of {list(args)}, got {_show(value)}{extra}")
+            raise ConfigError(f"{path}: must be one of {list(args)}, got {show(value)}{extra}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {_show(value)}")
+            raise ConfigError(f"{path}: expected a list, got {show(value)}")
         return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {_show(value)}")
-        return {str(k): _coerce(args[1], v, f"{path}.{_name(k)}") for k, v in value.items()}
+            raise ConfigError(f"{path}: expected a mapping, got {show(value)}")
+        return {str(k): _coerce(args[1], v, f"{path}.{key_name(k)}") for k, v in value.items()}
     value = _scalar(tp, value, path)
     if meta:
         _check_range(value, path, meta)
@@ -616,17 +522,17 @@ def _scalar(tp: type, value: Any, path: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{path}: expected true or false, got {_show(value)}")
+        raise ConfigError(f"{path}: expected true or false, got {show(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{path}: expected an integer, got {_show(value)}")
+        raise ConfigError(f"{path}: expected an integer, got {show(value)}")
     if tp is float:
         return _finite_float(value, path)
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{path}: expected a string, got {_show(value)} (quote it in YAML)")
+        raise ConfigError(f"{path}: expected a string, got {show(value)} (quote it in YAML)")
     raise TypeError(f"config schema uses an unsupported type {tp!r} at {path}")
 
 
@@ -637,16 +543,16 @@ def _finite_float(value: Any, path: str) -> float:
     passes every range check since all comparisons with it are false).
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f"{path}: expected a number, got {_show(value)}")
+        raise ConfigError(f"{path}: expected a number, got {show(value)}")
     try:
         # YAML 1.1 reads `1e-6` (no dot) as a string: accept any float literal.
         number = float(value)
     except ValueError:
-        raise ConfigError(f"{path}: expected a number, got {_show(value)}") from None
+        raise ConfigError(f"{path}: expected a number, got {show(value)}") from None
     except OverflowError:  # an int of hundreds of digits
-        raise ConfigError(f"{path}: {_show(value)} is too large for a number") from None
+        raise ConfigError(f"{path}: {show(value)} is too large for a number") from None
     if not math.isfinite(number):
-        raise ConfigError(f"{path}: must be a finite number, got {_show(value)}")
+        raise ConfigError(f"{path}: must be a finite number, got {show(value)}")
     return number
 
 
@@ -656,14 +562,14 @@ def _check_range(value: Any, path: str, meta: Any) -> None:
     for key, text, ok in bounds:
         bound = meta.get(key)
         if bound is not None and not ok(value, bound):
-            raise ConfigError(f"{path}: must be {text}{bound}, got {_show(value)}")
+            raise ConfigError(f"{path}: must be {text}{bound}, got {show(value)}")
 
 
 def _unknown_key_message(path: str, key: str, valid: list[str]) -> str:
     where = path or "the top level"
     close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
     hint = f"did you mean {_join(path, close[0])!r}? " if close else ""
-    return (f"{_join(path, _name(key))}: unknown key in {where}; {hint}"
+    return (f"{_join(path, key_name(key))}: unknown key in {where}; {hint}"
             f"valid keys: {', '.join(valid)}")
 
 

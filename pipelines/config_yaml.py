@@ -9,7 +9,9 @@ most MAX_MESSAGE characters (``ConfigError``).
 
 from __future__ import annotations
 
+import copy
 import stat
+from dataclasses import field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +41,9 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------
 
 
-def _load_file(path: Path) -> dict:
+def load_file(path: Path) -> dict:
     """The top-level mapping of a YAML config file."""
-    loaded = _parse_yaml(_read_text(path), str(path))
+    loaded = parse_yaml(_read_text(path), str(path))
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
     return loaded or {}
@@ -83,7 +85,7 @@ def _unreadable(path: Path, err: Exception) -> ConfigError:
     return ConfigError(f"{path}: cannot read the config file: {reason}")
 
 
-def _parse_yaml(text: str, where: str) -> Any:
+def parse_yaml(text: str, where: str) -> Any:
     """``yaml.safe_load`` through _ConfigLoader; any failure is a ConfigError naming ``where``."""
     try:
         loader = _ConfigLoader(text)
@@ -164,7 +166,7 @@ class _ConfigLoader(yaml.SafeLoader):
             # AttributeError (!!timestamp x), IndexError (!!float ""), KeyError (!!bool x).
             reason = f": {_clip(str(err), MAX_ECHO)}" if isinstance(err, ValueError) else ""
             raise yaml.constructor.ConstructorError(
-                None, None, f"invalid {_short_tag(node.tag)} value {_show(node.value)}{reason}",
+                None, None, f"invalid {_short_tag(node.tag)} value {show(node.value)}{reason}",
                 node.start_mark) from None
 
     def construct_undefined(self, node):
@@ -184,7 +186,7 @@ def _refuse_duplicate_keys(node: yaml.MappingNode) -> None:
             seen = first.setdefault((key.tag, key.value), key.start_mark)
             if seen is not key.start_mark:
                 raise yaml.composer.ComposerError(
-                    None, None, f"duplicate key {_show(key.value)} (first at line "
+                    None, None, f"duplicate key {show(key.value)} (first at line "
                     f"{seen.line + 1}, column {seen.column + 1})", key.start_mark)
 
 
@@ -233,15 +235,15 @@ def _refuse_expansion(root: yaml.Node) -> None:
 # --------------------------------------------------------------------------
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
     """``repr(value)`` cut to MAX_ECHO characters: a message repeats a value, not a file."""
     return _clip(repr(value), MAX_ECHO)
 
 
-def _name(key: Any) -> str:
+def key_name(key: Any) -> str:
     """A user's key inside a field path: itself when short and printable, else cut like a value."""
     text = str(key)
-    return text if len(text) <= MAX_ECHO and text.isprintable() else _show(text)
+    return text if len(text) <= MAX_ECHO and text.isprintable() else show(text)
 
 
 def _clip(text: str, limit: int) -> str:
@@ -257,3 +259,16 @@ def _printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def param(default: Any, doc: str, *, gt=None, ge=None, lt=None, le=None) -> Any:
+    """A documented dataclass field with an optional numeric range.
+
+    ``doc`` is shown by ``coevolve config show --doc``; the bounds are checked
+    on load. Mutable defaults (lists, dicts, dataclasses) are copied per
+    instance.
+    """
+    meta = {"doc": doc, "gt": gt, "ge": ge, "lt": lt, "le": le}
+    if isinstance(default, (list, dict)) or is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)

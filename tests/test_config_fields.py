@@ -79,7 +79,7 @@ def other_value(path: str, kind, current):
 
 def built(cfg) -> dict:
     from pipelines.algorithms.estimators import make_estimator, make_kl_controller
-    from pipelines.runtime.placement import phase_layouts
+    from pipelines.layouts import phase_layouts
     from pipelines.runtime.specs import engine_spec, trainer_spec
 
     estimator = make_estimator(cfg.algorithm)
@@ -172,8 +172,8 @@ def test_max_pixels_reaches_engines_and_trainer_alike():
 def test_coevolve_generate_samples_with_the_engine_a_phase_builds():
     """One spec builder (pipelines/runtime/specs.py): the CLI's engine is a phase's."""
     from pipelines.cli import generate_spec
-    from pipelines.recipes.base import build_recipe
-    from pipelines.runtime.placement import resolve_layout
+    from pipelines.layouts import resolve_layout
+    from pipelines.registry import build_recipe
     from pipelines.runtime.specs import role_engine_spec
 
     cfg = load_config(ROOT / "configs/simple/tiny-cpu.yaml",

@@ -8,7 +8,7 @@ import pytest
 
 from pipelines.config import load_config
 from pipelines.contract import ContractError, Scores, check_recipe, phase_spec, recipe_spec
-from pipelines.recipes.base import build_recipe
+from pipelines.registry import build_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

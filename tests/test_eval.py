@@ -329,7 +329,7 @@ def test_per_item_seeds_give_the_same_results_on_one_and_two_engines(ray_cluster
     split over both, so items meet other batch neighbours)."""
     import dataclasses
 
-    from pipelines.eval.harness import start_pool
+    from pipelines.eval.engines import start_pool
 
     cfg = _cfg()
     greedy = dataclasses.replace(BUILTIN["smoke"], max_tokens=12)
@@ -370,14 +370,14 @@ def test_a_peft_adapter_folder_is_served_on_the_base_it_names(engines, tmp_path)
     from transformers import AutoModelForImageTextToText
 
     from actors.generator import Request, Sampling
+    from actors.lora import language_targets
     from actors.models import resolve_model
-    from actors.trainer import _language_targets
     from pipelines.cli import main
 
     base = resolve_model("tiny://qwen2.5-vl")
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(
-        r=8, lora_alpha=16, target_modules=_language_targets(model, ["q_proj", "v_proj"])))
+        r=8, lora_alpha=16, target_modules=language_targets(model, ["q_proj", "v_proj"])))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

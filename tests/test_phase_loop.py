@@ -21,7 +21,7 @@ import pytest
 
 from actors.generator import Completion, Request, Sampling
 from pipelines.config import load_config
-from pipelines.recipes.base import Scores
+from pipelines.contract import Scores
 from pipelines.runtime.phase import PhaseRunner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,7 +256,7 @@ class TwoPolicyPhase(TablePhase):
     policies = ("a", "b")
 
     def rollout(self, step, rng, ctx):
-        from pipelines.recipes.base import Rollout
+        from pipelines.contract import Rollout
 
         requests = self.requests(step, rng)
         scores = self.score(requests, None, ctx)

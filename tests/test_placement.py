@@ -25,6 +25,14 @@ if __name__ == "__main__":  # run as the scenario script: make the repo importab
 import pytest
 
 from pipelines.config import ConfigError, load_config
+from pipelines.layouts import (
+    Node,
+    PlacementError,
+    group_specs,
+    resolve_layout,
+    simulate,
+    thread_counts,
+)
 from pipelines.runtime.memory import (
     BUILTIN_MODELS,
     CONTEXT_BYTES,
@@ -37,15 +45,7 @@ from pipelines.runtime.memory import (
     optimizer_state,
     trainer_memory,
 )
-from pipelines.runtime.placement import (
-    Node,
-    Placement,
-    PlacementError,
-    group_specs,
-    resolve_layout,
-    simulate,
-    thread_counts,
-)
+from pipelines.runtime.placement import Placement
 from pipelines.runtime.plan import run_plan
 
 LAYOUTS = ROOT / "configs" / "layouts"

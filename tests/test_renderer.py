@@ -192,7 +192,7 @@ def test_url_fetcher_is_the_backstop_when_validation_is_bypassed(monkeypatch, tm
                            "image/*") == raster
     # In this process, with the validator switched off, cairosvg itself must go
     # through fetch_data_only and refuse the file.
-    monkeypatch.setattr(renderer, "_scan", lambda root, limits: {})
+    monkeypatch.setattr(renderer, "scan_tree", lambda root, limits: {})
     svg = f'<svg {NS} width="10" height="10"><image href="file://{tmp_path}/secret.png" ' \
           'width="8" height="8"/></svg>'
     header, png = renderer._render_bytes(svg.encode(), RenderLimits())
@@ -430,9 +430,9 @@ def test_degenerate_css_gets_a_verdict():
         svg = f'<svg {NS} width="9" height="9"><style>{css}</style><rect style="{css}"/></svg>'
         root = DefusedET.fromstring(svg.encode())
         try:
-            svg_checks._scan(root, RenderLimits())
-            svg_checks._check_expansion(root, {}, RenderLimits())
-        except svg_checks._Reject as err:
+            svg_checks.scan_tree(root, RenderLimits())
+            svg_checks.check_expansion(root, {}, RenderLimits())
+        except svg_checks.Refusal as err:
             refused.append(str(err)[:40])
     assert len(refused) == 1 and "url(" in refused[0]  # only "url(" spam names a target
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import dump_config, load_config
-from pipelines.runtime.placement import resolve_layout
+from pipelines.layouts import resolve_layout
 from pipelines.runtime.timings import predict, read_timings, timings_report
 
 ROOT = Path(__file__).resolve().parents[1]

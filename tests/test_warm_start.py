@@ -77,7 +77,7 @@ def test_warm_start_trains_once_is_cached_and_every_role_starts_from_it(ray_clus
     from safetensors.numpy import load_file
 
     from pipelines.config import load_config
-    from pipelines.recipes.base import build_recipe
+    from pipelines.registry import build_recipe
     from pipelines.runtime.driver import Driver
     from pipelines.runtime.metrics import read_metrics
     from pipelines.runtime.warm_start import cache_root, warm_start

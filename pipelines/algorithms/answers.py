@@ -23,7 +23,7 @@ MAX_ANSWER_CHARS = 2000
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
-def _balanced(text: str, start: int) -> int | None:
+def closing_brace(text: str, start: int) -> int | None:
     """Index of the `}` closing the group opened just before `start`, or None.
     Escaped characters (`\\{`, `\\}`, `\\\\`) do not count as braces."""
     depth, i = 1, start
@@ -52,7 +52,7 @@ def extract_boxed(text: str | None) -> str | None:
         return None
     found, pos = None, 0
     while (m := _BOX_RE.search(text, pos)) is not None:
-        end = _balanced(text, m.end())
+        end = closing_brace(text, m.end())
         if end is None:
             return None
         found, pos = text[m.end():end], end + 1
@@ -186,7 +186,7 @@ def normalize(s: str | None) -> str:
         s = s[2:-2].strip()
     s = _PREFIX_RE.sub("", s, count=1)
     s = s.rstrip(". ")
-    if len(s) > 1 and s[0] == "{" and _balanced(s, 1) == len(s) - 1:
+    if len(s) > 1 and s[0] == "{" and closing_brace(s, 1) == len(s) - 1:
         s = s[1:-1].strip()
     return _strip_thousands(s)
 
@@ -208,7 +208,7 @@ _LETTER_RE = re.compile(r"(?:(?:option|choice)\s*[:.]?\s*)?\(?([a-z])\)?[.:]?")
 _LETTER_TEXT_RE = re.compile(r"(?:\(([a-z])\)|([a-z])[.)])\s+(\S.*)")
 
 
-def _option(s: str) -> tuple[str, str | None] | None:
+def option_of(s: str) -> tuple[str, str | None] | None:
     """(letter, option text or None) of a normalised answer that names an
     option: "b", "(b)", "b)", "option b", "(b) 42", "b. 42". "b 42" does not
     (too easily a word)."""
@@ -265,7 +265,7 @@ def _number(s: str) -> float | None:
     return None
 
 
-def _quantity(raw: str, norm: str) -> tuple[float, bool, str | None] | None:
+def quantity_of(raw: str, norm: str) -> tuple[float, bool, str | None] | None:
     """(value, has percent sign, canonical unit or None) when `norm` is a number
     with at most one known unit; None otherwise. `raw` is consulted for `%`,
     which normalisation has already dropped."""
@@ -287,7 +287,7 @@ def _quantity(raw: str, norm: str) -> tuple[float, bool, str | None] | None:
     return value, percent, unit
 
 
-def _numeric_equal(a: tuple, b: tuple, rel_tol: float, percent_equiv: bool) -> bool:
+def numeric_equal(a: tuple, b: tuple, rel_tol: float, percent_equiv: bool) -> bool:
     (va, pa, ua), (vb, pb, ub) = a, b
     if ua is not None and ub is not None and ua != ub:
         return False
@@ -351,7 +351,7 @@ def _single_expression(s: str) -> bool:
     return depth == 0
 
 
-def _worth_symbolic(p: str, r: str) -> bool:
+def worth_symbolic(p: str, r: str) -> bool:
     """Whether a normalised pair may be sent to math-verify: neither side a bare
     letter (option letters and lone variables were settled by steps 1-2), each
     side a single expression (`_single_expression`), at least one side with a

@@ -14,7 +14,7 @@ normalisation.
      0.333 != 1/3 at the default 1e-4 even though math-verify would round;
   4. symbolic: math-verify `parse`/`verify` in a worker subprocess under a hard
      wall-clock limit, only for pairs that look like mathematics (see
-     `_worth_symbolic`): plain words such as "dog"/"god" would otherwise parse
+     `worth_symbolic`): plain words such as "dog"/"god" would otherwise parse
      as products of symbols and compare equal.
 
 Hedges never grade as correct. math-verify picks an expression out of any text,
@@ -63,12 +63,12 @@ from dataclasses import dataclass
 from pipelines.algorithms.answers import (
     DEFAULT_REL_TOL,
     MAX_ANSWER_CHARS,
-    _numeric_equal,
-    _option,
-    _quantity,
-    _worth_symbolic,
     math_verify_equal,
     normalize,
+    numeric_equal,
+    option_of,
+    quantity_of,
+    worth_symbolic,
 )
 
 logger = logging.getLogger(__name__)
@@ -202,17 +202,17 @@ class Grader:
         by_option = self._grade_option(p, r, options, percent_equiv, rel_tol, timeout)
         if by_option is not None:
             return by_option
-        qp, qr = _quantity(pred, p), _quantity(ref, r)
+        qp, qr = quantity_of(pred, p), quantity_of(ref, r)
         if qp is not None and qr is not None:
             self._count("numeric")
-            return _numeric_equal(qp, qr, rel_tol, percent_equiv)
-        if not _worth_symbolic(p, r):
+            return numeric_equal(qp, qr, rel_tol, percent_equiv)
+        if not worth_symbolic(p, r):
             return False
         return self._symbolic(p, r, self.timeout_s if timeout is None else timeout)
 
     def _grade_option(self, p, r, options, percent_equiv, rel_tol, timeout) -> bool | None:
         """True/False when option letters decide the pair, None when they do not."""
-        op, orf = _option(p), _option(r)
+        op, orf = option_of(p), option_of(r)
         if op is None and orf is None:
             return None
         if op is not None and orf is not None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from pipelines.contract import recipe_spec
 from pipelines.eval.data import DataError, Item
+from pipelines.eval.engines import read_adapter, read_weights, same_architecture, start_pool
 from pipelines.eval.runner import Model, evaluate_model
 from pipelines.eval.tasks import TaskSpec, resolve_task
 
@@ -72,7 +72,7 @@ def _label(name: str) -> str:
 
 def _run_target(run_dir: Path, out: str | None) -> Target:
     from pipelines.config import load_config
-    from pipelines.recipes.base import build_recipe, eval_role
+    from pipelines.registry import build_recipe, eval_role
 
     cfg = load_config(str(run_dir / "config.yaml"), [])
     recipe = build_recipe(cfg)
@@ -219,69 +219,3 @@ def run_lmms(pool, model: Model, names: Sequence[str], out: Path, *, adapter: st
                                     None)})
     write_summary(out, rows)
     return rows
-
-
-def start_pool(cfg, role: str, model: str, engines: int = 1, lora: bool = False):
-    """A generator pool of ``engines`` engines serving ``model`` with the config's engine
-    settings (on a CPU host each engine gets an equal share of the cores)."""
-
-    import torch
-
-    from actors.pool import GeneratorPool
-    from pipelines.runtime.specs import engine_spec
-
-    spec = engine_spec(cfg, model, lora=lora)
-    if torch.cuda.is_available():
-        return GeneratorPool(role, spec, engines, resources={"num_gpus": 1}, run=cfg.run.name)
-    threads = max(1, (os.cpu_count() or 1) // engines)
-    return GeneratorPool(role, spec, engines, resources={"num_cpus": 1}, run=cfg.run.name,
-                         threads=threads)
-
-
-def same_architecture(a: str | None, b: str) -> bool:
-    """Whether the model folders ``a`` and ``b`` hold the same architecture and shapes
-    (their config.json equal but for names and dtype), so weights of one load into the other."""
-    from actors.models import resolve_model
-
-    if a is None:
-        return False
-    try:
-        ca, cb = (json.loads((Path(resolve_model(x)) / "config.json").read_text()) for x in (a, b))
-    except (OSError, ValueError):
-        return False
-    ignore = {"_name_or_path", "name_or_path", "torch_dtype", "dtype", "transformers_version"}
-    return ({k: v for k, v in ca.items() if k not in ignore}
-            == {k: v for k, v in cb.items() if k not in ignore})
-
-
-def read_weights(folder: str | Path) -> list:
-    """The safetensors weights of a model folder as buckets for ``GeneratorPool.update_weights``
-    (the saved names, which the engines accept as they accept the trainer's)."""
-    from safetensors import safe_open
-
-    from actors.models import resolve_model
-    from actors.weights import make_buckets
-
-    files = sorted(Path(resolve_model(str(folder))).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors weights")
-
-    def tensors():
-        for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    yield name, f.get_tensor(name)
-
-    return make_buckets(tensors())
-
-
-def read_adapter(folder: str | Path) -> dict:
-    """A peft adapter folder as ``actors.weights.adapter_payload``."""
-    from safetensors.torch import load_file
-
-    from actors.weights import adapter_payload
-
-    folder = Path(folder)
-    config = json.loads((folder / "adapter_config.json").read_text())
-    tensors = load_file(str(folder / "adapter_model.safetensors"))
-    return adapter_payload(config, sorted(tensors.items()))

@@ -45,7 +45,7 @@ class CoevolveLMM(lmms):
                  seed: int = 0, batch_size: int | str = 64, **kwargs) -> None:
         super().__init__()
         from pipelines.config import load_config
-        from pipelines.eval.harness import read_adapter, start_pool
+        from pipelines.eval.engines import read_adapter, start_pool
         from pipelines.runtime.local_ray import ray_session
 
         if kwargs:

@@ -191,9 +191,9 @@ def resolve_task(name: str) -> TaskSpec:
 
 
 def _task_file(path: Path) -> TaskSpec:
-    from pipelines.config_yaml import ConfigError, _load_file
+    from pipelines.config_yaml import ConfigError, load_file
 
-    raw = _load_file(path)
+    raw = load_file(path)
     names = {f.name for f in dataclasses.fields(TaskSpec)}
     unknown = set(raw) - names
     if unknown:

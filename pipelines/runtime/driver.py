@@ -33,7 +33,8 @@ from pathlib import Path
 
 from pipelines.config import Config, dump_config
 from pipelines.contract import Phase, phase_spec, recipe_spec
-from pipelines.recipes.base import build_recipe, check_layouts, eval_role
+from pipelines.layouts import check_layouts
+from pipelines.registry import build_recipe, eval_role
 from pipelines.runtime.rundir import STATE, atomic_write, run_relative
 
 logger = logging.getLogger(__name__)
@@ -154,8 +155,8 @@ class Driver:
         lacks engines the data needs (MM-Zero's Solver may train on every GPU, but its
         data takes Proposer and CodeGen engines). The phase then loads it as a resume
         would; ``DATA`` marks it made."""
+        from pipelines.layouts import resolve_layout
         from pipelines.runtime.phase import PhaseRunner
-        from pipelines.runtime.placement import resolve_layout
 
         needs = set(phase_spec(phase).data_roles)
         own = resolve_layout(self.cfg.placement, phase.name, self.recipe.roles).roles

@@ -19,6 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.config import ClusterSpec, Config, ConfigError, config_from_dict
+from pipelines.layouts import (
+    TRAINER,
+    Layout,
+    Node,
+    PlacementError,
+    Slot,
+    cluster_nodes,
+    describe_nodes,
+    group_specs,
+    host_cores,
+    resolve_layout,
+    simulate,
+    thread_counts,
+)
 from pipelines.runtime.memory import (
     CONTEXT_BYTES,
     GIB,
@@ -34,20 +48,6 @@ from pipelines.runtime.memory import (
     resident,
     trainer_memory,
     vllm_max_num_seqs,
-)
-from pipelines.runtime.placement import (
-    TRAINER,
-    Layout,
-    Node,
-    PlacementError,
-    Slot,
-    cluster_nodes,
-    describe_nodes,
-    group_specs,
-    host_cores,
-    resolve_layout,
-    simulate,
-    thread_counts,
 )
 
 # --------------------------------------------------------------------------
@@ -339,7 +339,7 @@ def _ray_nodes() -> list[Node]:
 def _layouts(cfg: Config) -> list[Layout]:
     """The phases to show: each declared phase, else the one layout of every phase;
     only the roles the recipe runs engines for."""
-    from pipelines.recipes.base import build_recipe
+    from pipelines.registry import build_recipe
 
     roles = build_recipe(cfg).roles
     if cfg.placement.phases:
@@ -413,7 +413,8 @@ def run_plan(cfg: Config, *, cluster_file: str | None = None, nodes: int | None 
     """Print the plan; 0 if it fits, 2 if not (the numbers are printed)."""
     import sys
 
-    from pipelines.recipes.base import build_recipe, check_layouts
+    from pipelines.layouts import check_layouts
+    from pipelines.registry import build_recipe
 
     out = out or sys.stdout
     check_layouts(cfg, build_recipe(cfg))  # a phase without engines it needs: refused first

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.config import Config, load_config
+from pipelines.layouts import Layout, resolve_layout
 from pipelines.runtime.metrics import read_metrics
-from pipelines.runtime.placement import Layout, resolve_layout
 
 REST = ("weight_sync", "save", "sleep", "wake", "overhead")
 
@@ -99,7 +99,7 @@ def predict(t: PhaseTimings, run: Layout, role: str, plan: Layout) -> Prediction
 
 
 def _roles(cfg: Config) -> tuple[tuple[str, ...], dict[str, str]]:
-    from pipelines.recipes.base import build_recipe
+    from pipelines.registry import build_recipe
 
     recipe = build_recipe(cfg)
     return recipe.roles, {p.name: p.role for p in recipe.phases(1)}

@@ -51,7 +51,7 @@ def data_function(cfg, recipe) -> Callable[[int, int, object], list[SFTExample]]
                               "built-in warm-start examples; name a function "
                               "(package.module:function) or set it to ''")
         return fn
-    from pipelines.recipes import load_reference
+    from pipelines.registry import load_reference
 
     fn = load_reference(ref, "model.warm_start.data", "'recipe' or mypackage.warm:examples")
     if not callable(fn):

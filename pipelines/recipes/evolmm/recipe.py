@@ -57,7 +57,7 @@ class EvoLMMPhase:
     policies = ("solver", "proposer")
 
     def __init__(self, cfg, settings, solver_prompt: str = prompts.SOLVER):
-        from pipelines.runtime.placement import resolve_layout
+        from pipelines.layouts import resolve_layout
 
         ranks = resolve_layout(cfg.placement, self.name).trainer_ranks
         if settings.schedule == "faithful" and ranks > 1:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipelines.config import ConfigError, param
-from pipelines.config_yaml import _show
+from pipelines.config_yaml import show
 
 
 def _range(value: list[float], name: str) -> None:
     if len(value) != 2 or not 0 <= value[0] <= value[1] <= 1:
         raise ConfigError(
-            f"{name}: expected [low, high] with 0 <= low <= high <= 1, got {_show(value)}")
+            f"{name}: expected [low, high] with 0 <= low <= high <= 1, got {show(value)}")
 
 
 @dataclass

@@ -30,7 +30,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
 from actors.svg_checks import svg_like
-from pipelines.algorithms.answers import _balanced, extract_answer, tag_blocks
+from pipelines.algorithms.answers import closing_brace, extract_answer, tag_blocks
 from pipelines.algorithms.grading import grade, is_valid_answer
 
 CONTENT_TYPES = ("data_chart", "diagram", "geometry", "timeline", "map", "table", "other")
@@ -351,7 +351,7 @@ def format_ok(response: str | None) -> bool:
     tail = text.split(_THINK_CLOSE, 1)[1].lstrip()
     if not tail.startswith(_BOX_OPEN):
         return False
-    end = _balanced(tail, len(_BOX_OPEN))
+    end = closing_brace(tail, len(_BOX_OPEN))
     return end == len(tail) - 1 and bool(tail[len(_BOX_OPEN):end].strip())
 
 

@@ -112,7 +112,7 @@ class R3VPhase:
         pool = ctx.engines.pool(self.role, ctx.start_weights, ctx.placement)
         if k == 0:
             return pool, None
-        from pipelines.eval.harness import read_adapter
+        from pipelines.eval.engines import read_adapter
 
         pool.load_adapter(ADAPTER, read_adapter(folder / "adapter"), k)
         return pool, ADAPTER
