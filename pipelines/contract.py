@@ -1,6 +1,6 @@
 """The recipe contract: what a recipe gives the driver, and the types both share.
 
-A recipe is a class built as ``Recipe(cfg)`` (pipelines/recipes/__init__.py says
+A recipe is a class built as ``Recipe(cfg)`` (pipelines/registry.py says
 how it is named and configured). Its members:
 
     roles: tuple[str, ...]                 every role it runs engines for      required

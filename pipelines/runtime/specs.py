@@ -58,7 +58,7 @@ def vllm_lora_rank(rank: int) -> int:
 
 def role_engine_spec(cfg, layout, role: str, weights: str) -> EngineSpec:
     """An engine of ``role`` serving ``weights`` in a resolved placement ``layout``
-    (pipelines/runtime/placement.py): its tensor parallelism, memory share, sleep mode."""
+    (pipelines/layouts.py): its tensor parallelism, memory share, sleep mode."""
     return engine_spec(cfg, weights, layout.roles[role].tensor_parallel,
                        gpu_memory_utilization=layout.gpu_memory_utilization,
                        sleep_mode=role in layout.colocate)
