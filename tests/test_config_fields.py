@@ -20,7 +20,7 @@ BUILT_SECTIONS = ("model", "generator", "trainer", "algorithm", "placement")
 
 # Fields of those sections read elsewhere than in the specs built here.
 ELSEWHERE = {
-    "generator.bucket_mb": "bucket size of the weight sync (phase._push_weights); "
+    "generator.bucket_mb": "bucket size of the weight sync (rl_step.RLSteps.push); "
                            "tests/test_generator.py buckets",
     "generator.temperature": "sampling of the simple recipe's requests; tests/test_driver.py",
     "generator.top_p": "sampling of the simple recipe's requests; tests/test_driver.py",
@@ -30,7 +30,7 @@ ELSEWHERE = {
     "generator.min_kv_sequences": "coevolve plan's KV-cache check; tests/test_footprint.py "
                                   "refusal",
     "algorithm.behaviour_logprobs": "where a phase takes the PPO behaviour log-probs from "
-                                    "(phase._behaviour_source); tests/test_phase_loop.py",
+                                    "(rl_step.RLSteps.behaviour_source); tests/test_phase_loop.py",
 }
 # Sections read elsewhere: the role and phase layouts and the cluster (tests/test_placement.py),
 # the warm start (the driver's SFT phase before iteration 1; tests/test_warm_start.py).

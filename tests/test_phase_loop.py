@@ -99,12 +99,12 @@ class FakeGroup:
         return saved
 
 
-def runner(tmp_path, *overrides, group=None) -> PhaseRunner:
+def runner(tmp_path, *overrides, group=None, phase=None) -> PhaseRunner:
     cfg = load_config(ROOT / "configs/simple/tiny-cpu.yaml",
                       [f"run.root={tmp_path}", "run.sync_weights=false", "run.save_every=2",
                        "logging.wandb=disabled", *overrides])
     placement = types.SimpleNamespace(layout=types.SimpleNamespace(colocate=()))
-    r = PhaseRunner(cfg, TablePhase(), tmp_path / "policy", run_dir=tmp_path, seed_path=(0, 1, 0),
+    r = PhaseRunner(cfg, phase or TablePhase(), tmp_path / "policy", run_dir=tmp_path, seed_path=(0, 1, 0),
                     engines=None, placement=placement, weights=lambda role: "tiny://qwen2.5-vl")
     r.dir.mkdir(parents=True, exist_ok=True)
     r.pool, r.group = FakePool(), group or FakeGroup()
@@ -269,9 +269,7 @@ class TwoPolicyPhase(TablePhase):
 
 def test_two_policies_keep_their_own_baselines_versions_and_rollouts(tmp_path):
     r = runner(tmp_path, "algorithm.advantage=reinforce", "run.sync_weights=true",
-               "trainer.lora.enabled=true")
-    r.phase = TwoPolicyPhase()
-    r.policies = r.phase.policies
+               "trainer.lora.enabled=true", phase=TwoPolicyPhase())
     r.engines = types.SimpleNamespace(served=lambda role, label: None)
     metrics = run_steps(r, 3)
     assert r.group.adapters == ["a", "b", "a", "a", "b"]

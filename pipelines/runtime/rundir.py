@@ -8,6 +8,7 @@ Layout (docs/architecture.md, "Run directories")::
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -26,11 +27,73 @@ def run_relative(path: str | None) -> str | None:
     return str(Path(*parts[start:]))
 
 
-def atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """``path`` holds ``data`` whole or keeps what it held: written to a hidden temporary
+    file beside it, then renamed over it (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
     os.replace(tmp, path)
+
+
+def atomic_json(path: Path, value, **dump) -> None:
+    """``atomic_write`` of ``value`` as JSON (``dump``: json.dumps options)."""
+    atomic_write(path, json.dumps(value, **dump))
+
+
+def atomic_parquet(path: Path, table) -> None:
+    """``atomic_write`` of a pyarrow table as parquet."""
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def write_rollouts(path: Path, step: int, rollouts: list, trained: list,
+                   with_policy: bool) -> None:
+    """``rollouts-<step>.parquet``: a row per sample of every policy of the step, with
+    what it was trained on (pipelines/runtime/rl_step.py's ``TrainedRollout``)."""
+    import numpy as np
+    import pyarrow as pa
+
+    tables = []
+    for r, t in zip(rollouts, trained):
+        rows = [(p, s, c) for p, group in enumerate(r.completions) for s, c in enumerate(group)]
+        columns = {
+            "step": [step] * len(rows),
+            **({"policy": [r.policy] * len(rows)} if with_policy else {}),
+            "prompt_index": [p for p, _, _ in rows],
+            "sample_index": [s for _, s, _ in rows],
+            "prompt": [prompt_text(r.requests[p]) for p, _, _ in rows],
+            "response": [c.text for _, _, c in rows],
+            "response_tokens": [len(c.token_ids) for _, _, c in rows],
+            "finish_reason": [c.finish_reason for _, _, c in rows],
+            "version": [c.version for _, _, c in rows],
+            "staleness": t.staleness.tolist(),
+            "reward": t.rewards.tolist(),
+            # per sample, or per completion token (reinforce_pp)
+            "advantage": [a.tolist() if isinstance(a, np.ndarray) else float(a)
+                          for a in t.advantages],
+            **{name: [values[p][s] for p, s, _ in rows]
+               for name, values in r.scores.columns.items()},
+        }
+        tables.append(pa.table(columns))
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 \
+        else tables[0]
+    atomic_parquet(path, table)
+
+
+def prompt_text(request) -> str:
+    """The last user turn's text (images as ``<image>``)."""
+    parts = request.messages[-1]["content"]
+    if isinstance(parts, str):
+        return parts
+    return " ".join(p.get("text", "<image>") for p in parts)
 
 
 def latest_checkpoint(ckpt_dir: Path) -> tuple[int, Path] | None:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from actors.batching import TrainBatch
+from pipelines.runtime.metrics import Timer
 
 
 @dataclass
@@ -82,3 +83,39 @@ def sft_batch(examples: list[SFTExample], processor) -> TrainBatch:
         prompt_lens.append(len(prompt_ids))
         images.append(list(ex.images))
     return TrainBatch(ids, np.array(prompt_lens), np.arange(len(examples)), images)
+
+
+class SFTSteps:
+    """The steps of an SFT phase (the runner's counterpart of rl_step.RLSteps): one
+    optimizer step on ``batch_examples`` each, no engines, no state beside the trainer's."""
+
+    def __init__(self, runner):
+        self.r = runner
+        self.version = runner.base_version  # the weights move on once the phase is done
+
+    def restore(self, saved: dict, step: int, upcoming) -> None:
+        self.version = self.r.base_version
+
+    def state(self) -> dict:
+        return {}
+
+    def sync(self, resumed: bool, rollback: bool) -> None:
+        """No engines serve an SFT phase's weights while it trains."""
+
+    def finish(self) -> None:
+        self.version = self.r.base_version + self.r.phase.steps
+
+    def step(self, step: int) -> dict:
+        r, timer = self.r, Timer()
+        with timer("step"):
+            examples = r.phase.batch_examples(step, r.seed_path)
+            batch = sft_batch(examples, r.processor)
+            with timer("update"):
+                train = r.group.forward_backward(batch)
+                train.update(r.group.optim_step())
+            with timer("save"):
+                if (step + 1) % r.cfg.run.save_every == 0 or step + 1 == r.phase.steps:
+                    r.save(step + 1, self.state())
+        return {**{k if "/" in k else f"train/{k}": v for k, v in train.items()},
+                "sft/examples": float(len(examples)), **r.data_metrics,
+                **{f"timing/{k}": v for k, v in timer.seconds.items()}}
