@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.runtime.rundir import atomic_write
+
 MAX_LINE_CHARS = 1 << 20  # one item; a longer line is not an item but a broken file
 MAX_SHOWN = 10  # bad rows named in one message
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -212,8 +214,5 @@ def _encode(image: Any) -> bytes:
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     """Write rows in this format (used by fixtures and by recipes that make data)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -30,6 +30,7 @@ from pipelines.eval.data import DataError, Item
 from pipelines.eval.engines import read_adapter, read_weights, same_architecture, start_pool
 from pipelines.eval.runner import Model, evaluate_model
 from pipelines.eval.tasks import TaskSpec, resolve_task
+from pipelines.runtime.rundir import atomic_json
 
 logger = logging.getLogger(__name__)
 
@@ -203,10 +204,7 @@ def run_lmms(pool, model: Model, names: Sequence[str], out: Path, *, adapter: st
             if not found or name not in found.get("results", {}):
                 raise RuntimeError(f"lmms-eval returned no results for task {name!r} (see "
                                    "its log above)")
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(found, indent=1, default=str))
-            tmp.replace(path)
+            atomic_json(path, found, indent=1, default=str)
         found = json.loads(path.read_text())
         metrics = found["results"][name]
         value = next((v for k, v in metrics.items() if isinstance(v, (int, float))

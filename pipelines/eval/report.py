@@ -7,6 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipelines.eval.runner import SUMMARY
+from pipelines.runtime.rundir import atomic_path
 
 
 def load_summary(out: Path) -> list[dict]:
@@ -70,8 +71,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     ax.set_title("evaluation across models")
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from actors.generator import Request, Sampling
 from pipelines.eval.data import DataError, Item
 from pipelines.eval.tasks import TaskSpec
+from pipelines.runtime.rundir import atomic_parquet
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +132,7 @@ def _run_task(pool, model, task, items, out, grader, judge, run_seed, chunk_item
         table = _run_chunk(pool, model, task, chunk, grader, judge, run_seed, max_tokens,
                            adapter, progress)
         path = parts / f"part-{index:05d}.parquet"
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)
+        atomic_parquet(path, table)
         tables.append(table)
         logger.info("%s on %s: chunk %d/%d (%d items) in %.1f s", task.name, model.label,
                     k + 1, len(chunks), len(chunk), time.perf_counter() - start)
@@ -146,9 +145,7 @@ def _run_task(pool, model, task, items, out, grader, judge, run_seed, chunk_item
     rank = {item_id: n for n, item_id in enumerate(dict.fromkeys(r["item_id"] for r in every))}
     every.sort(key=lambda r: (order.get(r["item_id"], len(order) + rank[r["item_id"]]),
                               r["sample"]))
-    tmp = final.with_name(f".{final.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(every, schema=_SCHEMA) if every else _empty(), tmp)
-    tmp.replace(final)
+    atomic_parquet(final, pa.Table.from_pylist(every, schema=_SCHEMA) if every else _empty())
     shutil.rmtree(parts, ignore_errors=True)
     rows = [r for r in every if r["item_id"] in order]
     return pa.Table.from_pylist(rows, schema=_SCHEMA) if rows else _empty()
@@ -254,7 +251,5 @@ def write_summary(out: Path, rows: Sequence[dict]) -> Path:
     for r in merged:
         columns += [k for k in r if k not in columns]
     table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in merged])
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    atomic_parquet(path, table)
     return path

@@ -25,12 +25,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.algorithms.answers import extract_answer
 from pipelines.eval.data import DataError, Item, read_hf, read_jsonl, write_jsonl
+from pipelines.runtime.rundir import atomic_write
 
 ANSWER_MODES = ("boxed", "boxed_or_last_line")
 METRICS = ("exact", "relaxed")
@@ -260,7 +260,4 @@ def _circles(count: int, seed: int) -> bytes:
 
 
 def _save(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    atomic_write(path, data)

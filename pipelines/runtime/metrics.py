@@ -26,6 +26,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipelines.runtime.rundir import atomic_write
+
 logger = logging.getLogger(__name__)
 
 
@@ -94,9 +96,7 @@ class MetricsSink:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if (row := _parse(line)) is not None and row["step"] <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        atomic_write(self.path, "".join(line + "\n" for line in kept))
 
     def close(self) -> None:
         self._file.close()
@@ -140,10 +140,7 @@ def wandb_run_id(run_dir: Path) -> str:
 
     path = Path(run_dir) / "wandb_id"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(".wandb_id.tmp")
-        tmp.write_text(uuid.uuid4().hex[:16] + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, uuid.uuid4().hex[:16] + "\n")
     return path.read_text().strip()
 
 

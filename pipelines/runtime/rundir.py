@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 STATE = "state.json"
@@ -27,16 +28,32 @@ def run_relative(path: str | None) -> str | None:
     return str(Path(*parts[start:]))
 
 
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """``path`` holds ``data`` whole or keeps what it held: written to a hidden temporary
-    file beside it, then renamed over it (a reader never sees half a file)."""
+@contextmanager
+def atomic_path(path: Path):
+    """A temporary path beside ``path`` for a writer that wants a file name (parquet,
+    matplotlib); renamed over ``path`` when the block ends without an error, so a reader
+    sees the old file or the new one, never half of one. Every write of the run
+    directory, the eval folders and the recipes' data goes through here. The temporary
+    name carries the process id: processes writing the same file do not collide."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def atomic_write(path: Path, data: str | bytes, sync: bool = False) -> None:
+    """``path`` holds ``data`` whole or keeps what it held; ``sync``: on disk (fsync)
+    before the rename, for readers on other nodes."""
+    with atomic_path(path) as tmp, open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def atomic_json(path: Path, value, **dump) -> None:
@@ -48,10 +65,8 @@ def atomic_parquet(path: Path, table) -> None:
     """``atomic_write`` of a pyarrow table as parquet."""
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def write_rollouts(path: Path, step: int, rollouts: list, trained: list,

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipelines.config import ConfigError
+from pipelines.runtime.rundir import atomic_write
 
 PROBE_PREFIX = ".coevolve-probe-"
 
@@ -72,12 +73,7 @@ def _write_token(folder: str, node_id: str, token: str) -> str | None:
     """On one node: write ``folder/<node_id>``; None, or why it could not."""
     try:
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, node_id)
-        with open(path + ".tmp", "w") as f:
-            f.write(token)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
+        atomic_write(Path(folder) / node_id, token, sync=True)
         return None
     except OSError as err:
         return f"cannot write there ({err.strerror or err})"
@@ -99,7 +95,7 @@ def _unseen_tokens(folder: str, tokens: dict[str, str]) -> list[str]:
 
 def _remove_token(folder: str, node_id: str) -> None:
     """On one node: remove its token, and the probe folder once it is empty."""
-    for path in (os.path.join(folder, node_id), os.path.join(folder, node_id) + ".tmp"):
+    for path in (Path(folder) / node_id, *Path(folder).glob(f".{node_id}.*.tmp")):
         with contextlib.suppress(OSError):
             os.remove(path)
     with contextlib.suppress(OSError):

@@ -33,6 +33,7 @@ from pipelines.recipes.evolmm.rewards import (
     well_formed,
     words_before_answer,
 )
+from pipelines.runtime.rundir import atomic_write
 
 DEMO_IMAGES = 64
 
@@ -46,9 +47,7 @@ def draw_demo_images(folder, count: int = DEMO_IMAGES, seed: int = 0) -> None:
     for i, chart_seed in enumerate(seeds):
         path = folder / f"chart_{i:03d}.png"
         if not path.exists():
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_bytes(draw_chart(int(chart_seed)))
-            tmp.replace(path)
+            atomic_write(path, draw_chart(int(chart_seed)))
 
 
 class EvoLMMPhase:

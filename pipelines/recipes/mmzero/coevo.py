@@ -23,7 +23,6 @@ import io
 import itertools
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,11 +191,7 @@ def _read_run(run_dir: Path) -> list[tuple[Path, dict]]:
 
 
 def _write_bytes(path: Path, data: bytes) -> Path:
-    # atomic_write takes text; same temporary-name-then-rename for binary files.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
     return path
 
 

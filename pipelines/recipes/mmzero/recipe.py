@@ -60,7 +60,7 @@ from pipelines.recipes.mmzero.rewards import (
     solver_keep,
     solver_reward,
 )
-from pipelines.runtime.rundir import atomic_write
+from pipelines.runtime.rundir import atomic_parquet, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +302,6 @@ class SolverPhase:
 
     def _make(self, ctx, path: Path) -> None:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         m = self.m
         rng = np.random.default_rng([*ctx.seed_path, 1 << 20])
@@ -354,9 +353,7 @@ class SolverPhase:
             "metrics": metrics, "items": [dataclasses.asdict(f) for f in funnel]}))
         schema = pa.schema([("png", pa.binary()), ("question", pa.string()),
                             ("label", pa.string()), ("bootstrap", pa.bool_())])
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(pa.Table.from_pylist([items[i] for i in order], schema=schema), tmp)
-        tmp.replace(path)
+        atomic_parquet(path, pa.Table.from_pylist([items[i] for i in order], schema=schema))
 
     def requests(self, step: int, rng: np.random.Generator) -> list[Request]:
         m = self.m

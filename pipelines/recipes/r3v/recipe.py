@@ -33,6 +33,7 @@ from pipelines.recipes.r3v.mix import (
     rationale_answer,
     select_messages,
 )
+from pipelines.runtime.rundir import atomic_path, atomic_write
 from pipelines.runtime.sft import SFTPhase
 
 logger = logging.getLogger(__name__)
@@ -161,9 +162,7 @@ class R3VPhase:
         rows = [json.loads(line) for line in partial.read_text().splitlines()]
         rank = {item.id: n for n, item in enumerate(items)}
         rows.sort(key=lambda r: rank.get(r["item_id"], len(rank)))
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(path)
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
         partial.unlink()
 
     def batch_examples(self, step: int, seed_path):
@@ -185,7 +184,6 @@ class R3VPhase:
                                      temperature=self.s.eval_temperature, top_p=self.s.top_p,
                                      max_tokens=self.s.max_tokens)
         figures = {"model": label, "iteration": iteration, **figures}
-        from pipelines.runtime.rundir import atomic_write
 
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(figures, indent=1))
@@ -255,7 +253,6 @@ def evaluate_selection(pool, items, *, seed: int, counts, temperature: float, to
 def write_report(run_dir: Path) -> None:
     """r3v_report.md (a row per model) and r3v_report.png (Test@1 per model; test-time
     scaling of the newest model)."""
-    from pipelines.runtime.rundir import atomic_write
 
     rows = sorted((json.loads(p.read_text()) for p in (run_dir / EVAL).glob("*.json")),
                   key=lambda r: r["iteration"])
@@ -294,10 +291,9 @@ def plot_report(rows: list[dict], counts: list[int], path: Path) -> None:
               title=f"test-time scaling, {newest['model']}")
     right.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 class R3VRecipe(LabeledRecipe):
