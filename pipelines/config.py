@@ -15,25 +15,27 @@ built from the recipe's settings dataclass (``pipelines/recipes``) and read as
 
 from __future__ import annotations
 
-import difflib
-import math
-import types
-import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from pipelines.config_build import (
+    apply_override,
+    build_section,
+    merge_sections,
+    plain,
+    unknown_key_message,
+)
 from pipelines.config_yaml import (
     ConfigError,
-    key_name,
     load_file,
     param,
-    parse_yaml,
     show,
 )
 from pipelines.layouts import ClusterSpec, PhaseLayout, PlacementConfig, RoleLayout
+from pipelines.simulation import check_cluster
 
 __all__ = [
     "ClusterSpec",
@@ -299,6 +301,7 @@ class Config:
                              f"{state.get('recipe_section')!r})")
 
     def check(self) -> None:
+        check_cluster(self.placement)
         a = self.algorithm
         if self.run.overlap:
             if self.placement.cpu_threads == "all":
@@ -338,7 +341,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """
     data: dict = _load_layered(Path(path)) if path is not None else {}
     for item in overrides:
-        _apply_override(data, item)
+        apply_override(data, item)
     return config_from_dict(data)
 
 
@@ -357,7 +360,7 @@ def _load_layered(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(base, str) or not base:
         raise ConfigError(f"{path}: base must be the path of another config file, "
                           f"got {show(base)}")
-    return _merge(_load_layered(path.parent / base, (*seen, path)), data)
+    return merge_sections(_load_layered(path.parent / base, (*seen, path)), data)
 
 
 def config_from_dict(data: dict) -> Config:
@@ -381,30 +384,26 @@ def config_from_dict(data: dict) -> Config:
                               f"{name!r}; set run.recipe={other} or remove the section")
     for key in ("recipe_section", "recipe_settings"):
         if key in data:
-            raise ConfigError(_unknown_key_message("", key, [f.name for f in fields(Config)
+            raise ConfigError(unknown_key_message("", key, [f.name for f in fields(Config)
                                                              if "recipe" not in f.metadata]))
-    cfg = _build(Config, data, "")
+    cfg = build_section(Config, data, "")
     cfg.recipe_section = ref.section
     if ref.settings is not None:
-        cfg.recipe_settings = _build(ref.settings, {} if section is None else section,
+        cfg.recipe_settings = build_section(ref.settings, {} if section is None else section,
                                      ref.section)
     return cfg
 
 
 def config_to_dict(cfg: Any) -> Any:
+    """The config (or any part of it) as plain data; the recipe's settings under their
+    section."""
     if isinstance(cfg, Config):
-        out = {f.name: config_to_dict(getattr(cfg, f.name)) for f in fields(cfg)
+        out = {f.name: plain(getattr(cfg, f.name)) for f in fields(cfg)
                if "recipe" not in f.metadata}
         if cfg.recipe_section and cfg.recipe_settings is not None:
-            out[cfg.recipe_section] = config_to_dict(cfg.recipe_settings)
+            out[cfg.recipe_section] = plain(cfg.recipe_settings)
         return out
-    if is_dataclass(cfg):
-        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
-    if isinstance(cfg, dict):
-        return {k: config_to_dict(v) for k, v in cfg.items()}
-    if isinstance(cfg, list):
-        return [config_to_dict(v) for v in cfg]
-    return cfg
+    return plain(cfg)
 
 
 def dump_config(cfg: Config, with_docs: bool = False) -> str:
@@ -439,142 +438,3 @@ def _dump_documented(obj: Any, indent: int, out: list[str]) -> None:
         else:
             text = yaml.safe_dump({f.name: config_to_dict(value)}, sort_keys=False).rstrip()
             out.extend(pad + line for line in text.splitlines())
-
-
-def _apply_override(data: dict, item: str) -> None:
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {show(item)}: expected KEY=VALUE, e.g. trainer.lr=2e-6")
-    node = data
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {show(item)}: {key_name(part)} is a value, not a section")
-        node = child
-    node[parts[-1]] = parse_yaml(raw, f"override {key_name(key.strip())}") if raw.strip() else ""
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping of fields, got {show(data)}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls) if "recipe" not in f.metadata}
-    for key in data:
-        if key not in known:
-            raise ConfigError(_unknown_key_message(path, key, list(known)))
-    kwargs = {}
-    for name, value in data.items():
-        default = known[name].default_factory() if callable(known[name].default_factory) else None
-        if isinstance(default, dict) and isinstance(value, dict):
-            # A mapping section (e.g. placement.roles) overrides entries, not the whole map.
-            value = _merge(config_to_dict(default), value)
-        kwargs[name] = _coerce(hints[name], value, _join(path, name), known[name].metadata)
-    obj = cls(**kwargs)
-    check = getattr(obj, "check", None)
-    if check is not None:
-        try:
-            check()  # cross-field rules; messages are relative to this section
-        except ConfigError as err:
-            raise ConfigError(_join(path, str(err))) from None
-    return obj
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        both = isinstance(out.get(key), dict) and isinstance(value, dict)
-        out[key] = _merge(out[key], value) if both else value
-    return out
-
-
-def _coerce(tp: Any, value: Any, path: str, meta: Any = None) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, path, meta)
-    if is_dataclass(tp):
-        return _build(tp, value, path)
-    if origin is Literal:
-        if value not in args:
-            hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            extra = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(f"{path}: must be one of {list(args)}, got {show(value)}{extra}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {show(value)}")
-        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {show(value)}")
-        return {str(k): _coerce(args[1], v, f"{path}.{key_name(k)}") for k, v in value.items()}
-    value = _scalar(tp, value, path)
-    if meta:
-        _check_range(value, path, meta)
-    return value
-
-
-def _scalar(tp: type, value: Any, path: str) -> Any:
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected true or false, got {show(value)}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected an integer, got {show(value)}")
-    if tp is float:
-        return _finite_float(value, path)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{path}: expected a string, got {show(value)} (quote it in YAML)")
-    raise TypeError(f"config schema uses an unsupported type {tp!r} at {path}")
-
-
-def _finite_float(value: Any, path: str) -> float:
-    """A float field's value; inf and nan are refused.
-
-    No field gives a meaning to them (a learning rate or a clip of inf is a typo, and nan
-    passes every range check since all comparisons with it are false).
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f"{path}: expected a number, got {show(value)}")
-    try:
-        # YAML 1.1 reads `1e-6` (no dot) as a string: accept any float literal.
-        number = float(value)
-    except ValueError:
-        raise ConfigError(f"{path}: expected a number, got {show(value)}") from None
-    except OverflowError:  # an int of hundreds of digits
-        raise ConfigError(f"{path}: {show(value)} is too large for a number") from None
-    if not math.isfinite(number):
-        raise ConfigError(f"{path}: must be a finite number, got {show(value)}")
-    return number
-
-
-def _check_range(value: Any, path: str, meta: Any) -> None:
-    bounds = (("gt", "> ", lambda v, b: v > b), ("ge", ">= ", lambda v, b: v >= b),
-              ("lt", "< ", lambda v, b: v < b), ("le", "<= ", lambda v, b: v <= b))
-    for key, text, ok in bounds:
-        bound = meta.get(key)
-        if bound is not None and not ok(value, bound):
-            raise ConfigError(f"{path}: must be {text}{bound}, got {show(value)}")
-
-
-def _unknown_key_message(path: str, key: str, valid: list[str]) -> str:
-    where = path or "the top level"
-    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
-    hint = f"did you mean {_join(path, close[0])!r}? " if close else ""
-    return (f"{_join(path, key_name(key))}: unknown key in {where}; {hint}"
-            f"valid keys: {', '.join(valid)}")
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
-
-
-

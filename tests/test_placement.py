@@ -25,14 +25,7 @@ if __name__ == "__main__":  # run as the scenario script: make the repo importab
 import pytest
 
 from pipelines.config import ConfigError, load_config
-from pipelines.layouts import (
-    Node,
-    PlacementError,
-    group_specs,
-    resolve_layout,
-    simulate,
-    thread_counts,
-)
+from pipelines.layouts import PlacementError, group_specs, resolve_layout, thread_counts
 from pipelines.runtime.memory import (
     BUILTIN_MODELS,
     CONTEXT_BYTES,
@@ -47,6 +40,7 @@ from pipelines.runtime.memory import (
 )
 from pipelines.runtime.placement import Placement
 from pipelines.runtime.plan import run_plan
+from pipelines.simulation import Node, simulate
 
 LAYOUTS = ROOT / "configs" / "layouts"
 TWO_SIX = LAYOUTS / "mmzero-8gpu-2+6.yaml"

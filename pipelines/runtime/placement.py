@@ -46,15 +46,14 @@ from pipelines.layouts import (
     TRAINER,
     GroupSpec,
     Layout,
-    Node,
     PlacementConfig,
     PlacementError,
     group_specs,
     host_cores,
     resolve_layout,
-    simulate,
     thread_counts,
 )
+from pipelines.simulation import Node, simulate
 
 # --------------------------------------------------------------------------
 # Live placement groups

@@ -22,15 +22,10 @@ from pipelines.config import ClusterSpec, Config, ConfigError, config_from_dict
 from pipelines.layouts import (
     TRAINER,
     Layout,
-    Node,
     PlacementError,
-    Slot,
-    cluster_nodes,
-    describe_nodes,
     group_specs,
     host_cores,
     resolve_layout,
-    simulate,
     thread_counts,
 )
 from pipelines.runtime.memory import (
@@ -49,6 +44,7 @@ from pipelines.runtime.memory import (
     trainer_memory,
     vllm_max_num_seqs,
 )
+from pipelines.simulation import Node, Slot, cluster_nodes, describe_nodes, simulate
 
 # --------------------------------------------------------------------------
 # The plan
