@@ -141,73 +141,75 @@ class InputBuilder:
         dummy = ensure_image and not has_image
         if dummy:
             batch, rows = self._with_dummy_row(batch, rows)
+        columns = self._token_columns(batch, rows)
+        ids = columns.pop("input_ids")
+        row_pixels: list[tuple | None] = [None] * len(rows)
+        for i, r in enumerate(rows):
+            images = batch.images[int(batch.prompt_index[r])] if batch.images else None
+            if images:
+                # the dummy row's prompt index is one of the sub-batch's, which may name
+                # another prompt of the whole batch: its pixels have a key of their own
+                key = ("dummy",) if dummy and i == len(rows) - 1 else batch_key
+                row_pixels[i] = self._prompt_pixels(key, int(batch.prompt_index[r]), images)
+        mm_types = (ids == self.image_token_id).long() + 2 * (ids == self.video_token_id).long()
+        inputs = {"input_ids": ids, "attention_mask": columns.pop("attention_mask"),
+                  "mm_token_type_ids": mm_types}
+        _add_pixels(inputs, [x for x in row_pixels if x is not None])
+        packed = self._packed(batch, rows, dummy, row_pixels) if share else None
+        return {"packed": packed, "inputs": inputs, "targets": ids[:, 1:], **columns}
+
+    def _token_columns(self, batch: TrainBatch, rows: list[int]) -> dict:
+        """The rows' ids and attention, and the log-prob-aligned [B, L-1] columns (loss
+        mask, behaviour / reference / engine log-probs, advantages; None where the batch
+        has no such column)."""
         lengths = [len(batch.input_ids[r]) for r in rows]
         width = max(lengths)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         loss_mask = torch.zeros((len(rows), width - 1), dtype=torch.float32)
-        old = torch.zeros_like(loss_mask)
-        ref = torch.zeros_like(loss_mask)
-        engine = torch.zeros_like(loss_mask)
-        adv_tok = torch.zeros_like(loss_mask)
-        adv_seq = torch.zeros(len(rows), dtype=torch.float32)
         per_token_adv = isinstance(batch.advantages, list)
-        row_pixels: list[tuple | None] = [None] * len(rows)
+        aligned = {name: torch.zeros_like(loss_mask) if getattr(batch, name) is not None else None
+                   for name in ("old_logprobs", "ref_logprobs", "engine_logprobs")}
+        adv = None if batch.advantages is None else torch.zeros_like(loss_mask) \
+            if per_token_adv else torch.zeros(len(rows), dtype=torch.float32)
         for i, r in enumerate(rows):
             seq = torch.tensor(np.asarray(batch.input_ids[r]), dtype=torch.long)  # copies read-only refs
             n, p = len(seq), int(batch.prompt_lens[r])
             ids[i, :n] = seq
             attention[i, :n] = 1
             loss_mask[i, p - 1:n - 1] = 1.0  # logits at t-1 predict the token at t
-            if batch.old_logprobs is not None:
-                old[i, p - 1:n - 1] = torch.tensor(batch.old_logprobs[r], dtype=torch.float32)
-            if batch.ref_logprobs is not None:
-                ref[i, p - 1:n - 1] = torch.tensor(batch.ref_logprobs[r], dtype=torch.float32)
-            if batch.engine_logprobs is not None:
-                engine[i, p - 1:n - 1] = torch.tensor(batch.engine_logprobs[r],
-                                                      dtype=torch.float32)
-            if batch.advantages is not None:
+            for name, column in aligned.items():
+                if column is not None:
+                    column[i, p - 1:n - 1] = torch.tensor(getattr(batch, name)[r],
+                                                          dtype=torch.float32)
+            if adv is not None:
                 if per_token_adv:
-                    adv_tok[i, p - 1:n - 1] = torch.tensor(batch.advantages[r], dtype=torch.float32)
+                    adv[i, p - 1:n - 1] = torch.tensor(batch.advantages[r], dtype=torch.float32)
                 else:
-                    adv_seq[i] = float(batch.advantages[r])
-            if batch.images:
-                images = batch.images[int(batch.prompt_index[r])]
-                if images:
-                    # the dummy row's prompt index is one of the sub-batch's, which may name
-                    # another prompt of the whole batch: its pixels have a key of their own
-                    key = ("dummy",) if dummy and i == len(rows) - 1 else batch_key
-                    row_pixels[i] = self._prompt_pixels(key, int(batch.prompt_index[r]), images)
-        mm_types = (ids == self.image_token_id).long() + 2 * (ids == self.video_token_id).long()
-        inputs = {"input_ids": ids, "attention_mask": attention, "mm_token_type_ids": mm_types}
-        _add_pixels(inputs, [x for x in row_pixels if x is not None])
-        packed = None
-        if share:
-            from actors.packing import pack_groups
+                    adv[i] = float(batch.advantages[r])
+        return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask,
+                **aligned, "advantages": adv}
 
-            keys = [("dummy",) if dummy and i == len(rows) - 1 else
-                    (int(batch.prompt_index[r]),
-                     np.asarray(batch.input_ids[r][:int(batch.prompt_lens[r])]).tobytes())
-                    for i, r in enumerate(rows)]
-            packed = pack_groups([batch.input_ids[r] for r in rows],
-                                 [int(batch.prompt_lens[r]) for r in rows], keys, self.pad_id,
-                                 self.image_token_id, self.video_token_id)
-            if packed is not None:  # each group's images once, in group order
-                first = {}
-                for i, g in enumerate(packed["group"].tolist()):
-                    first.setdefault(g, i)
-                _add_pixels(packed, [row_pixels[first[g]] for g in sorted(first)
-                                     if row_pixels[first[g]] is not None])
-        return {
-            "packed": packed,
-            "inputs": inputs,
-            "targets": ids[:, 1:],
-            "loss_mask": loss_mask,
-            "old_logprobs": old if batch.old_logprobs is not None else None,
-            "ref_logprobs": ref if batch.ref_logprobs is not None else None,
-            "engine_logprobs": engine if batch.engine_logprobs is not None else None,
-            "advantages": None if batch.advantages is None else (adv_tok if per_token_adv else adv_seq),
-        }
+    def _packed(self, batch: TrainBatch, rows: list[int], dummy: bool,
+                row_pixels: list) -> dict | None:
+        """The rows packed so that samples sharing a prompt run it once (actors/packing.py),
+        each group's images once, in group order; None when no two rows share one."""
+        from actors.packing import pack_groups
+
+        keys = [("dummy",) if dummy and i == len(rows) - 1 else
+                (int(batch.prompt_index[r]),
+                 np.asarray(batch.input_ids[r][:int(batch.prompt_lens[r])]).tobytes())
+                for i, r in enumerate(rows)]
+        packed = pack_groups([batch.input_ids[r] for r in rows],
+                             [int(batch.prompt_lens[r]) for r in rows], keys, self.pad_id,
+                             self.image_token_id, self.video_token_id)
+        if packed is not None:
+            first = {}
+            for i, g in enumerate(packed["group"].tolist()):
+                first.setdefault(g, i)
+            _add_pixels(packed, [row_pixels[first[g]] for g in sorted(first)
+                                 if row_pixels[first[g]] is not None])
+        return packed
 
     def _prompt_pixels(self, batch_key, prompt: int, images: list[bytes]):
         key = (batch_key, prompt)

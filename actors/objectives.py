@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from actors.logprobs import entropy_from_logits, upcast
+
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 POLICY_LOSSES = ("ppo", "reinforce")
@@ -43,103 +45,6 @@ _LOW_VAR_KL_CLAMP = 10.0
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _upcast(x: Tensor) -> Tensor:
-    """At least fp32 (bf16/fp16 -> fp32; fp64 stays fp64 for exact tests)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def token_logprobs(logits: Tensor, target_ids: Tensor, temperature: float = 1.0) -> Tensor:
-    """Log-probability of each target token, in fp32.
-
-    logits [B, T, V] (any float dtype), target_ids [B, T] (long) -> [B, T] in
-    fp32 (fp64 if the logits are fp64).
-    logits at position t must already be the prediction for target_ids[:, t]
-    (the caller does the usual shift by one). Computed as
-    `z[target] - logsumexp(z)` with z = logits / temperature in fp32, which
-    equals log_softmax + gather without materialising a [B, T, V] result.
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    z = _upcast(logits)
-    if temperature != 1.0:  # a copy of [B, T, V] in fp32: skip it when it changes nothing
-        z = z / temperature
-    picked = z.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(z, dim=-1)
-
-
-class _TargetLogprob(torch.autograd.Function):
-    """``token_logprobs`` (temperature 1) with a backward that keeps one fp32 copy.
-
-    The same numbers as autograd through ``token_logprobs``: the forward is
-    z[target] - logsumexp(z) with z = fp32 logits, the backward PyTorch's own
-    formula g * (onehot(target) - exp(z - logsumexp z)), in the same order of
-    operations. Autograd would save the fp32 upcast and allocate three more
-    [N, V] fp32 temporaries in the backward (peak 16 bytes per bf16 logit,
-    ``benchmarks/logprob_memory.py``); here only the input logits and
-    logsumexp [N] are saved and the backward works in place on one fp32 copy
-    (peak 8 bytes per bf16 logit).
-    """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, target_ids: Tensor) -> Tensor:  # [N, V], [N] -> [N]
-        z = _upcast(logits)
-        lse = torch.logsumexp(z, dim=-1)
-        picked = z.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
-        ctx.save_for_backward(logits, target_ids, lse)
-        return picked - lse
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        logits, target_ids, lse = ctx.saved_tensors
-        g = logits.to(lse.dtype, copy=True).sub_(lse.unsqueeze(-1)).exp_()  # softmax
-        g.mul_(-grad.unsqueeze(-1))
-        g.scatter_add_(-1, target_ids.unsqueeze(-1), grad.unsqueeze(-1))
-        return g.to(logits.dtype), None
-
-
-def _head_chunk(hidden: Tensor, weight: Tensor, target_ids: Tensor,
-                with_entropy: bool) -> tuple[Tensor, Tensor]:
-    """One chunk of `chunked_token_logprobs`: [N, H] x [V, H] -> ([N], [N] or [0])."""
-    logits = F.linear(hidden, weight)  # the LM head (no bias), in the weights' dtype
-    if not with_entropy:
-        return _TargetLogprob.apply(logits, target_ids.long()), logits.new_zeros(0, dtype=torch.float32)
-    return token_logprobs(logits, target_ids), entropy_from_logits(logits)
-
-
-def chunked_token_logprobs(
-    hidden: Tensor,
-    weight: Tensor,
-    target_ids: Tensor,
-    chunk_tokens: int,
-    with_entropy: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    """Token log-probs (and entropies) from final hidden states and the LM head, by chunks.
-
-    hidden [N, H] (the final norm's output at the scored positions), weight
-    [V, H] (the LM head), target_ids [N] -> (log-probs [N], entropies [N] or
-    None), fp32. Equals ``token_logprobs(hidden @ weight.T, target_ids)`` (and
-    ``entropy_from_logits``) but never holds more than chunk_tokens x V logits:
-    with gradients on, each chunk runs under ``torch.utils.checkpoint``, which
-    keeps only the chunk's inputs and recomputes its logits in the backward
-    (Liger's / verl's chunked linear cross-entropy, without a fused kernel).
-    N = 0 still runs one empty chunk, so the head's weight always gets a
-    gradient (FSDP reduces it on every rank).
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    if chunk_tokens <= 0:
-        raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    logps, entropies = [], []
-    for start in range(0, max(1, hidden.shape[0]), chunk_tokens):
-        args = (hidden[start:start + chunk_tokens], weight,
-                target_ids[start:start + chunk_tokens], with_entropy)
-        logp, entropy = checkpoint(_head_chunk, *args, use_reentrant=False) if grad else _head_chunk(*args)
-        logps.append(logp)
-        entropies.append(entropy)
-    return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
 
 
 def per_token(advantages: Tensor, mask: Tensor) -> Tensor:
@@ -350,18 +255,9 @@ def full_kl(logits: Tensor, ref_logits: Tensor) -> Tensor:
     temperature-scaled logits if the policy samples with a temperature.
     ref_logits is treated as a constant (detached).
     """
-    logp = F.log_softmax(_upcast(logits), dim=-1)
-    logq = F.log_softmax(_upcast(ref_logits.detach()), dim=-1)
+    logp = F.log_softmax(upcast(logits), dim=-1)
+    logq = F.log_softmax(upcast(ref_logits.detach()), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1)
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of the token distribution, logits [B, T, V] -> [B, T] fp32 (nats).
-
-    H = logsumexp(z) - sum_v softmax(z)_v z_v, the stable form verl uses.
-    """
-    z = _upcast(logits)
-    return torch.logsumexp(z, dim=-1) - (F.softmax(z, dim=-1) * z).sum(-1)
 
 
 # ------------------------------------------------------ generic objective
@@ -450,6 +346,38 @@ def _kl_per_token(
     return kl_penalty(logprobs, ref_logprobs, spec.kl_estimator)
 
 
+def _policy_term(spec: ObjectiveSpec, logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                 old_logprobs: Tensor | None,
+                 engine_logprobs: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+    """The per-token policy term (PPO clip or REINFORCE), weighted by the truncated
+    importance ratio to the engine's log-probs when ``spec.tis_cap`` > 0, and its metrics."""
+    if spec.policy_loss == "ppo":
+        if old_logprobs is None:
+            raise ValueError(
+                "policy_loss='ppo' needs old_logprobs (logprobs.detach() if on-policy)"
+            )
+        pg_tok, metrics = ppo_clip_loss(
+            logprobs, old_logprobs, advantages, mask,
+            spec.clip_low, spec.clip_high, spec.dual_clip,
+        )
+    else:
+        pg_tok, metrics = reinforce_loss(logprobs, advantages, mask)
+    if engine_logprobs is not None:
+        metrics["policy/engine_logprob_diff"] = masked_mean(
+            (logprobs.detach() - engine_logprobs).abs(), mask).item()
+    if spec.tis_cap > 0:
+        if engine_logprobs is None:
+            raise ValueError(f"tis_cap={spec.tis_cap} needs the engine's log-probs")
+        behaviour = old_logprobs if old_logprobs is not None else logprobs.detach()
+        weight = torch.exp((behaviour - engine_logprobs).clamp(max=_LOG_RATIO_CLAMP))
+        truncated = weight > spec.tis_cap
+        weight = weight.clamp(max=spec.tis_cap).detach()
+        pg_tok = pg_tok * weight
+        metrics["policy/tis_weight_mean"] = masked_mean(weight, mask).item()
+        metrics["policy/tis_truncated_frac"] = masked_mean(truncated.float(), mask).item()
+    return pg_tok, metrics
+
+
 def policy_objective(
     spec: ObjectiveSpec,
     logprobs: Tensor,
@@ -486,30 +414,8 @@ def policy_objective(
     a zero coefficient. Metrics are over this micro-batch's valid tokens.
     """
     agg = dict(mode=spec.loss_agg, global_tokens=global_tokens, global_seqs=global_seqs)
-    if spec.policy_loss == "ppo":
-        if old_logprobs is None:
-            raise ValueError(
-                "policy_loss='ppo' needs old_logprobs (logprobs.detach() if on-policy)"
-            )
-        pg_tok, metrics = ppo_clip_loss(
-            logprobs, old_logprobs, advantages, mask,
-            spec.clip_low, spec.clip_high, spec.dual_clip,
-        )
-    else:
-        pg_tok, metrics = reinforce_loss(logprobs, advantages, mask)
-    if engine_logprobs is not None:
-        metrics["policy/engine_logprob_diff"] = masked_mean(
-            (logprobs.detach() - engine_logprobs).abs(), mask).item()
-    if spec.tis_cap > 0:
-        if engine_logprobs is None:
-            raise ValueError(f"tis_cap={spec.tis_cap} needs the engine's log-probs")
-        behaviour = old_logprobs if old_logprobs is not None else logprobs.detach()
-        weight = torch.exp((behaviour - engine_logprobs).clamp(max=_LOG_RATIO_CLAMP))
-        truncated = weight > spec.tis_cap
-        weight = weight.clamp(max=spec.tis_cap).detach()
-        pg_tok = pg_tok * weight
-        metrics["policy/tis_weight_mean"] = masked_mean(weight, mask).item()
-        metrics["policy/tis_truncated_frac"] = masked_mean(truncated.float(), mask).item()
+    pg_tok, metrics = _policy_term(spec, logprobs, advantages, mask, old_logprobs,
+                                   engine_logprobs)
     pg_loss = aggregate(pg_tok, mask, **agg)
     loss = pg_loss
     metrics["policy/pg_loss"] = pg_loss.item()

@@ -35,14 +35,9 @@ import torch
 
 from actors import fsdp
 from actors.batching import InputBuilder, TrainBatch, micro_batches
+from actors.logprobs import chunked_token_logprobs, token_logprobs
 from actors.lora import adapter_of, language_targets, peft_name
-from actors.objectives import (
-    ObjectiveSpec,
-    chunked_token_logprobs,
-    policy_objective,
-    sft_loss,
-    token_logprobs,
-)
+from actors.objectives import ObjectiveSpec, policy_objective, sft_loss
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from actors.objectives import chunked_token_logprobs, entropy_from_logits, token_logprobs
+from actors.logprobs import chunked_token_logprobs, entropy_from_logits, token_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 

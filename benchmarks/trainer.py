@@ -80,7 +80,8 @@ def bare_loop(path: str, batch, steps: int, objective, threads: int) -> list[flo
     from transformers import AutoModelForImageTextToText
 
     from actors.batching import InputBuilder
-    from actors.objectives import policy_objective, token_logprobs
+    from actors.logprobs import token_logprobs
+    from actors.objectives import policy_objective
 
     torch.set_num_threads(threads)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)

@@ -26,13 +26,13 @@ if __name__ == "__main__":  # run as the child script: make the repo and conftes
 import pytest
 import torch
 
-from actors.objectives import (
-    ObjectiveSpec,
+from actors.logprobs import (
     _TargetLogprob,
     chunked_token_logprobs,
     entropy_from_logits,
     token_logprobs,
 )
+from actors.objectives import ObjectiveSpec
 
 FAMILIES = ["qwen2.5-vl", "qwen3-vl"]
 

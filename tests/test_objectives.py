@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
+from actors.logprobs import entropy_from_logits, token_logprobs
 from actors.objectives import (
     AGG_MODES,
     ObjectiveSpec,
     aggregate,
-    entropy_from_logits,
     full_kl,
     kl_penalty,
     loss_normalisers,
@@ -22,7 +22,6 @@ from actors.objectives import (
     ppo_clip_loss,
     reinforce_loss,
     sft_loss,
-    token_logprobs,
 )
 
 LN2 = math.log(2.0)

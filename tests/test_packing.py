@@ -100,8 +100,8 @@ def test_packed_positions_and_logprobs_equal_the_flat_rows(tiny_cache, family):
     packed forward gives the flat forward's log-probs (fp32), images included."""
     from transformers import AutoModelForImageTextToText
 
+    from actors.logprobs import token_logprobs
     from actors.models import resolve_model
-    from actors.objectives import token_logprobs
     from actors.trainer import chunked_model_logprobs
 
     path = resolve_model(f"tiny://{family}")

@@ -19,8 +19,9 @@ import torch
 from conftest import make_train_batch
 
 from actors.batching import InputBuilder
+from actors.logprobs import token_logprobs
 from actors.models import resolve_model
-from actors.objectives import ObjectiveSpec, policy_objective, token_logprobs
+from actors.objectives import ObjectiveSpec, policy_objective
 from actors.trainer import LoraSpec, TrainerSpec, lr_factor, merge_metrics
 from actors.trainer_group import TrainerGroup
 
