@@ -28,14 +28,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from actors.generator import (
-    Completion,
-    EngineBroken,
-    EngineSpec,
-    GeneratorActor,
-    Request,
-    cpu_engine_env,
-)
+from actors.generator import GeneratorActor
+from actors.sampling import Completion, EngineBroken, EngineSpec, Request, cpu_engine_env
 
 logger = logging.getLogger(__name__)
 _RESOURCE_KEYS = {"num_cpus", "num_gpus", "memory", "resources", "accelerator_type"}

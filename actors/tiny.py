@@ -261,7 +261,7 @@ def _write_model(spec: TinySpec, out: Path) -> None:
 
 
 def _model_config(spec: TinySpec, vocab_size: int, ids: dict[str, int]):
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     half = spec.head_dim // 2
     text = dict(
@@ -286,21 +286,7 @@ def _model_config(spec: TinySpec, vocab_size: int, ids: dict[str, int]):
     if spec.tokenizer == "qwen":
         text.update(REAL_TEXT[spec.family])
     if spec.family == "qwen3-vl":
-        # Real Qwen3-VL splits head_dim/2 as 24/20/20 of 64; keep the shape.
-        t, h = half - 2 * (half * 5 // 16), half * 5 // 16
-        text.update(
-            head_dim=spec.head_dim,
-            rope_parameters={"rope_type": "default", "rope_theta": 5e6,
-                             "mrope_section": [t, h, h], "mrope_interleaved": True},
-        )
-        vision = dict(
-            depth=spec.vision_layers, hidden_size=spec.vision_hidden,
-            intermediate_size=spec.vision_hidden * 2, num_heads=spec.vision_heads,
-            patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-            out_hidden_size=spec.hidden, num_position_embeddings=256,
-            deepstack_visual_indexes=list(range(min(spec.vision_layers, 3))),
-        )
-        return Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
+        return _qwen3_config(spec, text, tokens)
 
     # Qwen2/2.5-VL split head_dim/2 as 16/24/24 of 64.
     t = half // 4
@@ -321,6 +307,27 @@ def _model_config(spec: TinySpec, vocab_size: int, ids: dict[str, int]):
         temporal_patch_size=2,
     )
     return Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
+
+
+def _qwen3_config(spec: TinySpec, text: dict, tokens: dict):
+    from transformers import Qwen3VLConfig
+
+    # Real Qwen3-VL splits head_dim/2 as 24/20/20 of 64; keep the shape.
+    half = spec.head_dim // 2
+    t, h = half - 2 * (half * 5 // 16), half * 5 // 16
+    text.update(
+        head_dim=spec.head_dim,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                         "mrope_section": [t, h, h], "mrope_interleaved": True},
+    )
+    vision = dict(
+        depth=spec.vision_layers, hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_hidden * 2, num_heads=spec.vision_heads,
+        patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+        out_hidden_size=spec.hidden, num_position_embeddings=256,
+        deepstack_visual_indexes=list(range(min(spec.vision_layers, 3))),
+    )
+    return Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
 
 
 def _processor(spec: TinySpec, tokenizer):

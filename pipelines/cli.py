@@ -68,6 +68,20 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("ref", help="tiny://qwen2.5-vl[?hidden=..], a local folder or a hub id")
     build.set_defaults(func=_model_build)
 
+    _generate_parser(sub)
+    _plan_parser(sub)
+    _export_parser(sub)
+    _eval_parser(sub)
+
+    plot = sub.add_parser("plot", help="draw the co-evolution figures of an MM-Zero run from its "
+                                       "iter_*/coevo.json (iter_*/coevo.png and coevo.png)")
+    plot.add_argument("run_dir", help="runs/<name>")
+    plot.set_defaults(func=_plot)
+    return parser
+
+
+def _generate_parser(sub) -> None:
+    """coevolve generate: sample the engine a run builds, by hand."""
     gen = sub.add_parser("generate", help="sample answers to an image question in a vLLM engine actor")
     _config_args(gen)
     gen.add_argument("--image", help="image file (default: a bar chart drawn locally)")
@@ -76,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=32)
     gen.set_defaults(func=_generate)
 
+
+def _plan_parser(sub) -> None:
+    """coevolve plan: check a layout against a cluster."""
     plan = sub.add_parser("plan", help="check a layout against a cluster: placement and memory "
                                        "per device (exit 2 if it does not fit)")
     _config_args(plan)
@@ -92,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
                            "from a run's measured timings (pipelines/runtime/timings.py)")
     plan.set_defaults(func=_plan)
 
+
+def _export_parser(sub) -> None:
+    """coevolve export: copy a run's trained policies."""
     export = sub.add_parser("export", help="copy every trained policy of a run (merged hf/ "
                                            "folders, peft adapters) with its config and code "
                                            "version to one folder")
@@ -99,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="target folder (default: RUN_DIR/export)")
     export.set_defaults(func=_export)
 
+
+def _eval_parser(sub) -> None:
+    """coevolve eval: benchmarks after every iteration."""
     ev = sub.add_parser("eval", help="evaluate a run's policy after every iteration (and the base "
                                      "model) or one model on benchmarks; resumable")
     ev.add_argument("target", help="runs/<name>, an hf/ folder, a peft adapter folder, a hub id "
@@ -116,12 +139,6 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, help="cap every task's response budget "
                                                    "(default: half of generator.max_model_len)")
     ev.set_defaults(func=_eval)
-
-    plot = sub.add_parser("plot", help="draw the co-evolution figures of an MM-Zero run from its "
-                                       "iter_*/coevo.json (iter_*/coevo.png and coevo.png)")
-    plot.add_argument("run_dir", help="runs/<name>")
-    plot.set_defaults(func=_plot)
-    return parser
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -254,7 +271,8 @@ def generate_spec(cfg):
 def _generate(args) -> int:
     import ray
 
-    from actors.generator import GeneratorActor, Request, Sampling, cpu_engine_env
+    from actors.generator import GeneratorActor
+    from actors.sampling import Request, Sampling, cpu_engine_env
     from pipelines.runtime.local_ray import ray_session
 
     cfg = _load(args)

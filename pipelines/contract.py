@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import numpy as np
 
-    from actors.generator import Completion, Request
+    from actors.sampling import Completion, Request
 
 
 class ContractError(TypeError):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from actors.generator import Request, Sampling
+from actors.sampling import Request, Sampling
 
 PROMPT = """You check answers against a reference.
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lmms_eval.api.model import lmms
 
-from actors.generator import Request, Sampling
+from actors.sampling import Request, Sampling
 from pipelines.eval.tasks import item_seed
 
 MODEL_ID = "coevolve"

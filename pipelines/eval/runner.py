@@ -30,7 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from actors.generator import Request, Sampling
+from actors.sampling import Request, Sampling
 from pipelines.eval.data import DataError, Item
 from pipelines.eval.tasks import TaskSpec
 from pipelines.runtime.rundir import atomic_parquet

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.generator import Request
+from actors.sampling import Request
 from pipelines.eval.data import DataError, Item, read_hf, read_jsonl, write_jsonl
 
 SHAPES_VERSION = 2  # bump when the drawn set would change for the same count and split

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from actors.generator import EngineSpec
 from actors.objectives import ObjectiveSpec
+from actors.sampling import EngineSpec
 from actors.trainer import LoraSpec, TrainerSpec
 
 

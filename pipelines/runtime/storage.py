@@ -102,6 +102,20 @@ def _remove_token(folder: str, node_id: str) -> None:
         os.rmdir(folder)
 
 
+def _gather(refs: dict, timeout_s: float) -> dict:
+    """node -> its probe task's result, or the error it failed with (within timeout_s)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    out = {}
+    for node_id, ref in refs.items():
+        try:
+            out[node_id] = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
+        except Exception as err:  # noqa: BLE001 - any failure of the probe names the node
+            out[node_id] = err
+    return out
+
+
 def check_shared(root: Path, node_ids: Iterable[str], timeout_s: float = 60.0) -> None:
     """Fail, naming the nodes, unless every node in ``node_ids`` sees the same ``root``.
 
@@ -128,25 +142,17 @@ def check_shared(root: Path, node_ids: Iterable[str], timeout_s: float = 60.0) -
             num_cpus=0, max_retries=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
 
-    def gather(refs: dict) -> dict:
-        deadline = time.monotonic() + timeout_s
-        out = {}
-        for node_id, ref in refs.items():
-            try:
-                out[node_id] = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
-            except Exception as err:  # noqa: BLE001 - any failure of the probe names the node
-                out[node_id] = err
-        return out
-
     def who(node_id: str) -> str:
         return f"{names[node_id]} ({node_id[:8]})"
 
     try:
-        written = gather({n: on(n, _write_token).remote(folder, n, tokens[n]) for n in nodes})
+        written = _gather({n: on(n, _write_token).remote(folder, n, tokens[n]) for n in nodes},
+                          timeout_s)
         problems = [f"node {who(n)}: {r if isinstance(r, str) else f'probe failed: {r}'}"
                     for n, r in written.items() if r is not None]
         if not problems:
-            read = gather({n: on(n, _unseen_tokens).remote(folder, tokens) for n in nodes})
+            read = _gather({n: on(n, _unseen_tokens).remote(folder, tokens) for n in nodes},
+                           timeout_s)
             for n, unseen in read.items():
                 if isinstance(unseen, Exception):
                     problems.append(f"node {who(n)}: probe failed: {unseen}")
@@ -155,7 +161,7 @@ def check_shared(root: Path, node_ids: Iterable[str], timeout_s: float = 60.0) -
                                     f"{'s' if len(unseen) > 1 else ''} "
                                     + ", ".join(who(u) for u in unseen))
     finally:  # every node removes its own token (the folders may be several)
-        gather({n: on(n, _remove_token).remote(folder, n) for n in nodes})
+        _gather({n: on(n, _remove_token).remote(folder, n) for n in nodes}, timeout_s)
         shutil.rmtree(folder, ignore_errors=True)
     if problems:
         raise ConfigError(

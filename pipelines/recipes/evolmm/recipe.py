@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from actors.generator import Request, Sampling
+from actors.sampling import Request, Sampling
 from pipelines.recipes.base import Rollout, Scores
 from pipelines.recipes.evolmm import prompts
 from pipelines.recipes.evolmm.data import ImageFolder

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.generator import Completion, Sampling
+from actors.sampling import Completion, Sampling
 from pipelines.recipes.base import Scores
 from pipelines.recipes.labeled import (
     LabeledRecipe,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from actors.generator import Request, Sampling
+from actors.sampling import Request, Sampling
 from actors.svg_checks import extract_svg
 from pipelines.algorithms.answers import extract_answer
 from pipelines.algorithms.grading import agreement, majority

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.generator import Request, Sampling
 from actors.renderer import PoolConfig, RendererPool, RenderLimits
+from actors.sampling import Request, Sampling
 from actors.svg_checks import svg_like
 from pipelines.recipes.base import Scores
 from pipelines.recipes.mmzero import coevo, warm_start

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.generator import Sampling
+from actors.sampling import Sampling
 from pipelines.eval.tasks import item_seed
 from pipelines.recipes.labeled import LabeledRecipe, LabeledRequest, load_items, usable
 from pipelines.recipes.r3v.mix import (

@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from actors.generator import Completion, Request, Sampling
+from actors.sampling import Completion, Request, Sampling
 from pipelines.recipes.base import Scores, load_function
 
 
