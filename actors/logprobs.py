@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from actors import fsdp
+
 
 def upcast(x: Tensor) -> Tensor:
     """At least fp32 (bf16/fp16 -> fp32; fp64 stays fp64 for exact tests)."""
@@ -113,3 +115,63 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     """
     z = upcast(logits)
     return torch.logsumexp(z, dim=-1) - (F.softmax(z, dim=-1) * z).sum(-1)
+
+
+def chunked_model_logprobs(model, mb: dict, chunk_tokens: int, with_entropy: bool = False):
+    """Log-probs [B, L-1] (and entropies) of a micro-batch at its loss-mask positions, 0 elsewhere.
+
+    Never builds [tokens, vocabulary] logits: a forward pre-hook on the LM
+    head takes its input (the final norm's output [B, L, H]), scores the
+    loss-mask positions in chunks with the head's weight
+    (``chunked_token_logprobs``: each chunk recomputed in the backward), and
+    hands the head an empty slice, so transformers computes no logits. The
+    scoring runs inside the model's forward, where FSDP has the root unit
+    (embeddings, final norm, head) gathered, in the head's compute dtype like
+    the full-logits path.
+    """
+    mask = mb["loss_mask"]
+    where = mask.nonzero(as_tuple=True)
+    out = {}
+
+    def score(head, args):
+        # [M, H]: the hidden state at t-1 predicts the token at t (packed: where it sits)
+        hidden = args[0][:, :-1][where] if predicting is None else args[0][predicting]
+        logp, entropy = chunked_token_logprobs(hidden, head.weight, mb["targets"][where],
+                                               chunk_tokens, with_entropy)
+        out["logp"] = mask.new_zeros(mask.shape).index_put(where, logp)
+        if entropy is not None:
+            out["entropy"] = mask.new_zeros(mask.shape).index_put(where, entropy)
+        return (args[0][:, :0],)
+
+    packed = mb.get("packed")
+    if packed is None:
+        inputs, predicting = mb["inputs"], None
+    else:  # the samples of one prompt in one row (actors/packing.py)
+        from actors.packing import packed_positions, prompt_layout, use_shared_prompt_attention
+
+        core = fsdp.hf_core(model)
+        use_shared_prompt_attention(core)
+        # the rows compacted into one sequence of their real tokens: no padding computed
+        layout = prompt_layout(packed["segment"])
+        tokens = layout["tokens"]
+        positions = packed_positions(core.model, packed, packed.get("image_grid_thw"))
+        inputs = {"input_ids": packed["input_ids"].flatten()[tokens][None],
+                  "position_ids": positions.flatten(1)[:, tokens][:, None],
+                  "mm_token_type_ids": packed["mm_token_type_ids"].flatten()[tokens][None],
+                  "prompt_layout": layout}
+        inputs.update({k: packed[k] for k in ("pixel_values", "image_grid_thw") if k in packed})
+        compact = torch.full((packed["segment"].numel(),), -1, dtype=torch.long,
+                             device=tokens.device)
+        compact[tokens] = torch.arange(len(tokens), device=tokens.device)
+        width = packed["segment"].shape[1]
+        at = compact[packed["group"][where[0]] * width + packed["pos"][where]]
+        predicting = (torch.zeros_like(at), at)
+    handle = fsdp.hf_core(model).lm_head.register_forward_pre_hook(score)
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    if packed is not None and layout["calls"].n == 0:  # never silently causal over the row
+        raise RuntimeError("the packed forward did not reach shared_prompt_attention; "
+                           "set trainer.share_prompts: false")
+    return out["logp"], out.get("entropy")

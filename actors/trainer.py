@@ -25,72 +25,22 @@ touching the vision tower once, so FSDP's collectives stay aligned.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import random
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from actors import fsdp
 from actors.batching import InputBuilder, TrainBatch, micro_batches
-from actors.logprobs import chunked_token_logprobs, token_logprobs
+from actors.logprobs import chunked_model_logprobs, token_logprobs
 from actors.lora import adapter_of, language_targets, peft_name
-from actors.objectives import ObjectiveSpec, policy_objective, sft_loss
+from actors.objectives import policy_objective, sft_loss
+from actors.optim import init_adam_state, lr_factor, scheduler_state
+from actors.trainer_spec import LoraSpec, TrainerSpec
 
-
-@dataclass
-class LoraSpec:
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    # Adapters on the one backbone, each a policy of its own (optimizer, schedule,
-    # checkpoint); the verbs take ``adapter=`` (default: the first).
-    adapters: tuple[str, ...] = ("default",)
-
-
-@dataclass
-class TrainerSpec:
-    """Everything a rank needs to build its model and optimizer (from the config)."""
-
-    model: str  # hub id, folder or tiny:// reference: the phase's starting weights
-    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
-    sft: bool = False  # run the masked NLL instead of the policy objective
-    lr: float = 1e-6
-    weight_decay: float = 1e-2
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
-    schedule: str = "constant"  # constant | warmup | cosine
-    warmup_steps: int = 0
-    total_steps: int = 1  # for cosine
-    micro_batch_tokens: int = 16384
-    gradient_checkpointing: bool = True
-    freeze_vision: bool = False
-    freeze_projector: bool = False
-    lora: LoraSpec | None = None
-    reference: bool = True  # keep the frozen starting policy for KL
-    mixed_precision: bool | None = None  # None: bf16 on GPU, fp32 on CPU
-    # Memory levers (see pipelines/runtime/memory.py for what each saves):
-    logprob_chunk_tokens: int = 2048  # score tokens from hidden states in chunks (0: full logits)
-    share_prompts: bool = True  # with chunks: a prompt's samples in one packed row (packing.py)
-    reference_dtype: str = "float32"  # float32 | bfloat16: storage of the frozen reference
-    offload: bool = False  # FSDP2 CPUOffloadPolicy: parameter/gradient/AdamW shards in host memory
-    max_pixels: int = 0  # the processor's image size limit, as the engines' (0: the model's own)
-    seed: int = 0
-    threads: int = 0  # torch threads on CPU (0: leave as is)
-
-    def __post_init__(self) -> None:
-        if self.logprob_chunk_tokens < 0:
-            raise ValueError(f"logprob_chunk_tokens must be >= 0, got {self.logprob_chunk_tokens}")
-        if self.reference_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"reference_dtype must be float32 or bfloat16, got {self.reference_dtype!r}")
-        if (self.logprob_chunk_tokens and not self.sft and self.objective.kl_estimator == "full"
-                and self.objective.kl_coef > 0):
-            raise ValueError("kl_estimator 'full' needs the whole-vocabulary logits of policy and "
-                             "reference: set trainer.logprob_chunk_tokens: 0")
+# re-exported: the specs are built from here by callers that predate trainer_spec.py
+__all__ = ["LoraSpec", "TrainerActor", "TrainerSpec", "lr_factor", "merge_metrics"]
 
 
 class TrainerActor:
@@ -131,7 +81,7 @@ class TrainerActor:
             # shards (benchmarks/trainer.py times both).
             opt = torch.optim.AdamW(params, lr=self.spec.lr, betas=tuple(self.spec.betas),
                                     weight_decay=self.spec.weight_decay, eps=1e-8, fused=True)
-            _init_adam_state(opt)
+            init_adam_state(opt)
             self.optimizers[policy] = opt
             self.schedulers[policy] = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
         self.policy_steps = dict.fromkeys(self.policies, 0)
@@ -295,7 +245,7 @@ class TrainerActor:
 
         save_checkpoint(directory, self.model, list(self.optimizers.values()), self.rank,
                         extra={"step": self.step, "policy_steps": self.policy_steps,
-                               "schedulers": {k: _scheduler_state(v)
+                               "schedulers": {k: scheduler_state(v)
                                               for k, v in self.schedulers.items()},
                                "batches_seen": self._batches_seen, "state": state or {}})
 
@@ -503,66 +453,6 @@ class TrainerActor:
         return self._forward_logits(self.reference, mb)
 
 
-def chunked_model_logprobs(model, mb: dict, chunk_tokens: int, with_entropy: bool = False):
-    """Log-probs [B, L-1] (and entropies) of a micro-batch at its loss-mask positions, 0 elsewhere.
-
-    Never builds [tokens, vocabulary] logits: a forward pre-hook on the LM
-    head takes its input (the final norm's output [B, L, H]), scores the
-    loss-mask positions in chunks with the head's weight
-    (``chunked_token_logprobs``: each chunk recomputed in the backward), and
-    hands the head an empty slice, so transformers computes no logits. The
-    scoring runs inside the model's forward, where FSDP has the root unit
-    (embeddings, final norm, head) gathered, in the head's compute dtype like
-    the full-logits path.
-    """
-    mask = mb["loss_mask"]
-    where = mask.nonzero(as_tuple=True)
-    out = {}
-
-    def score(head, args):
-        # [M, H]: the hidden state at t-1 predicts the token at t (packed: where it sits)
-        hidden = args[0][:, :-1][where] if predicting is None else args[0][predicting]
-        logp, entropy = chunked_token_logprobs(hidden, head.weight, mb["targets"][where],
-                                               chunk_tokens, with_entropy)
-        out["logp"] = mask.new_zeros(mask.shape).index_put(where, logp)
-        if entropy is not None:
-            out["entropy"] = mask.new_zeros(mask.shape).index_put(where, entropy)
-        return (args[0][:, :0],)
-
-    packed = mb.get("packed")
-    if packed is None:
-        inputs, predicting = mb["inputs"], None
-    else:  # the samples of one prompt in one row (actors/packing.py)
-        from actors.packing import packed_positions, prompt_layout, use_shared_prompt_attention
-
-        core = fsdp.hf_core(model)
-        use_shared_prompt_attention(core)
-        # the rows compacted into one sequence of their real tokens: no padding computed
-        layout = prompt_layout(packed["segment"])
-        tokens = layout["tokens"]
-        positions = packed_positions(core.model, packed, packed.get("image_grid_thw"))
-        inputs = {"input_ids": packed["input_ids"].flatten()[tokens][None],
-                  "position_ids": positions.flatten(1)[:, tokens][:, None],
-                  "mm_token_type_ids": packed["mm_token_type_ids"].flatten()[tokens][None],
-                  "prompt_layout": layout}
-        inputs.update({k: packed[k] for k in ("pixel_values", "image_grid_thw") if k in packed})
-        compact = torch.full((packed["segment"].numel(),), -1, dtype=torch.long,
-                             device=tokens.device)
-        compact[tokens] = torch.arange(len(tokens), device=tokens.device)
-        width = packed["segment"].shape[1]
-        at = compact[packed["group"][where[0]] * width + packed["pos"][where]]
-        predicting = (torch.zeros_like(at), at)
-    handle = fsdp.hf_core(model).lm_head.register_forward_pre_hook(score)
-    try:
-        model(**inputs, use_cache=False)
-    finally:
-        handle.remove()
-    if packed is not None and layout["calls"].n == 0:  # never silently causal over the row
-        raise RuntimeError("the packed forward did not reach shared_prompt_attention; "
-                           "set trainer.share_prompts: false")
-    return out["logp"], out.get("entropy")
-
-
 def _to_device(mb: dict, device: torch.device) -> dict:
     """The micro-batch's tensors on the compute device (a no-op on CPU)."""
     if device.type == "cpu":
@@ -572,47 +462,6 @@ def _to_device(mb: dict, device: torch.device) -> dict:
 
     return {k: ({n: move(t) for n, t in v.items()} if isinstance(v, dict) else move(v))
             for k, v in mb.items()}
-
-
-def _scheduler_state(scheduler) -> dict:
-    # The LR function is rebuilt from the spec; only the counters are state.
-    return {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-
-
-def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> float:
-    """Multiplier of the base LR before optimizer step ``step`` (0-based).
-
-    constant: 1. warmup: linear (step+1)/warmup over the first warmup_steps,
-    then 1. cosine: the same warm-up, then 0.5 * (1 + cos(pi * progress)) with
-    progress = (step - warmup) / (total - warmup), reaching 0 at total_steps.
-    """
-    if schedule not in ("constant", "warmup", "cosine"):
-        raise ValueError(f"schedule must be constant, warmup or cosine, got {schedule!r}")
-    if schedule == "constant":
-        return 1.0
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "warmup":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def _init_adam_state(optimizer: torch.optim.AdamW) -> None:
-    """Give AdamW the state of a fresh optimizer (step 0, zero moments) up front.
-
-    Saving needs optimizer state, and torch.distributed.checkpoint creates a
-    missing one by running a zero-lr step, which advances Adam's step count and
-    so changes the bias correction of every later update: a run that saved
-    before its first step would diverge from one that did not.
-    """
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            optimizer.state[p] = {  # fused AdamW keeps its step count beside the shard
-                "step": torch.zeros((), dtype=torch.float32, device=p.device),
-                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-            }
 
 
 def _seed_everything(seed: int) -> None:

@@ -128,7 +128,7 @@ def test_chunked_model_logprobs_equal_the_full_logits_on_tiny_models(family, tin
     from transformers import AutoModelForImageTextToText
 
     from actors.models import resolve_model
-    from actors.trainer import chunked_model_logprobs
+    from actors.logprobs import chunked_model_logprobs
 
     path = resolve_model(f"tiny://{family}")
     mb = _micro_batch(path)
@@ -180,7 +180,7 @@ def _reference_logprobs(family: str) -> dict:
 
     from actors import fsdp
     from actors.models import resolve_model
-    from actors.trainer import chunked_model_logprobs
+    from actors.logprobs import chunked_model_logprobs
 
     torch.set_num_threads(1)
     path = resolve_model(f"tiny://{family}")

@@ -102,7 +102,7 @@ def test_packed_positions_and_logprobs_equal_the_flat_rows(tiny_cache, family):
 
     from actors.logprobs import token_logprobs
     from actors.models import resolve_model
-    from actors.trainer import chunked_model_logprobs
+    from actors.logprobs import chunked_model_logprobs
 
     path = resolve_model(f"tiny://{family}")
     batch = make_train_batch(path, n_prompts=2, n=3, seed=4)

@@ -10,7 +10,7 @@ import torch
 
 from actors.objectives import ObjectiveSpec
 from actors.sampling import EngineSpec
-from actors.trainer import LoraSpec, TrainerSpec
+from actors.trainer_spec import LoraSpec, TrainerSpec
 
 
 def engine_spec(cfg, model: str, tensor_parallel: int = 1,
