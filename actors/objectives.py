@@ -346,6 +346,19 @@ def _kl_per_token(
     return kl_penalty(logprobs, ref_logprobs, spec.kl_estimator)
 
 
+def _entropy_per_token(spec: ObjectiveSpec, logits: Tensor | None,
+                       entropy: Tensor | None) -> Tensor | None:
+    """Per-token entropies for the bonus (with gradient) or only the metric (detached);
+    None when neither logits nor entropies were given."""
+    if spec.entropy_coef > 0 and logits is None and entropy is None:
+        raise ValueError(f"entropy_coef={spec.entropy_coef} > 0 needs logits or entropy")
+    if entropy is None and logits is not None:
+        entropy = entropy_from_logits(logits if spec.entropy_coef > 0 else logits.detach())
+    if entropy is None:
+        return None
+    return entropy if spec.entropy_coef > 0 else entropy.detach()
+
+
 def _policy_term(spec: ObjectiveSpec, logprobs: Tensor, advantages: Tensor, mask: Tensor,
                  old_logprobs: Tensor | None,
                  engine_logprobs: Tensor | None) -> tuple[Tensor, dict[str, float]]:
@@ -428,12 +441,8 @@ def policy_objective(
         if spec.kl_coef > 0:
             loss = loss + spec.kl_coef * kl_loss
 
-    if spec.entropy_coef > 0 and logits is None and entropy is None:
-        raise ValueError(f"entropy_coef={spec.entropy_coef} > 0 needs logits or entropy")
-    if entropy is None and logits is not None:
-        entropy = entropy_from_logits(logits if spec.entropy_coef > 0 else logits.detach())
-    if entropy is not None:
-        ent_tok = entropy if spec.entropy_coef > 0 else entropy.detach()
+    ent_tok = _entropy_per_token(spec, logits, entropy)
+    if ent_tok is not None:
         metrics["policy/entropy"] = masked_mean(ent_tok.detach(), mask).item()
         if spec.entropy_coef > 0:
             loss = loss - spec.entropy_coef * aggregate(ent_tok, mask, **agg)
