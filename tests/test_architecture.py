@@ -103,3 +103,18 @@ def test_recipes_are_read_through_the_contract():
     found = [f"{path.relative_to(ROOT)}:{i}" for path in ROOT.glob("pipelines/**/*.py")
              for i, line in enumerate(path.read_text().splitlines(), 1) if probe.search(line)]
     assert found == []
+
+
+def test_files_and_functions_stay_readable():
+    """No module over 500 lines, no function over 60, the phase runner under 300."""
+    long_files, long_functions = [], []
+    for path in sorted([*ROOT.glob("actors/**/*.py"), *ROOT.glob("pipelines/**/*.py")]):
+        source = path.read_text()
+        name = str(path.relative_to(ROOT))
+        if len(source.splitlines()) > 500:
+            long_files.append(name)
+        long_functions += [f"{name}:{node.name}" for node in ast.walk(ast.parse(source))
+                           if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                           and node.end_lineno - node.lineno + 1 > 60]
+    assert long_files == [] and long_functions == []
+    assert len((ROOT / "pipelines/runtime/phase.py").read_text().splitlines()) < 300
