@@ -110,9 +110,12 @@ class GeneratorPool:
 
         import ray
 
-        if self.default_adapter is not None:
-            requests = [r if r.adapter is not None else
-                        dataclasses.replace(r, adapter=self.default_adapter) for r in requests]
+        # the engines get neither a request's meta (the recipe's, for its scorer) nor a
+        # default adapter the request did not name
+        default = self.default_adapter
+        requests = [dataclasses.replace(r, meta=None, adapter=r.adapter or default)
+                    if r.meta is not None or (default is not None and r.adapter is None) else r
+                    for r in requests]
 
         shares = balance([estimate_cost(r) for r in requests], len(self.actors))
         pending = {}

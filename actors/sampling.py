@@ -37,13 +37,15 @@ class Request:
 
     ``messages`` follow the Hugging Face chat format; an image part is
     ``{"type": "image"}`` and takes the next entry of ``images`` (PNG/JPEG
-    bytes or a PIL image), in order.
+    bytes or a PIL image), in order. ``meta``: what the recipe's scorer reads back
+    with the request (the item it asks, its label); never sent to an engine.
     """
 
     messages: list[dict]
     images: list[Any] = field(default_factory=list)
     sampling: Sampling = field(default_factory=Sampling)
     adapter: str | None = None
+    meta: Any = None
 
 
 REFUSED = "refused"  # Completion.finish_reason of a request the engine refused

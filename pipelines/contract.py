@@ -40,7 +40,8 @@ and may define, for any kind:
                                  figures join the step's metrics (MAYE's evaluation)
     finish(ctx) -> None          after the phase exported hf/, before its DONE marker
 
-``rng`` is a pure function of (seed, iteration, phase, step), so a resumed run
+A request carries what its scorer needs in ``Request.meta`` (never sent to an
+engine). ``rng`` is a pure function of (seed, iteration, phase, step), so a resumed run
 makes the same requests as an uninterrupted one. ``ctx`` is the phase runner:
 ``ctx.other_pool(role)`` samples from another role's engines (MM-Zero judges
 proposals with the Solver).

@@ -92,8 +92,8 @@ def test_the_simple_recipe_on_labeled_data(tiny_cache):
     cfg = load_config(None, ["simple.data=shapes:8", "simple.prompts_per_step=3"])
     phase = SimplePhase(cfg)
     asked = phase.requests(2, np.random.default_rng(0))
-    assert [r.item.id for r in asked] == ["train-6", "train-7", "train-0"]  # cycled
-    assert asked[0].images == asked[0].item.image_bytes()
+    assert [r.meta.id for r in asked] == ["train-6", "train-7", "train-0"]  # cycled
+    assert asked[0].images == asked[0].meta.image_bytes()
     assert correct_answer({"response": "so \\boxed{3}", "answer": "3"}) == 1.0
     assert correct_answer({"response": "I count\n 4 \n", "answer": "4"}) == 1.0  # last line
     assert correct_answer({"response": "\\boxed{5}\n4", "answer": "4"}) == 0.0  # the box wins

@@ -98,7 +98,7 @@ def test_steps_and_order_per_epoch():
     phase = MayePhase(cfg, cfg.maye)
     phase.train = [Item(str(i), f"q{i}", str(i)) for i in range(10)]
     phase.per_epoch = len(phase.train) // 4
-    asked = [[r.item.id for r in phase.requests(step, np.random.default_rng(step))]
+    asked = [[r.meta.id for r in phase.requests(step, np.random.default_rng(step))]
              for step in range(4)]
     assert all(len(a) == 4 for a in asked)
     assert len(set(asked[0] + asked[1])) == 8 and len(set(asked[2] + asked[3])) == 8

@@ -127,8 +127,8 @@ def test_chunked_model_logprobs_equal_the_full_logits_on_tiny_models(family, tin
     parameter gradient equal the full-logits path (fp32 CPU)."""
     from transformers import AutoModelForImageTextToText
 
-    from actors.models import resolve_model
     from actors.logprobs import chunked_model_logprobs
+    from actors.models import resolve_model
 
     path = resolve_model(f"tiny://{family}")
     mb = _micro_batch(path)
@@ -179,8 +179,8 @@ def _reference_logprobs(family: str) -> dict:
     from transformers import AutoModelForImageTextToText
 
     from actors import fsdp
-    from actors.models import resolve_model
     from actors.logprobs import chunked_model_logprobs
+    from actors.models import resolve_model
 
     torch.set_num_threads(1)
     path = resolve_model(f"tiny://{family}")

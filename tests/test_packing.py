@@ -100,9 +100,8 @@ def test_packed_positions_and_logprobs_equal_the_flat_rows(tiny_cache, family):
     packed forward gives the flat forward's log-probs (fp32), images included."""
     from transformers import AutoModelForImageTextToText
 
-    from actors.logprobs import token_logprobs
+    from actors.logprobs import chunked_model_logprobs, token_logprobs
     from actors.models import resolve_model
-    from actors.logprobs import chunked_model_logprobs
 
     path = resolve_model(f"tiny://{family}")
     batch = make_train_batch(path, n_prompts=2, n=3, seed=4)

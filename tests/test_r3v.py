@@ -196,8 +196,8 @@ def test_sampling_keeps_finished_chunks_across_a_kill(tmp_path, monkeypatch):
         def generate(self, requests):
             if self.fail_after is not None and len(self.asked) >= self.fail_after:
                 raise RuntimeError("killed")
-            self.asked.append([r.item.id for r in requests])
-            return [[Completion(f"s{k} {r.sampling.seed}\nAnswer: {r.item.answer}", [], [1],
+            self.asked.append([r.meta.id for r in requests])
+            return [[Completion(f"s{k} {r.sampling.seed}\nAnswer: {r.meta.answer}", [], [1],
                                 [0.0], "stop", 0) for k in range(r.sampling.n)]
                     for r in requests]
 

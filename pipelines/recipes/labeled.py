@@ -25,12 +25,10 @@ drawn from different seeds and never share an image.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from actors.sampling import Request
 from pipelines.eval.data import DataError, Item, read_hf, read_jsonl, write_jsonl
 
 SHAPES_VERSION = 2  # bump when the drawn set would change for the same count and split
@@ -166,13 +164,6 @@ def draw_shapes(kind: str, number: int, rng: np.random.Generator, size: int = 11
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
-
-
-@dataclass
-class LabeledRequest(Request):
-    """A request that asks one labeled item (its scorer reads the reference)."""
-
-    item: Item | None = None
 
 
 def item_messages(item: Item, instruction: str) -> list[dict]:

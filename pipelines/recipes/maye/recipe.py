@@ -25,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.sampling import Completion, Sampling
+from actors.sampling import Completion, Request, Sampling
 from pipelines.recipes.base import Scores
 from pipelines.recipes.labeled import (
     LabeledRecipe,
-    LabeledRequest,
     item_messages,
     load_items,
     usable,
@@ -82,20 +81,20 @@ class MayePhase:
 
     # -- one step ------------------------------------------------------------------
 
-    def requests(self, step: int, rng: np.random.Generator) -> list[LabeledRequest]:
+    def requests(self, step: int, rng: np.random.Generator) -> list[Request]:
         epoch, k = divmod(step, self.per_epoch)
         order = np.random.default_rng([self.cfg.run.seed, epoch]).permutation(len(self.train))
         size = self.s.prompts_per_step
         out = []
         for i in order[k * size:(k + 1) * size]:
             item = self.train[i]
-            out.append(LabeledRequest(
-                item_messages(item, self.s.instruction), images=item.image_bytes(), item=item,
+            out.append(Request(
+                item_messages(item, self.s.instruction), images=item.image_bytes(), meta=item,
                 sampling=Sampling(n=1, temperature=self.s.temperature, top_p=self.s.top_p,
                                   max_tokens=self.s.max_tokens, seed=int(rng.integers(1 << 31)))))
         return out
 
-    def score(self, requests: list[LabeledRequest], completions: list[list[Completion]],
+    def score(self, requests: list[Request], completions: list[list[Completion]],
               ctx) -> Scores:
         from pipelines.algorithms.grading import grade
 
@@ -104,8 +103,8 @@ class MayePhase:
         def check(options):
             return lambda pred, ref: grade(pred, ref, options=options)
 
-        scores = [[score_response(c.text, r.item.answer, finished=c.finish_reason == "stop",
-                                  tokens=len(c.token_ids), grade=check(r.item.options or None),
+        scores = [[score_response(c.text, r.meta.answer, finished=c.finish_reason == "stop",
+                                  tokens=len(c.token_ids), grade=check(r.meta.options or None),
                                   min_tokens=s.min_tokens,
                                   language_penalty=s.language_penalty,
                                   invalid_score=s.invalid_score) for c in group]

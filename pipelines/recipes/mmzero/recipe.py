@@ -193,7 +193,6 @@ class CodeGenPhase:
         self.steps = self.m.train_steps
         self.mini_batches = self.m.codegen_mini_batches  # updates per generation step
         self.items: list[dict] = []
-        self.current: list[dict] = []
         self.batch = self.m.codegen_batch
 
     def prepare(self, ctx) -> dict:
@@ -232,10 +231,9 @@ class CodeGenPhase:
     def requests(self, step: int, rng: np.random.Generator) -> list[Request]:
         m = self.m
         out = []
-        self.current = [self.items[(step * self.batch + k) % len(self.items)]
-                        for k in range(self.batch)]  # what score() judges against
-        for item in self.current:
-            out.append(Request(codegen_messages(proposal_of(item)), sampling=Sampling(
+        for k in range(self.batch):  # meta: the item score() judges against
+            item = self.items[(step * self.batch + k) % len(self.items)]
+            out.append(Request(codegen_messages(proposal_of(item)), meta=item, sampling=Sampling(
                 n=m.codegen_n, temperature=m.codegen_temperature, top_p=m.codegen_top_p,
                 max_tokens=m.max_tokens, seed=seed(rng))))
         return out
@@ -246,7 +244,7 @@ class CodeGenPhase:
         m = self.m
         rng = judge_rng(requests)
         shape = [len(g) for g in completions]
-        step_items = self.current
+        step_items = [r.meta for r in requests]
         owner = [p for p, g in enumerate(completions) for _ in g]
         codes = [extract_svg(c.text) for group in completions for c in group]
         renders = self.recipe.render(codes)
@@ -285,7 +283,6 @@ class SolverPhase:
         self.steps = self.m.train_steps
         self.mini_batches = self.m.solver_mini_batches  # updates per generation step
         self.items: list[dict] = []
-        self.current: list[dict] = []
         self.batch = self.m.solver_batch
 
     def prepare(self, ctx) -> dict:
@@ -358,17 +355,16 @@ class SolverPhase:
     def requests(self, step: int, rng: np.random.Generator) -> list[Request]:
         m = self.m
         out = []
-        self.current = [self.items[(step * self.batch + k) % len(self.items)]
-                        for k in range(self.batch)]  # what score() grades against
-        for item in self.current:
-            out.append(Request(solver_messages(item["question"]), images=[item["png"]],
+        for k in range(self.batch):  # meta: the item score() grades against
+            item = self.items[(step * self.batch + k) % len(self.items)]
+            out.append(Request(solver_messages(item["question"]), images=[item["png"]], meta=item,
                                sampling=Sampling(n=m.solver_n, temperature=m.solver_temperature,
                                                  top_p=m.solver_top_p, max_tokens=m.max_tokens,
                                                  seed=seed(rng))))
         return out
 
     def score(self, requests, completions, ctx) -> Scores:
-        labels = [item["label"] for item in self.current]
+        labels = [r.meta["label"] for r in requests]
         rewards = [[solver_reward(c.text, label) for c in group]
                    for group, label in zip(completions, labels)]
         texts = [c.text for group in completions for c in group]

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.sampling import Sampling
+from actors.sampling import Request, Sampling
 from pipelines.eval.tasks import item_seed
-from pipelines.recipes.labeled import LabeledRecipe, LabeledRequest, load_items, usable
+from pipelines.recipes.labeled import LabeledRecipe, load_items, usable
 from pipelines.recipes.r3v.mix import (
     Sample,
     build_mix,
@@ -139,15 +139,15 @@ class R3VPhase:
         todo = [item for item in items if item.id not in done]
         for start in range(0, len(todo), CHUNK):
             chunk = todo[start:start + CHUNK]
-            requests = [LabeledRequest(
-                cot_messages(item), images=item.image_bytes(), item=item, adapter=adapter,
+            requests = [Request(
+                cot_messages(item), images=item.image_bytes(), meta=item, adapter=adapter,
                 sampling=Sampling(n=self.s.samples, temperature=self.s.temperature,
                                   top_p=self.s.top_p, top_k=TOP_K, max_tokens=self.s.max_tokens,
                                   seed=item_seed(self.cfg.run.seed, "r3v", iteration, item.id)))
                 for item in chunk]
             rows = []
             for request, group in zip(requests, pool.generate(requests)):
-                item = request.item
+                item = request.meta
                 for c in group:
                     answer = rationale_answer(c.text)
                     rows.append({"item_id": item.id, "text": c.text, "answer": answer,
@@ -211,16 +211,14 @@ def evaluate_selection(pool, items, *, seed: int, counts, temperature: float, to
     """Test@1 (greedy); then max(counts) sampled answers per item and, for each N in
     ``counts``, accuracy of self-select (the model picks among the first N, greedy),
     majority vote and oracle (any of the N right)."""
-    greedy = [LabeledRequest(cot_messages(item), images=item.image_bytes(), item=item,
-                             adapter=adapter,
-                             sampling=Sampling(temperature=0.0, max_tokens=max_tokens))
+    greedy = [Request(cot_messages(item), images=item.image_bytes(), meta=item, adapter=adapter,
+                      sampling=Sampling(temperature=0.0, max_tokens=max_tokens))
               for item in items]
     most = max(counts)
-    sampled = [LabeledRequest(cot_messages(item), images=item.image_bytes(), item=item,
-                              adapter=adapter,
-                              sampling=Sampling(n=most, temperature=temperature, top_p=top_p,
-                                                top_k=TOP_K, max_tokens=max_tokens,
-                                                seed=item_seed(seed, "r3v-test", item.id)))
+    sampled = [Request(cot_messages(item), images=item.image_bytes(), meta=item, adapter=adapter,
+                       sampling=Sampling(n=most, temperature=temperature, top_p=top_p,
+                                         top_k=TOP_K, max_tokens=max_tokens,
+                                         seed=item_seed(seed, "r3v-test", item.id)))
                for item in items]
     answers = pool.generate(greedy + sampled)
     first, candidates = answers[:len(items)], answers[len(items):]
@@ -231,9 +229,9 @@ def evaluate_selection(pool, items, *, seed: int, counts, temperature: float, to
 
     figures = {"items": len(items),
                "test@1": float(np.mean([right(it, g[0].text) for it, g in zip(items, first)]))}
-    select = [LabeledRequest(select_messages(item, [c.text for c in group[:n]]),
-                             images=item.image_bytes(), item=item, adapter=adapter,
-                             sampling=Sampling(temperature=0.0, max_tokens=max_tokens))
+    select = [Request(select_messages(item, [c.text for c in group[:n]]),
+                      images=item.image_bytes(), meta=item, adapter=adapter,
+                      sampling=Sampling(temperature=0.0, max_tokens=max_tokens))
               for n in counts for item, group in zip(items, candidates)]
     picks = iter(pool.generate(select))
     for n in counts:

@@ -97,12 +97,12 @@ class SimplePhase:
 
     def requests(self, step: int, rng: np.random.Generator) -> list[Request]:
         if self.cfg.data:
-            from pipelines.recipes.labeled import LabeledRequest, item_messages
+            from pipelines.recipes.labeled import item_messages
 
             size = self.cfg.prompts_per_step
             chosen = [self.items[(step * size + k) % len(self.items)] for k in range(size)]
-            return [LabeledRequest(item_messages(item, ""), images=item.image_bytes(),
-                                   item=item, sampling=self._sampling(rng)) for item in chosen]
+            return [Request(item_messages(item, ""), images=item.image_bytes(), meta=item,
+                            sampling=self._sampling(rng)) for item in chosen]
         out = []
         for k in range(self.cfg.prompts_per_step):
             index = step * self.cfg.prompts_per_step + k
@@ -120,7 +120,7 @@ class SimplePhase:
         rewards = []
         for p, (req, samples) in enumerate(zip(requests, completions)):
             question = req.messages[0]["content"][-1]["text"]
-            answer = req.item.answer if getattr(req, "item", None) is not None else None
+            answer = req.meta.answer if req.meta is not None else None
             rewards.append([float(self.reward_fn({
                 "prompt": question, "response": c.text, "token_ids": list(c.token_ids),
                 "prompt_index": p, "answer": answer})) for c in samples])
