@@ -223,7 +223,7 @@ class TrainerActor:
     @torch.no_grad()
     def embed_mean(self, token_lists: list[list[int]]) -> np.ndarray | None:
         """Rank 0: per list, the mean of the model's input-embedding rows of its tokens,
-        L2-normalised, [n, hidden] (iReasoner's step embeddings); None elsewhere. Every
+        L2-normalised, [n, hidden] (PhaseRunner.embed); None elsewhere. Every
         rank must call it (the sharded table is gathered)."""
         from torch.distributed.tensor import DTensor
 

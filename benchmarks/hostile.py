@@ -29,13 +29,13 @@ from pathlib import Path
 from actors.svg_checks import extract_svg
 from pipelines.algorithms.answers import (
     MAX_ANSWER_CHARS,
-    evolmm_normalize,
     extract_answer,
     extract_boxed,
     extract_tag,
     normalize,
 )
 from pipelines.algorithms.grading import DEFAULT_TIMEOUT_S, Grader, majority
+from pipelines.recipes.evolmm.rewards import evolmm_normalize
 from pipelines.recipes.mmzero.rewards import format_ok, infer_content_type, parse_proposal
 
 ROOT = Path(__file__).resolve().parents[1]

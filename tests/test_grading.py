@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from pipelines.algorithms.answers import (
-    evolmm_normalize,
     extract_answer,
     extract_boxed,
     extract_tag,
@@ -28,6 +27,7 @@ from pipelines.algorithms.grading import (
     is_valid_answer,
     majority,
 )
+from pipelines.recipes.evolmm.rewards import evolmm_normalize
 
 HANG = r"2^{2^{2^{2^{2^{2}}}}}"  # math-verify compares 2^(2^65536) with 1: never finishes
 HANG_2 = r"3^{3^{3^{3^{3}}}}"  # a second one, so the grader's cache does not answer it

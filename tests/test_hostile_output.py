@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from actors.svg_checks import extract_svg
 from pipelines.algorithms.answers import (
     MAX_ANSWER_CHARS,
-    evolmm_normalize,
     extract_answer,
     extract_boxed,
     extract_tag,
@@ -30,6 +29,7 @@ from pipelines.algorithms.grading import (
     grade,
     majority,
 )
+from pipelines.recipes.evolmm.rewards import evolmm_normalize
 from pipelines.recipes.mmzero.rewards import format_ok, parse_proposal, solver_reward
 
 # ------------------------------------------------------------------ hedges

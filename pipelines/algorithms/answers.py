@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-import string
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -189,17 +188,6 @@ def normalize(s: str | None) -> str:
     if len(s) > 1 and s[0] == "{" and closing_brace(s, 1) == len(s) - 1:
         s = s[1:-1].strip()
     return _strip_thousands(s)
-
-
-def evolmm_normalize(s: str | None) -> str:
-    """EvoLMM's answer normalisation for voting: lowercase, drop commas, collapse
-    whitespace, strip punctuation. "Strip" is read as at both ends: removing all
-    punctuation would merge "3.5" and "35", and the separate comma rule would
-    be redundant. None -> ""."""
-    if s is None:
-        return ""
-    s = " ".join(s.lower().replace(",", "").split())
-    return s.strip(string.punctuation + " ")
 
 
 # ------------------------------------------------------------ option letters

@@ -25,6 +25,8 @@ import pickle
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from actors.trainer_group import TrainerGroup, TrainerGroupFailed
 from pipelines.contract import phase_spec
 from pipelines.runtime.metrics import MetricsSink, Timer
@@ -79,6 +81,13 @@ class PhaseRunner:
     def step(self, step: int) -> dict:
         """One step of the phase's kind (rl_step.RLSteps or sft.SFTSteps); its metrics."""
         return self.steps.step(step)
+
+    def embed(self, texts: list[str], max_tokens: int) -> np.ndarray:
+        """Per text, the mean of the trainer model's input embeddings of its first
+        ``max_tokens`` tokens, L2-normalised: [len(texts), hidden] (iReasoner's steps)."""
+        tokenizer = self.processor.tokenizer
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
+        return self.group.embed_mean(ids)
 
     @property
     def iteration(self) -> int:

@@ -18,10 +18,23 @@ from __future__ import annotations
 
 import math
 import re
+import string
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from pipelines.algorithms.answers import evolmm_normalize, extract_tag, tag_blocks
+from pipelines.algorithms.answers import extract_tag, tag_blocks
+
+
+def evolmm_normalize(s: str | None) -> str:
+    """EvoLMM's answer normalisation for voting: lowercase, drop commas, collapse
+    whitespace, strip punctuation. "Strip" is read as at both ends: removing all
+    punctuation would merge "3.5" and "35", and the separate comma rule would
+    be redundant. None -> ""."""
+    if s is None:
+        return ""
+    s = " ".join(s.lower().replace(",", "").split())
+    return s.strip(string.punctuation + " ")
+
 
 FALLBACK_QUESTION = "What is the most prominent value shown in the image?"
 _ANSWER_OPEN = re.compile(r"<answer>", re.IGNORECASE)

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.algorithms.answers import evolmm_normalize
 from pipelines.recipes.evolmm import prompts
 from pipelines.recipes.evolmm.recipe import EvoLMMPhase
-from pipelines.recipes.evolmm.rewards import soft_rewards, words_before_answer
+from pipelines.recipes.evolmm.rewards import evolmm_normalize, soft_rewards, words_before_answer
 from pipelines.recipes.ireasoner.steps import extract_steps, mix_weight, step_agreement
 
 
@@ -39,10 +38,8 @@ class IReasonerPhase(EvoLMMPhase):
         majority = next(k for k in keys if keys.count(k) == top)
         group = [i for i, k in enumerate(keys) if k == majority]
         steps = [extract_steps(t, s.max_steps) if i in group else [] for i, t in enumerate(texts)]
-        tokenizer = ctx.processor.tokenizer
-        flat = [tokenizer(step_text, add_special_tokens=False)["input_ids"][:s.step_tokens]
-                for i in group for step_text in steps[i]]
-        vectors = iter(ctx.group.embed_mean(flat) if flat else [])
+        flat = [step_text for i in group for step_text in steps[i]]
+        vectors = iter(ctx.embed(flat, max_tokens=s.step_tokens) if flat else [])
         embedded = [[next(vectors) for _ in steps[i]] for i in range(len(texts))]
         rewards, info = step_agreement(group, embedded, len(texts),
                                        position_decay=s.position_decay,
