@@ -42,9 +42,10 @@ and may define, for any kind:
 
 A request carries what its scorer needs in ``Request.meta`` (never sent to an
 engine). ``rng`` is a pure function of (seed, iteration, phase, step), so a resumed run
-makes the same requests as an uninterrupted one. ``ctx`` is the phase runner:
-``ctx.other_pool(role)`` samples from another role's engines (MM-Zero judges
-proposals with the Solver).
+makes the same requests as an uninterrupted one. ``ctx`` is a ``PhaseContext``
+(below): the phase's folders and seeds, ``ctx.pool`` (its own engines),
+``ctx.pool_for(role)`` (another role's: MM-Zero judges proposals with the Solver),
+``ctx.serve(role, weights)``, ``ctx.embed(texts)``.
 
 The driver reads a recipe and its phases only through ``recipe_spec`` and
 ``phase_spec`` below, which check the required members once, when the recipe is
@@ -59,6 +60,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import numpy as np
 
     from actors.sampling import Completion, Request
@@ -135,6 +138,29 @@ class SFTPhase(Protocol):
 
 
 Phase = RLPhase | MultiPolicyPhase | SFTPhase  # a phase of any kind
+
+
+class PhaseContext(Protocol):
+    """What a phase's ``score``, ``rollout`` and hooks get as ``ctx``: where the phase
+    lives, its seeds, and the engines it may sample from; not the runner itself."""
+
+    dir: Path  # the phase's folder: iter_NNNN/<phase>/
+    run_dir: Path  # the run's folder
+    iteration: int
+    seed_path: tuple[int, ...]  # (run.seed, iteration, phase index): seeds of its own draws
+    start_weights: str  # what the phase trains from
+    version: int  # the weight version its engines serve now
+    pool: Any  # the engines of its own role (None in an SFT phase)
+
+    def pool_for(self, role: str) -> Any:
+        """The engines of ``role`` serving its newest weights (judges, data makers)."""
+
+    def serve(self, role: str, weights: str) -> Any:
+        """The engines of ``role`` serving ``weights`` (started or restarted on them)."""
+
+    def embed(self, texts: list[str], max_tokens: int) -> Any:
+        """[len(texts), hidden]: each text's mean input embedding of its first
+        ``max_tokens`` tokens under the trained model, L2-normalised."""
 
 
 class Recipe(Protocol):

@@ -133,7 +133,7 @@ class Ctx:
     iteration: int = 1
     run_dir: Path | None = None
 
-    def other_pool(self, role: str):  # as PhaseRunner: the own role is ctx.pool
+    def pool_for(self, role: str):  # as RunnerContext: the own role is ctx.pool
         return self.pool if role == self.role else self.pools[role]
 
 

@@ -201,7 +201,7 @@ class Driver:
             runner.run(on_step=self._on_step)
             finish = phase_spec(phase).finish
             if finish is not None:
-                finish(runner)
+                finish(runner.ctx)
             roles = dict(self.state.get("roles", {}))
             roles[phase.role] = {"path": str((phase_dir / "hf").relative_to(self.run_dir)),
                                  "iteration": iteration,

@@ -29,6 +29,7 @@ import numpy as np
 
 from actors.trainer_group import TrainerGroup, TrainerGroupFailed
 from pipelines.contract import phase_spec
+from pipelines.runtime.context import RunnerContext
 from pipelines.runtime.metrics import MetricsSink, Timer
 from pipelines.runtime.rl_step import RLSteps
 from pipelines.runtime.rundir import (
@@ -47,7 +48,7 @@ UPCOMING = "upcoming.pkl"  # in a step checkpoint: the batch sampled for the nex
 
 
 class PhaseRunner:
-    """Runs one phase; also the ``ctx`` a recipe's hooks get (``pool``, ``dir``, ...)."""
+    """Runs one phase: its engines, trainer group, step loop, checkpoints and export."""
 
     def __init__(self, cfg, phase, phase_dir: Path, *, run_dir: Path, seed_path: tuple[int, ...],
                  engines, placement, weights, base_version: int = 0):
@@ -72,6 +73,7 @@ class PhaseRunner:
         self._provenance: dict[str, str] | None = None  # role -> weights; provenance.json
         self._processor = None
         self.steps = SFTSteps(self) if self.spec.sft else RLSteps(self)
+        self.ctx = RunnerContext(self)  # what the recipe's code gets
 
     @property
     def version(self) -> int:
@@ -139,7 +141,7 @@ class PhaseRunner:
             self.pool = pools.get(self.phase.role)
         if self.spec.prepare is not None:
             with timer("prepare"):
-                made = self.spec.prepare(self) or {}
+                made = self.spec.prepare(self.ctx) or {}
                 self.data_metrics = {f"data/{k}": v for k, v in made.items()}
         self.data_metrics.update({f"phase/{k}_seconds": v for k, v in timer.seconds.items()})
         if self.phase.steps > 0:
@@ -153,7 +155,7 @@ class PhaseRunner:
         if self.phase.role in self.spec.data_roles:
             self.pool = self._own_pool()
         if self.spec.prepare is not None:
-            self.spec.prepare(self)
+            self.spec.prepare(self.ctx)
 
     def __exit__(self, *exc) -> None:
         if self.group is not None:
@@ -177,7 +179,7 @@ class PhaseRunner:
                     while step < self.phase.steps:
                         metrics = self.step(step)
                         if self.spec.after_step is not None:  # e.g. MAYE's evaluation
-                            metrics.update(self.spec.after_step(step, self) or {})
+                            metrics.update(self.spec.after_step(step, self.ctx) or {})
                         sink.log(step + 1, metrics)
                         step += 1
                         if on_step is not None:

@@ -77,7 +77,7 @@ class TrainedRollout:
 
 class RLSteps:
     def __init__(self, runner):
-        self.r = runner  # the phase runner: cfg, phase, group, pool, engines, dir
+        self.r = runner  # the phase runner: cfg, phase, group, pool, engines, dir, ctx
         self.policies: dict[str, PolicyState] = {}
         self.pending: dict[int, SampledBatch] = {}  # step -> its batch, sampled ahead
         self.restore({}, 0, None)
@@ -243,13 +243,13 @@ class RLSteps:
         before = grading_stats()
         if r.spec.policies:  # several policies: the recipe samples and scores for each
             with timer("rollout"), grading_budget(r.cfg.algorithm.reward_budget_s):
-                rollouts = list(r.phase.rollout(step, rng, r))
+                rollouts = list(r.phase.rollout(step, rng, r.ctx))
         else:
             requests = r.phase.requests(step, rng)
             with timer("generate"):
                 completions = r.pool.generate(requests)
             with timer("reward"), grading_budget(r.cfg.algorithm.reward_budget_s):
-                scores = r.phase.score(requests, completions, r)
+                scores = r.phase.score(requests, completions, r.ctx)
             rollouts = [Rollout(None, requests, completions, scores,
                                 mini_batches=r.spec.mini_batches)]
         after = grading_stats()

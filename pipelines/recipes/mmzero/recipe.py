@@ -153,7 +153,7 @@ class ProposerPhase:
         rng = judge_rng(requests)
         proposals = [parse_proposal(c.text) for group in completions for c in group]
         parsed = [i for i, p in enumerate(proposals) if p is not None]
-        svgs = write_svgs(ctx.other_pool("codegen"), [proposals[i] for i in parsed], k, m, rng)
+        svgs = write_svgs(ctx.pool_for("codegen"), [proposals[i] for i in parsed], k, m, rng)
         renders = self.recipe.render([s for group in svgs for s in group])
         judgements = [[SampleJudgement(rendered=False)] * k for _ in proposals]
         items, owners = [], []
@@ -165,7 +165,7 @@ class ProposerPhase:
                     p = proposals[i]
                     items.append((result.png, p.easy_question, p.easy_answer, p.hard_question))
                     owners.append((i, s))
-        answers = ask_solver(ctx.other_pool("solver"), items, m, rng, judge=True)
+        answers = ask_solver(ctx.pool_for("solver"), items, m, rng, judge=True)
         for (i, s), a in zip(owners, answers):
             judgements[i][s] = SampleJudgement(
                 rendered=True, solv=a.solvability if a else None,
@@ -208,7 +208,7 @@ class CodeGenPhase:
     def _make(self, ctx) -> dict:
         m = self.m
         rng = np.random.default_rng([*ctx.seed_path, 1 << 20])
-        proposals = propose(ctx.other_pool("proposer"), m.codegen_proposals, m, rng)
+        proposals = propose(ctx.pool_for("proposer"), m.codegen_proposals, m, rng)
         parsed = [p for p in proposals if p is not None]
         n = m.codegen_filter_samples
         svgs = write_svgs(ctx.pool, parsed, n, m, rng)  # the current CodeGen
@@ -253,7 +253,7 @@ class CodeGenPhase:
         items = [(renders[i].png, proposals[owner[i]].easy_question,
                   proposals[owner[i]].easy_answer, proposals[owner[i]].hard_question)
                  for i in rendered]
-        answers = dict(zip(rendered, ask_solver(ctx.other_pool("solver"), items, m, rng,
+        answers = dict(zip(rendered, ask_solver(ctx.pool_for("solver"), items, m, rng,
                                                  judge=True)))
         flat = []
         for i, (code, result) in enumerate(zip(codes, renders)):
@@ -302,9 +302,9 @@ class SolverPhase:
 
         m = self.m
         rng = np.random.default_rng([*ctx.seed_path, 1 << 20])
-        proposals = propose(ctx.other_pool("proposer"), m.solver_proposals, m, rng)
+        proposals = propose(ctx.pool_for("proposer"), m.solver_proposals, m, rng)
         parsed = [i for i, p in enumerate(proposals) if p is not None]
-        svgs = write_svgs(ctx.other_pool("codegen"), [proposals[i] for i in parsed], 1, m, rng)
+        svgs = write_svgs(ctx.pool_for("codegen"), [proposals[i] for i in parsed], 1, m, rng)
         renders = self.recipe.render([group[0] for group in svgs])
         rendered = [(i, r) for i, r in zip(parsed, renders) if r.ok]
         answers = ask_solver(ctx.pool, [(r.png, proposals[i].easy_question,
@@ -384,7 +384,7 @@ class SolverPhase:
         if self.m.heldout:  # the trained Solver (its hf/ export), on the same draws as before
             # no step trained: hf/ holds the starting weights, which the phase's pool serves
             trained = ctx.pool if self.steps == 0 else \
-                ctx.engines.pool(self.role, str(ctx.dir / "hf"), ctx.placement)
+                ctx.serve(self.role, str(ctx.dir / "hf"))
             metrics["heldout_accuracy_before"] = info["metrics"].get("heldout_accuracy_before")
             metrics["heldout_accuracy"] = self.recipe.heldout_accuracy(trained)
         coevo.write_coevo(ctx.dir.parent, metrics, ctx.iteration)

@@ -108,9 +108,8 @@ class R3VPhase:
         all and no engine restarts between iterations; without, the merged export."""
         folder = ctx.run_dir / f"iter_{k:04d}" / self.name / "hf"
         if not self.cfg.trainer.lora.enabled:
-            return ctx.engines.pool(self.role, str(folder) if k else ctx.start_weights,
-                                    ctx.placement), None
-        pool = ctx.engines.pool(self.role, ctx.start_weights, ctx.placement)
+            return ctx.serve(self.role, str(folder) if k else ctx.start_weights), None
+        pool = ctx.serve(self.role, ctx.start_weights)
         if k == 0:
             return pool, None
         from pipelines.eval.engines import read_adapter
