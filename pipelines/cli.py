@@ -161,7 +161,9 @@ def _run(args) -> int:
     cfg = _load(args)
     with ray_session(num_cpus=_local_cpus(cfg)):
         state = Driver(cfg).run()
-    print(f"run {cfg.run.name} finished: {state.get('roles')}")
+    roles = ", ".join(f"{role} {info.path} (version {info.version})"
+                      for role, info in sorted(state.roles.items()))
+    print(f"run {cfg.run.name} finished: {roles}")
     return 0
 
 

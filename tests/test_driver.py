@@ -325,7 +325,7 @@ def test_grpo_with_lora_adapters_serves_each_adapter_version(ray_cluster, tmp_pa
     assert lines[-1]["policy/kl"] > 1e-3  # ... which moved the policy off the base
     # Measured: 0.07 0.21 0.97 1.00 ... (the base samples ~5% aligned tokens)
     assert curve[0] < 0.2 and np.mean(curve[-3:]) - curve[0] >= 0.5
-    assert state["roles"]["policy"]["version"] == 12
+    assert state.roles["policy"].version == 12
     hf = tmp_path / "lora/iter_0001/policy/hf"
     assert (hf / "model.safetensors").exists() and not (hf / "adapter_config.json").exists()
 
@@ -400,7 +400,7 @@ def test_dead_engine_and_dead_trainer_rank_mid_step_are_recovered(ray_cluster, t
                  "simple.max_tokens=8", "run.save_every=2", "placement.trainer_ranks=2")
     state = Driver(cfg).run()
     assert KILLS["plan"] == {}, "both actors were killed"
-    assert state["finished"] and state["roles"]["policy"]["version"] == 4
+    assert state.finished and state.roles["policy"].version == 4
     lines = [m for m in read_metrics(tmp_path / "failing/iter_0001/policy/metrics.jsonl")
              if "reward/mean" in m]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]

@@ -52,7 +52,7 @@ def gpu_config(tmp_path, name: str, *extra: str):
 
 def run_lines(tmp_path, name: str, *extra: str) -> list[dict]:
     state = Driver(gpu_config(tmp_path, name, *extra)).run()
-    assert state["roles"]["policy"]["version"] == 3
+    assert state.roles["policy"].version == 3
     return [m for m in read_metrics(tmp_path / name / "iter_0001/policy/metrics.jsonl")
             if "reward/mean" in m]
 

@@ -20,6 +20,7 @@ from ray.util import placement_group_table
 from pipelines.config import ConfigError, load_config
 from pipelines.runtime.driver import Driver
 from pipelines.runtime.metrics import read_metrics
+from pipelines.runtime.rundir import RoleState
 from pipelines.runtime.status import render_status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,13 +48,12 @@ def snapshot(run: Path) -> dict[str, bytes]:
 def test_one_iteration_resume_and_a_second_iteration(ray_cluster, tmp_path):
     run = tmp_path / "mmz"
     state = Driver(config(tmp_path)).run()
-    assert state["finished"] and state["order"] == [f"iter_0001/{p}" for p in PHASES]
+    assert state.finished and state.order == [f"iter_0001/{p}" for p in PHASES]
     for phase in PHASES:
         folder = run / "iter_0001" / phase
         assert (folder / "DONE").exists() and (folder / "hf/model.safetensors").exists()
         # relative to the run directory: a resume from another working directory finds it
-        assert state["roles"][phase] == {"path": f"iter_0001/{phase}/hf", "iteration": 1,
-                                         "version": 1}
+        assert state.roles[phase] == RoleState(f"iter_0001/{phase}/hf", iteration=1, version=1)
         table = pq.read_table(folder / "rollouts-000001.parquet")
         assert table.num_rows == {"proposer": 2 * 4, "codegen": 2 * 4, "solver": 2 * 4}[phase]
 
@@ -88,7 +88,7 @@ def test_one_iteration_resume_and_a_second_iteration(ray_cluster, tmp_path):
 
     # The same command again: nothing is redone.
     before = snapshot(run)
-    assert Driver(config(tmp_path)).run()["finished"]
+    assert Driver(config(tmp_path)).run().finished
     assert snapshot(run) == before
 
     # One more iteration, now without bootstrap (the original's behaviour): every role
@@ -106,7 +106,7 @@ def test_one_iteration_resume_and_a_second_iteration(ray_cluster, tmp_path):
                           "run.resume_changed=true",
                           "placement.phases.proposer.trainer_ranks=1",
                           "placement.phases.solver.roles={solver: {engines: 1}}")).run()
-    assert state["finished"] and len(state["order"]) == 6
+    assert state.finished and len(state.order) == 6
     assert "bootstrap: 4" in (run / "config.1.yaml").read_text()
     groups = {g["name"]: g["state"] for g in placement_group_table().values()
               if g["name"].startswith("coevolve/mmz/")}
@@ -116,7 +116,7 @@ def test_one_iteration_resume_and_a_second_iteration(ray_cluster, tmp_path):
                       "coevolve/mmz/solver/trainer": "REMOVED",
                       "coevolve/mmz/solver/solver": "REMOVED"}
     assert (run / "iter_0002/solver/DATA").exists() and not (run / "iter_0001/solver/DATA").exists()
-    assert {p: state["roles"][p]["version"] for p in PHASES} == {
+    assert {p: state.roles[p].version for p in PHASES} == {
         "proposer": 2, "codegen": 1, "solver": 1}
     for phase in PHASES:
         assert (run / "iter_0002" / phase / "DONE").exists()

@@ -28,6 +28,7 @@ if __name__ == "__main__":
 import pytest
 
 from pipelines.config import ConfigError, load_config
+from pipelines.runtime.rundir import RoleState
 from pipelines.runtime.storage import run_root
 
 
@@ -59,8 +60,7 @@ def test_state_paths_are_relative_to_the_run_directory(tmp_path, monkeypatch):
     driver = Driver(cfg)
     assert driver.run_dir == tmp_path / "runs/moved" and driver.run_dir.is_absolute()
     assert driver.weights("policy") == cfg.model.path  # nothing trained yet: the base model
-    driver._update_state(roles={"policy": {"path": "iter_0001/policy/hf", "iteration": 1,
-                                           "version": 3}})
+    driver._update_state(roles={"policy": RoleState("iter_0001/policy/hf", 1, 3)})
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -137,8 +137,11 @@ def test_state_of_older_runs_still_resolves(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cfg = load_config(ROOT / "configs/simple/tiny-cpu.yaml", [f"run.root={tmp_path}",
                                                               "run.name=old"])
-    Driver(cfg)._update_state(roles={"policy": {"path": "/models/exported/hf"},
-                                     "solver": {"path": "runs/old/iter_0002/solver/hf"}})
+    # state.json as older drivers wrote it: role paths relative to the working directory
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old/state.json").write_text(json.dumps({"roles": {
+        "policy": {"path": "/models/exported/hf"},
+        "solver": {"path": "runs/old/iter_0002/solver/hf"}}}))
     again = Driver(cfg)
     assert again.weights("policy") == "/models/exported/hf"
     assert again.weights("solver") == str(tmp_path / "old/iter_0002/solver/hf")

@@ -30,7 +30,7 @@ from pipelines.eval.data import DataError, Item
 from pipelines.eval.engines import read_adapter, read_weights, same_architecture, start_pool
 from pipelines.eval.runner import Model, evaluate_model
 from pipelines.eval.tasks import TaskSpec, resolve_task
-from pipelines.runtime.rundir import atomic_json
+from pipelines.runtime.rundir import DONE, RunDir, atomic_json
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def resolve_target(target: str, out: str | None = None) -> Target:
     from pipelines.config import load_config
 
     path = Path(target)
-    if (path / "config.yaml").is_file() and (path / "state.json").is_file():
+    if RunDir(path).config.is_file() and RunDir(path).state.is_file():
         return _run_target(path.resolve(), out)
     cfg = load_config(None, [])
     if (path / "adapter_config.json").is_file():
@@ -75,23 +75,24 @@ def _run_target(run_dir: Path, out: str | None) -> Target:
     from pipelines.config import load_config
     from pipelines.registry import build_recipe, eval_role
 
-    cfg = load_config(str(run_dir / "config.yaml"), [])
+    dirs = RunDir(run_dir)
+    cfg = load_config(str(dirs.config), [])
     recipe = build_recipe(cfg)
     role = eval_role(recipe)
     if role is None:
         raise ValueError(f"recipe {cfg.run.recipe} trains {recipe.roles} and names no eval_role")
     models = [Model(label="base", path=cfg.model.path, iteration=0)]
-    warm = run_dir / "warm_start" / "hf"  # model.warm_start: what every role started from
-    if (run_dir / "warm_start" / "DONE").exists() and (warm / "config.json").is_file():
+    warm = dirs.warm_start.hf()  # model.warm_start: what every role started from
+    if dirs.warm_start.has(DONE) and (warm / "config.json").is_file():
         models.append(Model(label="warm_start", path=str(warm), iteration=0))
     for it_dir in sorted(run_dir.glob("iter_[0-9]*")):
         iteration = int(it_dir.name.split("_")[1])
         trained = [p for p in recipe.phases(iteration) if p.role == role]
         if not trained:
             continue
-        phase_dir = it_dir / trained[-1].name
-        if (phase_dir / "DONE").exists() and (phase_dir / "hf" / "config.json").is_file():
-            models.append(Model(label=it_dir.name, path=str(phase_dir / "hf"),
+        phase_dir = dirs.phase(iteration, trained[-1].name)
+        if phase_dir.has(DONE) and (phase_dir.hf() / "config.json").is_file():
+            models.append(Model(label=it_dir.name, path=str(phase_dir.hf()),
                                 iteration=iteration))
     if len(models) == 1:
         logger.warning("%s: no finished iteration yet; evaluating the base model only", run_dir)

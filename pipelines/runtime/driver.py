@@ -24,7 +24,7 @@ so a resumed run takes the same steps as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 import os
 import shutil
@@ -35,7 +35,7 @@ from pipelines.config import Config, dump_config
 from pipelines.contract import Phase, phase_spec, recipe_spec
 from pipelines.layouts import check_layouts
 from pipelines.registry import build_recipe, eval_role
-from pipelines.runtime.rundir import STATE, atomic_write, run_relative
+from pipelines.runtime.rundir import DATA, DONE, PhaseDir, RoleState, RunDir, RunState, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +49,14 @@ class Driver:
         # Absolute: actors on other nodes and later resumes from another working
         # directory must find the same folder (docs/architecture.md, Run directories).
         self.run_dir = run_root(cfg.run.root, self.on_cluster) / cfg.run.name
+        self.dirs = RunDir(self.run_dir)
         self._shared_nodes: set[str] = set()  # nodes proven to share run.root
         self.recipe = build_recipe(cfg)
-        self.state = self._load_state()
+        self.state = RunState.read(self.dirs.state)
 
     # -- the story -------------------------------------------------------------
 
-    def run(self) -> dict:
+    def run(self) -> RunState:
         import ray
 
         check_layouts(self.cfg, self.recipe)  # a phase without the engines it needs: fail now
@@ -65,12 +66,12 @@ class Driver:
         with run_lock(self.run_dir):  # one driver per run directory
             return self._run()
 
-    def _run(self) -> dict:
+    def _run(self) -> RunState:
         from pipelines.runtime.engines import Engines
         from pipelines.runtime.placement import PlacementManager
 
-        check_resume_config(self.run_dir / "config.yaml", self.cfg)
-        atomic_write(self.run_dir / "config.yaml", dump_config(self.cfg))
+        check_resume_config(self.dirs.config, self.cfg)
+        atomic_write(self.dirs.config, dump_config(self.cfg))
         # e.g. run.iterations raised after a finished run; this launch's start, so that
         # `coevolve status` can tell how long it took to get to its first step
         self._update_state(finished=False, launched=time.time(), first_step_s=None)
@@ -81,18 +82,18 @@ class Driver:
             self._warm_start(engines, places)
             for iteration in range(1, self.cfg.run.iterations + 1):
                 for index, phase in enumerate(self.recipe.phases(iteration)):
-                    phase_dir = self.run_dir / f"iter_{iteration:04d}" / phase.name
-                    if (phase_dir / "DONE").exists():
+                    phase_dir = self.dirs.phase(iteration, phase.name)
+                    if phase_dir.has(DONE):
                         self._prune(iteration, phase)  # a launch that stopped before it did
                         continue
-                    order = self.state.get("order", [])
-                    name = f"{phase_dir.parent.name}/{phase.name}"
+                    order = self.state.order
+                    name = self.dirs.relative(phase_dir.path)
                     self._update_state(iteration=iteration, phase=phase.name, step=0,
                                        order=order if name in order else [*order, name])
                     self._make_data_first(iteration, index, phase, phase_dir, engines, places)
                     placement = self._enter(places, phase.name, engines)
                     self.run_phase(iteration, index, phase, phase_dir, engines, placement)
-                    atomic_write(phase_dir / "DONE", "ok\n")
+                    phase_dir.mark(DONE)
                     self._prune(iteration, phase)
         finally:
             from pipelines.runtime.metrics import finish_wandb
@@ -111,14 +112,14 @@ class Driver:
         (pipelines/runtime/warm_start.py); done once, before iteration 1."""
         from pipelines.runtime.warm_start import FOLDER, warm_start
 
-        if not self.cfg.model.warm_start.data or self.state.get("base"):
+        if not self.cfg.model.warm_start.data or self.state.base:
             return
-        if not (self.run_dir / FOLDER / "DONE").exists():
+        if not self.dirs.warm_start.has(DONE):
             self._update_state(iteration=0, phase=FOLDER, step=0)
             warm_start(self.cfg, self.recipe, run_dir=self.run_dir, engines=engines,
                        placement=self._enter(places, None, engines))
-        shutil.rmtree(self.run_dir / FOLDER / "ckpt", ignore_errors=True)  # done: hf/ is kept
-        self._update_state(base=f"{FOLDER}/hf")
+        shutil.rmtree(self.dirs.warm_start.ckpt, ignore_errors=True)  # done: hf/ is kept
+        self._update_state(base=self.dirs.relative(self.dirs.warm_start.hf()))
 
     def _prune(self, iteration: int, phase: Phase) -> None:
         """What a finished phase leaves on disk: its step checkpoints go (a resume skips a
@@ -126,16 +127,14 @@ class Driver:
         run.keep_exports K, the exports of its role's phases older than the newest K go too
         (the driver and export read only the newest: state.json's roles), except the
         role ``coevolve eval`` evaluates after every iteration."""
-        shutil.rmtree(self.run_dir / f"iter_{iteration:04d}" / phase.name / "ckpt",
-                      ignore_errors=True)
+        shutil.rmtree(self.dirs.phase(iteration, phase.name).ckpt, ignore_errors=True)
         keep = self.cfg.run.keep_exports
         if not keep or phase.role == eval_role(self.recipe):
             return
-        done = [self.run_dir / f"iter_{i:04d}" / p.name for i in range(1, iteration + 1)
+        done = [self.dirs.phase(i, p.name) for i in range(1, iteration + 1)
                 for p in self.recipe.phases(i) if p.role == phase.role]
-        done = [d for d in done if (d / "DONE").exists()]
-        for folder in done[:-keep]:
-            for export in [folder / "hf", *folder.glob("hf-*")]:
+        for folder in [d for d in done if d.has(DONE)][:-keep]:
+            for export in folder.exports():
                 shutil.rmtree(export, ignore_errors=True)
 
     def _enter(self, places, phase: str | None, engines):
@@ -149,7 +148,7 @@ class Driver:
             self._check_shared(placement_nodes(placement))
         return placement
 
-    def _make_data_first(self, iteration: int, index: int, phase: Phase, phase_dir: Path,
+    def _make_data_first(self, iteration: int, index: int, phase: Phase, phase_dir: PhaseDir,
                          engines, places) -> None:
         """Make the phase's data under the top-level layout when the phase's own layout
         lacks engines the data needs (MM-Zero's Solver may train on every GPU, but its
@@ -161,13 +160,13 @@ class Driver:
         needs = set(phase_spec(phase).data_roles)
         own = resolve_layout(self.cfg.placement, phase.name, self.recipe.roles).roles
         if not needs - {r for r, layout in own.items() if layout.engines > 0} \
-                or (phase_dir / "DATA").exists():
+                or phase_dir.has(DATA):
             return
         placement = self._enter(places, None, engines)
-        PhaseRunner(self.cfg, phase, phase_dir, run_dir=self.run_dir,
+        PhaseRunner(self.cfg, phase, phase_dir.path, run_dir=self.run_dir,
                     seed_path=(self.cfg.run.seed, iteration, index), engines=engines,
                     placement=placement, weights=self.weights).make_data()
-        atomic_write(phase_dir / "DATA", "ok\n")
+        phase_dir.mark(DATA)
 
     def _check_shared(self, nodes: set[str]) -> None:
         """Prove that ``nodes`` (with the ones proven before) share run.root."""
@@ -185,48 +184,39 @@ class Driver:
         state.json records exports relative to the run directory, so a run moved or
         resumed from another working directory still finds them.
         """
-        path = (self.state.get("roles", {}).get(role, {}).get("path") if role else None) \
-            or self.state.get("base")
+        known = self.state.roles.get(role) if role else None
+        path = (known.path if known else None) or self.state.base
         return str(self.run_dir / path) if path else self.cfg.model.path
 
-    def run_phase(self, iteration: int, index: int, phase: Phase, phase_dir: Path,
+    def run_phase(self, iteration: int, index: int, phase: Phase, phase_dir: PhaseDir,
                   engines, placement) -> None:
         from pipelines.runtime.phase import PhaseRunner
 
-        role = self.state.get("roles", {}).get(phase.role, {})
-        with PhaseRunner(self.cfg, phase, phase_dir, run_dir=self.run_dir,
+        role = self.state.roles.get(phase.role, RoleState())
+        with PhaseRunner(self.cfg, phase, phase_dir.path, run_dir=self.run_dir,
                          seed_path=(self.cfg.run.seed, iteration, index), engines=engines,
                          placement=placement, weights=self.weights,
-                         base_version=role.get("version", 0)) as runner:
+                         base_version=role.version) as runner:
             runner.run(on_step=self._on_step)
             finish = phase_spec(phase).finish
             if finish is not None:
                 finish(runner.ctx)
-            roles = dict(self.state.get("roles", {}))
-            roles[phase.role] = {"path": str((phase_dir / "hf").relative_to(self.run_dir)),
-                                 "iteration": iteration,
-                                 "version": runner.version}
+            roles = {**self.state.roles, phase.role: RoleState(
+                self.dirs.relative(phase_dir.hf()), iteration, runner.version)}
             self._update_state(roles=roles)
 
     def _on_step(self, step: int) -> None:
         changes = {"step": step}
-        if self.state.get("first_step_s") is None and "launched" in self.state:
-            changes["first_step_s"] = round(time.time() - self.state["launched"], 1)
+        if self.state.first_step_s is None and self.state.launched is not None:
+            changes["first_step_s"] = round(time.time() - self.state.launched, 1)
         self._update_state(**changes)
 
     # -- state.json ----------------------------------------------------------
 
-    def _load_state(self) -> dict:
-        path = self.run_dir / STATE
-        state = json.loads(path.read_text()) if path.exists() else {"roles": {}}
-        for info in state.get("roles", {}).values():
-            info["path"] = run_relative(info.get("path"))
-        return state
-
     def _update_state(self, **changes) -> None:
-        self.state.update(changes, updated=time.time())
+        self.state = dataclasses.replace(self.state, **changes, updated=time.time())
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.run_dir / STATE, json.dumps(self.state, indent=1))
+        self.state.write(self.dirs.state)
 
 
 # Settings a resumed run may change: how long it runs, how it is laid out and logged,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.runtime.rundir import STATE, atomic_write, link_tree, run_relative
+from pipelines.runtime.rundir import STATE, RunDir, RunState, atomic_write, link_tree
 
 
 def code_version() -> dict:
@@ -42,18 +42,17 @@ def code_version() -> dict:
 def export_run(run_dir: str | Path, out: str | Path | None = None) -> dict:
     """Export every trained policy of ``run_dir`` to ``out`` (default: RUN_DIR/export)."""
     run_dir = Path(run_dir).resolve()
-    state_path = run_dir / STATE
-    if not state_path.is_file():
+    dirs = RunDir(run_dir)
+    if not dirs.state.is_file():
         raise FileNotFoundError(f"{run_dir}: no {STATE}; is this a run directory?")
-    state = json.loads(state_path.read_text())
+    state = RunState.read(dirs.state)
     out = Path(out) if out is not None else run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
     policies = {}
-    for role, info in sorted(state.get("roles", {}).items()):
-        path = run_relative(info.get("path"))
-        if not path:
+    for role, info in sorted(state.roles.items()):
+        if not info.path:
             continue
-        hf = run_dir / path
+        hf = run_dir / info.path
         if not (hf / "config.json").is_file():
             raise FileNotFoundError(f"{role}: {hf} holds no model (config.json missing)")
         folders = {role: hf}
@@ -64,13 +63,13 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> dict:
             adapters = out / name / "adapter"
             policies[name] = {
                 "folder": name, "source": str(source.relative_to(run_dir)),
-                "iteration": info.get("iteration"), "version": info.get("version"),
+                "iteration": info.iteration, "version": info.version,
                 "adapters": sorted(str(p.parent.relative_to(adapters))
                                    for p in adapters.rglob("adapter_config.json"))
                 if adapters.is_dir() else []}
     if not policies:
         raise ValueError(f"{run_dir}: no trained policy yet (state.json lists no role export)")
-    config = run_dir / "config.yaml"
+    config = dirs.config
     manifest = {"run": str(run_dir), "policies": policies, "code": code_version(),
                 "config": yaml.safe_load(config.read_text()) if config.is_file() else None}
     atomic_write(out / "export.json", json.dumps(manifest, indent=1))

@@ -33,6 +33,7 @@ from pipelines.runtime.context import RunnerContext
 from pipelines.runtime.metrics import MetricsSink, Timer
 from pipelines.runtime.rl_step import RLSteps
 from pipelines.runtime.rundir import (
+    PhaseDir,
     atomic_json,
     atomic_write,
     latest_checkpoint,
@@ -53,6 +54,7 @@ class PhaseRunner:
     def __init__(self, cfg, phase, phase_dir: Path, *, run_dir: Path, seed_path: tuple[int, ...],
                  engines, placement, weights, base_version: int = 0):
         self.cfg, self.phase, self.dir = cfg, phase, Path(phase_dir)
+        self.dirs = PhaseDir(self.dir)  # hf/, ckpt/step_N, rollouts-N.parquet, markers
         self.spec = phase_spec(phase)  # its kind, optional members and hooks (contract.py)
         self.run_dir, self.seed_path = run_dir, seed_path
         self.engines, self.placement, self.weights = engines, placement, weights
@@ -186,9 +188,9 @@ class PhaseRunner:
                             on_step(step)
                     timer = Timer()
                     with timer("export"):
-                        self.group.export_hf(str(self.dir / "hf"))
+                        self.group.export_hf(str(self.dirs.hf()))
                         for policy in self.policies[1:]:  # hf/ holds the first policy
-                            self.group.export_hf(str(self.dir / f"hf-{policy}"), adapter=policy)
+                            self.group.export_hf(str(self.dirs.hf(policy)), adapter=policy)
                     break
                 except TrainerGroupFailed as err:
                     self.group_restarts += 1
@@ -240,7 +242,7 @@ class PhaseRunner:
         weights than the checkpoint, so they get the group's weights even
         without a checkpoint.
         """
-        found = latest_checkpoint(self.dir / "ckpt")
+        found = latest_checkpoint(self.dirs.ckpt)
         step, saved, upcoming = 0, {}, None
         if found is not None:
             step, path = found
@@ -254,18 +256,18 @@ class PhaseRunner:
     def save(self, steps: int, state: dict, upcoming=None) -> None:
         """A checkpoint after ``steps`` steps with the steps' ``state``, and the batch
         sampled for the next step (run.overlap), so that a resumed run trains on it."""
-        path = self.dir / "ckpt" / f"step_{steps:06d}"
+        path = self.dirs.checkpoint(steps)
         self.group.save(str(path), state)
         if upcoming is not None:
             atomic_write(path / UPCOMING, pickle.dumps(upcoming))
-        prune_checkpoints(self.dir / "ckpt", self.cfg.run.keep_checkpoints)
+        prune_checkpoints(self.dirs.ckpt, self.cfg.run.keep_checkpoints)
 
     def _export_unchanged(self) -> None:
         """hf/ = the starting weights (hard links where the filesystem allows)."""
         from actors.models import resolve_model
 
         source = Path(resolve_model(self.start_weights))
-        target = self.dir / "hf"
+        target = self.dirs.hf()
         if not source.is_dir():
             raise ValueError(f"{self.phase.name}: cannot export {self.start_weights}: not a folder")
         link_tree(source, target)

@@ -151,7 +151,7 @@ class RLSteps:
             # merged weights would count twice).
             r.engines.stop(r.phase.role)
         elif r.cfg.run.sync_weights and self.version == r.base_version + r.phase.steps:
-            r.engines.served(r.phase.role, str(r.dir / "hf"), saved=True)
+            r.engines.served(r.phase.role, str(r.dirs.hf()), saved=True)
 
     # -- the step ----------------------------------------------------------------
 
@@ -175,7 +175,7 @@ class RLSteps:
                         policy = self.policy(rollout.policy)
                         self.push(policy, policy.version + 1)
             with timer("save"):
-                write_rollouts(r.dir / f"rollouts-{step + 1:06d}.parquet", step + 1,
+                write_rollouts(r.dirs.rollouts(step + 1), step + 1,
                                batch.rollouts, trained, with_policy=bool(r.spec.policies))
                 if (step + 1) % r.cfg.run.save_every == 0 or step + 1 == r.phase.steps:
                     r.save(step + 1, self.state(), self.pending.get(step + 1))

@@ -12,9 +12,121 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 STATE = "state.json"
+CONFIG = "config.yaml"
+DONE = "DONE"  # a finished phase (or warm start): the driver skips it on resume
+DATA = "DATA"  # a phase's data made under the top-level layout before its own
+
+
+@dataclass(frozen=True)
+class PhaseDir:
+    """One phase's folder (``iter_NNNN/<phase>/``, or ``warm_start/``) and what is in it:
+    the one place those names are spelled."""
+
+    path: Path
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def ckpt(self) -> Path:
+        return self.path / "ckpt"
+
+    def checkpoint(self, steps: int) -> Path:
+        """The step checkpoint after ``steps`` steps."""
+        return self.ckpt / f"step_{steps:06d}"
+
+    def hf(self, policy: str | None = None) -> Path:
+        """The phase's HF export (``hf/``); a second LoRA policy's: ``hf-<policy>/``."""
+        return self.path / ("hf" if policy is None else f"hf-{policy}")
+
+    def exports(self) -> list[Path]:
+        return [self.hf(), *sorted(self.path.glob("hf-*"))]
+
+    def rollouts(self, step: int) -> Path:
+        return self.path / f"rollouts-{step:06d}.parquet"
+
+    def has(self, marker: str) -> bool:
+        return (self.path / marker).exists()
+
+    def mark(self, marker: str, text: str = "ok\n") -> None:
+        atomic_write(self.path / marker, text)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run's folder: ``config.yaml``, ``state.json``, ``warm_start/``, ``iter_NNNN/``."""
+
+    path: Path
+
+    @property
+    def state(self) -> Path:
+        return self.path / STATE
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    def iteration(self, k: int) -> Path:
+        return self.path / f"iter_{k:04d}"
+
+    def phase(self, k: int, name: str) -> PhaseDir:
+        return PhaseDir(self.iteration(k) / name)
+
+    @property
+    def warm_start(self) -> PhaseDir:
+        return PhaseDir(self.path / "warm_start")
+
+    def relative(self, path: Path) -> str:
+        """``path`` as state.json keeps it: relative to the run directory."""
+        return str(Path(path).relative_to(self.path))
+
+
+@dataclass
+class RoleState:
+    """A role's newest weights: its last phase's hf/ export (relative to the run
+    directory), the iteration that made them, their weight version."""
+
+    path: str | None = None
+    iteration: int | None = None
+    version: int = 0
+
+
+@dataclass
+class RunState:
+    """``state.json``: where a run stands, written by the driver after every change."""
+
+    roles: dict[str, RoleState] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)  # phases in the order they ran
+    base: str | None = None  # the warm start's export, when model.warm_start made one
+    iteration: int | None = None
+    phase: str | None = None
+    step: int | None = None
+    finished: bool = False
+    launched: float | None = None  # this launch's start (time.time())
+    first_step_s: float | None = None  # seconds from launch to the first step
+    updated: float | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> RunState:
+        """The state in ``path`` (a fresh one if there is none); older files, which kept
+        role paths relative to the working directory, read the same."""
+        if not Path(path).exists():
+            return cls()
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        roles = {role: RoleState(path=run_relative(info.get("path")),
+                                 iteration=info.get("iteration"),
+                                 version=info.get("version", 0))
+                 for role, info in data.get("roles", {}).items()}
+        return cls(**{k: v for k, v in data.items() if k in known and k != "roles"},
+                   roles=roles)
+
+    def write(self, path: Path) -> None:
+        atomic_write(path, json.dumps(asdict(self), indent=1))
 
 
 def run_relative(path: str | None) -> str | None:
@@ -111,13 +223,18 @@ def prompt_text(request) -> str:
     return " ".join(p.get("text", "<image>") for p in parts)
 
 
-def latest_checkpoint(ckpt_dir: Path) -> tuple[int, Path] | None:
-    """The newest complete ``step_NNNNNN`` folder, or None."""
+def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every ``step_NNNNNN`` checkpoint with its completion marker, by step."""
     from actors.checkpoint import is_complete
 
-    found = [(int(p.name.split("_")[1]), p) for p in ckpt_dir.glob("step_*")
-             if p.name.split("_")[1].isdigit() and is_complete(p)]
-    return max(found) if found else None
+    return sorted((int(p.name.split("_")[1]), p) for p in Path(ckpt_dir).glob("step_*")
+                  if p.name.split("_")[1].isdigit() and is_complete(p))
+
+
+def latest_checkpoint(ckpt_dir: Path) -> tuple[int, Path] | None:
+    """The newest complete ``step_NNNNNN`` folder, or None."""
+    found = complete_checkpoints(ckpt_dir)
+    return found[-1] if found else None
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:

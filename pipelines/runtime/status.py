@@ -7,7 +7,14 @@ import time
 from pathlib import Path
 
 from pipelines.runtime.metrics import read_metrics
-from pipelines.runtime.rundir import run_relative
+from pipelines.runtime.rundir import (
+    DONE,
+    STATE,
+    PhaseDir,
+    RunDir,
+    RunState,
+    complete_checkpoints,
+)
 
 SHOWN = ("reward/mean", "sft/nll", "train/grad_norm", "policy/loss", "policy/kl", "rollout/response_tokens",
          "perf/tokens_per_s")
@@ -15,33 +22,31 @@ SHOWN = ("reward/mean", "sft/nll", "train/grad_norm", "policy/loss", "policy/kl"
 
 def render_status(run_dir: str | Path) -> str:
     run_dir = Path(run_dir).absolute()
-    state_path = run_dir / "state.json"
-    if not state_path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a coevolve run directory (no state.json)")
-    state = json.loads(state_path.read_text())
-    lines = [f"run {run_dir.name}: " + ("finished" if state.get("finished") else
-                                        f"iteration {state.get('iteration')}, phase "
-                                        f"{state.get('phase')}, step {state.get('step')} "
+    dirs = RunDir(run_dir)
+    if not dirs.state.exists():
+        raise FileNotFoundError(f"{run_dir} is not a coevolve run directory (no {STATE})")
+    state = RunState.read(dirs.state)
+    lines = [f"run {run_dir.name}: " + ("finished" if state.finished else
+                                        f"iteration {state.iteration}, phase "
+                                        f"{state.phase}, step {state.step} "
                                         "(not finished: `coevolve run` with the same config resumes)"),
-             f"  last update {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(state['updated']))}"
-             if "updated" in state else "  never updated"]
-    if state.get("first_step_s") is not None:  # engines, trainer group, warm start, data
-        lines.append(f"  time to first step: {state['first_step_s']:.1f} s (this launch)")
-    for role, info in sorted(state.get("roles", {}).items()):
-        lines.append(f"  role {role}: iteration {info.get('iteration')}, weight version "
-                     f"{info.get('version')}, weights "
-                     f"{run_dir / run_relative(info['path']) if info.get('path') else 'n/a'}")
-    order = {name: i for i, name in enumerate(state.get("order", []))}
+             f"  last update {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(state.updated))}"
+             if state.updated is not None else "  never updated"]
+    if state.first_step_s is not None:  # engines, trainer group, warm start, data
+        lines.append(f"  time to first step: {state.first_step_s:.1f} s (this launch)")
+    for role, info in sorted(state.roles.items()):
+        lines.append(f"  role {role}: iteration {info.iteration}, weight version "
+                     f"{info.version}, weights {run_dir / info.path if info.path else 'n/a'}")
+    order = {name: i for i, name in enumerate(state.order)}
     phase_dirs = sorted((d for d in run_dir.glob("iter_*/*") if (d / "metrics.jsonl").exists()
-                         or (d / "DONE").exists() or f"{d.parent.name}/{d.name}" in order),
+                         or PhaseDir(d).has(DONE) or f"{d.parent.name}/{d.name}" in order),
                         key=lambda d: (d.parent.name, order.get(f"{d.parent.name}/{d.name}",
                                                                 len(order)), d.name))
     for phase_dir in phase_dirs:
         metrics = [m for m in read_metrics(phase_dir / "metrics.jsonl")
                    if "reward/mean" in m or "sft/nll" in m]
-        done = (phase_dir / "DONE").exists()
-        ckpts = sorted(p.name for p in (phase_dir / "ckpt").glob("step_*")
-                       if (p / "COMPLETE").exists())
+        done = PhaseDir(phase_dir).has(DONE)
+        ckpts = [p.name for _, p in complete_checkpoints(PhaseDir(phase_dir).ckpt)]
         lines.append(f"\n{phase_dir.parent.name}/{phase_dir.name}: {'done' if done else 'in progress'}"
                      f", {len(metrics)} steps logged, checkpoints: {', '.join(ckpts) or 'none'}")
         if metrics:

@@ -31,6 +31,7 @@ import numpy as np
 from pipelines.config import Config, load_config
 from pipelines.layouts import Layout, resolve_layout
 from pipelines.runtime.metrics import read_metrics
+from pipelines.runtime.rundir import RunDir
 
 REST = ("weight_sync", "save", "sleep", "wake", "overhead")
 
@@ -108,7 +109,7 @@ def _roles(cfg: Config) -> tuple[tuple[str, ...], dict[str, str]]:
 def timings_report(cfg: Config, run_dir: str) -> str:
     """The table ``coevolve plan --timings`` prints."""
     run_dir = Path(run_dir)
-    saved = run_dir / "config.yaml"
+    saved = RunDir(run_dir).config
     if not saved.is_file():
         raise ValueError(f"{run_dir}: no config.yaml; give a run directory (runs/<name>)")
     run_cfg = load_config(saved)

@@ -32,7 +32,7 @@ from actors.tiny import cache_root as tiny_cache_root
 from actors.tiny import cached_folder
 from pipelines.config import ConfigError
 from pipelines.contract import recipe_spec
-from pipelines.runtime.rundir import atomic_write
+from pipelines.runtime.rundir import DONE, PhaseDir, RunDir
 from pipelines.runtime.sft import SFTExample, SFTPhase
 
 logger = logging.getLogger(__name__)
@@ -102,28 +102,28 @@ def warm_start(cfg, recipe, *, run_dir: Path, engines, placement) -> Path:
     from pipelines.runtime.phase import PhaseRunner
 
     w = cfg.model.warm_start
-    folder = run_dir / FOLDER
+    folder = RunDir(run_dir).warm_start
     examples = data_function(cfg, recipe)(w.examples, cfg.run.seed, cfg)
     if not examples:
         raise ValueError(f"model.warm_start.data {w.data!r} made no examples")
     key = cache_key(cfg, examples)
     cached = cache_root() / key
-    hf = folder / "hf"
-    if (cached / "DONE").exists():
+    hf = folder.hf()
+    if PhaseDir(cached).has(DONE):
         logger.info("warm start: the cached model %s (%d examples, %d steps)", cached,
                     len(examples), w.steps)
-        _copy(cached / "hf", hf)
+        _copy(PhaseDir(cached).hf(), hf)
     else:
         logger.info("warm start: %d SFT steps on %d examples (cached afterwards as %s)",
                     w.steps, len(examples), cached)
         phase = SFTPhase(FOLDER, "base", examples, w.batch_size)
         phase.steps = w.steps  # batch_examples cycles epochs as far as the steps go
-        with PhaseRunner(warm_cfg(cfg), phase, folder, run_dir=run_dir,
+        with PhaseRunner(warm_cfg(cfg), phase, folder.path, run_dir=run_dir,
                          seed_path=(cfg.run.seed, 0, 0), engines=engines, placement=placement,
                          weights=lambda role: cfg.model.path) as runner:
             runner.run()
-        cached_folder(cached, lambda tmp: shutil.copytree(hf, tmp / "hf"))
-    atomic_write(folder / "DONE", key + "\n")
+        cached_folder(cached, lambda tmp: shutil.copytree(hf, PhaseDir(tmp).hf()))
+    folder.mark(DONE, key + "\n")
     return hf
 
 

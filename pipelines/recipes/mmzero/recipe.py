@@ -60,7 +60,7 @@ from pipelines.recipes.mmzero.rewards import (
     solver_keep,
     solver_reward,
 )
-from pipelines.runtime.rundir import atomic_parquet, atomic_write
+from pipelines.runtime.rundir import PhaseDir, atomic_parquet, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -384,7 +384,7 @@ class SolverPhase:
         if self.m.heldout:  # the trained Solver (its hf/ export), on the same draws as before
             # no step trained: hf/ holds the starting weights, which the phase's pool serves
             trained = ctx.pool if self.steps == 0 else \
-                ctx.serve(self.role, str(ctx.dir / "hf"))
+                ctx.serve(self.role, str(PhaseDir(ctx.dir).hf()))
             metrics["heldout_accuracy_before"] = info["metrics"].get("heldout_accuracy_before")
             metrics["heldout_accuracy"] = self.recipe.heldout_accuracy(trained)
         coevo.write_coevo(ctx.dir.parent, metrics, ctx.iteration)

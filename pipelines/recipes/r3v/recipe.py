@@ -33,7 +33,7 @@ from pipelines.recipes.r3v.mix import (
     rationale_answer,
     select_messages,
 )
-from pipelines.runtime.rundir import atomic_path, atomic_write
+from pipelines.runtime.rundir import RunDir, atomic_path, atomic_write
 from pipelines.runtime.sft import SFTPhase
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class R3VPhase:
         """(pool, adapter) serving model k (0: the base). With LoRA every model is the base
         plus its adapter (``iter_k/sft/hf/adapter``), so one pool on the base serves them
         all and no engine restarts between iterations; without, the merged export."""
-        folder = ctx.run_dir / f"iter_{k:04d}" / self.name / "hf"
+        folder = RunDir(ctx.run_dir).phase(k, self.name).hf()
         if not self.cfg.trainer.lora.enabled:
             return ctx.serve(self.role, str(folder) if k else ctx.start_weights), None
         pool = ctx.serve(self.role, ctx.start_weights)
@@ -169,7 +169,8 @@ class R3VPhase:
 
     def finish(self, ctx) -> None:
         pool, adapter = self.serve(ctx, ctx.iteration)
-        self.evaluate(ctx, pool, adapter, f"iter_{ctx.iteration:04d}", ctx.iteration)
+        self.evaluate(ctx, pool, adapter, RunDir(ctx.run_dir).iteration(ctx.iteration).name,
+                      ctx.iteration)
 
     # -- evaluation --------------------------------------------------------------------
 
@@ -195,7 +196,7 @@ def read_pool(run_dir: Path, iteration: int) -> list[Sample]:
     """Every rationale sampled by iterations 1..``iteration`` (models 0..iteration-1)."""
     out = []
     for k in range(1, iteration + 1):
-        path = run_dir / f"iter_{k:04d}" / R3VPhase.name / SAMPLES
+        path = RunDir(run_dir).phase(k, R3VPhase.name) / SAMPLES
         if not path.exists():
             raise FileNotFoundError(f"{path}: iteration {k}'s samples are missing")
         for line in path.read_text().splitlines():
