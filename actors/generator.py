@@ -65,6 +65,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from actors.models import resolve_model
 from actors.sampling import (
     REFUSED,
     VISION_PLACEHOLDERS,
@@ -79,6 +80,7 @@ from actors.sampling import (
     sampling_params,
     to_pil,
 )
+from actors.vllm_limits import check_gpu_sampler_limits
 from actors.vllm_worker import RAY_ADDRESS_ENV
 
 # re-exported: recipes and tools import the request types from here
@@ -89,8 +91,6 @@ logger = logging.getLogger(__name__)
 
 class GeneratorActor:
     def __init__(self, spec: EngineSpec, name: str = "generator"):
-        from actors.models import resolve_model
-
         self.spec = spec
         self.name = name
         self.version = spec.version
@@ -128,8 +128,6 @@ class GeneratorActor:
         """Sample every request; result[i] holds request i's n completions (n refused
         placeholders when the engine refused it: module doc)."""
         from vllm.v1.engine.exceptions import EngineDeadError
-
-        from actors.vllm_limits import check_gpu_sampler_limits
 
         self._check_usable()
         unknown = {r.adapter for r in requests if r.adapter is not None} - set(self._adapters)

@@ -22,9 +22,11 @@ dashboard) and can be pinned to bundles of a placement group.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,7 +108,6 @@ class GeneratorPool:
         A request without an adapter gets the pool's ``default_adapter`` when one is
         set (a phase training LoRA adapters serves its newest adapter to every user of
         the pool, judges and data makers included)."""
-        import dataclasses
 
         import ray
 
@@ -178,7 +179,6 @@ class GeneratorPool:
         """The engines now serve exactly the weights saved in ``model`` (e.g. the hf/
         export of the trainer that pushed them): a restarted engine loads that folder
         instead of the pushed buckets, whose owner (a trainer rank) may be gone."""
-        import dataclasses
 
         self.spec = dataclasses.replace(self.spec, model=model, version=self.version)
         self._weights = None
@@ -328,7 +328,6 @@ def wait_dead(actor, timeout: float = 60.0) -> None:
 
     ``ray.kill`` is asynchronous: a call sent just after it may still run.
     """
-    import time
 
     import ray
 

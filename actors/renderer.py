@@ -38,8 +38,9 @@ import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from xml.etree.ElementTree import ParseError
 
-from actors.sandbox import SandboxWorker
+from actors.sandbox import SandboxWorker, serve
 from actors.svg_checks import (
     DOCTYPE_WITHOUT_SUBSET,
     FAILURES,
@@ -101,8 +102,6 @@ def early_stop_reached(n_ok: int, n_done: int, n_total: int, config: PoolConfig)
 
 
 def _classify(exc: BaseException) -> tuple[Failure, str]:
-    from xml.etree.ElementTree import ParseError
-
     from defusedxml import DefusedXmlException
     from PIL.Image import DecompressionBombError
 
@@ -153,7 +152,6 @@ _STARTUP_SECONDS = 60.0
 
 def _worker_main(limits_dict: dict) -> None:
     """Entry point of a render worker (actors/sandbox.py): PNG for each SVG payload."""
-    from actors.sandbox import serve
 
     limits = RenderLimits(**limits_dict)
 

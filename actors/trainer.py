@@ -35,6 +35,7 @@ from actors import fsdp
 from actors.batching import InputBuilder, TrainBatch, micro_batches
 from actors.logprobs import chunked_model_logprobs, token_logprobs
 from actors.lora import adapter_of, language_targets, peft_name
+from actors.models import resolve_model
 from actors.objectives import policy_objective, sft_loss
 from actors.optim import init_adam_state, lr_factor, scheduler_state
 from actors.trainer_spec import LoraSpec, TrainerSpec
@@ -58,7 +59,6 @@ class TrainerActor:
 
     def setup(self, host: str, port: int, timeout_s: float = 600.0) -> dict:
         """Join the process group, build the sharded policy, reference and optimizer."""
-        from actors.models import resolve_model
 
         # Resolve (and maybe build) the model before joining the process group:
         # transformers' save_pretrained writes nothing on ranks other than 0.

@@ -24,6 +24,8 @@ starts in 15 s instead of 26 s. Every real Qwen-VL engine start gains the same.
 
 from __future__ import annotations
 
+import functools
+
 
 def _share_pool(self, memo):
     return self
@@ -50,7 +52,6 @@ def fix_cpu_lora_base_rows() -> bool:
     only if a probe shows the bug: index -1 rows get a zero input and slot 0,
     so their LoRA delta is exactly zero.
     """
-    import functools
 
     import torch
     from vllm.lora.ops.torch_ops import lora_ops

@@ -35,6 +35,7 @@ from pipelines.config_yaml import (
     show,
 )
 from pipelines.layouts import ClusterSpec, PhaseLayout, PlacementConfig, RoleLayout
+from pipelines.registry import BUILTIN_RECIPES, resolve_recipe
 from pipelines.simulation import check_cluster
 
 __all__ = [
@@ -364,8 +365,6 @@ def _load_layered(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def config_from_dict(data: dict) -> Config:
-    from pipelines.registry import BUILTIN_RECIPES, resolve_recipe
-
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping of fields, got {show(data)}")
     run = data.get("run")

@@ -134,7 +134,7 @@ def test_no_request_carries_vocabulary_sized_state(family, banned, tiny_cache):
     from transformers import AutoConfig, AutoTokenizer
     from vllm import SamplingParams
 
-    from actors.generator import BAN, banned_token_ids, sampling_params
+    from actors.sampling import BAN, banned_token_ids, sampling_params
     from actors.models import resolve_model
     from actors.vllm_limits import check_gpu_sampler_limits
 

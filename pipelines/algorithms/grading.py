@@ -60,6 +60,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from actors.sandbox import SandboxWorker, serve
 from pipelines.algorithms.answers import (
     DEFAULT_REL_TOL,
     MAX_ANSWER_CHARS,
@@ -83,7 +84,6 @@ _STARTUP_SECONDS = 60.0
 def _worker_main(config: dict) -> None:
     """Entry point of a grading worker (actors/sandbox.py): one verdict per request
     {"fn": "module:name", "args": [...]}."""
-    from actors.sandbox import serve
 
     def setup():
         import math_verify  # noqa: F401  (imported before the memory limit)
@@ -110,8 +110,6 @@ class _Worker:
     """One grading worker, started and waited for until it reports ready."""
 
     def __init__(self, memory_bytes: int):
-        from actors.sandbox import SandboxWorker
-
         self.sandbox = SandboxWorker("pipelines.algorithms.grading:_worker_main",
                                      {"memory_bytes": memory_bytes})
         self.proc = self.sandbox.proc

@@ -21,6 +21,7 @@ hub ids resolve from the local cache only when ``HF_DATASETS_OFFLINE=1``.
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 from dataclasses import dataclass, field
@@ -191,7 +192,6 @@ def _first(answer: Any) -> Any:
 
 def _choices(value: Any) -> list:
     """Options as a list; MMMU keeps them as the text of a Python list."""
-    import ast
 
     if isinstance(value, str) and value.strip().startswith("["):
         try:

@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from actors.models import resolve_model
+
 
 def start_pool(cfg, role: str, model: str, engines: int = 1, lora: bool = False):
     """A generator pool of ``engines`` engines serving ``model`` with the config's engine
@@ -31,7 +33,6 @@ def start_pool(cfg, role: str, model: str, engines: int = 1, lora: bool = False)
 def same_architecture(a: str | None, b: str) -> bool:
     """Whether the model folders ``a`` and ``b`` hold the same architecture and shapes
     (their config.json equal but for names and dtype), so weights of one load into the other."""
-    from actors.models import resolve_model
 
     if a is None:
         return False
@@ -49,7 +50,6 @@ def read_weights(folder: str | Path) -> list:
     (the saved names, which the engines accept as they accept the trainer's)."""
     from safetensors import safe_open
 
-    from actors.models import resolve_model
     from actors.weights import make_buckets
 
     files = sorted(Path(resolve_model(str(folder))).glob("*.safetensors"))

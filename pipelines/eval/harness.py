@@ -18,6 +18,7 @@ Results go to ``RUN_DIR/eval/`` (or ``--out``): per (task, model) parquet,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -25,11 +26,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.config import load_config
 from pipelines.contract import recipe_spec
 from pipelines.eval.data import DataError, Item
 from pipelines.eval.engines import read_adapter, read_weights, same_architecture, start_pool
-from pipelines.eval.runner import Model, evaluate_model
+from pipelines.eval.judge import Judge
+from pipelines.eval.runner import Model, evaluate_model, write_summary
 from pipelines.eval.tasks import TaskSpec, resolve_task
+from pipelines.registry import build_recipe, eval_role
 from pipelines.runtime.rundir import DONE, RunDir, atomic_json
 
 logger = logging.getLogger(__name__)
@@ -46,7 +50,6 @@ class Target:
 
 def resolve_target(target: str, out: str | None = None) -> Target:
     """The models a target names (see the module docstring)."""
-    from pipelines.config import load_config
 
     path = Path(target)
     if RunDir(path).config.is_file() and RunDir(path).state.is_file():
@@ -72,9 +75,6 @@ def _label(name: str) -> str:
 
 
 def _run_target(run_dir: Path, out: str | None) -> Target:
-    from pipelines.config import load_config
-    from pipelines.registry import build_recipe, eval_role
-
     dirs = RunDir(run_dir)
     cfg = load_config(str(dirs.config), [])
     recipe = build_recipe(cfg)
@@ -104,7 +104,6 @@ def resolve_tasks(names: Sequence[str] | None, target: Target, data_dir: str | N
                   limit: int | None = None) -> tuple[list[TaskSpec], dict[str, list[Item]]]:
     """coevolve's own tasks and their items; ValueError naming every task whose data is
     missing. ``lmms:<task>`` names are left out (see ``lmms_tasks``)."""
-    import dataclasses
 
     names = list(names or target.benchmarks)
     if not names:
@@ -144,7 +143,6 @@ def run_eval(target: Target, tasks: Sequence[TaskSpec], items: dict[str, list[It
     """Evaluate every model of ``target`` on ``tasks`` and on the lmms-eval tasks ``lmms``
     (through the plugin, on the same pool); one pool for all models, one judge pool."""
     from pipelines.eval import report
-    from pipelines.eval.judge import Judge
 
     cap = max_tokens or max(16, target.cfg.generator.max_model_len // 2)
     judge = judge_pool = None
@@ -193,7 +191,6 @@ def run_lmms(pool, model: Model, names: Sequence[str], out: Path, *, adapter: st
     from lmms_eval.tasks import TaskManager
 
     from pipelines.eval.lmms_model import CoevolveLMM
-    from pipelines.eval.runner import write_summary
 
     lm = CoevolveLMM.on_pool(pool, adapter=adapter, seed=seed)
     rows = []

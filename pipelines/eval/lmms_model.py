@@ -25,7 +25,10 @@ from pathlib import Path
 from lmms_eval.api.model import lmms
 
 from actors.sampling import Request, Sampling
+from pipelines.config import load_config
+from pipelines.eval.engines import read_adapter, start_pool
 from pipelines.eval.tasks import item_seed
+from pipelines.runtime.local_ray import ray_session
 
 MODEL_ID = "coevolve"
 
@@ -44,9 +47,6 @@ class CoevolveLMM(lmms):
                  dtype: str = "auto", max_model_len: int = 4096, max_pixels: int = 0,
                  seed: int = 0, batch_size: int | str = 64, **kwargs) -> None:
         super().__init__()
-        from pipelines.config import load_config
-        from pipelines.eval.engines import read_adapter, start_pool
-        from pipelines.runtime.local_ray import ray_session
 
         if kwargs:
             raise ValueError(f"coevolve model: unknown model_args {sorted(kwargs)}; see "

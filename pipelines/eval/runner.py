@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from actors.sampling import Request, Sampling
+from pipelines.algorithms.grading import Grader
 from pipelines.eval.data import DataError, Item
 from pipelines.eval.tasks import TaskSpec
 from pipelines.runtime.rundir import atomic_parquet
@@ -77,7 +78,6 @@ def evaluate_model(pool, model: Model, tasks: Sequence[TaskSpec], out: Path, *,
     serves ``model`` (LoRA folders). ``on_chunk(task, index)`` runs after each chunk is
     saved (progress; tests interrupt there). ``max_tokens`` caps every task's budget.
     """
-    from pipelines.algorithms.grading import Grader
 
     own = grader is None
     grader = grader or Grader()

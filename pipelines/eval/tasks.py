@@ -28,7 +28,9 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from actors.tiny import cache_root
 from pipelines.algorithms.answers import extract_answer
+from pipelines.config_yaml import ConfigError, load_file
 from pipelines.eval.data import DataError, Item, read_hf, read_jsonl, write_jsonl
 from pipelines.runtime.rundir import atomic_write
 
@@ -191,8 +193,6 @@ def resolve_task(name: str) -> TaskSpec:
 
 
 def _task_file(path: Path) -> TaskSpec:
-    from pipelines.config_yaml import ConfigError, load_file
-
     raw = load_file(path)
     names = {f.name for f in dataclasses.fields(TaskSpec)}
     unknown = set(raw) - names
@@ -217,7 +217,6 @@ def smoke_fixture(root: str | Path | None = None) -> Path:
     """The ``smoke`` task's data, drawn once into the model cache: 8 circle-counting
     images and 4 items with tricky answer formats (thousands, percent, fraction,
     multiple choice). Deterministic; returns the jsonl path."""
-    from actors.tiny import cache_root
 
     root = Path(root) if root is not None else cache_root().parent / "eval-smoke-v1"
     path = root / "smoke.jsonl"

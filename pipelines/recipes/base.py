@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pipelines.contract import Rollout, Scores
+from pipelines.registry import load_reference
 
 __all__ = ["Rollout", "Scores", "load_function"]
 
 
 def load_function(ref: str) -> Callable:
     """``package.module:function`` -> the function, with errors that say what is wrong."""
-    from pipelines.registry import load_reference
 
     fn = load_reference(ref, "reward function", "e.g. mypackage.rewards:exact_match")
     if not callable(fn):

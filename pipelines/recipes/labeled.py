@@ -25,10 +25,13 @@ drawn from different seeds and never share an image.
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import numpy as np
 
+from actors.tiny import cache_root, cached_folder
 from pipelines.eval.data import DataError, Item, read_hf, read_jsonl, write_jsonl
 
 SHAPES_VERSION = 2  # bump when the drawn set would change for the same count and split
@@ -44,7 +47,6 @@ def load_items(source: str, split: str = "train", limit: int | None = None) -> l
     if kind == "jsonl":
         return read_jsonl(rest, limit)
     if kind == "hf":
-        from urllib.parse import parse_qsl
 
         where, _, query = rest.partition("?")
         fields = dict(parse_qsl(query, keep_blank_values=True))
@@ -70,7 +72,6 @@ def load_items(source: str, split: str = "train", limit: int | None = None) -> l
 def usable(items: list[Item], what: str) -> tuple[list[Item], int]:
     """The items whose images all decode, and how many were dropped (each logged once):
     a broken image costs its item, never the run."""
-    import logging
 
     kept = []
     for item in items:
@@ -123,7 +124,6 @@ def shapes_dataset(count: int, split: str = "train", root: Path | None = None) -
     and places; the question asks for the number, the answer is the digit and the
     solution a one-line count. Deterministic in (count, split).
     """
-    from actors.tiny import cache_root, cached_folder
 
     if split not in SPLIT_SEEDS:
         raise DataError(f"shapes data has the splits {sorted(SPLIT_SEEDS)}, not {split!r}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipelines.contract import phase_spec
+from pipelines.registry import build_recipe, eval_role
 from pipelines.runtime.memory import GIB, ModelSizes, lora_params, optimizer_state
 
 
@@ -47,7 +48,6 @@ class DiskPlan:
 def disk_plan(cfg, m: ModelSizes, gpu: bool) -> DiskPlan:
     """The run's checkpoints and exports; ``gpu``: its trainer computes on GPUs (a
     model.dtype of auto exports bfloat16 there, float32 on CPU hosts)."""
-    from pipelines.registry import build_recipe, eval_role
 
     t = cfg.trainer
     lora = lora_params(m, t.lora.rank, t.lora.target_modules) if t.lora.enabled else 0

@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
 
-from pipelines.config import Config, dump_config
+from pipelines.config import Config, ConfigError, config_to_dict, dump_config
 from pipelines.contract import Phase, phase_spec, recipe_spec
-from pipelines.layouts import check_layouts
+from pipelines.layouts import check_layouts, resolve_layout
 from pipelines.registry import build_recipe, eval_role
 from pipelines.runtime.rundir import DATA, DONE, PhaseDir, RoleState, RunDir, RunState, atomic_write
 
@@ -154,7 +155,6 @@ class Driver:
         lacks engines the data needs (MM-Zero's Solver may train on every GPU, but its
         data takes Proposer and CodeGen engines). The phase then loads it as a resume
         would; ``DATA`` marks it made."""
-        from pipelines.layouts import resolve_layout
         from pipelines.runtime.phase import PhaseRunner
 
         needs = set(phase_spec(phase).data_roles)
@@ -234,8 +234,6 @@ def check_resume_config(saved: Path, cfg: Config) -> None:
     run.resume_changed, which keeps the old config.yaml as config.N.yaml."""
     import yaml
 
-    from pipelines.config import ConfigError, config_to_dict
-
     if not saved.exists():
         return
     old, new = _flat(yaml.safe_load(saved.read_text()) or {}), _flat(config_to_dict(cfg))
@@ -274,9 +272,6 @@ def run_lock(run_dir: Path):
     if the process dies); a second driver on the same directory stops with the holder's
     pid. An advisory lock (flock): drivers on one host, or on hosts whose shared
     filesystem implements it."""
-    import fcntl
-
-    from pipelines.config import ConfigError
 
     handle = open(run_dir / ".driver.lock", "a+")
     try:

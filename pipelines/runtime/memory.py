@@ -81,6 +81,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from actors.models import resolve_model
+
 GIB = 2**30
 CONTEXT_BYTES = GIB
 
@@ -226,7 +228,6 @@ def _vision_sizes(family: str, v: dict, text_hidden: int) -> tuple[int, int]:
 def load_model_config(ref: str) -> tuple[dict, str]:
     """(config.json as a dict, where it came from) for a model reference."""
     if ref.startswith("tiny://"):
-        from actors.models import resolve_model
 
         folder = Path(resolve_model(ref))
         return json.loads((folder / "config.json").read_text()), f"config.json of {folder}"

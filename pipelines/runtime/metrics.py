@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -136,7 +137,6 @@ def drop_cut_line(path: Path) -> None:
 
 def wandb_run_id(run_dir: Path) -> str:
     """The id of the run's one wandb run, made on first use and kept in ``run_dir``."""
-    import uuid
 
     path = Path(run_dir) / "wandb_id"
     if not path.exists():

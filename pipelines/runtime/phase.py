@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from actors.models import resolve_model
 from actors.trainer_group import TrainerGroup, TrainerGroupFailed
 from pipelines.contract import phase_spec
 from pipelines.runtime.context import RunnerContext
@@ -213,8 +214,6 @@ class PhaseRunner:
         if self._processor is None:
             from transformers import AutoProcessor
 
-            from actors.models import resolve_model
-
             pixels = {"max_pixels": self.cfg.model.max_pixels} if self.cfg.model.max_pixels else {}
             self._processor = AutoProcessor.from_pretrained(resolve_model(self.start_weights),
                                                             **pixels)
@@ -264,7 +263,6 @@ class PhaseRunner:
 
     def _export_unchanged(self) -> None:
         """hf/ = the starting weights (hard links where the filesystem allows)."""
-        from actors.models import resolve_model
 
         source = Path(resolve_model(self.start_weights))
         target = self.dirs.hf()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +24,14 @@ from pipelines.layouts import (
     TRAINER,
     Layout,
     PlacementError,
+    check_layouts,
     group_specs,
     host_cores,
     resolve_layout,
     thread_counts,
 )
+from pipelines.registry import build_recipe
+from pipelines.runtime.local_ray import ray_session
 from pipelines.runtime.memory import (
     CONTEXT_BYTES,
     GIB,
@@ -335,7 +339,6 @@ def _ray_nodes() -> list[Node]:
 def _layouts(cfg: Config) -> list[Layout]:
     """The phases to show: each declared phase, else the one layout of every phase;
     only the roles the recipe runs engines for."""
-    from pipelines.registry import build_recipe
 
     roles = build_recipe(cfg).roles
     if cfg.placement.phases:
@@ -407,10 +410,6 @@ def run_plan(cfg: Config, *, cluster_file: str | None = None, nodes: int | None 
              gpus_per_node: int | None = None, gpu_memory_gib: float | None = None,
              cpus_per_node: int | None = None, probe: bool = False, out=None) -> int:
     """Print the plan; 0 if it fits, 2 if not (the numbers are printed)."""
-    import sys
-
-    from pipelines.layouts import check_layouts
-    from pipelines.registry import build_recipe
 
     out = out or sys.stdout
     check_layouts(cfg, build_recipe(cfg))  # a phase without engines it needs: refused first
@@ -434,7 +433,6 @@ def probe_placement(cfg: Config, nodes: list[Node]) -> str:
     Attaches to ``RAY_ADDRESS``; without it starts a private Ray on loopback
     with the declared node's logical GPUs (one node only).
     """
-    from pipelines.runtime.local_ray import ray_session
     from pipelines.runtime.placement import PlacementManager, bundle_report
 
     kwargs = {}

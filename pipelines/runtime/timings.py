@@ -30,6 +30,7 @@ import numpy as np
 
 from pipelines.config import Config, load_config
 from pipelines.layouts import Layout, resolve_layout
+from pipelines.registry import build_recipe
 from pipelines.runtime.metrics import read_metrics
 from pipelines.runtime.rundir import RunDir
 
@@ -100,8 +101,6 @@ def predict(t: PhaseTimings, run: Layout, role: str, plan: Layout) -> Prediction
 
 
 def _roles(cfg: Config) -> tuple[tuple[str, ...], dict[str, str]]:
-    from pipelines.registry import build_recipe
-
     recipe = build_recipe(cfg)
     return recipe.roles, {p.name: p.role for p in recipe.phases(1)}
 

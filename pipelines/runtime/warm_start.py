@@ -28,10 +28,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from actors.tiny import BUILDER_VERSION, cached_folder
 from actors.tiny import cache_root as tiny_cache_root
-from actors.tiny import cached_folder
 from pipelines.config import ConfigError
 from pipelines.contract import recipe_spec
+from pipelines.registry import load_reference
 from pipelines.runtime.rundir import DONE, PhaseDir, RunDir
 from pipelines.runtime.sft import SFTExample, SFTPhase
 
@@ -51,7 +52,6 @@ def data_function(cfg, recipe) -> Callable[[int, int, object], list[SFTExample]]
                               "built-in warm-start examples; name a function "
                               "(package.module:function) or set it to ''")
         return fn
-    from pipelines.registry import load_reference
 
     fn = load_reference(ref, "model.warm_start.data", "'recipe' or mypackage.warm:examples")
     if not callable(fn):
@@ -66,7 +66,6 @@ def cache_root() -> Path:
 def cache_key(cfg, examples: list[SFTExample]) -> str:
     """What decides the warm weights: base model, dtype, pixels, layout, SFT settings,
     seed and every example's messages, target and image bytes."""
-    from actors.tiny import BUILDER_VERSION
 
     digest = hashlib.sha256()
     settings = {

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from actors.sampling import Request, Sampling
+from pipelines.layouts import resolve_layout
 from pipelines.recipes.base import Rollout, Scores
 from pipelines.recipes.evolmm import prompts
 from pipelines.recipes.evolmm.data import ImageFolder
@@ -33,6 +34,7 @@ from pipelines.recipes.evolmm.rewards import (
     well_formed,
     words_before_answer,
 )
+from pipelines.recipes.simple.recipe import draw_chart
 from pipelines.runtime.rundir import atomic_write
 
 DEMO_IMAGES = 64
@@ -40,7 +42,6 @@ DEMO_IMAGES = 64
 
 def draw_demo_images(folder, count: int = DEMO_IMAGES, seed: int = 0) -> None:
     """``count`` bar charts (the simple recipe's drawing) as PNG files in ``folder``."""
-    from pipelines.recipes.simple.recipe import draw_chart
 
     folder.mkdir(parents=True, exist_ok=True)
     seeds = np.random.default_rng(seed).integers(1 << 31, size=count)
@@ -56,8 +57,6 @@ class EvoLMMPhase:
     policies = ("solver", "proposer")
 
     def __init__(self, cfg, settings, solver_prompt: str = prompts.SOLVER):
-        from pipelines.layouts import resolve_layout
-
         ranks = resolve_layout(cfg.placement, self.name).trainer_ranks
         if settings.schedule == "faithful" and ranks > 1:
             raise ValueError(f"evolmm.schedule: faithful updates on one sample at a time, which "

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from actors.sampling import Completion, Request, Sampling
+from pipelines.algorithms.grading import grade
+from pipelines.eval.runner import Model, evaluate_model
 from pipelines.recipes.base import Scores
 from pipelines.recipes.labeled import (
     LabeledRecipe,
@@ -34,6 +36,7 @@ from pipelines.recipes.labeled import (
     usable,
 )
 from pipelines.recipes.maye.rewards import reflection_stats, score_response
+from pipelines.runtime.rundir import atomic_write
 
 logger = logging.getLogger(__name__)
 REPORT = "maye_report"
@@ -96,7 +99,6 @@ class MayePhase:
 
     def score(self, requests: list[Request], completions: list[list[Completion]],
               ctx) -> Scores:
-        from pipelines.algorithms.grading import grade
 
         s = self.s
 
@@ -144,7 +146,6 @@ class MayePhase:
     def evaluate(self, ctx, epoch: int) -> dict:
         """The policy the engines serve on every evaluation set; the figures as metrics
         (``eval/<set>_<setting>``), also saved in ``eval/epoch_NNN`` and the report."""
-        from pipelines.eval.runner import Model, evaluate_model
 
         if not self.eval_sets:
             return {}
@@ -171,7 +172,6 @@ def write_report(run_dir: Path, eval_dir: Path, epoch: int, figures: dict[str, f
     """Add one epoch's figures to ``eval/epochs.json`` and rewrite the run's report:
     per figure its value before training (epoch 0), the mean and the maximum over the
     evaluated epochs after it."""
-    from pipelines.runtime.rundir import atomic_write
 
     path = eval_dir / "epochs.json"
     epochs = json.loads(path.read_text()) if path.exists() else {}

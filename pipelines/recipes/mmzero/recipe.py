@@ -41,6 +41,7 @@ import numpy as np
 from actors.renderer import PoolConfig, RendererPool, RenderLimits
 from actors.sampling import Request, Sampling
 from actors.svg_checks import svg_like
+from pipelines.algorithms.grading import grade
 from pipelines.recipes.base import Scores
 from pipelines.recipes.mmzero import coevo, warm_start
 from pipelines.recipes.mmzero.examples import EXAMPLES
@@ -104,7 +105,6 @@ class MMZeroRecipe:
         questions), one answer each at T 0.6 / top_p 0.95 with seeds run.seed + k, so two
         Solvers are compared on the same draws. None when off."""
         from pipelines.algorithms.answers import extract_answer
-        from pipelines.algorithms.grading import grade
 
         if not self.m.heldout:
             return None

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.algorithms.answers import extract_answer
+from pipelines.algorithms.grading import majority
 from pipelines.eval.data import Item
 from pipelines.recipes.labeled import item_messages
 from pipelines.runtime.sft import SFTExample
@@ -141,6 +142,5 @@ def majority_answer(answers: Sequence[str | None],
                     grade: Callable[[str, str], bool]) -> str | None:
     """The most frequent answer (graded equal in either direction), ties to the earliest
     (the original's Counter.most_common); None when no answer parses."""
-    from pipelines.algorithms.grading import majority
 
     return majority(answers, grader=grade).label

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from actors.sampling import Request, Sampling
+from pipelines.algorithms.grading import grade
+from pipelines.eval.engines import read_adapter
 from pipelines.eval.tasks import item_seed
 from pipelines.recipes.labeled import LabeledRecipe, load_items, usable
 from pipelines.recipes.r3v.mix import (
@@ -47,7 +49,6 @@ ADAPTER = "r3v"  # the engines' name of the model being sampled or evaluated (Lo
 
 def grader(item):
     """The answer check of one item (its options, for a multiple-choice item)."""
-    from pipelines.algorithms.grading import grade
 
     options = item.options or None
     return lambda pred, ref: grade(pred, ref, options=options)
@@ -112,7 +113,6 @@ class R3VPhase:
         pool = ctx.serve(self.role, ctx.start_weights)
         if k == 0:
             return pool, None
-        from pipelines.eval.engines import read_adapter
 
         pool.load_adapter(ADAPTER, read_adapter(folder / "adapter"), k)
         return pool, ADAPTER

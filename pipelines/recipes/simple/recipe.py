@@ -24,6 +24,7 @@ import math
 import numpy as np
 
 from actors.sampling import Completion, Request, Sampling
+from pipelines.algorithms.grading import grade
 from pipelines.recipes.base import Scores, load_function
 
 
@@ -36,7 +37,6 @@ def correct_answer(sample: dict) -> float:
     """1 if the response's final answer (last \\boxed{}, else <answer>, else its last
     line) grades equal to the item's answer (needs ``simple.data``), else 0."""
     from pipelines.algorithms.answers import extract_answer
-    from pipelines.algorithms.grading import grade
     from pipelines.eval.tasks import last_line
 
     if sample.get("answer") is None:
