@@ -441,3 +441,18 @@ def test_colocated_engines_sleep_through_the_update_and_wake_after_the_ranks_fre
     pushed = [("push", 1)] if "run.sync_weights=false" not in overrides else []
     assert log == [("generate", 0), ("sleep", level), ("update",), ("release",), ("wake",),
                    *pushed]
+
+
+def test_checkpoints_of_older_versions_still_unpickle():
+    """upcoming.pkl holds pickled objects by module path: the names older versions wrote
+    (before rl_step.py, contract.py and actors/sampling.py) still resolve to the classes."""
+    import pipelines.recipes.base as base
+    import pipelines.runtime.phase as phase
+    from actors import generator, sampling
+    from pipelines import contract
+    from pipelines.runtime import rl_step
+
+    assert phase.SampledBatch is rl_step.SampledBatch
+    assert (base.Rollout, base.Scores) == (contract.Rollout, contract.Scores)
+    assert (generator.Request, generator.Completion, generator.Sampling) == (
+        sampling.Request, sampling.Completion, sampling.Sampling)

@@ -32,7 +32,7 @@ from actors.trainer_group import TrainerGroup, TrainerGroupFailed
 from pipelines.contract import phase_spec
 from pipelines.runtime.context import RunnerContext
 from pipelines.runtime.metrics import MetricsSink, Timer
-from pipelines.runtime.rl_step import RLSteps
+from pipelines.runtime.rl_step import RLSteps, SampledBatch
 from pipelines.runtime.rundir import (
     PhaseDir,
     atomic_json,
@@ -47,6 +47,8 @@ from pipelines.runtime.specs import trainer_spec
 logger = logging.getLogger(__name__)
 
 UPCOMING = "upcoming.pkl"  # in a step checkpoint: the batch sampled for the next step (overlap)
+# the upcoming.pkl of checkpoints written before rl_step.py existed names SampledBatch here
+__all__ = ["UPCOMING", "PhaseRunner", "SampledBatch"]
 
 
 class PhaseRunner:
