@@ -8,6 +8,7 @@ exception escaping a parser or the grader.
 from __future__ import annotations
 
 import re
+import threading
 import time
 
 import pytest
@@ -150,14 +151,20 @@ def test_a_batch_spends_at_most_its_budget():
     g = Grader(timeout_s=30.0, symbolic_fn=_slow)
     try:
         start = time.monotonic()
-        with g.budget(2.0):
+        with g.budget(2.0) as block:
             verdicts = [g.grade(f"x+{i}", f"{i}+x") for i in range(3)]
+            # another thread's check counts in the grader's totals, not in this block's
+            other = threading.Thread(target=g.grade, args=("x+9", "9+x"), kwargs={"timeout": 0.5})
+            other.start()
+            other.join()
         elapsed = time.monotonic() - start
         stats = g.stats()
         # The first check ran out of the budget (killed at 2 s, not at its 30 s limit);
         # the other two were never started.
         assert verdicts == [False] * 3
-        assert (stats["symbolic_timeouts"], stats["symbolic_over_budget"]) == (1, 2)
+        assert (stats["symbolic_timeouts"], stats["symbolic_over_budget"]) == (2, 2)
+        assert (block["symbolic_timeouts"], block["symbolic_over_budget"]) == (1, 2)
+        assert block["calls"] == 3 and stats["calls"] == 4
         assert elapsed < 30.0, elapsed
         # A check cut by the budget is not a verdict: it is not cached.
         with g.budget(1.0):

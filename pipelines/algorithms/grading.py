@@ -55,7 +55,7 @@ import importlib
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -237,17 +237,25 @@ class Grader:
         and once it is spent the rest count False without running
         (``symbolic_over_budget``). A step's scoring wraps itself in one, so a
         batch of pathological answers costs at most about ``seconds``, never a
-        stalled step. A nested budget cannot give more than its outer one has left."""
+        stalled step. A nested budget cannot give more than its outer one has left.
+
+        Yields the block's own counts (``stats()``'s keys, for this thread's checks
+        inside the block): what a step reports as its timeouts, without diffing the
+        grader's totals, which other threads move too."""
         if not seconds > 0:
             raise ValueError(f"budget must be > 0 seconds, got {seconds}")
         outer = getattr(self._local, "left", None)
         self._local.left = seconds if outer is None else min(outer, seconds)
         start_left = self._local.left
+        blocks = getattr(self._local, "blocks", [])
+        counts: Counter = Counter()
+        self._local.blocks = [*blocks, counts]
         try:
-            yield
+            yield counts
         finally:
             spent = start_left - self._local.left
             self._local.left = None if outer is None else outer - spent
+            self._local.blocks = blocks
 
     def _symbolic(self, p: str, r: str, timeout: float) -> bool:
         with self._lock:
@@ -320,6 +328,8 @@ class Grader:
     def _count(self, key: str) -> None:
         with self._lock:
             self._counts[key] += 1
+        for block in getattr(self._local, "blocks", ()):  # the budget blocks around the call
+            block[key] += 1
 
     def stats(self) -> dict[str, int]:
         """Cumulative counters (for metrics; the caller adds a prefix such as

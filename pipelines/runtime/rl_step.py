@@ -30,7 +30,6 @@ import numpy as np
 from actors.batching import TrainBatch
 from pipelines.algorithms.estimators import make_estimator, make_kl_controller
 from pipelines.algorithms.grading import budget as grading_budget
-from pipelines.algorithms.grading import grading_stats
 from pipelines.contract import Rollout
 from pipelines.runtime.metrics import Timer
 from pipelines.runtime.rundir import write_rollouts
@@ -240,19 +239,17 @@ class RLSteps:
         scored by the recipe."""
         r, timer = self.r, Timer()
         rng = step_rng(r.seed_path, step)
-        before = grading_stats()
         if r.spec.policies:  # several policies: the recipe samples and scores for each
-            with timer("rollout"), grading_budget(r.cfg.algorithm.reward_budget_s):
+            with timer("rollout"), grading_budget(r.cfg.algorithm.reward_budget_s) as graded:
                 rollouts = list(r.phase.rollout(step, rng, r.ctx))
         else:
             requests = r.phase.requests(step, rng)
             with timer("generate"):
                 completions = r.pool.generate(requests)
-            with timer("reward"), grading_budget(r.cfg.algorithm.reward_budget_s):
+            with timer("reward"), grading_budget(r.cfg.algorithm.reward_budget_s) as graded:
                 scores = r.phase.score(requests, completions, r.ctx)
             rollouts = [Rollout(None, requests, completions, scores,
                                 mini_batches=r.spec.mini_batches)]
-        after = grading_stats()
         reasons = [why for ro in rollouts for why in ro.refused()]
         if reasons:
             rollouts = [a for a in (ro.answered() for ro in rollouts) if a.requests]
@@ -261,9 +258,8 @@ class RLSteps:
                                    f"request ({len(reasons)}), e.g. {reasons[0]}")
         return SampledBatch(
             rollouts, timer.seconds, refused=float(len(reasons)),
-            timeouts=float(sum(after[k] - before[k] for k in
-                               ("symbolic_timeouts", "symbolic_over_budget"))),
-            too_long=float(after["too_long"] - before["too_long"]))
+            timeouts=float(graded["symbolic_timeouts"] + graded["symbolic_over_budget"]),
+            too_long=float(graded["too_long"]))
 
     def _overlapped(self, rollouts, step: int, timer: Timer) -> tuple[list, SampledBatch]:
         """The updates on this step's batch (in a thread: the trainer's calls wait on Ray)
