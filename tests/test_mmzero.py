@@ -94,24 +94,24 @@ def test_one_iteration_resume_and_a_second_iteration(ray_cluster, tmp_path):
     # One more iteration, now without bootstrap (the original's behaviour): every role
     # starts from its iteration-1 export (loaded by vLLM and by the trainer); the empty
     # CodeGen and Solver data sets train no step and export their starting weights.
-    # The proposer phase gets its own layout (1 trainer rank): its placement groups are
-    # released, and the engines stopped, before the codegen phase's are created.
-    # The Solver phase gets a layout with Solver engines only (as MM-Zero's per-phase
-    # layout on 8 GPUs): its data, which takes Proposer and CodeGen engines, is made
-    # under the top-level layout first (DATA marker), then the phase's layout is entered.
+    # The run goes on with 1 trainer rank instead of 2 (placement is a setting a resume
+    # may change): the Proposer trains from its export on the other rank count. The
+    # Solver phase gets a layout with Solver engines only (as MM-Zero's per-phase layout
+    # on 8 GPUs): its data, which takes Proposer and CodeGen engines, is made under the
+    # top-level layout first (DATA marker); then the top-level layout's placement groups
+    # are released, and its engines stopped, before the phase's own are created.
     # bootstrap decides the data: a changed setting only with run.resume_changed
     with pytest.raises(ConfigError, match="mmzero.bootstrap: 4 -> 0"):
         Driver(config(tmp_path, "run.iterations=2", "mmzero.bootstrap=0")).run()
     state = Driver(config(tmp_path, "run.iterations=2", "mmzero.bootstrap=0",
                           "run.resume_changed=true",
-                          "placement.phases.proposer.trainer_ranks=1",
+                          "placement.trainer_ranks=1",
                           "placement.phases.solver.roles={solver: {engines: 1}}")).run()
     assert state.finished and len(state.order) == 6
     assert "bootstrap: 4" in (run / "config.1.yaml").read_text()
     groups = {g["name"]: g["state"] for g in placement_group_table().values()
               if g["name"].startswith("coevolve/mmz/")}
-    assert groups == {**{f"coevolve/mmz/{layout}/{role}": "REMOVED"
-                         for layout in ("proposer", "all")
+    assert groups == {**{f"coevolve/mmz/all/{role}": "REMOVED"
                          for role in ("trainer", "proposer", "codegen", "solver")},
                       "coevolve/mmz/solver/trainer": "REMOVED",
                       "coevolve/mmz/solver/solver": "REMOVED"}
