@@ -5,6 +5,8 @@ how it is named and configured). Its members:
 
     roles: tuple[str, ...]                 every role it runs engines for      required
     phases(iteration) -> list[phase]       the phases of one iteration, in order  required
+    Settings, section                      its settings dataclass and their config section
+                                           (read by pipelines/registry.py when the config loads)
     eval_role: str                         the role ``coevolve eval`` evaluates  default: its only role
     benchmarks: tuple[str, ...]            the eval tasks it names             default: ()
     warm_start_examples(count, seed, cfg)  examples of ``model.warm_start.data: recipe``
