@@ -114,7 +114,7 @@ log=benchmarks/results/gpu-tier-$(date +%Y%m%d-%H%M%S).log
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 run_tier() {
   local status=0 rc
-  timeout 210 "$PYTHON" -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu_trainer.py \
+  timeout 210 "$PYTHON" -m pytest -m gpu -q -s -p no:cacheprovider -o addopts=-ra tests/test_gpu_trainer.py \
     || status=$?
   # the benchmark runs whatever the tests found; the first failure is the exit status
   timeout 130 "$PYTHON" -m benchmarks.trainer --in-process \
