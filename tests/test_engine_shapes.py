@@ -110,18 +110,35 @@ def first(pool) -> list:
     return [samples[0] for samples in pool.generate(requests())]
 
 
-def test_multiprocess_and_tensor_parallel_engines_load_the_trainers_weights(trained):
+@pytest.fixture(scope="module")
+def mp(trained):
+    """One multiprocess engine for the module (an MP start is the slowest on 2 cores):
+    every test syncs it to a new version of the trained weights before it looks, and a
+    test that breaks it leaves it restarted by the pool."""
+    pool = start("mp", spec(multiprocess=True))
+    yield pool
+    pool.shutdown()
+
+
+def sync(pool, trained) -> int:
+    """The trained weights as the pool's next version; that version."""
+    refs, manifest, _ = trained
+    version = pool.version + 1
+    pool.update_weights(refs, version=version, manifest=manifest)
+    return version
+
+
+def test_multiprocess_and_tensor_parallel_engines_load_the_trainers_weights(trained, mp):
     """After a sync, an MP engine equals a fresh MP engine on the export (tokens and
     log-probs); a TP=2 engine gives the same greedy tokens as TP=1."""
     import ray
 
     refs, manifest, export = trained
-    mp = start("mp", spec(multiprocess=True))
     tp = start("tp", spec(tensor_parallel=2), threads=2)
     try:
         assert ray.get(mp.actors[0].health.remote())["pid"]
-        before = [c.token_ids for c in first(mp)]
-        [m] = mp.update_weights(refs, version=1, manifest=manifest)
+        before = [c.token_ids for c in first(tp)]  # the starting weights
+        [m] = mp.update_weights(refs, version=(version := mp.version + 1), manifest=manifest)
         [t] = tp.update_weights(refs, version=1, manifest=manifest)
         assert m["workers"] == 1 and t["workers"] == 2  # each TP rank loaded its shard
         synced_mp, synced_tp = first(mp), first(tp)
@@ -143,18 +160,15 @@ def test_multiprocess_and_tensor_parallel_engines_load_the_trainers_weights(trai
         reference = first(fresh)
     finally:
         fresh.shutdown()
-    try:
-        for got, want in zip(synced_mp, reference):
-            assert got.token_ids == want.token_ids
-            # same kernels on the same weights in the same process layout
-            assert np.array_equal(got.logprobs, want.logprobs)
-            assert got.version == 1
-        assert [c.token_ids for c in synced_tp] == [c.token_ids for c in reference]
-    finally:
-        mp.shutdown()
+    for got, want in zip(synced_mp, reference):
+        assert got.token_ids == want.token_ids
+        # same kernels on the same weights in the same process layout
+        assert np.array_equal(got.logprobs, want.logprobs)
+        assert got.version == version
+    assert [c.token_ids for c in synced_tp] == [c.token_ids for c in reference]
 
 
-def test_failed_sync_breaks_a_multiprocess_engine_and_the_pool_restarts_it(trained):
+def test_failed_sync_breaks_a_multiprocess_engine_and_the_pool_restarts_it(trained, mp):
     """A reload that fails half-way in the worker process marks the engine broken; the
     pool restarts it at the version it serves."""
     import ray
@@ -162,49 +176,42 @@ def test_failed_sync_breaks_a_multiprocess_engine_and_the_pool_restarts_it(train
     from actors.generator import EngineBroken
     from actors.weights import put_buckets
 
-    refs, manifest, export = trained
-    pool = start("broken", spec(multiprocess=True))
-    try:
-        pool.update_weights(refs, version=1, manifest=manifest)
-        synced = [c.token_ids for c in first(pool)]
-        # reversed buckets: the names check out against the manifest up front, then the
-        # worker finds the order wrong half-way through the reload
-        reversed_refs = put_buckets(list(reversed(ray.get(refs))))
-        with pytest.raises(EngineBroken):
-            ray.get(pool.actors[0].update_weights.remote(reversed_refs, 2, manifest))
-        assert "failed" in pool.health()[0]["broken"]
-        assert [c.token_ids for c in first(pool)] == synced
-        assert pool.restarts == 1 and pool.health()[0]["version"] == 1
-    finally:
-        pool.shutdown()
+    refs, manifest, _ = trained
+    version = sync(mp, trained)
+    synced = [c.token_ids for c in first(mp)]
+    restarts = mp.restarts
+    # reversed buckets: the names check out against the manifest up front, then the
+    # worker finds the order wrong half-way through the reload
+    reversed_refs = put_buckets(list(reversed(ray.get(refs))))
+    with pytest.raises(EngineBroken):
+        ray.get(mp.actors[0].update_weights.remote(reversed_refs, version + 1, manifest))
+    assert "failed" in mp.health()[0]["broken"]
+    assert [c.token_ids for c in first(mp)] == synced
+    assert mp.restarts == restarts + 1 and mp.health()[0]["version"] == version
 
 
-def test_a_dead_engine_core_is_restarted_like_a_dead_actor(trained):
+def test_a_dead_engine_core_is_restarted_like_a_dead_actor(trained, mp):
     """The engine core process of a multiprocess engine (the shape GPU runs use) dies:
     vLLM's client raises EngineDeadError, the actor reports itself broken, and the pool
     restarts it at the version it served and resends the requests."""
     import psutil
     import ray
 
-    refs, manifest, _ = trained
-    pool = start("dead-core", spec(multiprocess=True))
-    try:
-        pool.update_weights(refs, version=1, manifest=manifest)
-        before = [c.token_ids for c in first(pool)]
-        actor_pid = ray.get(pool.actors[0].health.remote())["pid"]
-        cores = [p for p in psutil.Process(actor_pid).children(recursive=True)
-                 if "EngineCore" in " ".join(p.cmdline()) + p.name()]
-        assert cores, [p.name() for p in psutil.Process(actor_pid).children(recursive=True)]
-        for p in cores:  # this test's own engine's core
-            p.kill()
-        psutil.wait_procs(cores, timeout=30)
-        after = [c.token_ids for c in first(pool)]
-        assert after == before
-        assert pool.restarts == 1
-        health = pool.health()[0]
-        assert health["version"] == 1 and health["pid"] != actor_pid and not health["broken"]
-    finally:
-        pool.shutdown()
+    version = sync(mp, trained)
+    before = [c.token_ids for c in first(mp)]
+    restarts = mp.restarts
+    actor_pid = ray.get(mp.actors[0].health.remote())["pid"]
+    cores = [p for p in psutil.Process(actor_pid).children(recursive=True)
+             if "EngineCore" in " ".join(p.cmdline()) + p.name()]
+    assert cores, [p.name() for p in psutil.Process(actor_pid).children(recursive=True)]
+    for p in cores:  # this test's own engine's core
+        p.kill()
+    psutil.wait_procs(cores, timeout=30)
+    after = [c.token_ids for c in first(mp)]
+    assert after == before
+    assert mp.restarts == restarts + 1
+    health = mp.health()[0]
+    assert health["version"] == version and health["pid"] != actor_pid and not health["broken"]
 
 
 def object_store_bytes() -> int:
@@ -215,7 +222,7 @@ def object_store_bytes() -> int:
     return int(reply.store_stats.object_store_bytes_used)
 
 
-def test_object_store_stays_flat_over_twenty_syncs_into_worker_processes(trained):
+def test_object_store_stays_flat_over_twenty_syncs_into_worker_processes(trained, mp):
     """Buckets fetched by vLLM's worker processes are freed once their refs go: the
     handles the workers get do not pin them (a pickled ObjectRef would)."""
     import ray
@@ -223,23 +230,19 @@ def test_object_store_stays_flat_over_twenty_syncs_into_worker_processes(trained
     refs, manifest, _ = trained
     buckets = ray.get(refs)
     size = manifest.total_bytes
-    pool = start("flat", spec(multiprocess=True))
-    try:
-        used = []
-        for version in range(1, 21):
-            fresh_refs = [ray.put(b) for b in buckets]  # a new version's buckets
-            pool.update_weights(fresh_refs, version=version, manifest=manifest)
-            pool._weights = None  # the pool keeps the newest refs for restarts: drop them
-            del fresh_refs
-            gc.collect()
-            # Ray frees asynchronously (slower on a loaded host): wait up to 10 s for the
-            # store to come back under 2.5 versions; a pinned version never does
-            deadline = time.monotonic() + 10
-            while (now := object_store_bytes()) >= 2.5 * size and time.monotonic() < deadline:
-                time.sleep(0.1)
-            used.append(now)
-    finally:
-        pool.shutdown()
+    used = []
+    for version in range(mp.version + 1, mp.version + 21):
+        fresh_refs = [ray.put(b) for b in buckets]  # a new version's buckets
+        mp.update_weights(fresh_refs, version=version, manifest=manifest)
+        mp._weights = None  # the pool keeps the newest refs for restarts: drop them
+        del fresh_refs
+        gc.collect()
+        # Ray frees asynchronously (slower on a loaded host): wait up to 10 s for the
+        # store to come back under 2.5 versions; a pinned version never does
+        deadline = time.monotonic() + 10
+        while (now := object_store_bytes()) >= 2.5 * size and time.monotonic() < deadline:
+            time.sleep(0.1)
+        used.append(now)
     # Measured: 1, 2, 1, 2, ... versions (the fixture's own, and the last one while Ray
     # frees it asynchronously); twenty pinned versions would climb to 21.
     assert max(used) < 2.5 * size, [round(u / size, 2) for u in used]

@@ -30,7 +30,7 @@ from actors.weights import (
 )
 
 MODEL = "tiny://qwen2.5-vl?tokenizer=qwen"
-SMALL = "tiny://qwen2.5-vl"  # the 1,024-token vocabulary, where a test is about images only
+SMALL = "tiny://qwen2.5-vl"  # the 1,024-token vocabulary, where a test needs no real one
 IMAGE_TOKENS = 12  # 120x90 chart -> 112x84 pixels -> 8x6 patches of 14 -> 48 / 2x2 merge
 
 
@@ -193,12 +193,13 @@ def pool(ray_cluster):
 class HF:
     """transformers reference for the pool's model: processor, models by seed, log-probs."""
 
-    def __init__(self):
+    def __init__(self, model: str = MODEL):
         from transformers import AutoProcessor
 
         from actors.models import resolve_model
 
-        self.processor = AutoProcessor.from_pretrained(resolve_model(MODEL))
+        self.name = model
+        self.processor = AutoProcessor.from_pretrained(resolve_model(model))
         self._models: dict[int, torch.nn.Module] = {}
 
     def model(self, seed: int = 0):
@@ -207,7 +208,8 @@ class HF:
         from actors.models import resolve_model
 
         if seed not in self._models:
-            path = resolve_model(f"{MODEL}&seed={seed}" if seed else MODEL)
+            joiner = "&" if "?" in self.name else "?"
+            path = resolve_model(f"{self.name}{joiner}seed={seed}" if seed else self.name)
             self._models[seed] = AutoModelForImageTextToText.from_pretrained(
                 path, dtype=torch.float32).eval()
         return self._models[seed]
@@ -370,15 +372,18 @@ def test_weight_update_changes_output_and_restoring_is_bit_identical(pool, hf):
 
 
 @pytest.mark.slow
-def test_weight_update_reaches_a_compiled_engine(ray_cluster, hf):
+def test_weight_update_reaches_a_compiled_engine(ray_cluster):
     """``enforce_eager=False`` (torch.compile on CPU, CUDA graphs too on GPUs; vLLM
     compiles only without LoRA on CPU): the compiled model reads the synced weights,
-    computing what the seed=1 model computes after the update."""
+    computing what the seed=1 model computes after the update. The small vocabulary:
+    compilation does not depend on it, and the real one adds seconds of tokenizer
+    loading to the engine start."""
     import ray
 
     from actors.generator import GeneratorActor, cpu_engine_env
 
-    spec = EngineSpec(model=MODEL, dtype="float32", max_model_len=1024,
+    hf = HF(SMALL)
+    spec = EngineSpec(model=SMALL, dtype="float32", max_model_len=1024,
                       max_num_batched_tokens=2048, enforce_eager=False)
     engine = ray.remote(num_cpus=1, runtime_env={"env_vars": cpu_engine_env(1)})(
         GeneratorActor).options(name="test/compiled").remote(spec, "compiled")
@@ -488,10 +493,10 @@ def test_killed_engine_is_restarted_at_the_current_version_and_its_requests_rese
     v = pool.version
     pool.update_weights(state_buckets(hf.model(seed=1)), version=v + 1)
     try:
-        # ~12k sampled tokens of the real vocabulary: several seconds per engine on 2 cores.
+        # ~6k sampled tokens of the real vocabulary: seconds per engine on 2 cores.
         requests = [image_request(f"Question {i}: how tall is bar {i % 3}?", n=4,
-                                  temperature=1.0, max_tokens=96, seed=100 + i)
-                    for i in range(32)]
+                                  temperature=1.0, max_tokens=64, seed=100 + i)
+                    for i in range(24)]
         reference = pool.generate(requests)
         restarts = pool.restarts
         killed_pid = ray.get(pool.actors[0].health.remote())["pid"]
