@@ -86,7 +86,10 @@ class FakeGroup:
         return {"train/grad_norm": 1.0, "train/lr": 1e-3, "train/step": self.steps}
 
     def save(self, directory, state=None):
+        import shutil
+
         path = Path(directory)
+        shutil.rmtree(path, ignore_errors=True)  # a save a kill cut short, as the trainer's
         path.mkdir(parents=True)
         (path / "state.json").write_text(json.dumps({"step": self.steps, "state": state}))
         from actors.checkpoint import MARKER
@@ -104,16 +107,22 @@ def runner(tmp_path, *overrides, group=None, phase=None) -> PhaseRunner:
                       [f"run.root={tmp_path}", "run.sync_weights=false", "run.save_every=2",
                        "logging.wandb=disabled", *overrides])
     placement = types.SimpleNamespace(layout=types.SimpleNamespace(colocate=()))
-    r = PhaseRunner(cfg, phase or TablePhase(), tmp_path / "policy", run_dir=tmp_path, seed_path=(0, 1, 0),
-                    engines=None, placement=placement, weights=lambda role: "tiny://qwen2.5-vl")
+    r = PhaseRunner(cfg, phase or TablePhase(), tmp_path / "policy", run_dir=tmp_path,
+                    seed_path=(0, 1, 0), engines=None, placement=placement, weights=lambda role: "tiny://qwen2.5-vl")
     r.dir.mkdir(parents=True, exist_ok=True)
     r.pool, r.group = FakePool(), group or FakeGroup()
     return r
 
 
 def run_steps(r: PhaseRunner, steps) -> list[dict]:
+    """Steps of the phase loop from its checkpoint to ``steps``: each step, its checkpoint
+    and metrics row as ``PhaseRunner.run`` takes them; their metrics."""
     start = r._resume()
-    return [r.step(s) for s in range(start, steps)]
+    sink = r.metrics_sink(start)
+    try:
+        return [r.advance(s, sink) for s in range(start, steps)]
+    finally:
+        sink.close()
 
 
 def parquet_advantages(r: PhaseRunner, step: int) -> list:
@@ -247,6 +256,81 @@ def test_adaptive_kl_and_ema_baseline_continue_exactly_across_a_resume(tmp_path)
         assert parquet_advantages(again, step) == pytest.approx(
             parquet_advantages(whole, step), abs=1e-12)
     assert rest[-1]["adv/baseline"] == pytest.approx(full[-1]["adv/baseline"], abs=1e-12)
+
+
+class Killed(Exception):
+    """A SIGKILL at a chosen point of the loop, for the crash-point test."""
+
+
+class EvaluatingPhase(TablePhase):
+    """``after_step`` as MAYE's: an evaluation after each step, appended to a file of its
+    own; with ``kill_in_eval`` the process dies inside that step's evaluation."""
+
+    def __init__(self, kill_in_eval: int | None = None):
+        self.kill_in_eval = kill_in_eval
+
+    def after_step(self, step, ctx):
+        if step == self.kill_in_eval:
+            raise Killed
+        with open(ctx.dir / "evals.jsonl", "a") as f:
+            f.write(json.dumps({"step": step}) + "\n")
+        return {"eval/step": float(step)}
+
+
+def test_a_kill_at_any_point_of_a_step_loses_and_repeats_nothing(tmp_path, monkeypatch):
+    """Kills: after step 2's checkpoint but before its metrics row; inside the evaluation
+    of step 4 (a save step); then a torn last metrics line and a checkpoint folder of
+    step 4 without its marker (a save cut short). Each resumes; in the end every row is
+    there exactly once with the uninterrupted run's figures, the evaluation of every step
+    is in the rows, the state and the last step's advantages equal the uninterrupted
+    run's, and the complete checkpoint is the newest."""
+    from actors.checkpoint import is_complete
+    from pipelines.runtime.metrics import MetricsSink, read_metrics
+
+    args = ["algorithm.advantage=reinforce", "algorithm.kl_control=adaptive"]
+    whole = runner(tmp_path / "whole", *args, phase=EvaluatingPhase())
+    run_steps(whole, 4)
+
+    run = tmp_path / "killed"
+    log = MetricsSink.log
+
+    def dies_at_row_2(sink, step, metrics):
+        if step == 2:
+            raise Killed
+        log(sink, step, metrics)
+
+    monkeypatch.setattr(MetricsSink, "log", dies_at_row_2)
+    with pytest.raises(Killed):
+        run_steps(runner(run, *args, phase=EvaluatingPhase()), 4)
+    monkeypatch.setattr(MetricsSink, "log", log)
+    metrics = run / "policy/metrics.jsonl"
+    assert is_complete(run / "policy/ckpt/step_000002")
+    assert [m["step"] for m in read_metrics(metrics)] == [1]
+
+    with pytest.raises(Killed):  # resumes at 2 (its row replayed), dies evaluating step 4
+        run_steps(runner(run, *args, phase=EvaluatingPhase(kill_in_eval=3)), 4)
+    assert not (run / "policy/ckpt/step_000004").exists()  # the checkpoint comes after it
+    assert [m["step"] for m in read_metrics(metrics)] == [1, 2, 3]
+
+    with open(metrics, "a") as f:
+        f.write('{"step": 4, "phase": "pol')  # a row a kill cut
+    (run / "policy/ckpt/step_000004/dcp").mkdir(parents=True)  # a save cut short
+    last = runner(run, *args, phase=EvaluatingPhase())
+    run_steps(last, 4)
+
+    def figures(rows):  # as JSON text: NaN figures (no engine log-probs here) compare equal
+        return json.dumps([{k: v for k, v in m.items() if not k.startswith(("timing/", "perf/"))}
+                           for m in rows], sort_keys=True)
+
+    rows = read_metrics(metrics)
+    assert figures(rows) == figures(read_metrics(tmp_path / "whole/policy/metrics.jsonl"))
+    assert [m["eval/step"] for m in rows] == [0.0, 1.0, 2.0, 3.0]
+    assert metrics.read_text().endswith("}\n")
+    assert last.steps.state() == whole.steps.state() and last.group.steps == whole.group.steps
+    assert parquet_advantages(last, 3) == parquet_advantages(whole, 3)
+    assert sorted(p.name for p in (run / "policy/ckpt").iterdir()) == [
+        "step_000002", "step_000004"]
+    assert is_complete(run / "policy/ckpt/step_000004")
 
 
 class TwoPolicyPhase(TablePhase):
@@ -390,7 +474,8 @@ def test_overlap_samples_the_next_batch_with_the_weights_being_updated(tmp_path)
     resumed_dir = tmp_path / "resumed"
     first = overlap_runner(resumed_dir)
     run_steps(first, 2)
-    assert (first.dir / "ckpt/step_000002/upcoming.pkl").exists()
+    # written before the checkpoint's completion marker, beside it
+    assert (first.dir / "ckpt/step_000002.upcoming.pkl").exists()
     again = overlap_runner(resumed_dir)
     assert run_steps(again, 4)[0]["rollout/staleness"] == 1.0
     # the checkpoint's weights pushed; step 3's batch not sampled again; step 4's sampled

@@ -293,3 +293,47 @@ if __name__ == "__main__":
         print(json.dumps(_scenario_two_nodes(Path(sys.argv[2]))))
     elif sys.argv[1] == "node":
         _run_node(sys.argv[2])
+
+
+def test_a_kill_between_the_roles_new_weights_and_done_does_not_run_the_phase_again(
+        tmp_path, monkeypatch):
+    """The last two writes of a phase: the role's new weights in state.json, then DONE.
+    Killed between them, the resumed run marks the phase done instead of training it
+    again (which would count its weight versions twice and start it from its own
+    export). The phase and the placement are fakes: driver logic only."""
+    from pipelines.runtime.driver import Driver
+    from pipelines.runtime.rundir import DONE, PhaseDir
+
+    class Killed(Exception):
+        pass
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(ROOT / "configs/simple/tiny-cpu.yaml",
+                      [f"run.root={tmp_path}", "run.name=crash", "simple.steps=3"])
+    trained = []
+
+    def run_phase(self, iteration, index, phase, phase_dir, engines, placement):
+        trained.append(phase.name)
+        phase_dir.hf().mkdir(parents=True)
+        before = self.state.roles.get(phase.role, RoleState()).version
+        self._update_state(roles={phase.role: RoleState(
+            self.dirs.relative(phase_dir.hf()), iteration, before + phase.steps)})
+
+    monkeypatch.setattr(Driver, "run_phase", run_phase)
+    monkeypatch.setattr(Driver, "_enter", lambda self, places, phase, engines: None)
+    monkeypatch.setattr(Driver, "_make_data_first", lambda self, *args: None)
+    mark = PhaseDir.mark
+
+    def killed_before_done(self, name):
+        if name == DONE:
+            raise Killed
+        mark(self, name)
+
+    monkeypatch.setattr(PhaseDir, "mark", killed_before_done)
+    with pytest.raises(Killed):
+        Driver(cfg).run()
+    monkeypatch.setattr(PhaseDir, "mark", mark)
+    state = Driver(cfg).run()
+    assert trained == ["policy"] and state.finished
+    assert state.roles["policy"] == RoleState("iter_0001/policy/hf", 1, 3)
+    assert (tmp_path / "crash/iter_0001/policy/DONE").exists()

@@ -84,6 +84,8 @@ class Driver:
             for iteration in range(1, self.cfg.run.iterations + 1):
                 for index, phase in enumerate(self.recipe.phases(iteration)):
                     phase_dir = self.dirs.phase(iteration, phase.name)
+                    if self._exported_before_done(phase, phase_dir):
+                        phase_dir.mark(DONE)  # a kill between state.json and DONE
                     if phase_dir.has(DONE):
                         self._prune(iteration, phase)  # a launch that stopped before it did
                         continue
@@ -204,6 +206,15 @@ class Driver:
             roles = {**self.state.roles, phase.role: RoleState(
                 self.dirs.relative(phase_dir.hf()), iteration, runner.version)}
             self._update_state(roles=roles)
+
+    def _exported_before_done(self, phase: Phase, phase_dir: PhaseDir) -> bool:
+        """The phase finished (its export, ``finish`` and the role's new weights in
+        state.json, which come last before DONE) but a kill came before its DONE marker.
+        Running it again would count its weight versions twice and start it from its
+        own export."""
+        role = self.state.roles.get(phase.role)
+        return (not phase_dir.has(DONE) and role is not None
+                and role.path == self.dirs.relative(phase_dir.hf()))
 
     def _on_step(self, step: int) -> None:
         changes = {"step": step}

@@ -99,6 +99,11 @@ class MetricsSink:
                 if (row := _parse(line)) is not None and row["step"] <= step]
         atomic_write(self.path, "".join(line + "\n" for line in kept))
 
+    def last_step(self) -> int:
+        """The highest step with a row in the file (0: none)."""
+        rows = [_parse(line) for line in self.path.read_text().splitlines()]
+        return max((row["step"] for row in rows if row is not None), default=0)
+
     def close(self) -> None:
         self._file.close()
         if self._progress is not None:

@@ -46,7 +46,8 @@ from pipelines.runtime.specs import trainer_spec
 
 logger = logging.getLogger(__name__)
 
-UPCOMING = "upcoming.pkl"  # in a step checkpoint: the batch sampled for the next step (overlap)
+UPCOMING = "upcoming.pkl"  # in a step checkpoint of older versions (now ckpt/step_N.upcoming.pkl)
+ROW = "metrics_row"  # in a checkpoint's state: the metrics row of the step it ends
 # the upcoming.pkl of checkpoints written before rl_step.py existed names SampledBatch here
 __all__ = ["UPCOMING", "PhaseRunner", "SampledBatch"]
 
@@ -77,6 +78,7 @@ class PhaseRunner:
         self.pool = None
         self._provenance: dict[str, str] | None = None  # role -> weights; provenance.json
         self._processor = None
+        self._saved_row: dict | None = None  # the checkpoint's row, for _replay_row
         self.steps = SFTSteps(self) if self.spec.sft else RLSteps(self)
         self.ctx = RunnerContext(self)  # what the recipe's code gets
 
@@ -175,17 +177,12 @@ class PhaseRunner:
             self._export_unchanged()
             return
         step = self._resume()
-        sink = MetricsSink(self.dir / "metrics.jsonl", self.cfg, phase=self.phase.name,
-                           truncate_after=step, total_steps=self.phase.steps,
-                           run_dir=self.run_dir, role=self.phase.role, iteration=self.iteration)
+        sink = self.metrics_sink(step)
         try:
             while True:
                 try:
                     while step < self.phase.steps:
-                        metrics = self.step(step)
-                        if self.spec.after_step is not None:  # e.g. MAYE's evaluation
-                            metrics.update(self.spec.after_step(step, self.ctx) or {})
-                        sink.log(step + 1, metrics)
+                        self.advance(step, sink)
                         step += 1
                         if on_step is not None:
                             on_step(step)
@@ -205,10 +202,47 @@ class PhaseRunner:
                     self.group = self._start_group()
                     step = self._resume(rollback=True)
                     sink.rewind(step)
+                    self._replay_row(sink, step)
             self.steps.finish()
             sink.log(self.phase.steps, {"timing/export": timer.seconds["export"]})
         finally:
             sink.close()
+
+    def metrics_sink(self, step: int) -> MetricsSink:
+        """The phase's metrics.jsonl resumed at ``step`` (later rows dropped, the
+        checkpoint's row replayed if a kill lost it)."""
+        sink = MetricsSink(self.dir / "metrics.jsonl", self.cfg, phase=self.phase.name,
+                           truncate_after=step, total_steps=self.phase.steps,
+                           run_dir=self.run_dir, role=self.phase.role, iteration=self.iteration)
+        self._replay_row(sink, step)
+        return sink
+
+    def advance(self, step: int, sink: MetricsSink) -> dict:
+        """Step ``step`` to its end: the step, ``after_step`` (e.g. MAYE's evaluation),
+        the checkpoint (every ``run.save_every`` steps and the last), then the metrics row.
+
+        The checkpoint holds the row and the batch sampled for the next step, and its
+        completion marker is the last thing it writes: a kill before the marker redoes
+        the step from the previous checkpoint, one after it finds the row there and
+        replays it (``_replay_row``). Each row is written once either way."""
+        metrics = self.step(step)
+        if self.spec.after_step is not None:
+            metrics.update(self.spec.after_step(step, self.ctx) or {})
+        done = step + 1
+        if done % self.cfg.run.save_every == 0 or done == self.phase.steps:
+            timer = Timer()
+            with timer("checkpoint"):
+                self.save(done, self.steps.state(), row=metrics,
+                          upcoming=self.steps.upcoming(done))
+            metrics["timing/checkpoint"] = timer.seconds["checkpoint"]
+        sink.log(done, metrics)
+        return metrics
+
+    def _replay_row(self, sink: MetricsSink, step: int) -> None:
+        """The metrics row of the checkpoint resumed from, if a kill came between the
+        checkpoint and the row."""
+        if self._saved_row is not None and sink.last_step() < step:
+            sink.log(step, self._saved_row)
 
     @property
     def processor(self):
@@ -248,19 +282,25 @@ class PhaseRunner:
         if found is not None:
             step, path = found
             saved = self.group.load(str(path)).get("state", {})
-            if self.cfg.run.overlap and (path / UPCOMING).exists():
-                upcoming = pickle.loads((path / UPCOMING).read_bytes())
+            # beside the folder since the marker is written last; inside it before
+            for file in (self.dirs.upcoming(step), path / UPCOMING):
+                if self.cfg.run.overlap and file.exists():
+                    upcoming = pickle.loads(file.read_bytes())
+                    break
+        self._saved_row = saved.pop(ROW, None)
         self.steps.restore(saved, step, upcoming)
         self.steps.sync(resumed=found is not None, rollback=rollback)
         return step
 
-    def save(self, steps: int, state: dict, upcoming=None) -> None:
-        """A checkpoint after ``steps`` steps with the steps' ``state``, and the batch
-        sampled for the next step (run.overlap), so that a resumed run trains on it."""
-        path = self.dirs.checkpoint(steps)
-        self.group.save(str(path), state)
+    def save(self, steps: int, state: dict, row: dict | None = None, upcoming=None) -> None:
+        """A checkpoint after ``steps`` steps with the steps' ``state`` and the step's
+        metrics ``row``; the batch sampled for the next step (run.overlap) is written
+        first, beside it, so that a resumed run trains on it. The group's save writes the
+        completion marker last."""
         if upcoming is not None:
-            atomic_write(path / UPCOMING, pickle.dumps(upcoming))
+            atomic_write(self.dirs.upcoming(steps), pickle.dumps(upcoming))
+        self.group.save(str(self.dirs.checkpoint(steps)),
+                        {**state, ROW: row} if row is not None else state)
         prune_checkpoints(self.dirs.ckpt, self.cfg.run.keep_checkpoints)
 
     def _export_unchanged(self) -> None:

@@ -99,6 +99,10 @@ class RLSteps:
             self.policies[key] = state
         self.pending = {step: upcoming} if upcoming is not None else {}
 
+    def upcoming(self, step: int) -> SampledBatch | None:
+        """The batch already sampled for step ``step`` (run.overlap), for the checkpoint."""
+        return self.pending.get(step)
+
     def state(self) -> dict:
         """What a checkpoint keeps beside the trainer."""
         return {"policies": {k: p.state_dict() for k, p in self.policies.items()}}
@@ -176,8 +180,6 @@ class RLSteps:
             with timer("save"):
                 write_rollouts(r.dirs.rollouts(step + 1), step + 1,
                                batch.rollouts, trained, with_policy=bool(r.spec.policies))
-                if (step + 1) % r.cfg.run.save_every == 0 or step + 1 == r.phase.steps:
-                    r.save(step + 1, self.state(), self.pending.get(step + 1))
             inside.update(("overlap", "sleep", "wake", "weight_sync", "save"))
         return self._metrics(batch, trained, timer, inside)
 

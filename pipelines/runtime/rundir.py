@@ -39,6 +39,10 @@ class PhaseDir:
         """The step checkpoint after ``steps`` steps."""
         return self.ckpt / f"step_{steps:06d}"
 
+    def upcoming(self, steps: int) -> Path:
+        """The batch sampled for step ``steps + 1`` (run.overlap), beside its checkpoint."""
+        return self.ckpt / f"step_{steps:06d}.upcoming.pkl"
+
     def hf(self, policy: str | None = None) -> Path:
         """The phase's HF export (``hf/``); a second LoRA policy's: ``hf-<policy>/``."""
         return self.path / ("hf" if policy is None else f"hf-{policy}")
@@ -251,6 +255,11 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
     cut = [p for step, p in steps if step < newest and not is_complete(p)]
     for path in cut + [p for _, p in complete[:-keep]]:
         shutil.rmtree(path, ignore_errors=True)
+    kept = {p.name for _, p in complete[-keep:]}
+    for batch in ckpt_dir.glob("step_*.upcoming.pkl"):  # a pruned checkpoint's next batch
+        folder = batch.name.removesuffix(".upcoming.pkl")
+        if folder not in kept and int(folder.split("_")[1]) <= newest:
+            batch.unlink(missing_ok=True)
 
 
 def link_tree(source: Path, target: Path) -> None:

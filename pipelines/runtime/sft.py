@@ -99,6 +99,9 @@ class SFTSteps:
     def state(self) -> dict:
         return {}
 
+    def upcoming(self, step: int) -> None:
+        """An SFT step samples nothing ahead."""
+
     def sync(self, resumed: bool, rollback: bool) -> None:
         """No engines serve an SFT phase's weights while it trains."""
 
@@ -113,9 +116,6 @@ class SFTSteps:
             with timer("update"):
                 train = r.group.forward_backward(batch)
                 train.update(r.group.optim_step())
-            with timer("save"):
-                if (step + 1) % r.cfg.run.save_every == 0 or step + 1 == r.phase.steps:
-                    r.save(step + 1, self.state())
         return {**{k if "/" in k else f"train/{k}": v for k, v in train.items()},
                 "sft/examples": float(len(examples)), **r.data_metrics,
                 **{f"timing/{k}": v for k, v in timer.seconds.items()}}
