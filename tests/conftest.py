@@ -43,14 +43,18 @@ def ray_cluster(tiny_cache):
         yield resources
 
 
-@pytest.fixture(scope="session")
-def engines(ray_cluster):
-    """One fp32 vLLM engine per tiny family, in Ray actors, shared by the session."""
+@pytest.fixture(scope="module")
+def engines(ray_cluster, request):
+    """One fp32 vLLM engine per tiny family, in Ray actors, shared by a module's tests.
+
+    Per module, not per session: with two test processes (pyproject's ``-n 2``) engines
+    kept for the session would hold a few GiB in each of them on a 24 GiB host."""
     import ray
 
     from actors.generator import EngineSpec, GeneratorActor, cpu_engine_env
 
     created = {}
+    module = request.module.__name__
 
     def get(family: str):
         if family not in created:
@@ -58,12 +62,39 @@ def engines(ray_cluster):
                               max_num_batched_tokens=4096)
             actor_cls = ray.remote(num_cpus=1, runtime_env={"env_vars": cpu_engine_env(2)})(
                 GeneratorActor)
-            created[family] = actor_cls.options(name=f"test/{family}").remote(spec, family)
+            created[family] = actor_cls.options(name=f"test/{module}/{family}").remote(
+                spec, family)
         return created[family]
 
     yield get
     for actor in created.values():
         ray.kill(actor)
+
+
+# Modules whose engines and trainer ranks take the most memory (multiprocess and
+# tensor-parallel engines, several real-vocabulary engines at once): with two test
+# processes, one of them at a time (below); the rest run beside them.
+MEMORY_HEAVY = {"test_driver", "test_engine_shapes", "test_generator", "test_mmzero"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_memory_heavy_module_at_a_time(request):
+    """A lock shared by the test processes of one pytest run (pytest-xdist workers are
+    children of one controller) around each module in MEMORY_HEAVY, so that two of them
+    never hold their engines at once on a 24 GiB host. Uncontended in a single process."""
+    import fcntl
+
+    if request.module.__name__ not in MEMORY_HEAVY:
+        yield
+        return
+    controller = os.getppid() if os.environ.get("PYTEST_XDIST_WORKER") else os.getpid()
+    path = Path(tempfile.gettempdir()) / f"coevolve-tests-{controller}.memory.lock"
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def chart_png(seed: int = 0, size: tuple[int, int] = (96, 72)) -> bytes:

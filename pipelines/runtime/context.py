@@ -34,4 +34,8 @@ class RunnerContext:
         return r.engines.pool(role, weights, r.placement)
 
     def embed(self, texts: list[str], max_tokens: int) -> np.ndarray:
-        return self._runner.embed(texts, max_tokens)
+        """Per text, the mean of the trainer model's input embeddings of its first
+        ``max_tokens`` tokens, L2-normalised: [len(texts), hidden] (iReasoner's steps)."""
+        tokenizer = self._runner.processor.tokenizer
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
+        return self._runner.group.embed_mean(ids)

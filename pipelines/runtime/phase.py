@@ -25,8 +25,6 @@ import pickle
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from actors.models import resolve_model
 from actors.trainer_group import TrainerGroup, TrainerGroupFailed
 from pipelines.contract import phase_spec
@@ -91,21 +89,9 @@ class PhaseRunner:
         """One step of the phase's kind (rl_step.RLSteps or sft.SFTSteps); its metrics."""
         return self.steps.step(step)
 
-    def embed(self, texts: list[str], max_tokens: int) -> np.ndarray:
-        """Per text, the mean of the trainer model's input embeddings of its first
-        ``max_tokens`` tokens, L2-normalised: [len(texts), hidden] (iReasoner's steps)."""
-        tokenizer = self.processor.tokenizer
-        ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
-        return self.group.embed_mean(ids)
-
     @property
     def iteration(self) -> int:
         return self.seed_path[1]
-
-    @property
-    def is_sft(self) -> bool:
-        """The phase trains on a data set with the SFT objective (pipelines/runtime/sft.py)."""
-        return self.spec.sft
 
     def other_pool(self, role: str):
         """The engines of ``role`` (its newest weights) for scoring or data making; the
@@ -139,7 +125,7 @@ class PhaseRunner:
         self.dir.mkdir(parents=True, exist_ok=True)
         timer = Timer()
         with timer("engines"):  # its own engines and its judges', started side by side
-            wanted = {} if self.is_sft else {self.phase.role: self.start_weights}
+            wanted = {} if self.spec.sft else {self.phase.role: self.start_weights}
             for role in self.spec.uses:  # judges: started here, not in a step
                 wanted[role] = self.weights(role)
             pools = self.engines.pools_for(wanted, self.placement)
@@ -219,12 +205,10 @@ class PhaseRunner:
 
     def advance(self, step: int, sink: MetricsSink) -> dict:
         """Step ``step`` to its end: the step, ``after_step`` (e.g. MAYE's evaluation),
-        the checkpoint (every ``run.save_every`` steps and the last), then the metrics row.
-
-        The checkpoint holds the row and the batch sampled for the next step, and its
-        completion marker is the last thing it writes: a kill before the marker redoes
-        the step from the previous checkpoint, one after it finds the row there and
-        replays it (``_replay_row``). Each row is written once either way."""
+        the checkpoint (every ``run.save_every`` steps and the last), the metrics row.
+        The checkpoint holds the row, and its completion marker is the last thing it
+        writes: a kill before it redoes the step from the previous checkpoint, one after
+        it finds the row there (``_replay_row``). Each row is written once either way."""
         metrics = self.step(step)
         if self.spec.after_step is not None:
             metrics.update(self.spec.after_step(step, self.ctx) or {})
@@ -261,7 +245,7 @@ class PhaseRunner:
         cfg = self.cfg
         kwargs = self.placement.trainer_kwargs()
         threads = self.placement.rank_threads()
-        spec = replace(trainer_spec(cfg, self.start_weights, self.phase.steps, sft=self.is_sft,
+        spec = replace(trainer_spec(cfg, self.start_weights, self.phase.steps, sft=self.spec.sft,
                                     adapters=self.policies, mini_batches=self.spec.mini_batches),
                        threads=threads)
         return TrainerGroup(spec,
