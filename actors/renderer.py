@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import struct
 import time
 from collections import Counter, deque
@@ -40,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from xml.etree.ElementTree import ParseError
 
-from actors.sandbox import SandboxWorker, serve
+from actors.sandbox import SandboxWorker, serve, wait_readable
 from actors.svg_checks import (
     DOCTYPE_WITHOUT_SUBSET,
     FAILURES,
@@ -167,7 +166,7 @@ def _worker_main(limits_dict: dict) -> None:
 
         return handle
 
-    serve(setup, limits.memory_bytes)
+    serve(setup, limits.memory_bytes, cpu_seconds=2 * limits.wall_seconds + 1)
 
 
 def _start_worker(limits: RenderLimits) -> SandboxWorker:
@@ -309,7 +308,7 @@ class RendererPool:
             elif not w.ready:
                 deadlines.append(w.since + _STARTUP_SECONDS)
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 1.0
-        readable, _, _ = select.select(self._workers, [], [], timeout)
+        readable = wait_readable(self._workers, timeout)
         for w in readable:
             frames, alive = w.receive()
             for header, payload in frames:
@@ -320,7 +319,7 @@ class RendererPool:
     def _handle(self, w: SandboxWorker, header: dict, payload: bytes, results: list) -> None:
         now = time.monotonic()
         if header.get("ready"):
-            w.ready, w.since = True, now
+            w.started(header)
             return
         assert header["job"] == w.job, (header["job"], w.job)
         results[w.job] = RenderResult(header["ok"], payload or None, header["width"],

@@ -6,13 +6,24 @@ persistent subprocess started with ``python -c`` (not multiprocessing: spawn
 would re-import the driver's ``__main__``, torch and all, before the memory
 limit is set) that:
 
-1. points its fd 1 at stderr, so stray prints (Python or C) never reach the
+1. starts with a clean environment (``worker_env``: no tokens, keys or
+   settings of the parent) and, on Linux, leaves the host's network: a network
+   namespace of its own (as root), or a user and network namespace (where the
+   kernel lets unprivileged users make one), so code a crafted input might run
+   in a decoder reaches no listener, local or remote. Where neither is allowed
+   the worker runs without, and the parent logs that once;
+2. points its fd 1 at stderr, so stray prints (Python or C) never reach the
    protocol, which uses a private copy of the original stdout;
-2. runs the caller's ``setup()`` (imports), then sets its address-space limit
-   (RLIMIT_AS) to ``memory_bytes``; an allocation past it fails in the child;
-3. exits when its parent dies, even while busy (a watchdog thread);
-4. runs ``warm_up()`` (e.g. building a parser's grammar) and reports ready;
-5. answers requests in order, until stdin closes.
+3. runs the caller's ``setup()`` (imports), then sets its limits: address space
+   (RLIMIT_AS) ``memory_bytes``, no core dumps, 256 open files, and per request
+   ``cpu_seconds`` of CPU time (SIGXCPU ends it; the parent counts a crash);
+4. exits when its parent dies, even while busy (a watchdog thread, within 1 s);
+5. runs ``warm_up()`` (e.g. building a parser's grammar) and reports ready;
+6. answers requests in order, until stdin closes.
+
+Not done (docs/architecture.md): a read-only view of the file system (a mount
+namespace), file-size and process-count limits (the worker's stderr may be a
+large log file; RLIMIT_NPROC counts all of a user's processes).
 
 Parent and child speak length-prefixed frames both ways: a JSON header and a
 raw byte payload (a PNG, say); the parent never unpickles anything from a
@@ -23,10 +34,13 @@ is the caller's (``RendererPool``, ``Grader``).
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
+import math
 import os
 import resource
-import select
+import selectors
 import struct
 import subprocess
 import sys
@@ -42,6 +56,14 @@ _BOOTSTRAP = ("import importlib, json, sys\n"
               "getattr(importlib.import_module(module), name)(json.loads(sys.argv[1]))\n")
 
 Handler = Callable[[dict, bytes], tuple[dict, bytes]]
+logger = logging.getLogger(__name__)
+
+# What a worker keeps of its parent's environment: where programs, libraries, fonts and
+# temporary files are, and the locale. Nothing else: no HF, wandb or cloud tokens.
+_ENV_KEPT = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "LD_LIBRARY_PATH",
+             "FONTCONFIG_FILE", "FONTCONFIG_PATH")
+_OPEN_FILES = 256
+_CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
 
 
 def frame(header: dict, payload: bytes = b"") -> bytes:
@@ -72,15 +94,45 @@ def _write_all(fd: int, data: bytes) -> None:
 # ------------------------------------------------------------------- child
 
 
+def worker_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in _ENV_KEPT if k in os.environ}
+
+
+def leave_network() -> str | None:
+    """Move this (single-threaded) process into a network namespace of its own, with
+    no interface but a loopback that is down; which kind, or None where not allowed."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(_CLONE_NEWNET) == 0:
+        return "network namespace"
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
+        return None
+    # the same user inside, so files read as before (and write as before: see "Not done")
+    Path("/proc/self/setgroups").write_text("deny")
+    Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1")
+    Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1")
+    return "user and network namespace"
+
+
+def _limit(resource_id: int, value: int) -> None:
+    """Lower a limit (soft and hard) to ``value``, never raising it."""
+    _, hard = resource.getrlimit(resource_id)
+    cap = value if hard == resource.RLIM_INFINITY else min(hard, value)
+    resource.setrlimit(resource_id, (cap, cap))
+
+
 def serve(setup: Callable[[], Handler], memory_bytes: int,
-          warm_up: Callable[[], object] | None = None) -> None:
+          warm_up: Callable[[], object] | None = None, cpu_seconds: float = 60.0) -> None:
     """The worker's main loop (call it from the worker's entry point)."""
+    isolation = leave_network()  # first: unshare needs a process of one thread
     out_fd = os.dup(1)
     os.dup2(2, 1)
-    handler = setup()  # imports happen before the memory limit, not under it
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = memory_bytes if hard == resource.RLIM_INFINITY else min(hard, memory_bytes)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    handler = setup()  # imports happen before the limits, not under them
+    _limit(resource.RLIMIT_AS, memory_bytes)
+    _limit(resource.RLIMIT_CORE, 0)
+    _limit(resource.RLIMIT_NOFILE, _OPEN_FILES)
     parent = os.getppid()
 
     def watchdog() -> None:  # a busy worker never reads the EOF of a dead parent
@@ -91,12 +143,16 @@ def serve(setup: Callable[[], Handler], memory_bytes: int,
     threading.Thread(target=watchdog, daemon=True).start()
     if warm_up is not None:
         warm_up()
-    _write_all(out_fd, frame({"ready": True}))
+    _write_all(out_fd, frame({"ready": True, "isolation": isolation}))
     stdin = sys.stdin.buffer
     while len(prefix := stdin.read(_FRAME.size)) == _FRAME.size:
         n_head, n_payload = _FRAME.unpack(prefix)
         header = json.loads(stdin.read(n_head))
-        reply, payload = handler(header, stdin.read(n_payload))
+        payload = stdin.read(n_payload)
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = math.ceil(used.ru_utime + used.ru_stime + cpu_seconds)
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, resource.RLIM_INFINITY))
+        reply, payload = handler(header, payload)
         _write_all(out_fd, frame(reply, payload))
 
 
@@ -118,15 +174,27 @@ class SandboxWorker:
                 json.dumps([package_root, *sys.path]), target]
         # New session: a Ctrl-C in the terminal reaches the parent only.
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     bufsize=0, start_new_session=True)
+                                     bufsize=0, start_new_session=True, env=worker_env())
         os.set_blocking(self.proc.stdout.fileno(), False)
         self.buffer = bytearray()
         self.ready = False
+        self.isolation: str | None = None
         self.job: int | None = None
         self.since = time.monotonic()
 
     def fileno(self) -> int:
         return self.proc.stdout.fileno()
+
+    def started(self, header: dict) -> None:
+        """The worker's ready frame arrived; without network isolation: logged once."""
+        global _warned_isolation
+        self.ready, self.since = True, time.monotonic()
+        self.isolation = header.get("isolation")
+        if self.isolation is None and not _warned_isolation:
+            _warned_isolation = True
+            logger.warning("sandbox workers run without a network namespace of their own "
+                           "(this host allows none): only their limits and clean environment "
+                           "hold (docs/architecture.md)")
 
     def send(self, header: dict, payload: bytes = b"") -> None:
         """One request (BrokenPipeError when the worker is gone)."""
@@ -157,7 +225,7 @@ class SandboxWorker:
         deadline = time.monotonic() + timeout
         while (got := pop_frame(self.buffer)) is None:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([self.fileno()], [], [], remaining)[0]:
+            if remaining <= 0 or not wait_readable([self], remaining):
                 return None
             if not self._read_available():  # the child is gone: what it wrote, or nothing
                 got = pop_frame(self.buffer)
@@ -168,7 +236,7 @@ class SandboxWorker:
         """Block until the worker reports ready; RuntimeError (worker killed) if not."""
         got = self.wait_frame(timeout)
         if isinstance(got, tuple) and got[0].get("ready"):
-            self.ready, self.since = True, time.monotonic()
+            self.started(got[0])
             return
         code = self.kill()
         raise RuntimeError(f"{what} worker did not start within {timeout:.0f} s (exit code "
@@ -189,3 +257,15 @@ class SandboxWorker:
         self.proc.stdin.close()
         self.proc.stdout.close()
         return code
+
+
+_warned_isolation = False
+
+
+def wait_readable(workers: list, timeout: float) -> list:
+    """The workers whose stdout has something to read (or was closed) within ``timeout``
+    seconds; ``selectors``, so descriptors past 1,024 work (``select`` breaks there)."""
+    with selectors.DefaultSelector() as selector:
+        for w in workers:
+            selector.register(w.fileno(), selectors.EVENT_READ, w)
+        return [key.data for key, _ in selector.select(timeout)]
