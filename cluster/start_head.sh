@@ -55,17 +55,25 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 # Job entrypoints run through a shell of the head: `python` must be this environment's.
 export PATH="$(dirname "$PY"):$PATH"
 
-# Ray's token authentication: on when a token exists (RAY_AUTH_TOKEN, or the
-# file ~/.ray/auth_token that `ray get-auth-token --generate` writes). Clients
-# then need RAY_AUTH_MODE=token too (printed below); the readiness probe sends it.
-auth=()
+# Ray's token authentication, always: every request to the GCS, the dashboard and
+# its job API must carry the token. It is RAY_AUTH_TOKEN, or the file
+# RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token), generated there (mode 600) when
+# neither exists. Clients need RAY_AUTH_MODE=token and the same token (printed
+# below). The token never goes on a command line: the readiness probe reads its
+# header from a file only this user can read.
+export RAY_AUTH_MODE=token
 token="${RAY_AUTH_TOKEN:-}"
 token_file="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
-if [[ -z "$token" && -r "$token_file" && "${RAY_AUTH_MODE:-token}" == "token" ]]; then token="$(cat "$token_file")"; fi
-if [[ -n "$token" ]]; then
-  export RAY_AUTH_MODE=token
-  auth=(-H "Authorization: Bearer $token")
+if [[ -z "$token" && ! -s "$token_file" ]]; then
+  (umask 077; mkdir -p "$(dirname "$token_file")"
+   "$PY" -c 'import secrets, sys; open(sys.argv[1], "w").write(secrets.token_hex(32))' "$token_file")
+  echo "start_head: generated a Ray auth token in $token_file" >&2
 fi
+if [[ -z "$token" ]]; then token="$(cat "$token_file")"; fi
+header_file="$STATE_DIR/auth_header"
+(umask 077; printf 'Authorization: Bearer %s\n' "$token" > "$header_file")
+trap 'rm -f "$header_file"' EXIT
+auth=(-H "@$header_file")
 
 # Every port the head listens on is chosen here (fixed defaults would collide
 # with other Rays on a shared machine), all on 127.0.0.1.
@@ -106,4 +114,4 @@ echo "Ray head on 127.0.0.1 (process group $PID: $(wc -l < "$STATE_DIR/head.pids
 echo "  GCS address:   127.0.0.1:$GCS_PORT      (ray.init(address=...), ray status --address ...)"
 echo "  dashboard/job: http://127.0.0.1:$DASHBOARD_PORT"
 echo "export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT"
-if [[ -n "$token" ]]; then echo "export RAY_AUTH_MODE=token   # token auth is on; clients read ~/.ray/auth_token"; fi
+echo "export RAY_AUTH_MODE=token   # token auth is on: clients send the token (RAY_AUTH_TOKEN, or the file $token_file)"

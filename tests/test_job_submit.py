@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -35,14 +37,20 @@ def test_ray_job_submit_runs_a_tiny_config_and_the_same_submission_resumes_it(tm
     assert pids
     try:
         address = f"http://127.0.0.1:{port}"
-        headers = None
-        if "RAY_AUTH_MODE=token" in started.stdout:
-            env["RAY_AUTH_MODE"] = "token"
-            # This process may have read RAY_AUTH_MODE already (an earlier test's Ray):
-            # the client sends the token itself rather than rely on the environment.
-            token = os.environ.get("RAY_AUTH_TOKEN") or Path(os.environ.get(
-                "RAY_AUTH_TOKEN_PATH", Path.home() / ".ray/auth_token")).read_text().strip()
-            headers = {"Authorization": f"Bearer {token}"}
+        # token auth is always on: a request without the token is refused
+        assert "RAY_AUTH_MODE=token" in started.stdout
+        assert not (tmp_path / "head/auth_header").exists()  # the probe's header file is gone
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{address}/api/version", timeout=30)
+        assert refused.value.code in (401, 403)
+        env["RAY_AUTH_MODE"] = "token"
+        # This process may have read RAY_AUTH_MODE already (an earlier test's Ray):
+        # the client sends the token itself rather than rely on the environment.
+        token = os.environ.get("RAY_AUTH_TOKEN") or Path(os.environ.get(
+            "RAY_AUTH_TOKEN_PATH", Path.home() / ".ray/auth_token")).read_text().strip()
+        headers = {"Authorization": f"Bearer {token}"}
+        request = urllib.request.Request(f"{address}/api/version", headers=headers)
+        assert urllib.request.urlopen(request, timeout=30).status == 200
         ray_bin = str(Path(sys.executable).parent / "ray")
 
         from ray.job_submission import JobStatus, JobSubmissionClient

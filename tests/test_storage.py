@@ -337,3 +337,31 @@ def test_a_kill_between_the_roles_new_weights_and_done_does_not_run_the_phase_ag
     assert trained == ["policy"] and state.finished
     assert state.roles["policy"] == RoleState("iter_0001/policy/hf", 1, 3)
     assert (tmp_path / "crash/iter_0001/policy/DONE").exists()
+
+
+def test_the_rayjob_admits_only_its_owner():
+    """cluster/rayjob.yaml: every container (head, GPU workers, submitter) sends Ray's
+    token from the Secret and runs as a non-root user without capabilities; a
+    NetworkPolicy admits only coevolve's pods and labelled submitter namespaces."""
+    import yaml
+
+    job, policy = yaml.safe_load_all((ROOT / "cluster/rayjob.yaml").read_text())
+    cluster = job["spec"]["rayClusterSpec"]
+    templates = [job["spec"]["submitterPodTemplate"], cluster["headGroupSpec"]["template"],
+                 *(group["template"] for group in cluster["workerGroupSpecs"])]
+    for template in templates:
+        assert template["metadata"]["labels"] == {"app.kubernetes.io/name": "coevolve"}
+        for container in template["spec"]["containers"]:
+            env = {e["name"]: e for e in container["env"]}
+            assert env["RAY_AUTH_MODE"]["value"] == "token"
+            assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+                "name": "coevolve-ray-token", "key": "token"}
+            security = container["securityContext"]
+            assert security["runAsNonRoot"] and security["runAsUser"] != 0
+            assert not security["allowPrivilegeEscalation"]
+            assert security["capabilities"] == {"drop": ["ALL"]}
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "coevolve"}
+    assert policy["spec"]["ingress"] == [{"from": [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "coevolve"}}},
+        {"namespaceSelector": {"matchLabels": {"coevolve.io/submitter": "true"}}}]}]
