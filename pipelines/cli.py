@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a recipe; the same command resumes after any failure")
     _config_args(run)
+    run.add_argument("--force-config", action="store_true",
+                     help="resume under settings that differ from the run's (run.resume_changed="
+                          "true): the old config.yaml is kept as config.N.yaml")
     run.set_defaults(func=_run)
 
     status = sub.add_parser("status", help="where a run stands: iteration, phase, step, metrics")
@@ -146,19 +149,24 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=2e-6")
 
 
-def _load(args) -> object:
+def _load(args, extra: tuple[str, ...] = ()) -> object:
     # `coevolve config show trainer.lr=1` puts the override in `file`.
     file, overrides = args.file, list(args.overrides)
     if file is not None and "=" in file:
         file, overrides = None, [file, *overrides]
-    return load_config(file, overrides)
+    return load_config(file, [*overrides, *extra])
+
+
+def run_config(args):
+    """The config `coevolve run` runs: file, overrides, and --force-config."""
+    return _load(args, ("run.resume_changed=true",) if args.force_config else ())
 
 
 def _run(args) -> int:
     from pipelines.runtime.driver import Driver
     from pipelines.runtime.local_ray import ray_session
 
-    cfg = _load(args)
+    cfg = run_config(args)
     with ray_session(num_cpus=_local_cpus(cfg)):
         state = Driver(cfg).run()
     roles = ", ".join(f"{role} {info.path} (version {info.version})"

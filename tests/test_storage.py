@@ -114,6 +114,27 @@ def test_a_resume_under_other_settings_is_refused(tmp_path):
     assert (tmp_path / "config.1.yaml").read_text() == before and not saved.exists()
 
 
+def test_coevolve_run_force_config_resumes_under_changed_settings(tmp_path):
+    """`coevolve run --force-config` is run.resume_changed=true: the changed lr is
+    refused in one line without it, accepted with it (the old config kept)."""
+    from pipelines.cli import _parser, run_config
+    from pipelines.config import dump_config
+    from pipelines.runtime.driver import check_resume_config
+
+    config = str(ROOT / "configs/simple/tiny-cpu.yaml")
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(load_config(config, ["run.name=r"])))
+    plain = run_config(_parser().parse_args(["run", config, "run.name=r", "trainer.lr=1e-3"]))
+    with pytest.raises(ConfigError) as refused:
+        check_resume_config(saved, plain)
+    assert "\n" not in str(refused.value) and "--force-config" in str(refused.value)
+    forced = run_config(_parser().parse_args(
+        ["run", config, "run.name=r", "trainer.lr=1e-3", "--force-config"]))
+    assert forced.run.resume_changed and forced.trainer.lr == 1e-3
+    check_resume_config(saved, forced)
+    assert (tmp_path / "config.1.yaml").exists()
+
+
 def test_a_second_driver_on_the_same_run_directory_stops(tmp_path):
     from pipelines.runtime.driver import run_lock
 

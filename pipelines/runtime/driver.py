@@ -258,7 +258,8 @@ def check_resume_config(saved: Path, cfg: Config) -> None:
         raise ConfigError(
             f"{saved.parent} was made with other settings ({shown}): resuming would mix two "
             "experiments. Use a new run.name, set these back to the run's values (its "
-            "config.yaml), or continue under the new ones with run.resume_changed=true.")
+            "config.yaml), or continue under the new ones with run.resume_changed=true "
+            "(coevolve run --force-config).")
     n = 1
     while saved.with_name(f"config.{n}.yaml").exists():
         n += 1
