@@ -3,7 +3,8 @@
 Every verb is called on all ranks (a batch is split into contiguous shards by
 completion tokens); the first failure kills the whole group and raises
 ``TrainerGroupFailed``, so a phase rebuilds it from its last checkpoint instead
-of waiting for a collective's timeout.
+of waiting for a collective's timeout. A surviving rank's error about a lost
+peer (``peer_failure``) is such a failure too, whichever report comes first.
 """
 
 from __future__ import annotations
@@ -35,6 +36,25 @@ def cpu_rank_env(runtime_env: dict | None) -> dict:
 
 class TrainerGroupFailed(RuntimeError):
     """A trainer rank died; the group has been killed and must be rebuilt."""
+
+
+# How a surviving rank sees a peer that died or hung inside a collective (gloo's TCP
+# pairs, NCCL's watchdog): its own error, which can reach the driver before Ray
+# reports the dead rank.
+_PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer",
+                  "Broken pipe", "Timed out", "timed out", "communicator was aborted",
+                  "Watchdog caught collective operation timeout")
+
+
+def peer_failure(err: BaseException) -> bool:
+    """Whether a rank's error is another rank's failure seen through a collective (a
+    group failure, rebuilt from the last checkpoint) rather than an error of its own."""
+    import torch.distributed as dist
+
+    from ray.exceptions import RayTaskError
+
+    cause = err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
+    return isinstance(cause, dist.DistError) or any(s in str(cause) for s in _PEER_FAILURES)
 
 
 class TrainerGroup:
@@ -98,10 +118,14 @@ class TrainerGroup:
                 rank = calls.index(done[0])
                 self.kill()
                 raise TrainerGroupFailed(f"trainer rank {rank} died during {verb}: {err}") from err
-            except Exception:
+            except Exception as err:
                 # A rank raised: the others may wait for it in a collective forever, so the
                 # group is killed before the error is passed on (a later shutdown is a no-op).
                 self.kill()
+                if peer_failure(err):
+                    rank = calls.index(done[0])
+                    raise TrainerGroupFailed(
+                        f"trainer rank {rank} lost a peer during {verb}: {err}") from err
                 raise
         return ray.get(calls)
 

@@ -541,3 +541,20 @@ def test_checkpoints_of_older_versions_still_unpickle():
     assert (base.Rollout, base.Scores) == (contract.Rollout, contract.Scores)
     assert (generator.Request, generator.Completion, generator.Sampling) == (
         sampling.Request, sampling.Completion, sampling.Sampling)
+
+
+def test_a_peers_closed_connection_is_a_group_failure_not_a_rank_error():
+    """A surviving rank's gloo or NCCL error about a dead or hung peer can reach the
+    driver before Ray reports the dead rank: it is a group failure (the phase rebuilds
+    the group from its checkpoint); a rank's own error is passed on as it is."""
+    import torch.distributed as dist
+    from ray.exceptions import RayTaskError
+
+    from actors.trainer_group import peer_failure
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection "
+                        "closed by peer [127.0.0.1]:29500")
+    assert peer_failure(gloo) and peer_failure(dist.DistBackendError("NCCL error: unhandled"))
+    assert peer_failure(RayTaskError("forward_backward", "traceback", gloo).as_instanceof_cause())
+    assert not peer_failure(ValueError("micro-batch of 0 tokens"))
+    assert not peer_failure(RayTaskError("optim_step", "traceback", KeyError("lm_head.weight")))
