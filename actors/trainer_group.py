@@ -41,9 +41,8 @@ class TrainerGroupFailed(RuntimeError):
 # How a surviving rank sees a peer that died or hung inside a collective (gloo's TCP
 # pairs, NCCL's watchdog): its own error, which can reach the driver before Ray
 # reports the dead rank.
-_PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer",
-                  "Broken pipe", "Timed out", "timed out", "communicator was aborted",
-                  "Watchdog caught collective operation timeout")
+_PEER_FAILURES = ("connection closed by peer", "connection reset by peer", "broken pipe",
+                  "timed out", "communicator was aborted", "collective operation timeout")
 
 
 def peer_failure(err: BaseException) -> bool:
@@ -54,7 +53,8 @@ def peer_failure(err: BaseException) -> bool:
     from ray.exceptions import RayTaskError
 
     cause = err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
-    return isinstance(cause, dist.DistError) or any(s in str(cause) for s in _PEER_FAILURES)
+    text = str(cause).lower()
+    return isinstance(cause, dist.DistError) or any(s in text for s in _PEER_FAILURES)
 
 
 class TrainerGroup:
