@@ -18,7 +18,12 @@ importing this module has no side effects). Verbs:
   engine serves several adapters (EvoLMM: one backbone, solver and proposer).
 - ``sleep()`` / ``wake_up()``: free the device for a colocated trainer's
   update (vLLM sleep mode; ``EngineSpec.sleep_mode``).
-- ``health()``, ``stats()``.
+- ``health()``, ``stats()``. ``health()`` answers while the engine is busy (it runs in
+  the actor's ``watch`` concurrency group, ``WATCH``): what the engine is doing and
+  how long since its last progress (an engine step, for ``generate``), so that its
+  pool can tell a hung engine from a busy one.
+- ``stall(seconds)``: a test hook: the next ``generate`` makes no progress for that
+  long, as an engine whose core hangs.
 
 Requests that vLLM refuses (a prompt past ``max_model_len``, more images than
 ``limit_mm_per_prompt``, an image that does not decode) fail alone: each gets
@@ -89,6 +94,12 @@ __all__ = ["REFUSED", "VISION_PLACEHOLDERS", "Completion", "EngineBroken", "Engi
 
 logger = logging.getLogger(__name__)
 
+# The actor's concurrency group for health(): declare it with
+# ``ray.remote(concurrency_groups=WATCH)`` and call
+# ``actor.health.options(concurrency_group="watch")`` to ask a busy engine.
+WATCH = {"watch": 1}
+
+
 class GeneratorActor:
     def __init__(self, spec: EngineSpec, name: str = "generator"):
         self.spec = spec
@@ -96,6 +107,9 @@ class GeneratorActor:
         self.version = spec.version
         self._broken: str | None = None
         self._asleep = False
+        self._busy: str | None = None  # the verb running, for health()
+        self._progress_at = time.monotonic()  # its start, or its last engine step
+        self._stall = 0.0  # stall(): seconds the next generate makes no progress
         self._counters = {"requests": 0, "refused": 0, "samples": 0, "prompt_tokens": 0,
                           "tokens": 0,
                           "seconds": 0.0, "weight_updates": 0, "weight_bytes": 0,
@@ -136,6 +150,7 @@ class GeneratorActor:
         start = time.perf_counter()
         queued: list[int] = []  # indices of the requests in the engine, in queue order
         results: list[list[Completion]] = [[] for _ in requests]
+        self._busy, self._progress_at = "generate", time.monotonic()
         try:
             for i, req in enumerate(requests):
                 check_image_parts(req)  # the caller's mistake: raise, not refuse
@@ -144,11 +159,12 @@ class GeneratorActor:
                 reason = self._enqueue(req, params, queued, i)
                 if reason is not None:
                     results[i] = self._refuse(req, reason)
-            # in queue order: vLLM sorts the finished outputs by its request counter
-            outputs = self.llm.wait_for_completion(use_tqdm=False) if queued else []
+            outputs = self._run_engine() if queued else []
         except EngineDeadError as exc:
             self._broken = f"engine core died: {exc!r}"
             raise EngineBroken(f"{self.name}: {self._broken}") from exc
+        finally:
+            self._busy = None
         if len(outputs) != len(queued):
             raise RuntimeError(f"{self.name}: {len(queued)} requests queued, "
                                f"{len(outputs)} finished")
@@ -166,6 +182,24 @@ class GeneratorActor:
         self._counters["requests"] += len(requests)
         self._counters["seconds"] += time.perf_counter() - start
         return results
+
+    def _run_engine(self) -> list:
+        """Step the engine until every queued request finished (vLLM's ``LLM._run_engine``
+        without its progress bar), noting each step's time for ``health()``; the outputs
+        in queue order (sorted by vLLM's request counter)."""
+        if self._stall:
+            stall, self._stall = self._stall, 0.0
+            time.sleep(stall)
+        engine, outputs = self.llm.llm_engine, []
+        while engine.has_unfinished_requests():
+            outputs += [out for out in engine.step() if out.finished]
+            self._progress_at = time.monotonic()
+        return sorted(outputs, key=lambda out: int(out.request_id))
+
+    def stall(self, seconds: float) -> None:
+        """A test hook: the next ``generate`` makes no progress for ``seconds`` (its
+        pool should find it hung, restart it and send its requests again)."""
+        self._stall = float(seconds)
 
     def _enqueue(self, req: Request, params, queued: list, index: int) -> str | None:
         """Queue one request in the engine; the reason if the engine refused it.
@@ -320,8 +354,11 @@ class GeneratorActor:
 
         # vLLM may overrule enforce_eager=False (no compilation with LoRA on CPU)
         compiled = self.llm.llm_engine.vllm_config.compilation_config.mode != CompilationMode.NONE
+        busy = self._busy
         return {"name": self.name, "version": self.version, "pid": os.getpid(),
                 "broken": self._broken, "asleep": self._asleep, "compiled": compiled,
+                "busy": busy,
+                "stalled_s": time.monotonic() - self._progress_at if busy else 0.0,
                 "adapters": {n: v for n, (_, v, _) in self._adapters.items()}}
 
     def stats(self) -> dict:

@@ -449,3 +449,28 @@ def policy_objective(
 
     metrics["policy/loss"] = loss.item()
     return loss, metrics
+
+
+def merge_metrics(parts: list[dict]) -> dict:
+    """Combine micro-batch or rank metrics.
+
+    Loss terms are already shares of the global-batch loss (normalised by
+    global counts), so they add up; ``train/tokens`` adds up; ``*_min`` and
+    ``*_max`` take the extreme; everything else is a token-weighted mean.
+    """
+    if not parts:
+        return {}
+    tokens = sum(p.get("train/tokens", 0.0) for p in parts)
+    merged: dict[str, float] = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        if key.endswith("loss") or key == "train/tokens":
+            merged[key] = sum(values)
+        elif key.endswith("_min"):
+            merged[key] = min(values)
+        elif key.endswith("_max"):
+            merged[key] = max(values)
+        else:
+            merged[key] = sum(v * p.get("train/tokens", 0.0) for v, p in zip(values, parts))
+            merged[key] /= max(tokens, 1.0)
+    return merged

@@ -7,11 +7,19 @@
 - ``update_weights(buckets, version)`` and ``load_adapter(name, payload,
   version)`` put the weights in the object store once and send the same
   refs to every engine in parallel (all remote calls first, then one get).
-- Failure handling: an engine whose actor dies (``RayActorError``) or that
-  reports itself broken (``EngineBroken``: a failed weight reload) is
-  recreated under the same name, brought to the pool's current weights and
-  adapters (the pool keeps their refs for this; it costs one copy of the
-  weights in the object store), and its in-flight requests are sent again.
+- Failure handling: an engine whose actor dies (``RayActorError``), that
+  reports itself broken (``EngineBroken``: a failed weight reload) or that
+  hangs is recreated under the same name, brought to the pool's current
+  weights and adapters (the pool keeps their refs for this; it costs one copy
+  of the weights in the object store), and its in-flight requests are sent
+  again. Each restart is paid from a ``RestartBudget`` (the run's, shared with
+  its other pools and trainer groups).
+- Bounded waits: while a ``generate`` runs, the pool asks every busy engine's
+  ``health()`` (answered beside the running call) every few seconds; an
+  engine that made no progress, or did not answer, for ``stall_timeout_s`` is
+  hung and restarted. Every other call (weights, adapters, sleep, health) has
+  ``call_timeout_s``, an engine start ``start_timeout_s``; an engine that runs
+  past them is restarted too (a start that does not finish is an error).
   Every completion must carry the version the pool expects for it (the
   adapter's version for adapter requests, else the base version), checked
   on every result.
@@ -30,7 +38,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from actors.generator import GeneratorActor
+from actors.generator import WATCH, GeneratorActor
+from actors.restarts import RestartBudget
 from actors.sampling import Completion, EngineBroken, EngineSpec, Request, cpu_engine_env
 
 logger = logging.getLogger(__name__)
@@ -45,7 +54,9 @@ class GeneratorPool:
     def __init__(self, role: str, spec: EngineSpec, n_engines: int,
                  resources: dict | None = None, run: str = "default",
                  placement_group=None, bundle_indices: Sequence[int] | None = None,
-                 threads: int | None = None, max_restarts: int = 3, wait: bool = True):
+                 threads: int | None = None, max_restarts: int = 3, wait: bool = True,
+                 restarts: RestartBudget | None = None, stall_timeout_s: float = 600.0,
+                 call_timeout_s: float = 600.0, start_timeout_s: float = 1800.0):
         """Start ``n_engines`` engines of ``spec`` and wait until they are ready
         (``wait=False``: return at once; ``wait_ready()`` waits, so that several pools
         start side by side).
@@ -55,8 +66,10 @@ class GeneratorPool:
         (no ``num_gpus``) each engine gets the CPU environment of
         ``cpu_engine_env(threads)``; ``threads`` defaults to its ``num_cpus``.
         ``placement_group`` with ``bundle_indices`` (one per engine) pins
-        engine i to bundle ``bundle_indices[i]``. ``max_restarts`` bounds the
-        restarts within one call before the error is raised.
+        engine i to bundle ``bundle_indices[i]``. ``restarts``: the budget engine
+        restarts are paid from (a run's: ``run.max_restarts`` for all its pools and
+        trainer groups); without one the pool has its own of ``max_restarts``.
+        Timeouts: module doc.
         """
         if n_engines < 1:
             raise ValueError(f"n_engines must be at least 1, got {n_engines}")
@@ -75,9 +88,12 @@ class GeneratorPool:
         on_cpu = not resources.get("num_gpus")
         threads = threads or max(1, int(resources.get("num_cpus", 1)))
         self._env = cpu_engine_env(threads) if on_cpu else {}
-        self.max_restarts = max_restarts
+        self.budget = restarts if restarts is not None else RestartBudget(
+            max_restarts, setting="GeneratorPool(max_restarts)")
+        self.stall_timeout_s, self.call_timeout_s = stall_timeout_s, call_timeout_s
+        self.start_timeout_s = start_timeout_s
         self.version = 0
-        self.restarts = 0
+        self.restarts = 0  # this pool's restarts (a metric)
         # (bucket refs, version, WeightVersion or None) of the weights being served
         self._weights: tuple[list, int, Any] | None = None
         self._adapters: dict[str, tuple[Any, int]] = {}  # name -> (payload ref, version)
@@ -94,6 +110,12 @@ class GeneratorPool:
         import ray
 
         if self._starting:
+            ready, _ = ray.wait(self._starting, num_returns=len(self._starting),
+                                timeout=self.start_timeout_s)
+            late = [self.name(i) for i, ref in enumerate(self._starting) if ref not in ready]
+            if late:
+                raise RuntimeError(f"engine(s) {', '.join(late)} did not start within "
+                                   f"{self.start_timeout_s:.0f} s (generator.start_timeout_s)")
             ray.get(self._starting)
             self._starting = []
 
@@ -124,16 +146,24 @@ class GeneratorPool:
             if idxs:
                 pending[self._send(i, requests, idxs)] = (i, idxs)
         results: list[list[Completion] | None] = [None] * len(requests)
-        restarts = 0
+        watch = _Watch(self)
         while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=watch.poll_s)
+            if not done:  # nothing finished for a while: is a busy engine hung?
+                for ref, (i, idxs) in list(pending.items()):
+                    reason = watch.hung(i)
+                    if reason is not None:
+                        del pending[ref]
+                        with self._lock:
+                            self.in_flight[i] -= len(idxs)
+                        self._restart(i, reason)
+                        pending[self._send(i, requests, idxs)] = (i, idxs)
+                continue
+            ref = done[0]
             i, idxs = pending.pop(ref)
             try:
                 out = ray.get(ref)
             except (ray.exceptions.RayActorError, EngineBroken) as exc:
-                restarts += 1
-                if restarts > self.max_restarts:
-                    raise
                 self._restart(i, exc)
                 pending[self._send(i, requests, idxs)] = (i, idxs)
                 continue
@@ -209,13 +239,14 @@ class GeneratorPool:
     def health(self) -> list[dict]:
         import ray
 
-        return ray.get([a.health.remote() for a in self.actors])
+        return ray.get([a.health.options(concurrency_group="watch").remote()
+                        for a in self.actors], timeout=self.call_timeout_s)
 
     def stats(self) -> dict:
         """Per-engine stats and pool totals (tokens, seconds, restarts)."""
         import ray
 
-        engines = ray.get([a.stats.remote() for a in self.actors])
+        engines = ray.get([a.stats.remote() for a in self.actors], timeout=self.call_timeout_s)
         tokens = sum(s["tokens"] for s in engines)
         return {"engines": engines, "tokens": tokens, "restarts": self.restarts,
                 "version": self.version}
@@ -245,22 +276,23 @@ class GeneratorPool:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=self.placement_group,
                 placement_group_bundle_index=self.bundle_indices[i])
-        return ray.remote(GeneratorActor).options(**options).remote(self.spec, self.name(i))
+        return ray.remote(concurrency_groups=WATCH)(GeneratorActor).options(**options).remote(
+            self.spec, self.name(i))
 
     def _send(self, i: int, requests: Sequence[Request], idxs: list[int]):
         with self._lock:
             self.in_flight[i] += len(idxs)
         return self.actors[i].generate.remote([requests[j] for j in idxs])
 
-    def _restart(self, i: int, cause: BaseException, weights=None, adapters=None) -> None:
-        """Recreate engine i and bring it to ``weights`` and ``adapters`` (default: current)."""
+    def _restart(self, i: int, cause: BaseException | str, weights=None, adapters=None) -> None:
+        """Recreate engine i and bring it to ``weights`` and ``adapters`` (default: current),
+        paid from the restart budget (``RestartsExhausted`` when it has none left)."""
         import ray
 
         weights = self._weights if weights is None else weights
         adapters = self._adapters if adapters is None else adapters
+        self.budget.spend(f"engine {self.name(i)}", cause)
         self.restarts += 1
-        logger.warning("restarting %s (restart %d of the pool): %r", self.name(i), self.restarts,
-                       cause)
         ray.kill(self.actors[i], no_restart=True)
         wait_dead(self.actors[i])
         actor = self._start(i)
@@ -270,8 +302,14 @@ class GeneratorPool:
             calls.append(actor.update_weights.remote(refs, version, manifest))
         for name, (ref, version) in adapters.items():
             calls.append(actor.load_adapter.remote(name, [ref], version))
+        self.actors[i] = actor  # a failure below leaves it for shutdown()
+        ready, _ = ray.wait(calls, num_returns=len(calls),
+                            timeout=self.start_timeout_s + self.call_timeout_s)
+        if len(ready) < len(calls):
+            raise RuntimeError(f"{self.name(i)} was restarted ({cause}) but did not start and "
+                               f"load its weights within {self.start_timeout_s:.0f} + "
+                               f"{self.call_timeout_s:.0f} s")
         ray.get(calls)
-        self.actors[i] = actor
 
     def _broadcast(self, call, weights=None, adapters=None) -> list:
         """Run ``call(actor)`` on every engine in parallel; restart engines that die.
@@ -282,9 +320,15 @@ class GeneratorPool:
         import ray
 
         refs = [call(a) for a in self.actors]
-        ray.wait(refs, num_returns=len(refs))  # all finished (or failed); then look at each
+        # all finished (or failed) or out of time; then look at each
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.call_timeout_s)
         results: list = []
         for i, ref in enumerate(refs):
+            if ref not in ready:
+                self._restart(i, f"no answer within {self.call_timeout_s:.0f} s "
+                                 "(generator.call_timeout_s)", weights=weights, adapters=adapters)
+                results.append({"restarted": True})
+                continue
             try:
                 results.append(ray.get(ref))
             except (ray.exceptions.RayActorError, EngineBroken) as exc:
@@ -299,6 +343,36 @@ class GeneratorPool:
                 raise StaleVersionError(
                     f"{self.name(engine)} returned version {c.version}, the pool serves "
                     f"{expected}" + (f" for adapter {request.adapter}" if request.adapter else ""))
+
+
+class _Watch:
+    """A pool's health probes of its busy engines during one ``generate``."""
+
+    def __init__(self, pool: GeneratorPool):
+        self.pool = pool
+        self.poll_s = min(10.0, max(0.5, pool.stall_timeout_s / 4))
+        self.probes: dict[int, tuple[Any, float, Any]] = {}  # engine -> (ref, sent, actor)
+
+    def hung(self, i: int) -> str | None:
+        """Why engine ``i`` counts as hung, or None; asks it again when it answered."""
+        import ray
+
+        actor, now, limit = self.pool.actors[i], time.monotonic(), self.pool.stall_timeout_s
+        probe = self.probes.get(i)
+        if probe is not None and probe[2] is actor:  # (else none yet, or a new engine)
+            ref, sent, _ = probe
+            if not ray.wait([ref], timeout=0)[0]:
+                return (f"no answer to health() for {now - sent:.0f} s "
+                        "(generator.stall_timeout_s)") if now - sent > limit else None
+            try:
+                health = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                return None  # dead: its generate call fails and says so
+            if health["busy"] and health["stalled_s"] > limit:
+                return (f"no progress in {health['busy']} for {health['stalled_s']:.0f} s "
+                        "(generator.stall_timeout_s)")
+        self.probes[i] = (actor.health.options(concurrency_group="watch").remote(), now, actor)
+        return None
 
 
 def estimate_cost(request: Request) -> float:

@@ -30,7 +30,6 @@ from disk or network even if the validation above missed a reference.
 
 from __future__ import annotations
 
-import os
 import re
 import struct
 import time
@@ -39,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from xml.etree.ElementTree import ParseError
 
-from actors.sandbox import SandboxWorker, serve, wait_readable
+from actors.sandbox import SandboxWorker, default_workers, serve, wait_readable
 from actors.svg_checks import (
     DOCTYPE_WITHOUT_SUBSET,
     FAILURES,
@@ -73,7 +72,8 @@ class PoolConfig:
     """How a RendererPool runs its workers and stops a batch early."""
 
     num_workers: int = 0
-    """Worker processes; 0 means one per CPU available to this process."""
+    """Worker processes; 0: one per CPU this process may use (a container's CPU quota
+    included), no more than its memory limit holds (``sandbox.default_workers``)."""
     grace_seconds: float = 3.0
     """Once the early-stop condition holds, unfinished renders get this long, then are cancelled."""
     early_stop_succeeded: float = 0.7
@@ -83,7 +83,8 @@ class PoolConfig:
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
-            raise ValueError(f"PoolConfig.num_workers must be >= 0 (0 = one per CPU), "
+            raise ValueError(f"PoolConfig.num_workers must be >= 0 (0 = one per CPU, "
+                             "sandbox.default_workers), "
                              f"got {self.num_workers}")
         if self.grace_seconds < 0:
             raise ValueError(f"PoolConfig.grace_seconds must be >= 0, got {self.grace_seconds}")
@@ -196,17 +197,13 @@ def _precheck(svg: str | None, limits: RenderLimits) -> bytes | RenderResult:
     return data
 
 
-def _available_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 class RendererPool:
     """N persistent sandboxed workers. Not thread-safe: one render_many at a time."""
 
     def __init__(self, limits: RenderLimits | None = None, config: PoolConfig | None = None):
         self.limits = limits or RenderLimits()
         self.config = config or PoolConfig()
-        n_workers = self.config.num_workers or _available_cpus()
+        n_workers = self.config.num_workers or default_workers(self.limits.memory_bytes)
         self._workers = [_start_worker(self.limits) for _ in range(n_workers)]
         self._counts: Counter[str] = Counter()
         self._restarts = 0

@@ -7,23 +7,31 @@ would re-import the driver's ``__main__``, torch and all, before the memory
 limit is set) that:
 
 1. starts with a clean environment (``worker_env``: no tokens, keys or
-   settings of the parent) and, on Linux, leaves the host's network: a network
-   namespace of its own (as root), or a user and network namespace (where the
-   kernel lets unprivileged users make one), so code a crafted input might run
-   in a decoder reaches no listener, local or remote. Where neither is allowed
-   the worker runs without, and the parent logs that once;
+   settings of the parent) and, on Linux, leaves the host (``isolate``): user,
+   mount and network namespaces of its own, so code a crafted input might run
+   in a decoder reaches no listener, local or remote, and sees the file system
+   read-only (checkpoints, exports, the code) with a private 64 MiB tmpfs at
+   /tmp. Where the kernel allows less (no user namespaces: mount and network
+   namespaces as root; or nothing), it keeps what it can, and the parent logs
+   what is missing once;
 2. points its fd 1 at stderr, so stray prints (Python or C) never reach the
-   protocol, which uses a private copy of the original stdout;
+   protocol, which uses a private copy of the original stdout; its stderr is a
+   pipe the parent copies to its own, so no file of the host is open for
+   writing in the worker;
 3. runs the caller's ``setup()`` (imports), then sets its limits: address space
-   (RLIMIT_AS) ``memory_bytes``, no core dumps, 256 open files, and per request
-   ``cpu_seconds`` of CPU time (SIGXCPU ends it; the parent counts a crash);
+   (RLIMIT_AS) ``memory_bytes``, no core dumps, 256 open files, 16 MiB per
+   file written, no new process or program: a seccomp filter (libseccomp,
+   through ``pyseccomp``) fails fork, vfork, clone without CLONE_THREAD and
+   exec with EPERM, and RLIMIT_NPROC at the worker's own thread count holds
+   where libseccomp is missing (except for root, whom the kernel exempts); and
+   per request ``cpu_seconds`` of CPU time (SIGXCPU ends it; the parent counts a
+   crash);
 4. exits when its parent dies, even while busy (a watchdog thread, within 1 s);
 5. runs ``warm_up()`` (e.g. building a parser's grammar) and reports ready;
 6. answers requests in order, until stdin closes.
 
-Not done (docs/architecture.md): a read-only view of the file system (a mount
-namespace), file-size and process-count limits (the worker's stderr may be a
-large log file; RLIMIT_NPROC counts all of a user's processes).
+``default_workers`` sizes a pool by the CPUs the process may use (affinity and a
+container's CPU quota) and by the memory it may use (a container's limit).
 
 Parent and child speak length-prefixed frames both ways: a JSON header and a
 raw byte payload (a PNG, say); the parent never unpickles anything from a
@@ -63,7 +71,15 @@ logger = logging.getLogger(__name__)
 _ENV_KEPT = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "LD_LIBRARY_PATH",
              "FONTCONFIG_FILE", "FONTCONFIG_PATH")
 _OPEN_FILES = 256
-_CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
+_FILE_BYTES = 16 << 20
+_TMPFS = b"size=64m,mode=1777"
+_CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+_MS_NOSUID, _MS_NODEV, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
+_AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
+_SYS_MOUNT_SETATTR = {"x86_64": 442, "aarch64": 442}  # Linux 5.12+
+READ_ONLY = "read-only file system"
+NO_PROCESSES = "no new processes"
+_CLONE_THREAD = 0x00010000
 
 
 def frame(header: dict, payload: bytes = b"") -> bytes:
@@ -98,22 +114,57 @@ def worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in _ENV_KEPT if k in os.environ}
 
 
-def leave_network() -> str | None:
-    """Move this (single-threaded) process into a network namespace of its own, with
-    no interface but a loopback that is down; which kind, or None where not allowed."""
+def isolate() -> list[str]:
+    """Move this (single-threaded) process out of the host: user, mount and network
+    namespaces of its own (the network: a loopback that is down), the file system
+    read-only but for a private tmpfs at /tmp. What it got, e.g. ``["user namespace",
+    "network namespace", "read-only file system"]``; less where the kernel refuses."""
     if not sys.platform.startswith("linux"):
-        return None
+        return []
+    import platform
+
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(_CLONE_NEWNET) == 0:
-        return "network namespace"
     uid, gid = os.getuid(), os.getgid()
-    if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
-        return None
-    # the same user inside, so files read as before (and write as before: see "Not done")
-    Path("/proc/self/setgroups").write_text("deny")
-    Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1")
-    Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1")
-    return "user and network namespace"
+    got: list[str] = []
+    if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWNET) == 0:
+        # the same user inside, so the files it may read are the ones it could read before
+        Path("/proc/self/setgroups").write_text("deny")
+        Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1")
+        Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1")
+        got = ["user namespace", "mount namespace", "network namespace"]
+    elif libc.unshare(_CLONE_NEWNS | _CLONE_NEWNET) == 0:  # root without user namespaces
+        got = ["mount namespace", "network namespace"]
+    elif libc.unshare(_CLONE_NEWNET) == 0:
+        got = ["network namespace"]
+    number = _SYS_MOUNT_SETATTR.get(platform.machine())
+    if "mount namespace" in got and number is not None:
+        attr = struct.pack("QQQQ", _MOUNT_ATTR_RDONLY, 0, 0, 0)  # struct mount_attr
+        if (libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) == 0  # no echo out
+                and libc.syscall(number, _AT_FDCWD, b"/", _AT_RECURSIVE, attr, len(attr)) == 0):
+            got.append(READ_ONLY)
+            libc.mount(b"tmpfs", b"/tmp", b"tmpfs", _MS_NOSUID | _MS_NODEV, _TMPFS)
+    return got
+
+
+def forbid_new_processes() -> bool:
+    """A seccomp filter: fork, vfork, clone of a process (not a thread) and exec fail
+    with EPERM from now on (clone3 with ENOSYS: libc then makes threads with clone).
+    False where libseccomp is missing."""
+    import errno
+
+    try:
+        import pyseccomp as seccomp
+
+        rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+        for call in ("fork", "vfork", "execve", "execveat"):
+            rules.add_rule(seccomp.ERRNO(errno.EPERM), call)
+        rules.add_rule(seccomp.ERRNO(errno.EPERM), "clone",
+                       seccomp.Arg(0, seccomp.MASKED_EQ, _CLONE_THREAD, 0))
+        rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
+        rules.load()
+    except (ImportError, OSError, RuntimeError, ValueError):
+        return False
+    return True
 
 
 def _limit(resource_id: int, value: int) -> None:
@@ -126,13 +177,10 @@ def _limit(resource_id: int, value: int) -> None:
 def serve(setup: Callable[[], Handler], memory_bytes: int,
           warm_up: Callable[[], object] | None = None, cpu_seconds: float = 60.0) -> None:
     """The worker's main loop (call it from the worker's entry point)."""
-    isolation = leave_network()  # first: unshare needs a process of one thread
+    isolation = isolate()  # first: unshare needs a process of one thread
     out_fd = os.dup(1)
     os.dup2(2, 1)
     handler = setup()  # imports happen before the limits, not under them
-    _limit(resource.RLIMIT_AS, memory_bytes)
-    _limit(resource.RLIMIT_CORE, 0)
-    _limit(resource.RLIMIT_NOFILE, _OPEN_FILES)
     parent = os.getppid()
 
     def watchdog() -> None:  # a busy worker never reads the EOF of a dead parent
@@ -141,6 +189,13 @@ def serve(setup: Callable[[], Handler], memory_bytes: int,
         os._exit(1)
 
     threading.Thread(target=watchdog, daemon=True).start()
+    _limit(resource.RLIMIT_AS, memory_bytes)
+    _limit(resource.RLIMIT_CORE, 0)
+    _limit(resource.RLIMIT_NOFILE, _OPEN_FILES)
+    _limit(resource.RLIMIT_FSIZE, _FILE_BYTES)
+    _limit(resource.RLIMIT_NPROC, len(os.listdir("/proc/self/task")))  # this one, as it is
+    if forbid_new_processes():
+        isolation.append(NO_PROCESSES)
     if warm_up is not None:
         warm_up()
     _write_all(out_fd, frame({"ready": True, "isolation": isolation}))
@@ -174,11 +229,13 @@ class SandboxWorker:
                 json.dumps([package_root, *sys.path]), target]
         # New session: a Ctrl-C in the terminal reaches the parent only.
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     bufsize=0, start_new_session=True, env=worker_env())
+                                     stderr=subprocess.PIPE, bufsize=0, start_new_session=True,
+                                     env=worker_env())
+        threading.Thread(target=_copy_to_stderr, args=(self.proc.stderr,), daemon=True).start()
         os.set_blocking(self.proc.stdout.fileno(), False)
         self.buffer = bytearray()
         self.ready = False
-        self.isolation: str | None = None
+        self.isolation: list[str] = []
         self.job: int | None = None
         self.since = time.monotonic()
 
@@ -186,15 +243,17 @@ class SandboxWorker:
         return self.proc.stdout.fileno()
 
     def started(self, header: dict) -> None:
-        """The worker's ready frame arrived; without network isolation: logged once."""
+        """The worker's ready frame arrived; what isolation it lacks: logged once."""
         global _warned_isolation
         self.ready, self.since = True, time.monotonic()
-        self.isolation = header.get("isolation")
-        if self.isolation is None and not _warned_isolation:
+        self.isolation = header.get("isolation") or []
+        missing = [what for what in ("network namespace", READ_ONLY, NO_PROCESSES)
+                   if what not in self.isolation]
+        if missing and not _warned_isolation:
             _warned_isolation = True
-            logger.warning("sandbox workers run without a network namespace of their own "
-                           "(this host allows none): only their limits and clean environment "
-                           "hold (docs/architecture.md)")
+            logger.warning("sandbox workers run without %s (this host allows no more than %s): "
+                           "their limits and clean environment hold (docs/architecture.md)",
+                           " and ".join(missing), ", ".join(self.isolation) or "rlimits")
 
     def send(self, header: dict, payload: bytes = b"") -> None:
         """One request (BrokenPipeError when the worker is gone)."""
@@ -260,6 +319,56 @@ class SandboxWorker:
 
 
 _warned_isolation = False
+
+
+def _copy_to_stderr(pipe) -> None:
+    """Copy a worker's stderr to this process's until the worker is gone."""
+    with pipe:
+        while chunk := os.read(pipe.fileno(), 1 << 16):
+            try:
+                os.write(2, chunk)
+            except OSError:
+                pass  # our own stderr is gone or full: the worker must not block on it
+
+
+def default_workers(memory_bytes: int, cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Workers a pool starts by default: one per CPU this process may use (affinity and a
+    container's CPU quota), no more than fit the memory it may use (a container's limit,
+    else the host's) at ``memory_bytes`` each."""
+    import psutil
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = min(cpus or 1, cgroup_cpus(cgroup) or 1 << 30)
+    memory = min(psutil.virtual_memory().total, cgroup_memory(cgroup) or 1 << 62)
+    return max(1, min(cpus, memory // max(1, memory_bytes)))
+
+
+def cgroup_cpus(root: Path) -> int | None:
+    """CPUs of the cgroup quota under ``root`` (v2 ``cpu.max``, v1 CFS), rounded up; None
+    without a quota. (A container sees its own cgroup at /sys/fs/cgroup.)"""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (root / "cpu/cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu/cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
+
+
+def cgroup_memory(root: Path) -> int | None:
+    """Bytes of the cgroup memory limit under ``root`` (v2 ``memory.max``, v1); None
+    without one (v1 writes "no limit" as a number near 2**63)."""
+    for file in ("memory.max", "memory/memory.limit_in_bytes"):
+        try:
+            text = (root / file).read_text().strip()
+        except OSError:
+            continue
+        return None if text == "max" or int(text) >= 1 << 60 else int(text)
+    return None
 
 
 def wait_readable(workers: list, timeout: float) -> list:

@@ -36,7 +36,7 @@ from actors.batching import InputBuilder, TrainBatch, micro_batches
 from actors.logprobs import chunked_model_logprobs, token_logprobs
 from actors.lora import adapter_of, language_targets, peft_name
 from actors.models import resolve_model
-from actors.objectives import policy_objective, sft_loss
+from actors.objectives import merge_metrics, policy_objective, sft_loss
 from actors.optim import init_adam_state, lr_factor, scheduler_state
 from actors.trainer_spec import LoraSpec, TrainerSpec
 
@@ -49,6 +49,7 @@ class TrainerActor:
         self.spec, self.rank, self.world_size = spec, rank, world_size
         self.step = 0
         self._batches_seen = 0
+        self._fault: str | None = None  # arm_fault(): what the next forward_backward does
         # Micro-batch tensors go where the model computes (FSDP2 moves only the model inputs).
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         if spec.threads:
@@ -157,10 +158,29 @@ class TrainerActor:
                                        kl_coef=kl_coef)
             scale = 0.0 if rows == [] else float(self.world_size)
             (loss * scale).backward()
+            if self._fault is not None:  # a test hook: fail inside the call (arm_fault)
+                self._fail_now()
             if rows:
                 parts.append({**metrics, "train/tokens": float(mb["loss_mask"].sum())})
         self.inputs.clear()
         return merge_metrics(parts)
+
+    def arm_fault(self, action: str) -> None:
+        """A test hook: the next ``forward_backward`` fails inside its first micro-batch's
+        backward pass (its peers are then inside a collective): ``die`` kills this rank's
+        process (SIGKILL), ``hang`` stops it there for good."""
+        if action not in ("die", "hang"):
+            raise ValueError(f"arm_fault: 'die' or 'hang', got {action!r}")
+        self._fault = action
+
+    def _fail_now(self) -> None:
+        import signal
+        import time
+
+        if self._fault == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        while True:
+            time.sleep(3600)
 
     def optim_step(self, adapter: str | None = None) -> dict:
         """One optimizer step of ``adapter``'s policy (its own AdamW state and schedule)."""
@@ -469,28 +489,3 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
-
-
-def merge_metrics(parts: list[dict]) -> dict:
-    """Combine micro-batch or rank metrics.
-
-    Loss terms are already shares of the global-batch loss (normalised by
-    global counts), so they add up; ``train/tokens`` adds up; ``*_min`` and
-    ``*_max`` take the extreme; everything else is a token-weighted mean.
-    """
-    if not parts:
-        return {}
-    tokens = sum(p.get("train/tokens", 0.0) for p in parts)
-    merged: dict[str, float] = {}
-    for key in parts[0]:
-        values = [p[key] for p in parts]
-        if key.endswith("loss") or key == "train/tokens":
-            merged[key] = sum(values)
-        elif key.endswith("_min"):
-            merged[key] = min(values)
-        elif key.endswith("_max"):
-            merged[key] = max(values)
-        else:
-            merged[key] = sum(v * p.get("train/tokens", 0.0) for v, p in zip(values, parts))
-            merged[key] /= max(tokens, 1.0)
-    return merged

@@ -4,12 +4,14 @@ Every verb is called on all ranks (a batch is split into contiguous shards by
 completion tokens); the first failure kills the whole group and raises
 ``TrainerGroupFailed``, so a phase rebuilds it from its last checkpoint instead
 of waiting for a collective's timeout. A surviving rank's error about a lost
-peer (``peer_failure``) is such a failure too, whichever report comes first.
+peer (``peer_failure``) is such a failure too, whichever report comes first, and
+so is a call that no rank finished within ``call_timeout_s`` (a hung rank).
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -62,11 +64,15 @@ class TrainerGroup:
 
     def __init__(self, spec: TrainerSpec, world_size: int, name: str = "coevolve/trainer",
                  cpus_per_rank: float = 1, gpus_per_rank: float = 0, placement_group=None,
-                 runtime_env: dict | None = None, timeout_s: float = 600.0):
+                 runtime_env: dict | None = None, timeout_s: float = 600.0,
+                 call_timeout_s: float = 3600.0):
+        """``timeout_s``: the ranks' start and their collectives' timeout (a rank whose
+        peer died fails after it); ``call_timeout_s``: the longest wait for one verb."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.spec, self.world_size = spec, world_size
+        self.call_timeout_s = call_timeout_s
         if not gpus_per_rank:
             runtime_env = cpu_rank_env(runtime_env)
         cls = ray.remote(TrainerActor)
@@ -79,8 +85,8 @@ class TrainerGroup:
                     placement_group, placement_group_bundle_index=rank)
             self.actors.append(cls.options(**options).remote(spec, rank, world_size))
         self._wait_scheduled(timeout_s, cpus_per_rank, gpus_per_rank)
-        host, port = ray.get(self.actors[0].rendezvous_address.remote())
-        self.info = ray.get([a.setup.remote(host, port, timeout_s) for a in self.actors])
+        host, port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=timeout_s)
+        self.info = self._all("setup", host, port, timeout_s)
 
     def _wait_scheduled(self, timeout_s: float, cpus: float, gpus: float) -> None:
         """Fail with the numbers when a rank cannot be placed (instead of a rendezvous hang)."""
@@ -110,8 +116,16 @@ class TrainerGroup:
         calls = [getattr(a, verb).remote(*(per_rank[r],) if per_rank else (), *args)
                  for r, a in enumerate(self.actors)]
         pending = list(calls)
+        deadline = time.monotonic() + self.call_timeout_s
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            done, pending = ray.wait(pending, num_returns=1,
+                                     timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                ranks = [calls.index(ref) for ref in pending]
+                self.kill()
+                raise TrainerGroupFailed(
+                    f"trainer rank(s) {ranks} did not finish {verb} within "
+                    f"{self.call_timeout_s:.0f} s (trainer.call_timeout_s)")
             try:
                 ray.get(done[0])
             except ray.exceptions.RayActorError as err:

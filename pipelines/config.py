@@ -86,8 +86,10 @@ class RunConfig:
         True, "Push trained weights to the engines after every step (off only for experiments "
         "that need a frozen sampler).")
     max_restarts: int = param(
-        3, "Times a phase rebuilds its trainer group from the last checkpoint after a rank dies "
-           "before the run fails.", ge=0)
+        5, "Restarts one launch of the run may spend on failures before it stops, with the "
+           "history of its failures in one message: a trainer group rebuilt from the last "
+           "checkpoint after a rank died, hung or lost a peer, and an engine restarted after "
+           "it died, broke or hung (generator.stall_timeout_s).", ge=0)
     overlap: int = param(
         0, "1: the engines sample (and the recipe scores) step k+1's batch with weights k while "
            "the trainer updates on batch k: one step off-policy, the ratio taken against the "
@@ -156,6 +158,16 @@ class GeneratorConfig:
         "auto", "vLLM's engine core in its own process (always) or in the engine actor's "
         "(never: starts in seconds on CPU). auto: never on a CPU host with tensor_parallel 1, "
         "else always; tensor_parallel > 1 needs a process per rank.")
+    stall_timeout_s: float = param(
+        600.0, "An engine that makes no progress in a generate call (no engine step) or does "
+               "not answer its pool's health probe for this long is hung: it is restarted, "
+               "brought to the current weights, and its requests are sent again.", gt=0)
+    call_timeout_s: float = param(
+        600.0, "Longest wait for an engine's other calls (weight push, adapter load, sleep, "
+               "wake-up, health); an engine past it is restarted and re-synced.", gt=0)
+    start_timeout_s: float = param(
+        1800.0, "Longest wait for an engine to start and load its model; past it the run "
+                "stops with the engine named.", gt=0)
     temperature: float = param(1.0, "Default sampling temperature.", ge=0)
     top_p: float = param(0.99, "Default nucleus sampling threshold.", gt=0, le=1)
 
@@ -201,6 +213,13 @@ class TrainerConfig:
     reference_dtype: Literal["float32", "bfloat16"] = param(
         "float32", "Storage dtype of the frozen KL reference; bfloat16 halves it and, under bf16 "
                    "mixed precision (GPU), gives the same log-probs.")
+    call_timeout_s: float = param(
+        3600.0, "Longest wait for one trainer call on all ranks (a forward-backward of a step's "
+                "batch, a checkpoint save); past it the group counts as failed and is rebuilt "
+                "from the last checkpoint (run.max_restarts).", gt=0)
+    collective_timeout_s: float = param(
+        600.0, "torch.distributed timeout of one collective: a rank whose peer died or hung "
+               "fails after this long, and the group is rebuilt.", gt=0)
     offload: bool = param(
         False, "FSDP2 CPU offload: parameter, gradient and AdamW shards in host memory, "
                "optimizer step on the CPU (saves 16 bytes per parameter / ranks of GPU memory).")

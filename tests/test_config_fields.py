@@ -27,6 +27,15 @@ ELSEWHERE = {
     "algorithm.reward_budget_s": "the grading budget of a step's scoring; "
                                  "tests/test_hostile_output.py budget test",
     "placement.strategy": "placement groups' strategy; tests/test_placement.py two-node scenario",
+    "generator.stall_timeout_s": "the pools' hung-engine detection (engines.Engines); "
+                                 "tests/test_driver.py hung engine",
+    "generator.call_timeout_s": "the pools' wait on weight pushes and other engine calls "
+                                "(engines.Engines); tests/test_driver.py",
+    "generator.start_timeout_s": "the pools' wait for an engine start (engines.Engines)",
+    "trainer.call_timeout_s": "the trainer group's wait on one call (phase.PhaseRunner); "
+                              "tests/test_trainer.py hung rank",
+    "trainer.collective_timeout_s": "the trainer group's torch.distributed timeout "
+                                    "(phase.PhaseRunner)",
     "generator.min_kv_sequences": "coevolve plan's KV-cache check; tests/test_footprint.py "
                                   "refusal",
     "algorithm.behaviour_logprobs": "where a phase takes the PPO behaviour log-probs from "

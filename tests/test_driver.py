@@ -372,41 +372,77 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted(ray_cluster, tmp_pa
     assert comparable("killed") == comparable("whole")
 
 
-KILLS: dict[str, object] = {}  # what kill_actors_reward kills, and when (set by the test)
+FAULTS: dict[str, object] = {}  # what faulty_reward breaks, and when (set by the test)
 
 
-def kill_actors_reward(sample: dict) -> float:
-    """even_token_share, and on the calls named in KILLS, kill an actor by name (once)."""
+def faulty_reward(sample: dict) -> float:
+    """even_token_share, and on the calls named in FAULTS["plan"] (once each): "kill" an
+    actor by name, make a trainer rank "die" inside its next forward_backward, or
+    "stall" an engine's next generate (the actors' test hooks)."""
     import ray
 
-    KILLS["calls"] = KILLS.get("calls", 0) + 1
-    for call, name in list(KILLS.get("plan", {}).items()):
-        if KILLS["calls"] == call:
-            del KILLS["plan"][call]
-            ray.kill(ray.get_actor(name), no_restart=True)
+    FAULTS["calls"] = FAULTS.get("calls", 0) + 1
+    action = FAULTS["plan"].pop(FAULTS["calls"], None)
+    if action is not None:
+        what, name = action
+        actor = ray.get_actor(name)
+        if what == "kill":
+            ray.kill(actor, no_restart=True)
+        elif what == "die":
+            ray.get(actor.arm_fault.remote("die"))
+        else:
+            ray.get(actor.stall.remote(120))
     return even_token_share(sample)
 
 
-def test_dead_engine_and_dead_trainer_rank_mid_step_are_recovered(ray_cluster, tmp_path):
+def test_dead_and_hung_engines_and_a_rank_killed_mid_update_are_recovered(ray_cluster,
+                                                                          tmp_path):
     """An engine killed while the step scores (step 2) is restarted by its pool; a trainer
-    rank killed in step 3 makes the phase rebuild the group from the step-2 checkpoint
-    and take step 3 again. The run completes with one line per step."""
+    rank killed inside step 3's forward_backward (its peer waits in a collective) makes
+    the phase rebuild the group from the step-2 checkpoint and take step 3 again; an
+    engine whose generate hangs in step 4 is found by its pool's health probes,
+    restarted and its requests sent again. The run completes with one line per step."""
     per_step = 2 * 2  # prompts_per_step x n reward calls
-    KILLS.clear()
-    KILLS["plan"] = {per_step + 1: "coevolve/failing/policy/0",
-                     2 * per_step + 1: "coevolve/failing/trainer/1"}
-    cfg = config(tmp_path, "failing", "simple.reward=test_driver:kill_actors_reward",
+    FAULTS.clear()
+    FAULTS["plan"] = {per_step + 1: ("kill", "coevolve/failing/policy/0"),
+                      2 * per_step + 1: ("die", "coevolve/failing/trainer/1"),
+                      3 * per_step + 1: ("stall", "coevolve/failing/policy/0")}
+    cfg = config(tmp_path, "failing", "simple.reward=test_driver:faulty_reward",
                  "simple.steps=4", "simple.prompts_per_step=2", "simple.n=2",
-                 "simple.max_tokens=8", "run.save_every=2", "placement.trainer_ranks=2")
+                 "simple.max_tokens=8", "run.save_every=2", "placement.trainer_ranks=2",
+                 "generator.stall_timeout_s=10")
     state = Driver(cfg).run()
-    assert KILLS["plan"] == {}, "both actors were killed"
+    assert FAULTS["plan"] == {}, "every fault was set off"
     assert state.finished and state.roles["policy"].version == 4
     lines = [m for m in read_metrics(tmp_path / "failing/iter_0001/policy/metrics.jsonl")
              if "reward/mean" in m]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
-    # The engine died during step 2's scoring; the weight sync of step 2 found and restarted it.
-    assert [m["rollout/engine_restarts"] for m in lines] == [0, 1, 1, 1]
+    # The engine died during step 2's scoring (the weight sync of step 2 found it); the
+    # one stalled during step 3's second scoring hung in step 4's generate.
+    assert [m["rollout/engine_restarts"] for m in lines] == [0, 1, 1, 2]
     assert [m["train/group_restarts"] for m in lines] == [0, 0, 1, 1]
     # Step 3 ran twice (the second time after the rollback to step 2): 5 steps of calls.
-    assert KILLS["calls"] == 5 * per_step
+    assert FAULTS["calls"] == 5 * per_step
     assert (tmp_path / "failing/iter_0001/policy/hf/model.safetensors").exists()
+
+
+def test_a_run_out_of_restarts_stops_with_the_history_of_its_failures(ray_cluster, tmp_path):
+    """run.max_restarts=1: the engine killed in step 2 is restarted, the rank killed in
+    step 3 is one failure too many; the error lists both."""
+    from actors.restarts import RestartsExhausted
+
+    per_step = 2 * 2
+    FAULTS.clear()
+    FAULTS["plan"] = {per_step + 1: ("kill", "coevolve/budget/policy/0"),
+                      2 * per_step + 1: ("die", "coevolve/budget/trainer/1")}
+    cfg = config(tmp_path, "budget", "simple.reward=test_driver:faulty_reward",
+                 "simple.steps=4", "simple.prompts_per_step=2", "simple.n=2",
+                 "simple.max_tokens=8", "run.save_every=2", "placement.trainer_ranks=2",
+                 "run.max_restarts=1")
+    with pytest.raises(RestartsExhausted) as caught:
+        Driver(cfg).run()
+    message = str(caught.value)
+    assert message.startswith("2 failures, more than run.max_restarts=1 restarts allow")
+    first, second = message.splitlines()[1:]
+    assert "1. " in first and "engine coevolve/budget/policy/0" in first
+    assert "2. " in second and "trainer group of policy" in second

@@ -558,3 +558,66 @@ def test_a_peers_closed_connection_is_a_group_failure_not_a_rank_error():
     assert peer_failure(RayTaskError("forward_backward", "traceback", gloo).as_instanceof_cause())
     assert not peer_failure(ValueError("micro-batch of 0 tokens"))
     assert not peer_failure(RayTaskError("optim_step", "traceback", KeyError("lm_head.weight")))
+
+
+def test_the_restart_budget_counts_every_failure_and_names_them_all_when_spent(monkeypatch):
+    """run.max_restarts=2: two failures are restarted, the third stops the run with the
+    three in order, one line each (a multi-line error folded), long causes cut at 500."""
+    import time
+
+    from actors.restarts import RestartBudget, RestartsExhausted
+
+    monkeypatch.setattr(time, "strftime", lambda fmt: "2026-12-07 10:00:00")
+    budget = RestartBudget(2)
+    budget.spend("engine coevolve/r/solver/1", RuntimeError("actor died\n  in generate"))
+    budget.spend("trainer group of proposer", "no answer within 600 s")
+    assert budget.used == 2
+    with pytest.raises(RestartsExhausted) as caught:
+        budget.spend("engine coevolve/r/solver/0", "x" * 600)
+    assert str(caught.value) == (
+        "3 failures, more than run.max_restarts=2 restarts allow; the run stops. "
+        "Failures in order:\n"
+        "  1. 2026-12-07 10:00:00 engine coevolve/r/solver/1: RuntimeError: actor died in "
+        "generate\n"
+        "  2. 2026-12-07 10:00:00 trainer group of proposer: no answer within 600 s\n"
+        "  3. 2026-12-07 10:00:00 engine coevolve/r/solver/0: " + "x" * 500)
+    with pytest.raises(ValueError, match="run.max_restarts must be >= 0"):
+        RestartBudget(-1)
+
+
+def test_the_timeout_settings_and_the_run_budget_reach_the_pools_and_trainer_groups(
+        tmp_path, monkeypatch):
+    """generator.*_timeout_s go to every pool the run starts, trainer.*_timeout_s to every
+    trainer group, and the pools and the phases share one restart budget."""
+    import actors.pool
+    from pipelines.layouts import phase_layouts
+    from pipelines.runtime import phase as phase_module
+    from pipelines.runtime.engines import Engines
+
+    made = {}
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            made.setdefault(type(self).__name__, []).append(kwargs)
+
+        def wait_ready(self):
+            pass
+
+    monkeypatch.setattr(actors.pool, "GeneratorPool", type("GeneratorPool", (Recorder,), {}))
+    monkeypatch.setattr(phase_module, "TrainerGroup", type("TrainerGroup", (Recorder,), {}))
+    r = runner(tmp_path, "generator.stall_timeout_s=7", "generator.call_timeout_s=8",
+               "generator.start_timeout_s=9", "trainer.call_timeout_s=10",
+               "trainer.collective_timeout_s=11", "run.max_restarts=4")
+    layout = phase_layouts(r.cfg.placement)[0]
+    r.placement = types.SimpleNamespace(
+        layout=layout, pool_kwargs=lambda role: {}, trainer_kwargs=lambda: {},
+        rank_threads=lambda: 1)
+    engines = Engines(r.cfg)
+    r.engines = engines
+    engines.pool("policy", "tiny://qwen2.5-vl", r.placement)
+    r._start_group()
+    [pool] = made["GeneratorPool"]
+    assert (pool["stall_timeout_s"], pool["call_timeout_s"], pool["start_timeout_s"]) == (7, 8, 9)
+    assert pool["restarts"] is engines.restarts and engines.restarts.limit == 4
+    [group] = made["TrainerGroup"]
+    assert (group["call_timeout_s"], group["timeout_s"]) == (10, 11)

@@ -690,3 +690,30 @@ def test_a_dummy_image_row_gets_its_own_pixels_not_a_cached_prompts():
     merge = builder.processor.image_processor.merge_size ** 2
     tokens = int((mb["inputs"]["input_ids"] == builder.image_token_id).sum())
     assert tokens == int(mb["inputs"]["image_grid_thw"].prod()) // merge == 4
+
+
+@pytest.mark.slow
+def test_a_rank_hung_inside_forward_backward_fails_the_group_after_the_call_timeout(
+        ray_cluster, batches):
+    """Rank 1 stops inside its backward pass (the test hook ``arm_fault("hang")``) while
+    rank 0 waits for it in a collective: after ``call_timeout_s`` the group is killed
+    and ``TrainerGroupFailed`` names the hung rank, the verb and the setting."""
+    import time
+
+    import ray
+
+    from actors.trainer_group import TrainerGroupFailed
+
+    group = TrainerGroup(spec(), 2, name="test/trainer-hung", runtime_env=ENV,
+                         call_timeout_s=20)
+    batch = batches[0].with_column(
+        old_logprobs=group.compute_logprobs(batches[0]),
+        ref_logprobs=group.compute_logprobs(batches[0], reference=True))
+    ray.get(group.actors[1].arm_fault.remote("hang"))
+    start = time.monotonic()
+    with pytest.raises(TrainerGroupFailed, match=r"rank\(s\) \[.*1\] did not finish "
+                       r"forward_backward within 20 s \(trainer.call_timeout_s\)"):
+        group.forward_backward(batch)
+    assert 20 <= time.monotonic() - start < 60
+    with pytest.raises(ray.exceptions.RayActorError):  # killed: names free for a rebuild
+        ray.get(group.actors[0].rendezvous_address.remote())

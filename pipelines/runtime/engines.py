@@ -22,8 +22,13 @@ logger = logging.getLogger(__name__)
 
 
 class Engines:
-    def __init__(self, cfg):
+    def __init__(self, cfg, restarts=None):
+        """``restarts``: the run's ``RestartBudget`` (actors/restarts.py), shared with its
+        phases' trainer groups; default: a new one of ``run.max_restarts``."""
+        from actors.restarts import RestartBudget
+
         self.cfg = cfg
+        self.restarts = restarts if restarts is not None else RestartBudget(cfg.run.max_restarts)
         self.pools: dict = {}  # role -> GeneratorPool
         self.serving: dict[str, str] = {}  # role -> label of the weights it serves
 
@@ -49,8 +54,11 @@ class Engines:
             logger.info("starting %d %s engine(s) on %s", layout.engines, role, weights)
             spec = role_engine_spec(self.cfg, placement.layout, role, weights)
             # registered at once, so that shutdown() stops it if another one fails to load
+            g = self.cfg.generator
             self.pools[role] = starting[role] = GeneratorPool(
                 role, spec, layout.engines, run=self.cfg.run.name, wait=False,
+                restarts=self.restarts, stall_timeout_s=g.stall_timeout_s,
+                call_timeout_s=g.call_timeout_s, start_timeout_s=g.start_timeout_s,
                 **placement.pool_kwargs(role))
         for role, pool in starting.items():
             pool.wait_ready()

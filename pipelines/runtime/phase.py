@@ -11,10 +11,12 @@ Before the first step the phase may ``prepare`` its data (MM-Zero builds the
 CodeGen and Solver data sets with other roles' engines); a phase left with
 no data trains no step and exports its starting weights unchanged.
 
-Failures: a dead engine is restarted by its pool; a dead trainer rank kills
-the group (``TrainerGroupFailed``), and the phase rebuilds it from its last
-checkpoint (or its starting weights), brings the engines back to those
-weights and takes the lost steps again, at most ``run.max_restarts`` times.
+Failures: a dead or hung engine is restarted by its pool; a trainer rank that
+dies, hangs past ``trainer.call_timeout_s`` or loses a peer fails the group
+(``TrainerGroupFailed``), and the phase rebuilds it from its last checkpoint
+(or its starting weights), brings the engines back to those weights and takes
+the lost steps again. Both are paid from the run's restart budget
+(``run.max_restarts``, actors/restarts.py), kept by ``engines``.
 """
 
 from __future__ import annotations
@@ -179,12 +181,8 @@ class PhaseRunner:
                             self.group.export_hf(str(self.dirs.hf(policy)), adapter=policy)
                     break
                 except TrainerGroupFailed as err:
+                    self.engines.restarts.spend(f"trainer group of {self.phase.name}", err)
                     self.group_restarts += 1
-                    if self.group_restarts > self.cfg.run.max_restarts:
-                        raise
-                    logger.warning("%s: %s; rebuilding the trainer group (restart %d of %d)",
-                                   self.phase.name, err, self.group_restarts,
-                                   self.cfg.run.max_restarts)
                     self.group = self._start_group()
                     step = self._resume(rollback=True)
                     sink.rewind(step)
@@ -251,7 +249,9 @@ class PhaseRunner:
         return TrainerGroup(spec,
                             self.placement.layout.trainer_ranks,
                             name=f"coevolve/{cfg.run.name}/trainer", **kwargs,
-                            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
+                            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+                            timeout_s=cfg.trainer.collective_timeout_s,
+                            call_timeout_s=cfg.trainer.call_timeout_s)
 
     def _resume(self, rollback: bool = False) -> int:
         """Load the newest complete checkpoint into the group, the steps' state and the

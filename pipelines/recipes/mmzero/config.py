@@ -79,7 +79,8 @@ class MMZeroConfig:
         180.0, "Once a render batch may stop early (70% rendered or 90% finished), the "
                "unfinished renders get this long before they are cancelled (the original's "
                "180 s).", ge=0)
-    render_workers: int = param(0, "SVG render processes (0 = one per CPU).", ge=0)
+    render_workers: int = param(0, "SVG render processes (0 = one per CPU this process may use, a container's "
+        "CPU quota and memory limit included).", ge=0)
     image_side: int = param(1280, "Rendered images are downscaled to at most this side.", ge=16)
     samples_saved: int = param(16, "Rendered items saved per phase for a person to look at.", ge=0)
     heldout: int = param(
