@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -181,3 +182,36 @@ def test_a_pool_of_default_size_fits_the_containers_cpu_quota_and_memory_limit(t
     assert default_workers(2 << 30, v2) == min(cpus, 2)  # 5 GiB hold two of 2 GiB
     assert default_workers(3 << 30, v2) == 1
     assert default_workers(1 << 20, v1) == cpus
+
+
+def test_a_real_render_worker_is_isolated_and_limited_as_the_probe(monkeypatch):
+    """The renderer's own worker, seen from outside through /proc while it renders: no
+    token in its environment, other network and mount namespaces than its parent's,
+    every mount read-only but its /tmp, and its limits."""
+    from actors.renderer import PoolConfig, RendererPool, RenderLimits
+    from actors.sandbox import NO_PROCESSES, READ_ONLY
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    pool = RendererPool(RenderLimits(), PoolConfig(num_workers=1))
+    try:
+        svg = ('<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8">'
+               '<rect width="8" height="8"/></svg>')
+        assert pool.render(svg).ok
+        [worker] = pool._workers
+        assert READ_ONLY in worker.isolation and NO_PROCESSES in worker.isolation
+        proc = Path(f"/proc/{worker.proc.pid}")
+        environ = (proc / "environ").read_bytes().split(b"\0")
+        assert not any(e.startswith((b"HF_TOKEN=", b"PYTHONPATH=")) for e in environ)
+        for ns in ("net", "mnt", "user"):
+            assert os.readlink(proc / "ns" / ns) != os.readlink(f"/proc/self/ns/{ns}"), ns
+        mounts = [line.split() for line in (proc / "mountinfo").read_text().splitlines()]
+        options = {fields[4]: fields[5].split(",") for fields in mounts}  # mount point: options
+        assert "ro" in options["/"] and "rw" in options["/tmp"]
+        assert all("ro" in opts for point, opts in options.items() if point != "/tmp")
+        limits = (proc / "limits").read_text()
+        assert re.search(r"Max core file size\s+0\s+0", limits)
+        assert re.search(r"Max open files\s+256\s+256", limits)
+        assert re.search(rf"Max file size\s+{16 << 20}\s+{16 << 20}", limits)
+        assert re.search(rf"Max address space\s+{RenderLimits().memory_bytes}\s", limits)
+    finally:
+        pool.close()
