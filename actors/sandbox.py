@@ -11,7 +11,8 @@ limit is set) that:
    mount and network namespaces of its own, so code a crafted input might run
    in a decoder reaches no listener, local or remote, and sees the file system
    read-only (checkpoints, exports, the code) with a private 64 MiB tmpfs at
-   /tmp. Where the kernel allows less (no user namespaces: mount and network
+   /dev/shm as its TMPDIR (not over /tmp: a checkout or virtual environment may
+   live there). Where the kernel allows less (no user namespaces: mount and network
    namespaces as root; or nothing), it keeps what it can, and the parent logs
    what is missing once;
 2. points its fd 1 at stderr, so stray prints (Python or C) never reach the
@@ -73,6 +74,7 @@ _ENV_KEPT = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "LD_LIBRARY
 _OPEN_FILES = 256
 _FILE_BYTES = 16 << 20
 _TMPFS = b"size=64m,mode=1777"
+_SCRATCH = "/dev/shm"  # a worker's private tmpfs
 _CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
 _MS_NOSUID, _MS_NODEV, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
 _AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
@@ -117,8 +119,9 @@ def worker_env() -> dict[str, str]:
 def isolate() -> list[str]:
     """Move this (single-threaded) process out of the host: user, mount and network
     namespaces of its own (the network: a loopback that is down), the file system
-    read-only but for a private tmpfs at /tmp. What it got, e.g. ``["user namespace",
-    "network namespace", "read-only file system"]``; less where the kernel refuses."""
+    read-only but for a private tmpfs at /dev/shm, its TMPDIR. What it got, e.g.
+    ``["user namespace", "network namespace", "read-only file system"]``; less where
+    the kernel refuses."""
     if not sys.platform.startswith("linux"):
         return []
     import platform
@@ -142,7 +145,9 @@ def isolate() -> list[str]:
         if (libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) == 0  # no echo out
                 and libc.syscall(number, _AT_FDCWD, b"/", _AT_RECURSIVE, attr, len(attr)) == 0):
             got.append(READ_ONLY)
-            libc.mount(b"tmpfs", b"/tmp", b"tmpfs", _MS_NOSUID | _MS_NODEV, _TMPFS)
+            if libc.mount(b"tmpfs", _SCRATCH.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
+                          _TMPFS) == 0:
+                os.environ["TMPDIR"] = _SCRATCH
     return got
 
 

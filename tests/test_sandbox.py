@@ -48,11 +48,14 @@ def probe_main(config: dict) -> None:
         def write_run_dir():  # a folder the parent can write (a run directory, say)
             (Path(config["run_dir"]) / "planted").write_text("x")
 
-        def write_tmp():  # a private tmpfs: writable, and nothing reaches the host's /tmp
-            Path("/tmp", config["tmp_name"]).write_text("x")
+        def write_tmp():  # a private tmpfs: writable, and nothing reaches the host
+            import tempfile
+
+            assert tempfile.gettempdir() == "/dev/shm"
+            Path("/dev/shm", config["tmp_name"]).write_text("x")
 
         def write_big():
-            with open("/tmp/big", "wb") as f:
+            with open("/dev/shm/big", "wb") as f:
                 f.write(b"\0" * (17 << 20))
 
         def fork():
@@ -68,7 +71,7 @@ def probe_main(config: dict) -> None:
             try:
                 action()
                 return "done"
-            except OSError as err:
+            except Exception as err:  # noqa: BLE001 - reported to the test
                 return f"{type(err).__name__}: {err}"
 
         return handle
@@ -85,11 +88,11 @@ def listener():
 
 @pytest.fixture
 def run_dir():
-    """A folder the test process may write, outside /tmp (a worker sees its own /tmp)."""
+    """A folder the test process may write (a run directory, say)."""
     import shutil
     import tempfile
 
-    path = Path(tempfile.mkdtemp(prefix="coevolve-probe-", dir="/var/tmp"))
+    path = Path(tempfile.mkdtemp(prefix="coevolve-probe-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -113,9 +116,10 @@ def test_a_worker_reaches_no_listener_sees_no_token_and_runs_under_its_limits(
     # the parent reaches its own listener; the worker does not
     socket.create_connection(("127.0.0.1", listener), timeout=2).close()
     assert reply["reached"].startswith("OSError"), reply["reached"]  # network unreachable
-    # the run directory is read-only for it; its /tmp is its own
+    # the run directory (under /tmp, as a checkout may be) is there, read-only; its
+    # scratch space is its own
     assert "Read-only file system" in reply["write"] and not (run_dir / "planted").exists()
-    assert reply["tmp"] == "done" and not Path("/tmp", tmp_name).exists()
+    assert reply["tmp"] == "done" and not Path("/dev/shm", tmp_name).exists()
     assert "File too large" in reply["big"]  # 17 MiB past the 16 MiB RLIMIT_FSIZE
     assert "Operation not permitted" in reply["fork"] and "not permitted" in reply["exec"]
     assert not {"HF_TOKEN", "WANDB_API_KEY", "PYTHONPATH", "RAY_ADDRESS"} & set(reply["env"])
@@ -187,7 +191,7 @@ def test_a_pool_of_default_size_fits_the_containers_cpu_quota_and_memory_limit(t
 def test_a_real_render_worker_is_isolated_and_limited_as_the_probe(monkeypatch):
     """The renderer's own worker, seen from outside through /proc while it renders: no
     token in its environment, other network and mount namespaces than its parent's,
-    every mount read-only but its /tmp, and its limits."""
+    every mount read-only but its scratch tmpfs, and its limits."""
     from actors.renderer import PoolConfig, RendererPool, RenderLimits
     from actors.sandbox import NO_PROCESSES, READ_ONLY
 
@@ -206,8 +210,8 @@ def test_a_real_render_worker_is_isolated_and_limited_as_the_probe(monkeypatch):
             assert os.readlink(proc / "ns" / ns) != os.readlink(f"/proc/self/ns/{ns}"), ns
         mounts = [line.split() for line in (proc / "mountinfo").read_text().splitlines()]
         options = {fields[4]: fields[5].split(",") for fields in mounts}  # mount point: options
-        assert "ro" in options["/"] and "rw" in options["/tmp"]
-        assert all("ro" in opts for point, opts in options.items() if point != "/tmp")
+        assert "ro" in options["/"] and "rw" in options["/dev/shm"]
+        assert all("ro" in opts for point, opts in options.items() if point != "/dev/shm")
         limits = (proc / "limits").read_text()
         assert re.search(r"Max core file size\s+0\s+0", limits)
         assert re.search(r"Max open files\s+256\s+256", limits)
