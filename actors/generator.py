@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -283,6 +284,44 @@ class GeneratorActor:
         c["weight_seconds"] += elapsed
         return {"version": version, "bytes": manifest.total_bytes, "seconds": elapsed, **timing}
 
+    def open_transfer(self, init: dict) -> None:
+        """Join the trainer's rank 0 in a weight-transfer group (vLLM's protocol, the
+        ``coevolve`` engine of actors/weight_transfer.py, every worker of the engine);
+        the trainer joins at the same time."""
+        self.llm.init_weight_transfer_engine({"init_info": init})
+
+    def receive_weights(self, update: dict, version: int) -> dict:
+        """Receive full weights over the transfer group (``update``: the push's
+        ``weight_transfer.Plan``, checked against the model before anything loads) while
+        the trainer sends them; broken on a failure half-way, as ``update_weights``."""
+        import torch
+
+        from actors.weights import WeightVersion
+
+        self._check_usable()
+        start, shapes = time.perf_counter(), [tuple(s) for s in update["shapes"]]
+        total = sum(math.prod(s) * getattr(torch, d).itemsize
+                    for s, d in zip(shapes, update["dtype_names"]))
+        self._check_manifest(WeightVersion(version, tuple(update["names"]), tuple(shapes),
+                                           tuple(update["dtype_names"]), total))
+        self._busy, self._progress_at = "receive_weights", time.monotonic()
+        try:
+            self.llm.start_weight_update()
+            self.llm.update_weights({"update_info": update})
+            self.llm.finish_weight_update()
+        except Exception as exc:
+            self._broken = f"weight transfer of version {version} failed: {exc!r}"
+            raise EngineBroken(self._broken) from exc
+        finally:
+            self._busy = None
+        self._reset_caches()
+        self.version = version
+        elapsed = time.perf_counter() - start
+        c = self._counters
+        c["weight_updates"], c["weight_bytes"] = c["weight_updates"] + 1, c["weight_bytes"] + total
+        c["weight_seconds"] += elapsed
+        return {"version": version, "bytes": total, "seconds": elapsed}
+
     def load_adapter(self, name: str, payload_ref, version: int) -> dict:
         """Serve a LoRA adapter under ``name`` from now on (replacing an older version).
 
@@ -446,6 +485,7 @@ def _engine_args(spec: EngineSpec, on_cpu: bool, pixels: dict) -> dict:
         # temperature, top-p and the allowed-token mask): what the trainer computes
         logprobs_mode="raw_logprobs",
         worker_extension_cls="actors.vllm_worker.WeightSync",
+        weight_transfer_config={"backend": "coevolve"},  # actors/weight_transfer.py
     )
 
 

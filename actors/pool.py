@@ -56,7 +56,8 @@ class GeneratorPool:
                  placement_group=None, bundle_indices: Sequence[int] | None = None,
                  threads: int | None = None, max_restarts: int = 3, wait: bool = True,
                  restarts: RestartBudget | None = None, stall_timeout_s: float = 600.0,
-                 call_timeout_s: float = 600.0, start_timeout_s: float = 1800.0):
+                 call_timeout_s: float = 600.0, start_timeout_s: float = 1800.0,
+                 sync_timeout_s: float = 300.0):
         """Start ``n_engines`` engines of ``spec`` and wait until they are ready
         (``wait=False``: return at once; ``wait_ready()`` waits, so that several pools
         start side by side).
@@ -91,7 +92,11 @@ class GeneratorPool:
         self.budget = restarts if restarts is not None else RestartBudget(
             max_restarts, setting="GeneratorPool(max_restarts)")
         self.stall_timeout_s, self.call_timeout_s = stall_timeout_s, call_timeout_s
-        self.start_timeout_s = start_timeout_s
+        self.start_timeout_s, self.sync_timeout_s = start_timeout_s, sync_timeout_s
+        # push_from(): the trainer group whose weights the engines serve, its plan and
+        # version; engine i's transfer group is open with that trainer (linked[i])
+        self.source: tuple | None = None
+        self.linked: dict[int, tuple] = {}
         self.version = 0
         self.restarts = 0  # this pool's restarts (a metric)
         # (bucket refs, version, WeightVersion or None) of the weights being served
@@ -202,8 +207,17 @@ class GeneratorPool:
         new = (refs, version, manifest)
         metrics = self._broadcast(lambda a: a.update_weights.remote(refs, version, manifest),
                                   weights=new)
-        self._weights, self.version = new, version
+        self._weights, self.version, self.source = new, version, None
         return metrics
+
+    def push_from(self, trainer, version: int, bucket_bytes: int = 1 << 30,
+                  rollback: bool = False) -> list[dict]:
+        """Full weights from a ``TrainerGroup`` straight to every engine over vLLM's
+        weight-transfer protocol (actors/weight_push.py): the engines' dtype on the wire,
+        one bucket of ``bucket_bytes`` gathered at a time; each engine's metrics."""
+        from actors.weight_push import push
+
+        return push(self, trainer, version, bucket_bytes, rollback=rollback)
 
     def rebase(self, model: str) -> None:
         """The engines now serve exactly the weights saved in ``model`` (e.g. the hf/
@@ -211,7 +225,7 @@ class GeneratorPool:
         instead of the pushed buckets, whose owner (a trainer rank) may be gone."""
 
         self.spec = dataclasses.replace(self.spec, model=model, version=self.version)
-        self._weights = None
+        self._weights, self.source = None, None
 
     def load_adapter(self, name: str, payload, version: int) -> list[dict]:
         """Serve a LoRA adapter on every engine.
@@ -310,6 +324,10 @@ class GeneratorPool:
                                f"load its weights within {self.start_timeout_s:.0f} + "
                                f"{self.call_timeout_s:.0f} s")
         ray.get(calls)
+        if weights is None and self.source is not None:  # the trainer pushes them again
+            from actors.weight_push import send
+
+            send(self, [i])
 
     def _broadcast(self, call, weights=None, adapters=None) -> list:
         """Run ``call(actor)`` on every engine in parallel; restart engines that die.

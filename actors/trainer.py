@@ -39,12 +39,13 @@ from actors.models import resolve_model
 from actors.objectives import merge_metrics, policy_objective, sft_loss
 from actors.optim import init_adam_state, lr_factor, scheduler_state
 from actors.trainer_spec import LoraSpec, TrainerSpec
+from actors.weight_transfer import TrainerWeightSender
 
 # re-exported: the specs are built from here by callers that predate trainer_spec.py
 __all__ = ["LoraSpec", "TrainerActor", "TrainerSpec", "lr_factor", "merge_metrics"]
 
 
-class TrainerActor:
+class TrainerActor(TrainerWeightSender):
     def __init__(self, spec: TrainerSpec, rank: int, world_size: int):
         self.spec, self.rank, self.world_size = spec, rank, world_size
         self.step = 0

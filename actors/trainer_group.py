@@ -165,6 +165,28 @@ class TrainerGroup:
     def weight_buckets(self, bucket_bytes: int = 256 << 20) -> list:
         return self._all("weight_buckets", bucket_bytes)[0]
 
+    def transfer_plan(self, bucket_bytes: int, dtype: str):
+        """The ``weight_transfer.Plan`` of a push in ``dtype`` (rank 0's)."""
+        import ray
+
+        return ray.get(self.actors[0].transfer_plan.remote(bucket_bytes, dtype),
+                       timeout=self.call_timeout_s)
+
+    def transfer_endpoint(self, key: str) -> tuple[str, int]:
+        """Where engine ``key``'s workers join rank 0 (``join_transfer`` at the same time)."""
+        import ray
+
+        return ray.get(self.actors[0].transfer_endpoint.remote(key), timeout=self.call_timeout_s)
+
+    def join_transfer(self, key: str, world_size: int, backend: str, timeout_s: float):
+        """Rank 0 opens the transfer group with engine ``key``: the ObjectRef to wait on."""
+        return self.actors[0].join_transfer.remote(key, world_size, backend, timeout_s)
+
+    def send_weights(self, keys: list[str], plan) -> dict:
+        """Every rank gathers, rank 0 sends to the engines ``keys`` (which receive at the
+        same time); rank 0's bytes, seconds and the keys whose sends failed."""
+        return self._all("send_weights", keys, plan)[0]
+
     def adapter(self, name: str | None = None):
         """ObjectRef of the LoRA adapter payload (``TrainerActor.adapter``)."""
         return self._all("adapter", name)[0][0]

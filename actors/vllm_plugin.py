@@ -8,7 +8,9 @@ What it changes:
 1. On a CPU host, vLLM's CPU LoRA ops leave base-model tokens alone
    (``fix_cpu_lora_base_rows``): in every process, so also in the worker processes
    of a multiprocess engine, where the LoRA layers run.
-2. Deep copies of vLLM's thread-safe tokenizer pool are the pool itself. vLLM hands its tokenizer (a ``TokenizerPool``: calls go to one of
+2. The ``coevolve`` weight-transfer engine is registered in vLLM's factory
+   (actors/weight_transfer.py), so every worker of an engine can build it.
+3. Deep copies of vLLM's thread-safe tokenizer pool are the pool itself. vLLM hands its tokenizer (a ``TokenizerPool``: calls go to one of
 several private deep copies, so it may be shared across threads) to
 transformers when it loads the model's processor, and transformers deep-copies
 its keyword arguments three times per load (``get_processor_dict``,
@@ -36,7 +38,10 @@ def register() -> None:
     import torch
     from vllm.tokenizers.hf import ThreadSafeHFTokenizerMixin
 
+    from actors.weight_transfer import register_engine
+
     ThreadSafeHFTokenizerMixin.__deepcopy__ = _share_pool
+    register_engine()  # the ``coevolve`` weight-transfer engine (actors/weight_transfer.py)
     if not torch.cuda.is_available():
         fix_cpu_lora_base_rows()
 

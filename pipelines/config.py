@@ -153,7 +153,15 @@ class GeneratorConfig:
         "start, slower decode: false costs the ~50M benchmark model (benchmarks/vs_trl.py) "
         "~20 s of start-up per engine on CPU and saves ~15% of its generate time at 256 new "
         "tokens. vLLM compiles nothing with LoRA on CPU.")
-    bucket_mb: int = param(256, "Weight-sync bucket size in MiB (one object-store put each).", gt=0)
+    bucket_mb: int = param(
+        1024, "Weight-push bucket size in MiB: what the trainer's rank 0 gathers, casts and "
+              "broadcasts at once (two exist while one is on the wire); one object-store put "
+              "each where pushes go through the object store.", gt=0)
+    sync_timeout_s: float = param(
+        300.0, "Longest wait for an engine to receive a weight push (its transfer group's "
+               "timeout too); an engine past it is restarted and pushed to again. Keep it "
+               "below trainer.collective_timeout_s: the trainer's other ranks wait for rank "
+               "0 in the gathers meanwhile.", gt=0)
     multiprocess: Literal["auto", "always", "never"] = param(
         "auto", "vLLM's engine core in its own process (always) or in the engine actor's "
         "(never: starts in seconds on CPU). auto: never on a CPU host with tensor_parallel 1, "

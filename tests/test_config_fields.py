@@ -32,6 +32,8 @@ ELSEWHERE = {
     "generator.call_timeout_s": "the pools' wait on weight pushes and other engine calls "
                                 "(engines.Engines); tests/test_driver.py",
     "generator.start_timeout_s": "the pools' wait for an engine start (engines.Engines)",
+    "generator.sync_timeout_s": "the pools' wait for a weight push (engines.Engines); "
+                                "tests/test_phase_loop.py settings test",
     "trainer.call_timeout_s": "the trainer group's wait on one call (phase.PhaseRunner); "
                               "tests/test_trainer.py hung rank",
     "trainer.collective_timeout_s": "the trainer group's torch.distributed timeout "

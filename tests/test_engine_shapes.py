@@ -45,7 +45,8 @@ def requests() -> list[Request]:
 
 @pytest.fixture(scope="module")
 def trained(ray_cluster, tmp_path_factory):
-    """(bucket refs, manifest, hf/ export) of a 1-rank trainer after one optimizer step."""
+    """(bucket refs, manifest, hf/ export, the group) of a 1-rank trainer after one
+    optimizer step."""
     import ray
     from conftest import make_train_batch
 
@@ -69,7 +70,7 @@ def trained(ray_cluster, tmp_path_factory):
         manifest = WeightVersion.of(ray.get(refs), version=1)
         export = tmp_path_factory.mktemp("shapes") / "hf"
         group.export_hf(str(export))
-        yield refs, manifest, str(export)
+        yield refs, manifest, str(export), group
     finally:
         group.shutdown()
 
@@ -122,7 +123,7 @@ def mp(trained):
 
 def sync(pool, trained) -> int:
     """The trained weights as the pool's next version; that version."""
-    refs, manifest, _ = trained
+    refs, manifest, *_ = trained
     version = pool.version + 1
     pool.update_weights(refs, version=version, manifest=manifest)
     return version
@@ -133,7 +134,7 @@ def test_multiprocess_and_tensor_parallel_engines_load_the_trainers_weights(trai
     log-probs); a TP=2 engine gives the same greedy tokens as TP=1."""
     import ray
 
-    refs, manifest, export = trained
+    refs, manifest, export, _ = trained
     tp = start("tp", spec(tensor_parallel=2), threads=2)
     try:
         assert ray.get(mp.actors[0].health.remote())["pid"]
@@ -168,6 +169,33 @@ def test_multiprocess_and_tensor_parallel_engines_load_the_trainers_weights(trai
     assert [c.token_ids for c in synced_tp] == [c.token_ids for c in reference]
 
 
+def test_a_push_over_the_transfer_protocol_equals_the_object_store_sync_in_every_shape(
+        trained, mp):
+    """``push_from``: the trainer's rank 0 broadcasts buckets to the workers of an
+    in-process, a multiprocess and a tensor-parallel-2 engine over gloo (vLLM's
+    weight-transfer protocol, the coevolve engine); each then samples exactly what the
+    object-store sync of the same weights gives it (tokens and log-probs)."""
+    refs, manifest, _, group = trained
+    inproc = start("inproc", spec())
+    tp = start("tp-push", spec(tensor_parallel=2), threads=2)
+    try:
+        for pool in (inproc, mp, tp):
+            [got] = pool.push_from(group, (version := pool.version + 1), bucket_bytes=1 << 20)
+            assert got["version"] == version and got["bytes"] == manifest.total_bytes
+            pushed = first(pool)
+            pool.update_weights(refs, version=version + 1, manifest=manifest)
+            synced = first(pool)
+            for a, b in zip(pushed, synced):
+                assert a.token_ids == b.token_ids, pool.role
+                assert np.array_equal(a.logprobs, b.logprobs), pool.role
+                assert (a.version, b.version) == (version, version + 1)
+        # a second push reuses the groups (no new rendezvous)
+        assert inproc.push_from(group, inproc.version + 1, bucket_bytes=1 << 20)[0]["seconds"]
+    finally:
+        inproc.shutdown()
+        tp.shutdown()
+
+
 def test_failed_sync_breaks_a_multiprocess_engine_and_the_pool_restarts_it(trained, mp):
     """A reload that fails half-way in the worker process marks the engine broken; the
     pool restarts it at the version it serves."""
@@ -176,7 +204,7 @@ def test_failed_sync_breaks_a_multiprocess_engine_and_the_pool_restarts_it(train
     from actors.generator import EngineBroken
     from actors.weights import put_buckets
 
-    refs, manifest, _ = trained
+    refs, manifest, *_ = trained
     version = sync(mp, trained)
     synced = [c.token_ids for c in first(mp)]
     restarts = mp.restarts
@@ -227,7 +255,7 @@ def test_object_store_stays_flat_over_twenty_syncs_into_worker_processes(trained
     handles the workers get do not pin them (a pickled ObjectRef would)."""
     import ray
 
-    refs, manifest, _ = trained
+    refs, manifest, *_ = trained
     buckets = ray.get(refs)
     size = manifest.total_bytes
     used = []

@@ -606,7 +606,8 @@ def test_the_timeout_settings_and_the_run_budget_reach_the_pools_and_trainer_gro
     monkeypatch.setattr(actors.pool, "GeneratorPool", type("GeneratorPool", (Recorder,), {}))
     monkeypatch.setattr(phase_module, "TrainerGroup", type("TrainerGroup", (Recorder,), {}))
     r = runner(tmp_path, "generator.stall_timeout_s=7", "generator.call_timeout_s=8",
-               "generator.start_timeout_s=9", "trainer.call_timeout_s=10",
+               "generator.start_timeout_s=9", "generator.sync_timeout_s=6",
+               "trainer.call_timeout_s=10",
                "trainer.collective_timeout_s=11", "run.max_restarts=4")
     layout = phase_layouts(r.cfg.placement)[0]
     r.placement = types.SimpleNamespace(
@@ -617,7 +618,8 @@ def test_the_timeout_settings_and_the_run_budget_reach_the_pools_and_trainer_gro
     engines.pool("policy", "tiny://qwen2.5-vl", r.placement)
     r._start_group()
     [pool] = made["GeneratorPool"]
-    assert (pool["stall_timeout_s"], pool["call_timeout_s"], pool["start_timeout_s"]) == (7, 8, 9)
+    assert (pool["stall_timeout_s"], pool["call_timeout_s"], pool["start_timeout_s"],
+            pool["sync_timeout_s"]) == (7, 8, 9, 6)
     assert pool["restarts"] is engines.restarts and engines.restarts.limit == 4
     [group] = made["TrainerGroup"]
     assert (group["call_timeout_s"], group["timeout_s"]) == (10, 11)

@@ -59,6 +59,7 @@ class Engines:
                 role, spec, layout.engines, run=self.cfg.run.name, wait=False,
                 restarts=self.restarts, stall_timeout_s=g.stall_timeout_s,
                 call_timeout_s=g.call_timeout_s, start_timeout_s=g.start_timeout_s,
+                sync_timeout_s=g.sync_timeout_s,
                 **placement.pool_kwargs(role))
         for role, pool in starting.items():
             pool.wait_ready()

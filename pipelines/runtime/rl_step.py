@@ -126,6 +126,17 @@ class RLSteps:
         elif resumed or rollback:
             self.push(self.policy(None), self.version, rollback=rollback)
 
+    @property
+    def transfer(self) -> bool:
+        """Full weights go from the trainer's rank 0 to the engines' workers over vLLM's
+        weight-transfer protocol (actors/weight_push.py), except where the engines may
+        need them while the trainer updates (``run.overlap``: a restarted engine could
+        not be brought back to the weights it served) or share the trainer's devices
+        (colocated; NCCL does not connect two processes on one GPU): there the object
+        store carries them, on every host alike."""
+        r = self.r
+        return not r.cfg.run.overlap and r.phase.role not in r.placement.layout.colocate
+
     def push(self, policy: PolicyState, version: int, rollback: bool = False) -> None:
         """One policy's new weights to the engines: its adapter, or the full weights (with
         LoRA: the role's adapter, which the pool then serves to every request)."""
@@ -139,6 +150,9 @@ class RLSteps:
         if r.cfg.trainer.lora.enabled:
             r.pool.load_adapter(r.phase.role, r.group.adapter(), version)
             r.pool.default_adapter = r.phase.role
+        elif self.transfer:
+            r.pool.push_from(r.group, version, bucket_bytes=r.cfg.generator.bucket_mb << 20,
+                             rollback=rollback)
         else:
             refs = r.group.weight_buckets(r.cfg.generator.bucket_mb << 20)
             r.pool.update_weights(refs, version, rollback=rollback)
