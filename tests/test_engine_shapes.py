@@ -196,6 +196,28 @@ def test_a_push_over_the_transfer_protocol_equals_the_object_store_sync_in_every
         tp.shutdown()
 
 
+def test_a_push_whose_plan_differs_from_the_model_is_refused_before_anything_loads(
+        trained, mp):
+    """A plan with a tensor the model lacks, or one of the wrong shape, is refused by the
+    engine before it joins the broadcast: nothing loads, the engine keeps serving."""
+    import dataclasses
+
+    import ray
+
+    *_, group = trained
+    version = sync(mp, trained)
+    before = [c.token_ids for c in first(mp)]
+    good = dataclasses.asdict(group.transfer_plan(1 << 20, "float32"))
+    renamed = {**good, "names": ["model.not_a_layer.weight", *good["names"][1:]]}
+    reshaped = {**good, "shapes": [[1, 1], *good["shapes"][1:]]}
+    for bad in (renamed, reshaped):
+        with pytest.raises(ValueError):
+            ray.get(mp.actors[0].receive_weights.remote(bad, version + 1))
+    health = mp.health()[0]
+    assert not health["broken"] and health["version"] == version
+    assert [c.token_ids for c in first(mp)] == before
+
+
 def test_failed_sync_breaks_a_multiprocess_engine_and_the_pool_restarts_it(trained, mp):
     """A reload that fails half-way in the worker process marks the engine broken; the
     pool restarts it at the version it serves."""
