@@ -49,14 +49,10 @@ and vLLM expands the image placeholders with the same processor, so a trainer
 that runs the processor on the same text and images rebuilds the identical
 token sequence (``prompt_ids`` here).
 
-vLLM on CPU (facts checked on a 2-core host, see docs/architecture.md):
-``VLLM_CPU_KVCACHE_SPACE`` must be set; an in-process engine
-(``EngineSpec.multiprocess``) starts in seconds instead of ~20 s; tensor
-parallelism runs with the ``mp`` executor, one process per rank, the
-engine's threads split between them; a per-request seed crashes when
-a prefill is split across steps, so CPU engines run without chunked prefill
-(a prompt that does not fit the step's token budget waits for the next step)
-and with ``max_num_batched_tokens`` at least ``max_model_len``.
+vLLM on CPU (docs/architecture.md): ``VLLM_CPU_KVCACHE_SPACE`` must be set; an
+in-process engine starts in seconds; tensor parallelism runs with the ``mp``
+executor; CPU engines run without chunked prefill (a per-request seed crashes when a
+prefill is split) and with ``max_num_batched_tokens`` at least ``max_model_len``.
 """
 
 from __future__ import annotations
@@ -110,7 +106,7 @@ class GeneratorActor:
         self._asleep = False
         self._busy: str | None = None  # the verb running, for health()
         self._progress_at = time.monotonic()  # its start, or its last engine step
-        self._stall = 0.0  # stall(): seconds the next generate makes no progress
+        self._stall: dict[str, float] = {}  # stall(): verb -> seconds it does nothing
         self._counters = {"requests": 0, "refused": 0, "samples": 0, "prompt_tokens": 0,
                           "tokens": 0,
                           "seconds": 0.0, "weight_updates": 0, "weight_bytes": 0,
@@ -188,19 +184,17 @@ class GeneratorActor:
         """Step the engine until every queued request finished (vLLM's ``LLM._run_engine``
         without its progress bar), noting each step's time for ``health()``; the outputs
         in queue order (sorted by vLLM's request counter)."""
-        if self._stall:
-            stall, self._stall = self._stall, 0.0
-            time.sleep(stall)
+        time.sleep(self._stall.pop("generate", 0.0))
         engine, outputs = self.llm.llm_engine, []
         while engine.has_unfinished_requests():
             outputs += [out for out in engine.step() if out.finished]
             self._progress_at = time.monotonic()
         return sorted(outputs, key=lambda out: int(out.request_id))
 
-    def stall(self, seconds: float) -> None:
-        """A test hook: the next ``generate`` makes no progress for ``seconds`` (its
-        pool should find it hung, restart it and send its requests again)."""
-        self._stall = float(seconds)
+    def stall(self, seconds: float, verb: str = "generate") -> None:
+        """A test hook: the next ``generate`` (or ``receive_weights``) does nothing for
+        ``seconds`` (its pool should find it hung, restart it and serve or push again)."""
+        self._stall[verb] = float(seconds)
 
     def _enqueue(self, req: Request, params, queued: list, index: int) -> str | None:
         """Queue one request in the engine; the reason if the engine refused it.
@@ -305,22 +299,30 @@ class GeneratorActor:
         self._check_manifest(WeightVersion(version, tuple(update["names"]), tuple(shapes),
                                            tuple(update["dtype_names"]), total))
         self._busy, self._progress_at = "receive_weights", time.monotonic()
+        time.sleep(self._stall.pop("receive_weights", 0.0))
+        marks = [time.perf_counter()]
         try:
             self.llm.start_weight_update()
-            self.llm.update_weights({"update_info": update})
-            self.llm.finish_weight_update()
+            marks.append(time.perf_counter())
+            self.llm.update_weights({"update_info": update})  # receive and load, per bucket
+            marks.append(time.perf_counter())
+            self.llm.finish_weight_update()  # the layers' weight processing
+            marks.append(time.perf_counter())
         except Exception as exc:
             self._broken = f"weight transfer of version {version} failed: {exc!r}"
             raise EngineBroken(self._broken) from exc
         finally:
             self._busy = None
         self._reset_caches()
+        marks.append(time.perf_counter())
+        steps = dict(zip(("start_seconds", "receive_load_seconds", "finish_seconds",
+                          "reset_seconds"), [b - a for a, b in zip(marks, marks[1:])]))
         self.version = version
         elapsed = time.perf_counter() - start
         c = self._counters
         c["weight_updates"], c["weight_bytes"] = c["weight_updates"] + 1, c["weight_bytes"] + total
         c["weight_seconds"] += elapsed
-        return {"version": version, "bytes": total, "seconds": elapsed}
+        return {"version": version, "bytes": total, "seconds": elapsed, **steps}
 
     def load_adapter(self, name: str, payload_ref, version: int) -> dict:
         """Serve a LoRA adapter under ``name`` from now on (replacing an older version).

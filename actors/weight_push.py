@@ -68,7 +68,8 @@ def send(pool, engines: list[int]) -> list[dict]:
             cause = f"no weights within {pool.sync_timeout_s:.0f} s (generator.sync_timeout_s)"
         else:
             try:
-                results.append({**ray.get(ref), "send_seconds": sent.get("seconds", 0.0)})
+                results.append({**ray.get(ref), "send_seconds": sent.get("seconds", 0.0),
+                                "send_wait_seconds": sent.get("wait_seconds", 0.0)})
                 continue
             except (ray.exceptions.RayActorError, EngineBroken) as err:
                 cause = cause or err

@@ -296,3 +296,57 @@ def test_object_store_stays_flat_over_twenty_syncs_into_worker_processes(trained
     # Measured: 1, 2, 1, 2, ... versions (the fixture's own, and the last one while Ray
     # frees it asynchronously); twenty pinned versions would climb to 21.
     assert max(used) < 2.5 * size, [round(u / size, 2) for u in used]
+
+
+def test_a_push_that_stalls_times_out_and_the_engine_is_restarted_and_pushed_again(
+        trained, mp):
+    """The engine does not read a push (the test hook ``stall``): after
+    ``sync_timeout_s`` the pool restarts it and pushes to it alone; it then samples what
+    the object-store sync of the same weights gives."""
+    import ray
+
+    refs, manifest, _, group = trained
+    version = sync(mp, trained)
+    synced = [c.token_ids for c in first(mp)]
+    timeout, mp.sync_timeout_s = mp.sync_timeout_s, 5.0
+    mp.linked.clear()  # the groups open again, with the short timeout
+    try:
+        ray.get(mp.actors[0].stall.remote(300, "receive_weights"))
+        restarts = mp.restarts
+        [got] = mp.push_from(group, version + 1, bucket_bytes=1 << 20)
+    finally:
+        mp.sync_timeout_s = timeout
+    assert got == {"restarted": True} and mp.restarts == restarts + 1
+    health = mp.health()[0]
+    assert health["version"] == version + 1 and not health["broken"]
+    assert [c.token_ids for c in first(mp)] == synced
+
+
+def test_memory_stays_flat_over_twenty_pushes(trained, mp):
+    """Neither the trainer's rank 0 nor the engine's processes keep what a push sent:
+    their resident memory after push 20 is within a few pushes' bytes of push 5."""
+    import os
+
+    import psutil
+    import ray
+
+    *_, group = trained
+    trainer_pid = ray.get(group.actors[0].__ray_call__.remote(lambda self: os.getpid()))
+    engine_root = psutil.Process(mp.health()[0]["pid"])
+
+    def resident() -> dict[str, int]:
+        procs = {"trainer": psutil.Process(trainer_pid), "engine": engine_root,
+                 **{f"engine child {p.pid}": p for p in engine_root.children(recursive=True)}}
+        return {name: p.memory_info().rss for name, p in procs.items()}
+
+    size = None
+    for push in range(1, 21):
+        [got] = mp.push_from(group, mp.version + 1, bucket_bytes=1 << 20)
+        size = got["bytes"]
+        if push == 5:
+            before = resident()
+    after = resident()
+    growth = {name: after[name] - before.get(name, 0) for name in after}
+    print(f"resident growth over pushes 5..20 (push of {size / 1e6:.1f} MB): "
+          f"{ {k: round(v / 1e6, 1) for k, v in growth.items()} } MB")
+    assert max(growth.values()) < 5 * size, growth
