@@ -64,13 +64,20 @@ class CoevolveTransferEngine(WeightTransferEngine[CoevolveInitInfo, CoevolveUpda
         if self.group is None:
             raise RuntimeError("weight transfer not initialized: init_weight_transfer_engine "
                                "first")
+        # bucket k+1 arrives (the group's own thread) while bucket k loads here
+        received = None
         for entries in update_info.buckets():
             nbytes = sum(torch.Size(shape).numel() * dtype.itemsize
                          for _, shape, dtype in entries)
             # a fresh buffer per bucket: the layerwise reload keeps its tensors
             buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            broadcast(self.group, buffer).wait()
-            self.model.load_weights(split_bucket(buffer, entries))
+            work = broadcast(self.group, buffer)
+            if received is not None:
+                self.model.load_weights(split_bucket(*received))
+            work.wait()
+            received = (buffer, entries)
+        if received is not None:
+            self.model.load_weights(split_bucket(*received))
 
     def shutdown(self) -> None:
         self.group = None  # the backend object closes its connections when freed
