@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -288,16 +287,15 @@ class GeneratorActor:
         """Receive full weights over the transfer group (``update``: the push's
         ``weight_transfer.Plan``, checked against the model before anything loads) while
         the trainer sends them; broken on a failure half-way, as ``update_weights``."""
-        import torch
-
+        from actors.weight_transfer import Plan
         from actors.weights import WeightVersion
 
         self._check_usable()
-        start, shapes = time.perf_counter(), [tuple(s) for s in update["shapes"]]
-        total = sum(math.prod(s) * getattr(torch, d).itemsize
-                    for s, d in zip(shapes, update["dtype_names"]))
-        self._check_manifest(WeightVersion(version, tuple(update["names"]), tuple(shapes),
-                                           tuple(update["dtype_names"]), total))
+        start, plan = time.perf_counter(), Plan(**update)
+        total = plan.total_bytes
+        self._check_manifest(WeightVersion(version, tuple(plan.names),
+                                           tuple(tuple(s) for s in plan.shapes),
+                                           tuple(plan.dtype_names), total))
         self._busy, self._progress_at = "receive_weights", time.monotonic()
         time.sleep(self._stall.pop("receive_weights", 0.0))
         marks = [time.perf_counter()]

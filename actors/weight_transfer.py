@@ -28,7 +28,7 @@ import datetime
 import math
 import socket
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -243,9 +243,6 @@ def init_info(host: str, port: int, world_size: int, backend: str, timeout_s: fl
     return {"master_address": host, "master_port": port, "world_size": world_size,
             "backend": backend, "timeout_s": timeout_s}
 
-
-def update_info(the_plan: Plan) -> dict:
-    return asdict(the_plan)
 
 
 class TrainerWeightSender:
