@@ -298,6 +298,10 @@ class GeneratorPool:
             self.in_flight[i] += len(idxs)
         return self.actors[i].generate.remote([requests[j] for j in idxs])
 
+    def restart(self, i: int, cause: BaseException | str) -> None:
+        """Recreate engine i at the weights and adapters the pool serves now."""
+        self._restart(i, cause)
+
     def _restart(self, i: int, cause: BaseException | str, weights=None, adapters=None) -> None:
         """Recreate engine i and bring it to ``weights`` and ``adapters`` (default: current),
         paid from the restart budget (``RestartsExhausted`` when it has none left)."""

@@ -10,8 +10,9 @@ SFT loss. Verbs, called explicitly by the driver:
     compute_logprobs(batch, reference=False, adapter=None) -> per-sample completion log-probs
     forward_backward(batch, adapter=None) -> metrics   (accumulates gradients)
     optim_step(adapter=None) -> metrics     (clip, AdamW, LR schedule, zero grads)
-    weight_buckets(bucket_bytes) -> refs    (full tensors)
-    adapter(name=None) -> [ref]             (a LoRA adapter's peft payload)
+    weight_buckets(bucket_bytes, dtype) -> refs  (object-store pushes; weight_transfer.py)
+    transfer_plan / send_weights            (pushes over vLLM's weight-transfer protocol)
+    adapter(name=None, dtype=None) -> [ref] (a LoRA adapter's peft payload)
     save(dir) / load(dir)                   (torch.distributed.checkpoint, reshardable)
     export_hf(dir)                          (a folder for transformers / vLLM / peft)
 
@@ -203,22 +204,11 @@ class TrainerActor(TrainerWeightSender):
                 "train/step": self.policy_steps[policy],
                 "train/skipped_nonfinite": 0.0 if finite else 1.0}
 
-    def weight_buckets(self, bucket_bytes: int = 256 << 20) -> list:
-        """Rank 0 returns object refs of the weight buckets; other ranks return []."""
-        from actors.weights import make_buckets, put_buckets
-
-        state = fsdp.full_state_dict(self.model)
-        if self.rank != 0:
-            return []
-        if self.spec.lora is not None:
-            state = {peft_name(k): v for k, v in state.items() if "lora_" in k}
-        return put_buckets(make_buckets(state.items(), bucket_bytes))
-
-    def adapter(self, name: str | None = None) -> list:
+    def adapter(self, name: str | None = None, dtype: str | None = None) -> list:
         """The LoRA adapter ``name`` (default: the first) for the engines: on rank 0
         ``[ObjectRef]`` of ``actors.weights.adapter_payload`` (peft's config, tensors under
-        peft's file names), ``[]`` elsewhere. Every rank must call it (the tensors are
-        gathered)."""
+        peft's file names, cast to ``dtype``, the engines', on the trainer's device; None:
+        float32), ``[]`` elsewhere. Every rank must call it (the tensors are gathered)."""
         import ray
         from torch.distributed.tensor import DTensor
 
@@ -235,7 +225,8 @@ class TrainerActor(TrainerWeightSender):
         for param_name, p in self.model.named_parameters():
             if adapter_of(param_name) == adapter:
                 full = p.full_tensor() if isinstance(p, DTensor) else p
-                tensors.append((peft_name(param_name, adapter), full.detach().float().cpu()))
+                wire = getattr(torch, dtype or "float32")
+                tensors.append((peft_name(param_name, adapter), full.detach().to(wire).cpu()))
         if self.rank != 0:
             return []
         config = self.model.peft_config[adapter].to_dict()

@@ -162,8 +162,9 @@ class TrainerGroup:
     def optim_step(self, adapter: str | None = None) -> dict:
         return self._all("optim_step", adapter)[0]
 
-    def weight_buckets(self, bucket_bytes: int = 256 << 20) -> list:
-        return self._all("weight_buckets", bucket_bytes)[0]
+    def weight_buckets(self, bucket_bytes: int = 256 << 20, dtype: str | None = None) -> list:
+        """Rank 0's object refs of the weight buckets, cast to ``dtype`` (the engines')."""
+        return self._all("weight_buckets", bucket_bytes, dtype)[0]
 
     def transfer_plan(self, bucket_bytes: int, dtype: str):
         """The ``weight_transfer.Plan`` of a push in ``dtype`` (rank 0's)."""
@@ -187,9 +188,9 @@ class TrainerGroup:
         same time); rank 0's bytes, seconds and the keys whose sends failed."""
         return self._all("send_weights", keys, plan)[0]
 
-    def adapter(self, name: str | None = None):
-        """ObjectRef of the LoRA adapter payload (``TrainerActor.adapter``)."""
-        return self._all("adapter", name)[0][0]
+    def adapter(self, name: str | None = None, dtype: str | None = None):
+        """ObjectRef of the LoRA adapter payload in ``dtype`` (``TrainerActor.adapter``)."""
+        return self._all("adapter", name, dtype)[0][0]
 
     def embed_mean(self, token_lists: list[list[int]]) -> np.ndarray:
         """``TrainerActor.embed_mean`` (rank 0's result)."""

@@ -101,3 +101,66 @@ def link(pool, trainer, engines: list[int]) -> None:
                                f"transfer group within {pool.sync_timeout_s:.0f} s")
         ray.get(calls)
         pool.linked[i] = token
+
+
+# -- the probe after a push -------------------------------------------------------------
+
+PROBE_TOKENS = 16
+
+
+class SyncMismatch(RuntimeError):
+    """An engine's log-probs of the probe differ from the trainer's past the tolerance:
+    the weights it serves are not the ones the trainer sent."""
+
+
+def probe_request(adapter: str | None = None):
+    """The probe: a drawn picture and a fixed question (the vision tower's weights take
+    part too), ``PROBE_TOKENS`` greedy tokens."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from actors.sampling import Request, Sampling
+
+    y, x = np.mgrid[0:64, 0:64]
+    pixels = np.stack([x * 4, y * 4, (x + y) * 2], axis=-1).astype(np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    question = [{"type": "image"}, {"type": "text", "text": "Describe this picture."}]
+    return Request([{"role": "user", "content": question}], images=[png.getvalue()],
+                   sampling=Sampling(temperature=0.0, max_tokens=PROBE_TOKENS),
+                   adapter=adapter)
+
+
+def check(pool, trainer, engine: int, tol: float, adapter: str | None = None) -> float:
+    """The mean |engine - trainer| log-prob of the probe's tokens as engine ``engine``
+    samples them and the trainer scores them (``adapter``: the policy both serve;
+    None: the full weights, or the pool's default adapter). ``SyncMismatch`` naming the
+    engine past ``tol``: in fp32 the two agree to ~1e-6, in bf16 to a few 1e-2, and
+    weights that did not arrive as sent give far more."""
+    import numpy as np
+    import ray
+
+    from actors.batching import TrainBatch
+
+    request = probe_request(adapter or pool.default_adapter)
+    [[sample]] = ray.get(pool.actors[engine].generate.remote([request]),
+                         timeout=pool.call_timeout_s)
+    if sample.refused or not sample.token_ids:
+        raise SyncMismatch(f"{pool.name(engine)} gave no tokens for the sync probe "
+                           f"({sample.finish_reason}: {sample.text[:200]})")
+    ids = np.asarray(sample.prompt_ids + sample.token_ids, dtype=np.int64)
+    rows = trainer.world_size  # every rank scores one copy
+    batch = TrainBatch([ids] * rows, np.full(rows, len(sample.prompt_ids)),
+                       np.zeros(rows, dtype=np.int64), [list(request.images)])
+    scored = trainer.compute_logprobs(batch, adapter=adapter)[0]
+    diff = np.abs(np.asarray(sample.logprobs, dtype=np.float64) - scored)
+    mean = float(diff.mean())
+    if not mean <= tol:
+        raise SyncMismatch(
+            f"{pool.name(engine)} serves weights version {sample.version} whose log-probs of "
+            f"the sync probe differ from the trainer's by {mean:.3g} per token on average "
+            f"(max {diff.max():.3g}; generator.sync_check_tol {tol}): the weights it "
+            f"serves are not the ones the trainer sent")
+    return mean

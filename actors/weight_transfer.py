@@ -205,6 +205,12 @@ class BucketSender:
                 "failed": failed}
 
 
+def wire_dtype(tensor: torch.Tensor, dtype: str | None) -> torch.dtype:
+    """What ``tensor`` is sent as: floating point in the engines' ``dtype`` (None: its
+    own), anything else as it is."""
+    return getattr(torch, dtype) if dtype and tensor.is_floating_point() else tensor.dtype
+
+
 def gather_buckets(named: Iterable[tuple[str, torch.Tensor]], the_plan: Plan,
                    leader: bool) -> Iterator[torch.Tensor | None]:
     """The plan's buckets from a model's named tensors (DTensors gathered one at a time,
@@ -264,9 +270,32 @@ class TrainerWeightSender:
         """The push's plan: the model's state-dict tensors (names as transformers saves
         them), each sent as ``dtype`` (the engines'), from the shards' metadata (no
         gather)."""
-        wire = getattr(torch, dtype)
-        return plan(((name, tuple(t.shape), wire if t.is_floating_point() else t.dtype)
+        return plan(((name, tuple(t.shape), wire_dtype(t, dtype))
                      for name, t in self.model.state_dict().items()), bucket_bytes)
+
+    def weight_buckets(self, bucket_bytes: int = 256 << 20, dtype: str | None = None) -> list:
+        """Rank 0: object refs of the weights as ``actors.weights`` buckets, for pushes
+        through the object store (``GeneratorPool.update_weights``); [] elsewhere. Like
+        ``send_weights``, every rank gathers one bucket at a time and rank 0 casts it to
+        ``dtype`` (the engines'; None: as trained) on its device before it leaves, so no
+        rank holds the whole model. With LoRA: the adapters' tensors under peft's names."""
+        import ray
+
+        from actors.lora import peft_name
+        from actors.weights import to_numpy
+
+        named = list(self.model.state_dict().items())
+        if self.spec.lora is not None:
+            named = [(peft_name(k), v) for k, v in named if "lora_" in k]
+        the_plan = plan(((n, tuple(t.shape), wire_dtype(t, dtype)) for n, t in named),
+                        bucket_bytes)
+        refs = []
+        for entries, flat in zip(the_plan.buckets(),
+                                 gather_buckets(named, the_plan, leader=self.rank == 0)):
+            if flat is not None:
+                refs.append(ray.put([(n, to_numpy(t)) for n, t in
+                                     split_bucket(flat.cpu(), entries)]))
+        return refs
 
     def send_weights(self, keys: list[str], the_plan: Plan) -> dict:
         """Every rank: gather the plan's buckets one at a time; rank 0 sends each to the

@@ -21,6 +21,9 @@ the policy that sampled it, so neither system runs a separate old-log-prob
 pass (TRL ``num_iterations=1``, ``steps_per_generation=1``; coevolve's
 ``behaviour_logprobs: auto``).
 
+- TRL twice: plain, and in a process with the two allocator variables coevolve's
+  trainer ranks set (``MALLOC_MMAP_MAX_=0``, no trimming: freed memory kept), so
+  the table separates that setting from the rest.
 - TRL: Hugging Face ``generate`` with the live model (``use_vllm=False``), one
   process with every core (``torch.set_num_threads``). A step is
   ``on_step_begin`` -> ``on_step_end`` of a ``TrainerCallback``; ``generate``
@@ -40,8 +43,8 @@ pass (TRL ``num_iterations=1``, ``steps_per_generation=1``; coevolve's
   checkpoints at its last step whatever ``run.save_every`` says, so a coevolve
   run takes one more step than it times and drops it.
 
-Every run is a fresh subprocess (no shared caches), the two systems
-alternating (TRL, coevolve, TRL, ...) for ``--repeats`` rounds per
+Every run is a fresh subprocess (no shared caches), the systems
+alternating (TRL, TRL same malloc, coevolve, TRL, ...) for ``--repeats`` rounds per
 ``--new-tokens`` value. A run takes ``--warmup`` untimed steps, then
 ``--steps`` timed ones; its figure is the median timed step. Per system the
 table shows the median over runs, their range, the breakdown's medians, the
@@ -49,7 +52,7 @@ startup (not in the step: TRL model load + trainer construction + ``train()``
 up to its first step; coevolve Ray, engines and trainer ranks up to its first
 step), the mean completion length and the share of samples that ended at an
 end token rather than at the budget (a random model does, now and then); and
-the ratio TRL / coevolve of the step medians.
+the ratios TRL / coevolve of the step medians (plain and same malloc).
 
 Prints a table and writes ``benchmarks/results/vs_trl-<time>.json``.
 """
@@ -74,7 +77,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ("tiny://qwen2.5-vl?hidden=640&layers=8&heads=10&kv_heads=2&intermediate=2304"
          "&vocab=4096&vision_hidden=256&vision_layers=4&vision_heads=4")
 CONFIG = "configs/simple/tiny-cpu.yaml"
-SYSTEMS = {"trl": "TRL GRPOTrainer", "coevolve": "coevolve simple"}
+# trl-alloc: TRL in a process with the allocator variables coevolve's trainer ranks run
+# with (actors/trainer_group.py, KEEP_FREED_MEMORY), to separate that from the rest
+SYSTEMS = {"trl": "TRL GRPOTrainer", "trl-alloc": "TRL, same malloc", "coevolve": "coevolve simple"}
+TRL_SYSTEMS = ("trl", "trl-alloc")
 COEVOLVE_PARTS = ("generate", "reward", "logprobs", "update", "weight_sync", "save", "overhead")
 TRL_PARTS = ("generate", "reward", "prepare", "update")
 
@@ -260,7 +266,7 @@ def worker(args) -> int:
     scratch = tempfile.mkdtemp(prefix=f"vs_trl-{args.worker}-")
     args.scratch = scratch
     try:
-        result = (trl_worker if args.worker == "trl" else coevolve_worker)(args)
+        result = (trl_worker if args.worker in TRL_SYSTEMS else coevolve_worker)(args)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result["step_s"] = statistics.median(r["step"] for r in result["steps"])
@@ -285,6 +291,10 @@ def run_one(system: str, args, path: str, tokens: int, logs: Path, label: str) -
         cmd += ["--coevolve", item]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    if system == "trl-alloc":  # read by glibc at process start
+        from actors.trainer_group import KEEP_FREED_MEMORY
+
+        env.update(KEEP_FREED_MEMORY)
     start = time.perf_counter()
     with open(log, "w") as f:
         code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
@@ -326,7 +336,8 @@ def print_shape(tokens: int, args, summary: dict) -> None:
         print(f"  {name:<18}{parts}")
     if any(summary[s]["stopped"] for s in SYSTEMS):
         print("  (samples that ended at an end token are shorter than the budget)")
-    print(f"  TRL / coevolve step time: {summary['ratio']:.2f}x")
+    print(f"  TRL / coevolve step time: {summary['ratio']:.2f}x plain, "
+          f"{summary['ratio_alloc']:.2f}x with the same malloc variables")
 
 
 def host() -> dict:
@@ -340,7 +351,8 @@ def host() -> dict:
                 pass
         return None
 
-    return {"node": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(),
+    return {"node": platform.node(), "machine": platform.machine(), "cpu": _cpu_model(),
+            "cpus": os.cpu_count(),
             "usable_cpus": _cores(), "python": platform.python_version(),
             **{name: version(name) for name in ("torch", "transformers", "trl", "vllm", "ray")}}
 
@@ -352,6 +364,7 @@ def parent(args) -> int:
     path = resolve_model(MODEL)
     n_params = _count_params(path)
     print(f"model {MODEL}: {n_params / 1e6:.1f}M parameters ({path})")
+    print(f"host: {_cpu_model()}, {_cores()} usable cores")
     if args.coevolve:
         print(f"coevolve overrides: {' '.join(args.coevolve)}")
     report = {"model": MODEL, "params": n_params, "host": host(),
@@ -372,9 +385,10 @@ def parent(args) -> int:
                 print(f"  --new-tokens {tokens} round {round_}/{args.repeats}: {name} "
                       f"{r['step_s']:.2f} s/step, startup {r['startup']:.1f} s, "
                       f"{r['tokens']:.1f} tokens/sample ({r['wall_s']:.0f} s in all)", flush=True)
-        summary = {"trl": summarise(runs["trl"], TRL_PARTS),
-                   "coevolve": summarise(runs["coevolve"], COEVOLVE_PARTS)}
+        summary = {s: summarise(runs[s], TRL_PARTS if s in TRL_SYSTEMS else COEVOLVE_PARTS)
+                   for s in SYSTEMS}
         summary["ratio"] = summary["trl"]["step_s"] / summary["coevolve"]["step_s"]
+        summary["ratio_alloc"] = summary["trl-alloc"]["step_s"] / summary["coevolve"]["step_s"]
         report["shapes"][str(tokens)] = {"summary": summary, "runs": runs}
         print_shape(tokens, args, summary)
     shutil.rmtree(logs, ignore_errors=True)
@@ -387,6 +401,16 @@ def parent(args) -> int:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def _cores() -> int:

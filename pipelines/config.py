@@ -162,6 +162,15 @@ class GeneratorConfig:
                "timeout too); an engine past it is restarted and pushed to again. Keep it "
                "below trainer.collective_timeout_s: the trainer's other ranks wait for rank "
                "0 in the gathers meanwhile.", gt=0)
+    sync_check_every: int = param(
+        10, "Every this many weight pushes one engine (each in turn) greedily samples a "
+            "fixed prompt with a drawn image and the trainer scores its tokens; a mean "
+            "|engine - trainer| log-prob past sync_check_tol restarts that engine, and a "
+            "second one fails the step naming it. 0 = never. Costs one 16-token request "
+            "and one trainer forward.", ge=0)
+    sync_check_tol: float = param(
+        0.1, "Largest mean |engine - trainer| log-prob per token the sync probe accepts: "
+             "~1e-6 in float32, a few 1e-2 in bfloat16.", gt=0)
     multiprocess: Literal["auto", "always", "never"] = param(
         "auto", "vLLM's engine core in its own process (always) or in the engine actor's "
         "(never: starts in seconds on CPU). auto: never on a CPU host with tensor_parallel 1, "

@@ -38,6 +38,11 @@ ELSEWHERE = {
                               "tests/test_trainer.py hung rank",
     "trainer.collective_timeout_s": "the trainer group's torch.distributed timeout "
                                     "(phase.PhaseRunner)",
+    "generator.sync_check_every": "how often the sync probe runs after a push "
+                                  "(rl_step.RLSteps.verify); tests/test_phase_loop.py probe test",
+    "generator.sync_check_tol": "the sync probe's tolerance (rl_step.RLSteps.verify); "
+                                "tests/test_phase_loop.py probe test, "
+                                "tests/test_engine_shapes.py",
     "generator.min_kv_sequences": "coevolve plan's KV-cache check; tests/test_footprint.py "
                                   "refusal",
     "algorithm.behaviour_logprobs": "where a phase takes the PPO behaviour log-probs from "

@@ -174,7 +174,10 @@ def test_a_push_over_the_transfer_protocol_equals_the_object_store_sync_in_every
     """``push_from``: the trainer's rank 0 broadcasts buckets to the workers of an
     in-process, a multiprocess and a tensor-parallel-2 engine over gloo (vLLM's
     weight-transfer protocol, the coevolve engine); each then samples exactly what the
-    object-store sync of the same weights gives it (tokens and log-probs)."""
+    object-store sync of the same weights gives it (tokens and log-probs), and its
+    log-probs of the sync probe equal the trainer's."""
+    from actors.weight_push import check
+
     refs, manifest, _, group = trained
     inproc = start("inproc", spec())
     tp = start("tp-push", spec(tensor_parallel=2), threads=2)
@@ -182,6 +185,7 @@ def test_a_push_over_the_transfer_protocol_equals_the_object_store_sync_in_every
         for pool in (inproc, mp, tp):
             [got] = pool.push_from(group, (version := pool.version + 1), bucket_bytes=1 << 20)
             assert got["version"] == version and got["bytes"] == manifest.total_bytes
+            assert check(pool, group, 0, tol=1e-5) < 1e-5, pool.role  # fp32: ~1e-7
             pushed = first(pool)
             pool.update_weights(refs, version=version + 1, manifest=manifest)
             synced = first(pool)
@@ -350,3 +354,102 @@ def test_memory_stays_flat_over_twenty_pushes(trained, mp):
     print(f"resident growth over pushes 5..20 (push of {size / 1e6:.1f} MB): "
           f"{ {k: round(v / 1e6, 1) for k, v in growth.items()} } MB")
     assert max(growth.values()) < 5 * size, growth
+
+
+def test_what_leaves_the_trainer_for_bf16_engines_is_bf16(trained):
+    """A push for bf16 engines, received by a bare process-group member in this process:
+    rank 0 sends every tensor as bf16 (half the fp32 bytes), each the rounding of the
+    trainer's weight; the object-store buckets for bf16 engines are bf16 too."""
+    import threading
+
+    import ray
+    import torch
+
+    from actors.weight_transfer import broadcast, open_group, split_bucket
+    from actors.weights import iter_bucket_tensors
+
+    refs, manifest, _, group = trained
+    trained_weights = {n: t.clone() for ref in refs for n, t in iter_bucket_tensors(ray.get(ref))}
+    plan = group.transfer_plan(1 << 20, "bfloat16")
+    assert set(plan.dtype_names) == {"bfloat16"} and len(plan.bucket_sizes) > 1
+    host, port = group.transfer_endpoint("inspect")
+    received, sizes = {}, []
+
+    def receive():
+        pg = open_group(host, port, 1, 2, "gloo", timeout_s=60)
+        for entries in plan.buckets():
+            buffer = torch.empty(sum(torch.Size(s).numel() * d.itemsize for _, s, d in entries),
+                                 dtype=torch.uint8)
+            broadcast(pg, buffer).wait()
+            sizes.append(buffer.numel())
+            received.update(split_bucket(buffer, entries))
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    ray.get(group.join_transfer("inspect", 2, "gloo", 60))
+    sent = group.send_weights(["inspect"], plan)
+    thread.join(timeout=60)
+    ray.get(group.actors[0].close_transfer.remote("inspect"))
+    assert sent["failed"] == {} and sum(sizes) == sent["bytes"] == plan.total_bytes
+    assert plan.total_bytes * 2 == manifest.total_bytes  # every tensor is floating point
+    assert received.keys() == trained_weights.keys()
+    for name, tensor in received.items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, trained_weights[name].to(torch.bfloat16)), name
+    buckets = [ray.get(ref) for ref in group.weight_buckets(1 << 20, "bfloat16")]
+    assert len(buckets) > 1
+    for name, tensor in (pair for b in buckets for pair in iter_bucket_tensors(b)):
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, trained_weights[name].to(torch.bfloat16)), name
+
+
+def test_a_lora_push_reaches_every_engine_shape_and_the_probe_matches_the_trainer(
+        ray_cluster):
+    """A LoRA trainer's adapter (after one optimizer step) served by an in-process, a
+    multiprocess and a tensor-parallel-2 engine: the sync probe's log-probs equal the
+    trainer's in each; before the adapter arrives the probe names the engine. The
+    adapter's tensors leave the trainer in the engines' dtype."""
+    import ray
+    import torch
+    from conftest import make_train_batch
+
+    from actors.models import resolve_model
+    from actors.objectives import ObjectiveSpec
+    from actors.trainer import LoraSpec, TrainerSpec
+    from actors.trainer_group import TrainerGroup
+    from actors.weight_push import SyncMismatch, check
+    from actors.weights import iter_bucket_tensors
+
+    lora = LoraSpec(rank=4, alpha=8, dropout=0.0)
+    group = TrainerGroup(TrainerSpec(model=MODEL, objective=ObjectiveSpec(kl_coef=0.0), lr=1e-2,
+                                     reference=False, lora=lora, micro_batch_tokens=4096,
+                                     threads=1),
+                         1, name="test/shapes-lora-trainer",
+                         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    lora_spec = {"enable_lora": True, "max_lora_rank": 8}
+    try:
+        batch = make_train_batch(resolve_model(MODEL), n_prompts=2, n=2, seed=6)
+        batch = batch.with_column(old_logprobs=group.compute_logprobs(batch))
+        group.forward_backward(batch)
+        group.optim_step()
+        fp32 = ray.get(group.adapter(dtype="float32"))
+        bf16 = ray.get(group.adapter(dtype="bfloat16"))
+        wire = dict(iter_bucket_tensors(bf16["bucket"]))
+        for name, tensor in iter_bucket_tensors(fp32["bucket"]):
+            assert tensor.dtype == torch.float32 and wire[name].dtype == torch.bfloat16
+            assert torch.equal(wire[name], tensor.to(torch.bfloat16)), name
+        for role, shape in (("lora-inproc", {}), ("lora-mp", {"multiprocess": True}),
+                            ("lora-tp", {"tensor_parallel": 2})):
+            pool = start(role, spec(**lora_spec, **shape), threads=2 if shape else 1)
+            try:
+                if role == "lora-inproc":  # the base, where the trainer serves its adapter
+                    with pytest.raises(SyncMismatch, match=pool.name(0)):
+                        check(pool, group, 0, tol=1e-5)
+                pool.load_adapter("policy", group.adapter(dtype="float32"), version=1)
+                pool.default_adapter = "policy"
+                diff = check(pool, group, 0, tol=1e-5)
+                print(f"{role}: sync probe |engine - trainer| = {diff:.2e}")
+            finally:
+                pool.shutdown()
+    finally:
+        group.shutdown()

@@ -49,6 +49,7 @@ class TablePhase:
 
 class FakePool:
     restarts = 0
+    spec = types.SimpleNamespace(dtype="float32")
 
     def __init__(self):
         self.pushed = []  # (adapter, version) in push order
@@ -78,7 +79,7 @@ class FakeGroup:
         self.adapters.append(adapter)
         return {"policy/kl": self.kl, "train/tokens": float(batch.completion_tokens())}
 
-    def adapter(self, name=None):
+    def adapter(self, name=None, dtype=None):
         return f"payload of {name}"
 
     def optim_step(self, adapter=None):
@@ -444,7 +445,7 @@ def overlap_runner(tmp_path, *overrides) -> PhaseRunner:
                "placement.cpu_threads=reserved", "algorithm.kl_coef=0", *overrides)
     r.pool = VersionedPool()
     r.engines = types.SimpleNamespace(served=lambda role, label, saved=False: None)
-    r.group.weight_buckets = lambda bucket_bytes: []
+    r.group.weight_buckets = lambda bucket_bytes, dtype: []
     return r
 
 
@@ -516,7 +517,7 @@ def test_colocated_engines_sleep_through_the_update_and_wake_after_the_ranks_fre
     r.pool = SleepingPool()
     r.engines = types.SimpleNamespace(served=lambda role, label, saved=False: None)
     log = r.pool.log
-    r.group.weight_buckets = lambda bucket_bytes: []
+    r.group.weight_buckets = lambda bucket_bytes, dtype: []
     r.group.release_memory = lambda: log.append(("release",))
     update = r.group.optim_step
     r.group.optim_step = lambda adapter=None: log.append(("update",)) or update(adapter)
@@ -623,3 +624,53 @@ def test_the_timeout_settings_and_the_run_budget_reach_the_pools_and_trainer_gro
     assert pool["restarts"] is engines.restarts and engines.restarts.limit == 4
     [group] = made["TrainerGroup"]
     assert (group["call_timeout_s"], group["timeout_s"]) == (10, 11)
+
+
+class ProbedPool(FakePool):
+    """Two engines that take pushes and log restarts."""
+
+    def __init__(self):
+        super().__init__()
+        self.log = []
+
+    def __len__(self):
+        return 2
+
+    def push_from(self, trainer, version, bucket_bytes, rollback=False):
+        self.log.append(("push", version))
+
+    def restart(self, i, cause):
+        self.log.append(("restart", i, str(cause)))
+
+
+def test_the_sync_probe_restarts_a_mismatched_engine_and_a_second_mismatch_fails_the_step(
+        tmp_path, monkeypatch):
+    """generator.sync_check_every=1: after each push the probe runs on the next engine in
+    turn; a mismatch restarts that engine and probes it again; a second one fails the step
+    with the probe's error (which names the engine)."""
+    from actors import weight_push
+    from actors.weight_push import SyncMismatch
+
+    r = runner(tmp_path, "run.sync_weights=true", "generator.sync_check_every=1",
+               "algorithm.kl_coef=0")
+    r.pool = ProbedPool()
+    r.engines = types.SimpleNamespace(served=lambda role, label, saved=False: None)
+    outcomes = [1e-7, SyncMismatch("engine 1 differs"), 2e-7,
+                SyncMismatch("engine 0 differs"), SyncMismatch("engine 0 still differs")]
+    probed = []
+
+    def check(pool, trainer, engine, tol, adapter=None):
+        probed.append((engine, tol, adapter))
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(weight_push, "check", check)
+    first, second = run_steps(r, 2)
+    assert (first["sync/probe_logprob_diff"], second["sync/probe_logprob_diff"]) == (1e-7, 2e-7)
+    assert probed == [(0, 0.1, None), (1, 0.1, None), (1, 0.1, None)]
+    assert r.pool.log == [("push", 1), ("push", 2), ("restart", 1, "engine 1 differs")]
+    with pytest.raises(SyncMismatch, match="engine 0 still differs"):
+        run_steps(r, 3)
+    assert r.pool.log[-1] == ("restart", 0, "engine 0 differs")

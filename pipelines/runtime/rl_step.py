@@ -21,6 +21,7 @@ lifecycle, the trainer group, the engines and the checkpoints.
 
 from __future__ import annotations
 
+import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from pipelines.contract import Rollout
 from pipelines.runtime.metrics import Timer
 from pipelines.runtime.rundir import write_rollouts
 from pipelines.runtime.specs import needs_reference, sleep_level
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,6 +82,8 @@ class RLSteps:
         self.r = runner  # the phase runner: cfg, phase, group, pool, engines, dir, ctx
         self.policies: dict[str, PolicyState] = {}
         self.pending: dict[int, SampledBatch] = {}  # step -> its batch, sampled ahead
+        self.pushes = 0  # weight pushes so far (the sync probe runs every few)
+        self.probe_diff = float("nan")  # the probe's figure this step (NaN: none ran)
         self.restore({}, 0, None)
 
     # -- policy state ------------------------------------------------------------
@@ -141,23 +146,45 @@ class RLSteps:
         """One policy's new weights to the engines: its adapter, or the full weights (with
         LoRA: the role's adapter, which the pool then serves to every request)."""
         r = self.r
+        dtype = r.pool.spec.dtype  # what leaves the trainer: the engines' dtype
         if policy.adapter is not None:
-            r.pool.load_adapter(policy.adapter, r.group.adapter(policy.adapter), version)
+            r.pool.load_adapter(policy.adapter, r.group.adapter(policy.adapter, dtype), version)
             policy.version = version
             r.engines.served(r.phase.role, f"{r.dir}@" + ",".join(
                 f"{k}:{p.version}" for k, p in sorted(self.policies.items())))
+            self.verify(policy.adapter)
             return
         if r.cfg.trainer.lora.enabled:
-            r.pool.load_adapter(r.phase.role, r.group.adapter(), version)
+            r.pool.load_adapter(r.phase.role, r.group.adapter(dtype=dtype), version)
             r.pool.default_adapter = r.phase.role
         elif self.transfer:
             r.pool.push_from(r.group, version, bucket_bytes=r.cfg.generator.bucket_mb << 20,
                              rollback=rollback)
         else:
-            refs = r.group.weight_buckets(r.cfg.generator.bucket_mb << 20)
+            refs = r.group.weight_buckets(r.cfg.generator.bucket_mb << 20, dtype)
             r.pool.update_weights(refs, version, rollback=rollback)
         policy.version = version
         r.engines.served(r.phase.role, f"{r.dir}@{version}")
+        self.verify(None)
+
+    def verify(self, adapter: str | None) -> None:
+        """After every ``generator.sync_check_every``-th push: the sync probe on the next
+        engine in turn (actors/weight_push.py, ``check``). A mismatch restarts the engine
+        (it reloads what the pool serves); a second one fails the step, naming it."""
+        from actors.weight_push import SyncMismatch, check
+
+        r, every = self.r, self.r.cfg.generator.sync_check_every
+        self.pushes += 1
+        if not every or self.pushes % every:
+            return
+        engine = (self.pushes // every - 1) % len(r.pool)
+        tol = r.cfg.generator.sync_check_tol
+        try:
+            self.probe_diff = check(r.pool, r.group, engine, tol, adapter)
+        except SyncMismatch as err:
+            logger.warning("%s: restarting it", err)
+            r.pool.restart(engine, err)
+            self.probe_diff = check(r.pool, r.group, engine, tol, adapter)
 
     def finish(self) -> None:
         """After the export: what the role's engines serve now."""
@@ -180,6 +207,7 @@ class RLSteps:
         the next step's batch with the same weights while the trainer updates."""
         r, timer = self.r, Timer()
         inside = set()  # timers inside this step's wall time, for timing/overhead
+        self.probe_diff = float("nan")
         with timer("step"):
             batch = self.pending.pop(step, None)
             if batch is None:
@@ -241,6 +269,9 @@ class RLSteps:
             # requests vLLM refused (too long, too many images, bad image): dropped, logged
             "rollout/refused": batch.refused,
             "rollout/engine_restarts": float(r.pool.restarts),
+            # mean |engine - trainer| log-prob of the sync probe after this step's push
+            # (generator.sync_check_every; NaN in steps without one)
+            "sync/probe_logprob_diff": self.probe_diff,
             "train/group_restarts": float(r.group_restarts),
             **r.data_metrics,
             "perf/tokens_per_s": sampled / max(generate, 1e-9),
