@@ -10,8 +10,9 @@ in a worker process (the GPU shape), through:
   (actors/weight_transfer.py; gloo on a CPU host, NCCL on a GPU host): rank 0
   gathers a bucket, casts it, broadcasts it while gathering the next; the engine
   receives and loads per bucket, then finishes the reload and resets its caches;
-- ``object store``: ``weight_buckets`` (a full state dict on rank 0, ``ray.put``)
-  then ``update_weights`` (every worker fetches the buckets and reloads).
+- ``object store``: ``weight_buckets`` (the same per-bucket gather and cast, each
+  bucket copied to host memory and put) then ``update_weights`` (every worker
+  fetches the buckets and reloads).
 
 Floors, measured in the same run: the engine's own reload of the same tensors
 from its memory (the object-store path's reload time less its fetch), and a bare
@@ -119,7 +120,7 @@ def bench_model(label: str, model: str, repeats: int, bucket_mb: int) -> dict:
                     [m] = pool.push_from(group, pool.version + 1, bucket_bytes=bucket_mb << 20)
                     transfer.append({"seconds": time.perf_counter() - start, **m})
                     start = time.perf_counter()
-                    refs = group.weight_buckets(bucket_mb << 20)
+                    refs = group.weight_buckets(bucket_mb << 20, pool.spec.dtype)
                     gathered = time.perf_counter() - start
                     [m] = pool.update_weights(refs, pool.version + 1)
                     store.append({"seconds": time.perf_counter() - start,

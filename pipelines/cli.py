@@ -249,8 +249,11 @@ def _eval(args) -> int:
     if args.engines < 1:
         raise ValueError(f"--engines must be at least 1, got {args.engines}")
     target = resolve_target(args.target, args.out)
-    tasks, items = resolve_tasks(args.tasks, target, args.data_dir, args.limit)
+    tasks, items, left_out = resolve_tasks(args.tasks, target, args.data_dir, args.limit)
     lmms = lmms_tasks(args.tasks, target)
+    if left_out:
+        print(f"left out {len(left_out)} task(s) whose data is not here:\n  "
+              + "\n  ".join(left_out))
     print(f"evaluating {', '.join(m.label for m in target.models)} on "
           f"{', '.join([t.name for t in tasks] + [f'lmms:{n}' for n in lmms])} -> {target.out}")
     with ray_session(num_cpus=max(os.cpu_count() or 1, args.engines + 1)):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from actors.generator import Completion
 from pipelines.algorithms.grading import Grader
@@ -145,30 +146,60 @@ def test_relaxed_accuracy_allows_five_percent_on_numbers(grader):
     assert exact.correct(number, "104", grader)[1] is False
 
 
-@pytest.mark.parametrize("name", sorted(n for n in BUILTIN if n.startswith(("mmzero_", "evolmm_"))))
-def test_every_builtin_benchmark_reads_its_columns_from_a_local_copy(name, tmp_path, grader):
-    """Each benchmark task read from a datasets folder in --data-dir with its own column
-    names (ChartQA's one-element label lists, MMMU's options as text included)."""
-    datasets = pytest.importorskip("datasets")
-    from PIL import Image
+@pytest.fixture(scope="module")
+def benchmark_data(tmp_path_factory):
+    """Every published benchmark's fixture rows as a dataset repository in a --data-dir."""
+    pytest.importorskip("datasets")
+    from eval_fixtures import write_repos
 
+    return write_repos(tmp_path_factory.mktemp("benchmark-data"))
+
+
+# What each built-in task reads from its fixture (tests/eval_fixtures.py): ids, answers,
+# images per item, options.
+EXPECTED_ITEMS = {
+    "chartqa": [("0", "14", 1, []), ("1", "0.57", 1, []), ("2", "50%", 1, [])],
+    "mathvista": [("1", "1.2", 1, []), ("2", "1000", 1, []),
+                  ("5", "97", 1, ["97", "102", "107", "122"])],
+    "mathverse": [("1", "D", 1, []), ("5", "D", 1, [])],
+    "mathvision": [("4", "6", 1, []), ("39", "A", 1, ["red", "blue", "green", "Yellow",
+                                                      "This cannot be worked out for certain."])],
+    "mmmu": [("validation_Accounting_1", "B", 1, ["$63,020", "$58,410", "$71,320", "$77,490"]),
+             ("validation_Accounting_2", "1.06", 2, []),
+             ("validation_Art_1", "A", 2, ["<image 1>", "<image 2>"])],
+    "mmmu_pro": [("test_History_1", "B", 1, None)],
+    "mmvet": [("v1_0", "-1<AND>-5", 1, []), ("v1_1", "Iceland<OR>Greenland", 1, [])],
+    "hallusionbench": [("VD_illusion_0_0_0", "Yes", 1, []), ("VD_illusion_0_1_0", "No", 1, [])],
+    "visnumbench": [("Synthetic/25_Scale", "C", 1, ["0.15", "0.27", "0.76", "0.64"]),
+                    ("Synthetic/17_Scale", "B", 1, ["(0.50, 0.60)", "(0.0, 0.10)",
+                                                    "(0.80, 0.90)", "(0.20, 0.30)"]),
+                    ("Real/25_Scale", "C", 1, ["1 hours and 26 minutes", "10 hours and 43 minutes",
+                                               "3 hours and 55 minutes", "6 hours and 28 minutes"])],
+    "mmsi": [("0", "B", 2, [])],
+}
+
+
+@pytest.mark.parametrize("name", sorted(n for n in BUILTIN if n.startswith(("mmzero_", "evolmm_"))))
+def test_every_builtin_benchmark_reads_its_published_layout(name, benchmark_data):
+    """Each benchmark task reads its fixture (the real dataset's configs, splits, column
+    names and types) through the code path of real data: ``DATA_DIR/<hub id>/`` loaded
+    with the task's config and split; every image of an item, in order; the options
+    parsed from the benchmark's own format."""
     task = BUILTIN[name]
-    col = {"question": "question", "answer": "answer", "image": "image", "id": "id",
-           "choices": "choices", **task.fields}
-    rows = {col["question"]: ["How many bars?", "Which is red?"],
-            col["answer"]: [["12"], ["B"]] if name.endswith("chartqa") else ["12", "B"],
-            col["image"]: [Image.new("RGB", (16, 16), "white")] * 2,
-            col["id"]: ["a", "b"]}
-    if col["choices"] == "options":
-        rows[col["choices"]] = ["[]", "['blue', 'red']"]
-    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / name))
-    items = task.load(tmp_path)
-    assert [(i.id, i.question, i.answer) for i in items] == [
-        ("a", "How many bars?", "12"), ("b", "Which is red?", "B")]
-    assert len(items[0].image_bytes()) == 1
-    if col["choices"] == "options":
-        assert items[1].options == {"A": "blue", "B": "red"}
-    assert task.correct(items[0], "\\boxed{12}", grader)[1]
+    items = task.load(benchmark_data)
+    want = EXPECTED_ITEMS[task.layout]
+    assert [(i.id, i.answer, len(i.images)) for i in items] == [w[:3] for w in want]
+    for item, (*_, options) in zip(items, want):
+        assert all(image_bytes.startswith(b"\x89PNG") for image_bytes in item.image_bytes())
+        if options is not None:
+            assert item.choices == options, item.id
+    if task.layout == "mmmu_pro":
+        assert len(items[0].choices) == 10
+    if task.layout == "mmmu":  # <image 2> before <image 1> in the question: number order
+        colors = [Image.open(io.BytesIO(b)).getpixel((0, 0)) for b in items[1].image_bytes()]
+        assert colors == [(255, 255, 255), (128, 128, 128)]
+    if task.layout == "mathvista":
+        assert items[1].question.endswith("(Unit: g)") and items[0].meta["precision"] == 1
 
 
 def test_task_files_and_jsonl_tasks(tmp_path):
@@ -188,18 +219,36 @@ def test_task_files_and_jsonl_tasks(tmp_path):
         resolve_task("nope")
 
 
-def test_missing_data_fails_with_every_missing_task(tmp_path, monkeypatch):
+def test_tasks_whose_data_is_absent_are_listed_and_the_rest_run(tmp_path, monkeypatch):
+    """A recipe's benchmarks with some data absent: the present ones are returned, each
+    absent one is named with the hub id, config and split it needs and the --data-dir
+    layout; a copy that is there but does not load gives its real cause; with nothing
+    left the error lists them all."""
     from pipelines.eval.harness import Target, resolve_tasks
 
-    target = Target(models=[], cfg=None, out=tmp_path, benchmarks=("smoke", "mmzero_mathvista",
-                                                                     "mmzero_mmmu"))
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)  # no hub lookups here
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    with pytest.raises(DataError) as err:
-        resolve_tasks(None, target, str(tmp_path))
-    assert "2 of 3 task(s)" in str(err.value)
-    assert "mmzero_mathvista" in str(err.value) and "mmzero_mmmu" in str(err.value)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    broken = tmp_path / "data" / "MMMU" / "MMMU_Pro"
+    broken.mkdir(parents=True)
+    (broken / "README.md").write_text("not a dataset card\n")
+    target = Target(models=[], cfg=None, out=tmp_path, benchmarks=(
+        "smoke", "mmzero_mathverse", "mmzero_mmmu", "mmzero_mmmu_pro"))
+    tasks, items, left_out = resolve_tasks(None, target, str(tmp_path / "data"))
+    assert [t.name for t in tasks] == ["smoke"] and list(items) == ["smoke"]
+    mathverse, mmmu, pro = left_out
+    assert mathverse.startswith("mmzero_mathverse: not found; needs AI4Math/MathVerse, config "
+                                "'testmini', split 'testmini': `hf download AI4Math/MathVerse "
+                                f"--repo-type dataset --local-dir {tmp_path}/data/AI4Math/MathVerse`")
+    assert mmmu.startswith("mmzero_mmmu: not found; needs MMMU/MMMU, every config, split "
+                           "'validation'")
+    assert pro.startswith("mmzero_mmmu_pro: does not load: MMMU/MMMU_Pro") or \
+        pro.startswith(f"mmzero_mmmu_pro: does not load: {broken}"), pro
+    with pytest.raises(DataError, match="no task's data is here") as err:
+        resolve_tasks(["mmzero_mathverse", "mmzero_mmmu"], target, str(tmp_path / "data"))
+    assert "AI4Math/MathVerse" in str(err.value) and "MMMU/MMMU" in str(err.value)
     with pytest.raises(ValueError, match="names no benchmarks"):
         resolve_tasks(None, Target([], None, tmp_path, ()), None)
 
@@ -426,7 +475,7 @@ def test_coevolve_eval_on_a_run_directory_resumes_and_plots(tiny_run, capsys):
     target = resolve_target(str(tiny_run))
     assert [m.label for m in target.models] == ["base", "iter_0001", "iter_0002"]
     assert target.models[2].path == str(tiny_run / "iter_0002/policy/hf")
-    tasks, items = resolve_tasks(["smoke"], target, None)
+    tasks, items, _ = resolve_tasks(["smoke"], target, None)
 
     def stop(task, index):
         if index == 1:
@@ -571,3 +620,31 @@ def test_a_warm_started_run_evaluates_the_warm_model_after_the_base(tmp_path):
     assert [(m.label, m.path, m.iteration) for m in target.models] == [
         ("base", "tiny://qwen2.5-vl", 0), ("warm_start", str(run / "warm_start/hf"), 0),
         ("iter_0001", str(run / "iter_0001/policy/hf"), 1)]
+
+
+def test_the_lmms_plugin_keeps_blank_lines_and_accepts_lmms_evals_own_model_args():
+    """A task without ``until`` gets lmms-eval's default stop ``["\\n\\n"]``, which would end
+    a chain-of-thought answer at its first blank line: the plugin drops that one stop
+    string (as lmms-eval's Qwen-VL models do) and keeps the task's others; ``device`` and
+    ``max_batch_size``, which lmms-eval's command line passes to every model, are
+    accepted."""
+    pytest.importorskip("lmms_eval")
+    import types
+
+    from pipelines.eval.lmms_model import CoevolveLMM
+
+    model = CoevolveLMM.on_pool(pool=None)
+    model.task_dict = {"t": {"test": {0: {"question": "q"}}}}
+
+    def stops(gen_kwargs):
+        instance = types.SimpleNamespace(args=("Think, then answer.", gen_kwargs, None, 0,
+                                               "t", "test"))
+        return model._request(instance).sampling.stop
+
+    assert stops({"until": ["\n\n"], "max_new_tokens": 64}) == []
+    assert stops({"until": "\n\n"}) == []
+    assert stops({"until": ["\n\n", "</answer>"]}) == ["</answer>"]
+    assert stops({}) == []
+    with pytest.raises(ValueError, match=r"unknown model_args \['flavour'\]"):
+        CoevolveLMM(pretrained="tiny://qwen2.5-vl", device="cpu", max_batch_size=8,
+                    flavour="x")

@@ -14,9 +14,13 @@ worked solution (used by SFT recipes, ignored by evaluation). Blank lines are
 skipped. A bad row fails the whole file with the line numbers of every bad
 row (up to ten), before any work starts.
 
-A Hugging Face ``datasets`` folder (``save_to_disk``) or hub id works too,
-through ``read_hf`` with a mapping from this format's fields to its columns;
-hub ids resolve from the local cache only when ``HF_DATASETS_OFFLINE=1``.
+A Hugging Face ``datasets`` folder (``save_to_disk``), a dataset repository's
+files (``hf download ID --repo-type dataset --local-dir DIR``) or a hub id works
+too, through ``read_hf``: a config (``"*"``: every config, concatenated in name
+order), a split, and either a mapping from this format's fields to its columns or
+a row adapter of a published benchmark (pipelines/eval/benchmarks.py). Hub ids
+resolve from the local cache only when ``HF_DATASETS_OFFLINE=1``. ``DataMissing``
+means nothing is there to read; any other ``DataError`` names the real cause.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from pipelines.runtime.rundir import atomic_write
@@ -37,6 +42,10 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 class DataError(ValueError):
     """A data set that cannot be used as it is; the message names the file and the rows."""
+
+
+class DataMissing(DataError):
+    """No copy of the data set here: not in --data-dir, not in the local hub cache."""
 
 
 class _BadRow(Exception):
@@ -51,6 +60,7 @@ class Item:
     images: list[Any] = field(default_factory=list)  # paths or encoded bytes
     choices: list[str] = field(default_factory=list)
     solution: str | None = None
+    meta: dict = field(default_factory=dict)  # what a benchmark's own scoring reads
 
     @property
     def options(self) -> dict[str, str]:
@@ -145,44 +155,81 @@ def _row(row: Any, number: int, root: Path) -> Item:
 
 
 def read_hf(source: str, split: str, fields: dict[str, str] | None = None,
-            limit: int | None = None) -> list[Item]:
-    """Items of a ``datasets`` folder or hub id; ``fields`` maps this format's field
-    names (question, answer, image, id, choices, solution) to the data set's columns."""
+            limit: int | None = None, config: str | None = None,
+            row: Callable[[dict, int], Item] | None = None) -> list[Item]:
+    """Items of a ``datasets`` folder, a dataset repository's files or a hub id, in
+    ``config`` (None: the default; ``"*"``: every config) and ``split``. ``row`` turns a
+    row into an Item (a benchmark's own layout); else ``fields`` maps this format's
+    field names (question, answer, image, id, choices, solution) to the columns."""
+    where = f"{source} ({'config ' + repr(config) + ', ' if config else ''}split {split!r})"
+    rows = _rows(source, split, config, where)
+    items, seen = [], set()
+    for index, values in enumerate(rows):
+        if limit is not None and index >= limit:
+            break
+        try:
+            item = row(values, index) if row is not None else _mapped(values, index, fields)
+        except KeyError as err:
+            raise DataError(f"{where}: no column {err} (columns: {sorted(values)[:12]}); "
+                            "map it with the task's fields") from None
+        if item.id in seen:
+            raise DataError(f"{where}: item id {item.id!r} appears twice")
+        seen.add(item.id)
+        items.append(item)
+    if not items:
+        raise DataError(f"{where}: no items")
+    return items
+
+
+def _rows(source: str, split: str, config: str | None, where: str):
+    """The split's rows, one config after another."""
     try:
         import datasets
     except ImportError:
         raise DataError(f"{source}: reading Hugging Face data needs the `datasets` package "
                         "(installed by setup.sh with lmms-eval)") from None
+    local = Path(source).is_dir()
+    saved = local and any((Path(source) / name).is_file()
+                          for name in ("dataset_dict.json", "dataset_info.json"))
+    if saved:  # save_to_disk: one config
+        data = datasets.load_from_disk(source)
+        return data[split] if isinstance(data, datasets.DatasetDict) else data
+    if not local and not _in_hub_cache(source):
+        raise DataMissing(f"{where}: not in --data-dir and not in the local hub cache")
+    try:
+        configs = sorted(datasets.get_dataset_config_names(source)) if config == "*" \
+            else [config]
+        parts = [datasets.load_dataset(source, c, split=split) for c in configs]
+    except Exception as err:  # noqa: BLE001 - the copy is there and does not load: say why
+        raise DataError(f"{where}: {type(err).__name__}: {str(err)[:300]}") from None
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the hub cache (or datasets' own cache) holds any file of ``repo_id``."""
+    import os
+
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    name = "datasets--" + repo_id.replace("/", "--")
+    home = Path(os.environ.get("HF_DATASETS_CACHE") or
+                Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "datasets")
+    return (Path(HF_HUB_CACHE) / name).is_dir() or any(
+        home.glob(repo_id.replace("/", "___") + "*"))
+
+
+def _mapped(row: dict, index: int, fields: dict[str, str] | None) -> Item:
+    """An item from columns named by ``fields`` (this format's name -> the column)."""
     names = {"question": "question", "answer": "answer", "image": "image", "id": "id",
              "choices": "choices", "solution": "solution", **(fields or {})}
-    try:
-        if Path(source).is_dir():
-            data = datasets.load_from_disk(source)
-            data = data[split] if isinstance(data, datasets.DatasetDict) else data
-        else:
-            data = datasets.load_dataset(source, split=split)
-    except Exception as err:  # noqa: BLE001 - datasets raises many kinds; all mean "not here"
-        raise DataError(f"{source} ({split}): not available offline "
-                        f"({type(err).__name__}: {str(err)[:200]})") from None
-    items = []
-    for index, row in enumerate(data):
-        if limit is not None and index >= limit:
-            break
-        image = row.get(names["image"])
-        images = image if isinstance(image, list) else [image] if image is not None else []
-        try:
-            question, answer = row[names["question"]], _first(row[names["answer"]])
-        except KeyError as err:
-            raise DataError(f"{source} ({split}): no column {err} (columns: "
-                            f"{sorted(row)[:12]}); map it with the task's fields") from None
-        solution = row.get(names["solution"])
-        items.append(Item(id=str(row.get(names["id"], index)), question=str(question),
-                          answer=str(answer), images=[_encode(im) for im in images],
-                          choices=[str(c) for c in _choices(row.get(names["choices"]))],
-                          solution=str(solution) if solution is not None else None))
-    if not items:
-        raise DataError(f"{source} ({split}): no items")
-    return items
+    image = row.get(names["image"])
+    images = image if isinstance(image, list) else [image] if image is not None else []
+    question, answer = row[names["question"]], _first(row[names["answer"]])
+    solution = row.get(names["solution"])
+    return Item(id=str(row.get(names["id"], index)), question=str(question),
+                answer=str(answer), images=[encode_image(im) for im in images],
+                choices=[str(c) for c in parse_list(row.get(names["choices"]))],
+                solution=str(solution) if solution is not None else None)
 
 
 def _first(answer: Any) -> Any:
@@ -190,8 +237,8 @@ def _first(answer: Any) -> Any:
     return answer[0] if isinstance(answer, list) and len(answer) == 1 else answer
 
 
-def _choices(value: Any) -> list:
-    """Options as a list; MMMU keeps them as the text of a Python list."""
+def parse_list(value: Any) -> list:
+    """A list column as a list; MMMU keeps its options as the text of a Python list."""
 
     if isinstance(value, str) and value.strip().startswith("["):
         try:
@@ -201,7 +248,8 @@ def _choices(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else []
 
 
-def _encode(image: Any) -> bytes:
+def encode_image(image: Any) -> bytes:
+    """Encoded bytes of a datasets image (PIL, ``{"bytes", "path"}`` or bytes)."""
     if isinstance(image, bytes):
         return image
     if isinstance(image, dict) and image.get("bytes"):

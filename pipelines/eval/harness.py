@@ -4,9 +4,11 @@ TARGET is a run directory (``runs/<name>``: the base model and the policy the
 recipe evaluates, as trained by every finished iteration) or one model: an
 ``hf/`` folder, a peft adapter folder (served on its base model), a hub id or
 ``tiny://...``. Tasks come from ``--tasks`` (names, ``jsonl:PATH``, YAML
-files, ``smoke``) or from the recipe's ``benchmarks``; all their data must be
-available before any engine starts, else the command fails with the list of
-what is missing (no silent fallback).
+files, ``smoke``) or from the recipe's ``benchmarks``. Their data is found before any
+engine starts: the tasks whose data is here run, and every other one is listed
+with the hub id, config and split it needs and where to put it in
+``--data-dir``, or with the reason its copy does not load; with none left the
+command fails with that list.
 
 One pool evaluates all the models of a run: after the first, each model's
 weights are loaded into the live engines (the weight-sync path, seconds)
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from pipelines.config import load_config
 from pipelines.contract import recipe_spec
-from pipelines.eval.data import DataError, Item
+from pipelines.eval.data import DataError, DataMissing, Item
 from pipelines.eval.engines import read_adapter, read_weights, same_architecture, start_pool
 from pipelines.eval.judge import Judge
 from pipelines.eval.runner import Model, evaluate_model, write_summary
@@ -101,9 +103,12 @@ def _run_target(run_dir: Path, out: str | None) -> Target:
 
 
 def resolve_tasks(names: Sequence[str] | None, target: Target, data_dir: str | None,
-                  limit: int | None = None) -> tuple[list[TaskSpec], dict[str, list[Item]]]:
-    """coevolve's own tasks and their items; ValueError naming every task whose data is
-    missing. ``lmms:<task>`` names are left out (see ``lmms_tasks``)."""
+                  limit: int | None = None
+                  ) -> tuple[list[TaskSpec], dict[str, list[Item]], list[str]]:
+    """coevolve's own tasks whose data is here, their items, and one line per task left
+    out: what it needs and where to put it (absent), or why its copy does not load.
+    ``DataError`` when no task is left (and no lmms-eval task was named). ``lmms:<task>``
+    names are left out (see ``lmms_tasks``)."""
 
     names = list(names or target.benchmarks)
     if not names:
@@ -112,17 +117,18 @@ def resolve_tasks(names: Sequence[str] | None, target: Target, data_dir: str | N
     tasks = [resolve_task(n) for n in names if not n.startswith(LMMS_PREFIX)]
     if limit is not None:
         tasks = [dataclasses.replace(t, limit=limit) for t in tasks]
-    items, missing = {}, []
+    items, left_out = {}, []
     for task in tasks:
         try:
             items[task.name] = task.load(data_dir)
+        except DataMissing:
+            left_out.append(f"{task.name}: not found; needs {task.needs(data_dir)}")
         except DataError as err:
-            missing.append(f"{task.name}: {err}")
-    if missing:
+            left_out.append(f"{task.name}: does not load: {err}")
+    if tasks and not items and not lmms_tasks(names, target):
         where = f"--data-dir {data_dir}" if data_dir else "no --data-dir"
-        raise DataError(f"data missing for {len(missing)} of {len(tasks)} task(s) ({where}; put "
-                        "<task>.jsonl or a datasets folder <task>/ there): " + " | ".join(missing))
-    return tasks, items
+        raise DataError(f"no task's data is here ({where}):\n  " + "\n  ".join(left_out))
+    return [t for t in tasks if t.name in items], items, left_out
 
 
 LMMS_PREFIX = "lmms:"

@@ -13,7 +13,14 @@ Model arguments (``--model_args k=v,...``): ``pretrained`` (required),
 ``max_model_len`` (default 4096), ``max_pixels`` (default: the model's),
 ``seed`` (default 0; every request's seed derives from it, the task and the
 document id, so results do not depend on batching or the engine count).
+``device`` and ``max_batch_size``, which lmms-eval's command line passes to every
+model, are accepted and ignored (the pool places its engines itself).
 Only generation is served: log-likelihood tasks raise NotImplementedError.
+
+Stop strings: a task without ``until`` gets lmms-eval's default ``["\n\n"]``
+(its few-shot delimiter), which would end a chain-of-thought answer at its first
+blank line; like lmms-eval's own Qwen-VL models this plugin drops that one stop
+string and keeps any other the task sets.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from pipelines.eval.tasks import item_seed
 from pipelines.runtime.local_ray import ray_session
 
 MODEL_ID = "coevolve"
+BLANK_LINE = "\n\n"  # lmms-eval's default stop string (its few-shot delimiter)
 
 
 def manifest():
@@ -48,6 +56,8 @@ class CoevolveLMM(lmms):
                  seed: int = 0, batch_size: int | str = 64, **kwargs) -> None:
         super().__init__()
 
+        kwargs.pop("device", None)  # lmms-eval passes these to every model
+        kwargs.pop("max_batch_size", None)
         if kwargs:
             raise ValueError(f"coevolve model: unknown model_args {sorted(kwargs)}; see "
                              "pipelines/eval/lmms_model.py")
@@ -121,6 +131,7 @@ class CoevolveLMM(lmms):
         gen = dict(gen_kwargs or {})
         until = gen.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
+        until = [u for u in until if u != BLANK_LINE]  # lmms-eval's default: see above
         greedy = not gen.get("do_sample", False) or float(gen.get("temperature", 0) or 0) == 0
         sampling = Sampling(n=1, temperature=0.0 if greedy else float(gen["temperature"]),
                             top_p=float(gen.get("top_p") or 1.0),

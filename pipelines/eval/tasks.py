@@ -31,7 +31,8 @@ from pathlib import Path
 from actors.tiny import cache_root
 from pipelines.algorithms.answers import extract_answer
 from pipelines.config_yaml import ConfigError, load_file
-from pipelines.eval.data import DataError, Item, read_hf, read_jsonl, write_jsonl
+from pipelines.eval.benchmarks import LAYOUTS
+from pipelines.eval.data import DataError, DataMissing, Item, read_hf, read_jsonl, write_jsonl
 from pipelines.runtime.rundir import atomic_write
 
 ANSWER_MODES = ("boxed", "boxed_or_last_line")
@@ -44,7 +45,9 @@ class TaskSpec:
     name: str
     data: str  # "jsonl:PATH" | "hf:ID_OR_FOLDER" | "smoke"
     split: str = "test"
+    config: str | None = None  # the data set's config (None: its default; "*": all)
     fields: dict = field(default_factory=dict)  # this format's field -> the data set's column
+    layout: str | None = None  # a published benchmark's row format (benchmarks.LAYOUTS)
     prompt: str = "{question}{choices}"
     system: str | None = None
     answer: str = "boxed_or_last_line"  # see ANSWER_MODES
@@ -67,6 +70,8 @@ class TaskSpec:
                              f"({self.samples})")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_tokens < 1:
             raise ValueError(f"task {self.name}: bad sampling settings")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ValueError(f"task {self.name}: layout must be one of {sorted(LAYOUTS)}")
 
     # -- asking ----------------------------------------------------------------
 
@@ -104,23 +109,44 @@ class TaskSpec:
     # -- data ------------------------------------------------------------------
 
     def load(self, data_dir: str | Path | None = None) -> list[Item]:
-        """The task's items: ``DATA_DIR/<name>.jsonl`` or ``DATA_DIR/<name>/`` (a datasets
-        folder) when present, else the task's own source. DataError when unavailable."""
+        """The task's items from the first copy found: ``DATA_DIR/<name>.jsonl``,
+        ``DATA_DIR/<name>/`` (a ``save_to_disk`` folder), ``DATA_DIR/<hub id>/`` (the
+        dataset repository's files), else the task's own source. ``DataMissing`` when
+        there is none, ``DataError`` with the cause when one does not load."""
+        kind, _, source = self.data.partition(":")
+        row = LAYOUTS[self.layout].row if self.layout else None
         if data_dir is not None:
             local = Path(data_dir) / f"{self.name}.jsonl"
             if local.is_file():
                 return read_jsonl(local, self.limit)
-            if (Path(data_dir) / self.name).is_dir():
-                return read_hf(str(Path(data_dir) / self.name), self.split, self.fields,
-                               self.limit)
-        kind, _, source = self.data.partition(":")
+            folders = [Path(data_dir) / self.name]
+            if kind == "hf" and not Path(source).is_absolute():
+                folders.append(Path(data_dir) / source)
+            for folder in folders:
+                if folder.is_dir():
+                    return read_hf(str(folder), self.split, self.fields, self.limit,
+                                   self.config, row)
         if kind == "smoke":
             return read_jsonl(smoke_fixture(), self.limit)
         if kind == "jsonl":
+            if not Path(source).is_file():
+                raise DataMissing(f"task {self.name}: no file {source}")
             return read_jsonl(source, self.limit)
         if kind == "hf":
-            return read_hf(source, self.split, self.fields, self.limit)
+            return read_hf(source, self.split, self.fields, self.limit, self.config, row)
         raise DataError(f"task {self.name}: unknown data source {self.data!r}")
+
+    def needs(self, data_dir: str | Path | None) -> str:
+        """Where this task's data must be, in one line (for a missing task)."""
+        kind, _, source = self.data.partition(":")
+        if kind != "hf":
+            return source or self.data
+        config = "" if self.config is None else (
+            ", every config" if self.config == "*" else f", config {self.config!r}")
+        place = f"{data_dir}/{source}/" if data_dir else "--data-dir DIR with DIR/" + source + "/"
+        return (f"{source}{config}, split {self.split!r}: `hf download {source} --repo-type "
+                f"dataset --local-dir {place.rstrip('/')}` (or the hub cache, or "
+                f"{self.name}.jsonl / a save_to_disk folder {self.name}/ in --data-dir)")
 
 
 def item_seed(*parts) -> int:
@@ -141,41 +167,33 @@ def last_line(text: str) -> str | None:
 _MMZERO_PROMPT = ("{question}{choices}\n\nThink step by step inside <think></think>, then give "
                   "the final answer inside \\boxed{{}} as a single number, word or short phrase.")
 
-# Benchmarks MM-Zero reports, with the data set each reads (hub id or a local copy named
-# after the task in --data-dir) and its columns. Multi-image and free-form items (MM-Vet)
-# are graded by the rule first; their published numbers use the judge.
-_MMZERO_DATA = {
-    "chartqa": ("HuggingFaceM4/ChartQA", "test", {"question": "query", "answer": "label"}),
-    "mathvista": ("AI4Math/MathVista", "testmini",
-                  {"question": "query", "image": "decoded_image", "id": "pid"}),
-    "mathverse": ("AI4Math/MathVerse", "testmini",
-                  {"question": "query_cot", "id": "sample_index"}),
-    "mathvision": ("MathLLMs/MathVision", "test", {"image": "decoded_image", "choices": "options"}),
-    "mmmu": ("MMMU/MMMU", "validation", {"image": "image_1", "choices": "options"}),
-    "mmmu_pro": ("MMMU/MMMU_Pro", "test", {"image": "image_1", "choices": "options"}),
-    "mmvet": ("whyu/mm-vet", "test", {"id": "question_id"}),
-    "hallusionbench": ("lmms-lab/HallusionBench", "image", {"answer": "gt_answer"}),
-    "visnumbench": ("GML-FMGroup/VisNumBench", "test", {}),
-    "mmsi": ("RunsenXu/MMSI-Bench", "test", {"image": "images"}),
-}
+# Benchmarks MM-Zero reports (arXiv 2603.09206), each read in its published layout
+# (pipelines/eval/benchmarks.py).
+MMZERO_BENCHMARKS = ("chartqa", "mathvista", "mathverse", "mathvision", "mmmu", "mmmu_pro",
+                     "mmvet", "hallusionbench", "visnumbench", "mmsi")
+
+
+def benchmark_task(bench: str, **settings) -> TaskSpec:
+    """A task reading ``bench`` from its published source and layout."""
+    layout = LAYOUTS[bench]
+    return TaskSpec(data=f"hf:{layout.hub}", split=layout.split, config=layout.config,
+                    layout=bench, **settings)
 
 
 def _mmzero(bench: str) -> TaskSpec:
-    source, split, fields = _MMZERO_DATA[bench]
-    return TaskSpec(name=f"mmzero_{bench}", data=f"hf:{source}", split=split, fields=fields,
-                    prompt=_MMZERO_PROMPT, answer="boxed", temperature=0.6, max_tokens=2048,
-                    description=f"{bench} under MM-Zero's protocol: T 0.6, last \\boxed{{}}")
+    return benchmark_task(bench, name=f"mmzero_{bench}", prompt=_MMZERO_PROMPT, answer="boxed",
+                          temperature=0.6, max_tokens=2048,
+                          description=f"{bench} under MM-Zero's protocol: T 0.6, last \\boxed{{}}")
 
 
 BUILTIN: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec(name="smoke", data="smoke", prompt="{question}{choices}\nAnswer inside \\boxed{{}}.",
              max_tokens=32, description="built-in fixture drawn locally (no data needed)"),
-    TaskSpec(name="evolmm_chartqa", data="hf:HuggingFaceM4/ChartQA", split="test",
-             fields={"question": "query", "answer": "label"},
-             prompt="{question}\nAnswer the question using a single word or phrase.",
-             metric="relaxed", max_tokens=64,
-             description="ChartQA, relaxed accuracy (numbers within 5%), greedy"),
-    *(_mmzero(b) for b in _MMZERO_DATA),
+    benchmark_task("chartqa", name="evolmm_chartqa",
+                   prompt="{question}\nAnswer the question using a single word or phrase.",
+                   metric="relaxed", max_tokens=64,
+                   description="ChartQA, relaxed accuracy (numbers within 5%), greedy"),
+    *(_mmzero(b) for b in MMZERO_BENCHMARKS),
 ]}
 
 
