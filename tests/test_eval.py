@@ -304,6 +304,43 @@ def _items(n):
     return [Item(id=f"i{k}", question=f"q{k}", answer="7") for k in range(n)]
 
 
+class RefusingPool(ScriptedPool):
+    """Refuses the requests whose question starts with "long"."""
+
+    def generate(self, requests):
+        out = super().generate(requests)
+        return [[Completion("prompt longer than max_model_len", [], [], [], "refused", 0)]
+                if r.messages[0]["content"][-1]["text"].startswith("long") else samples
+                for r, samples in zip(requests, out)]
+
+
+class RecordingJudge:
+    def __init__(self):
+        self.seen = []
+
+    def judge(self, triples):
+        self.seen += triples
+        return [(reference == "B" and "Bravo" in question, "Yes")
+                for question, reference, _ in triples]
+
+
+def test_refused_items_are_counted_and_skipped_and_the_judge_sees_the_options(tmp_path):
+    """An item the engine refuses (a prompt past max_model_len, too many images) is
+    counted and left out; the task goes on. The judge is shown the question as asked,
+    with its lettered options, so it can judge a letter reference."""
+    task = TaskSpec(name="t", data="smoke", prompt="{question}{choices}")
+    items = [Item(id="a", question="Pick one.", answer="B", choices=["Alpha", "Bravo"]),
+             Item(id="b", question="long " * 10, answer="7"),
+             Item(id="c", question="q", answer="7")]
+    judge = RecordingJudge()
+    [row] = evaluate_model(RefusingPool(right={"q"}), Model(label="m", path="x"), [task],
+                           tmp_path, items={"t": items}, judge=judge)
+    assert (row["items"], row["refused"], row["computed"]) == (2, 1, 3)
+    assert [q for q, *_ in judge.seen] == ["Pick one.\nA. Alpha\nB. Bravo", "q"]
+    table = pq.read_table(tmp_path / "t-m.parquet").to_pylist()
+    assert [(r["item_id"], r["correct"]) for r in table] == [("a", True), ("c", True)]
+
+
 def test_an_interrupted_evaluation_resumes_without_recomputing(tmp_path):
     task = TaskSpec(name="t", data="smoke", prompt="{question}", samples=2, pass_at=(1, 2),
                     temperature=1.0)

@@ -2,9 +2,10 @@
 
 MM-Zero (arXiv 2603.09206) scores its benchmarks with the rule grader first
 (the last ``\\boxed{}`` against the reference) and then asks an LLM whether a
-response's final answer matches the reference. The judge sees the question,
-the reference answer and the response (text only, so any instruction model can
-judge), samples greedily, and must begin its reply with Yes or No; any other
+response's final answer matches the reference. The judge sees the question as
+the model was asked it (with its lettered options, so a letter reference can be
+judged), the reference answer and the response (text only, so any instruction
+model can judge), samples greedily, and must begin its reply with Yes or No; any other
 reply is "no verdict" (None), counted and treated as not accepted.
 """
 

@@ -57,6 +57,7 @@ class Progress:
     computed: int = 0  # items generated now
     reused: int = 0  # items read back from earlier finished chunks or files
     skipped: int = 0  # items whose images do not decode
+    refused: int = 0  # items the engine refused (too many images, too long): not scored
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -169,13 +170,19 @@ def _run_chunk(pool, model, task, chunk, grader, judge, run_seed, max_tokens, ad
                                                   seed=task.seed(item, run_seed))))
     seeds = [r.sampling.seed for r in requests]
     completions = pool.generate(requests) if requests else []
-    progress.computed += len(asked)
+    progress.computed += len(asked)  # refused ones included: asked, not to be asked again
     records = []
     for item, seed, samples in zip(asked, seeds, completions):
+        if any(c.refused for c in samples):  # counted and left out, the rest go on
+            logger.warning("%s: the engine refused item %s: %s", task.name, item.id,
+                           next(c.text for c in samples if c.refused)[:300])
+            progress.refused += 1
+            continue
         for j, c in enumerate(samples):
             pred, rule = task.correct(item, c.text, grader)
             records.append({"task": task.name, "model": model.label, "item_id": item.id,
-                            "sample": j, "question": item.question, "reference": item.answer,
+                            "sample": j, "question": task.prompt_text(item),
+                            "reference": item.answer,
                             "response": c.text, "extracted": pred, "rule_correct": rule,
                             "judge_correct": None, "judge_reply": None, "correct": rule,
                             "tokens": len(c.token_ids), "logprob": float(sum(c.logprobs)),
@@ -211,6 +218,7 @@ def summarize(task: TaskSpec, model: Model, table: pa.Table, progress: Progress)
     summary = {"task": task.name, "model": model.label, "path": model.path,
                "adapter": model.adapter, "iteration": model.iteration, "items": n_items,
                "samples": len(rows), "skipped": progress.skipped,
+               "refused": progress.refused,
                "computed": progress.computed, "reused": progress.reused,
                "accuracy": sum(r["correct"] for r in rows) / len(rows) if rows else 0.0,
                "rule_accuracy": sum(r["rule_correct"] for r in rows) / len(rows) if rows else 0.0,

@@ -75,11 +75,15 @@ class TaskSpec:
 
     # -- asking ----------------------------------------------------------------
 
-    def messages(self, item: Item) -> list[dict]:
+    def prompt_text(self, item: Item) -> str:
+        """The text the model is asked: the question with its lettered options."""
         choices = ""
         if item.choices:
             choices = "\n" + "\n".join(f"{letter}. {text}" for letter, text in item.options.items())
-        text = self.prompt.format(question=item.question, choices=choices)
+        return self.prompt.format(question=item.question, choices=choices)
+
+    def messages(self, item: Item) -> list[dict]:
+        text = self.prompt_text(item)
         content = [{"type": "image"} for _ in item.images] + [{"type": "text", "text": text}]
         messages = [{"role": "user", "content": content}]
         if self.system:
