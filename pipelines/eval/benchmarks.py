@@ -51,11 +51,27 @@ def _mathvista(row: dict, index: int) -> Item:
     if row.get("unit"):
         question += f" (Unit: {row['unit']})"
     precision = row.get("precision")
+    precision = int(precision) if precision is not None else None  # float64 on the hub
     return Item(id=str(row["pid"]), question=question, answer=str(row["answer"]),
                 images=[encode_image(row["decoded_image"])],
                 choices=[str(c) for c in row.get("choices") or []],
                 meta={"question_type": row["question_type"], "answer_type": row["answer_type"],
-                      "precision": int(precision) if precision is not None else None})
+                      "precision": precision,
+                      "hint": _mathvista_hint(row["question_type"], row["answer_type"],
+                                              precision)})
+
+
+def _mathvista_hint(question_type: str, answer_type: str, precision: int | None) -> str:
+    """The instruction lmms-eval's format prompt ends a MathVista question with."""
+    if question_type == "multi_choice":
+        return "Answer with the option's letter from the given choices directly."
+    if answer_type == "float":
+        places = {1: "one decimal place", 2: "two decimal places"}.get(
+            precision, f"{precision} decimal places")
+        return f"Answer the question using a single floating-point number with {places}."
+    if answer_type == "list":
+        return "Answer the question using a Python list."
+    return "Answer the question using a single integer number."
 
 
 def _mathverse(row: dict, index: int) -> Item:
@@ -65,6 +81,7 @@ def _mathverse(row: dict, index: int) -> Item:
                 images=[encode_image(image)] if image not in (None, "") else [],
                 meta={"question_type": row["question_type"],
                       "problem_version": row["problem_version"],
+                      "query_wo": row.get("query_wo") or row["question"],
                       "question_for_eval": row.get("question_for_eval") or row["question"]})
 
 
@@ -89,9 +106,12 @@ def _mmmu(row: dict, index: int) -> Item:
         numbers = [k for k in range(1, 8) if row.get(f"image_{k}") is not None]
     images = [encode_image(row[f"image_{k}"]) for k in numbers if row.get(f"image_{k}") is not None]
     kind = row.get("question_type", "multiple-choice")
+    instruction = "Answer with the option's letter from the given choices directly." \
+        if kind == "multiple-choice" else "Answer the question using a single word or phrase."
     return Item(id=str(row["id"]), question=row["question"], answer=str(row["answer"]),
                 images=images, choices=options if kind == "multiple-choice" else [],
-                meta={"question_type": kind, "subject": row.get("subject") or row.get("subfield")})
+                meta={"question_type": kind, "instruction": instruction,
+                      "subject": row.get("subject") or row.get("subfield")})
 
 
 def _mmvet(row: dict, index: int) -> Item:
@@ -140,7 +160,7 @@ def _visnum(row: dict, index: int) -> Item:
                 question=row["question"], answer=LETTERS["abcde".index(mark.group(1))],
                 images=[encode_image(row["image"])], choices=options,
                 meta={"attribute": row.get("Attributes"), "task_class": row.get("task_class"),
-                      "half": half})
+                      "half": half, "option": row["option"]})
 
 
 def _mmsi(row: dict, index: int) -> Item:

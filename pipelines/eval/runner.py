@@ -19,6 +19,7 @@ prints it and draws the comparison across models.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -32,6 +33,7 @@ import pyarrow.parquet as pq
 
 from actors.sampling import Request, Sampling
 from pipelines.algorithms.grading import Grader
+from pipelines.eval import official
 from pipelines.eval.data import DataError, Item
 from pipelines.eval.tasks import TaskSpec
 from pipelines.runtime.rundir import atomic_parquet
@@ -187,7 +189,8 @@ def _run_chunk(pool, model, task, chunk, grader, judge, run_seed, max_tokens, ad
                             "judge_correct": None, "judge_reply": None, "correct": rule,
                             "tokens": len(c.token_ids), "logprob": float(sum(c.logprobs)),
                             "finish_reason": c.finish_reason,
-                            "seed": seed, "version": c.version})
+                            "seed": seed, "version": c.version,
+                            "meta": json.dumps(item.meta, sort_keys=True, default=str)})
     if judge is not None and records:
         verdicts = judge.judge([(r["question"], r["reference"], r["response"]) for r in records])
         for record, (verdict, reply) in zip(records, verdicts):
@@ -201,7 +204,8 @@ _SCHEMA = pa.schema([
     ("sample", pa.int32()), ("question", pa.string()), ("reference", pa.string()),
     ("response", pa.string()), ("extracted", pa.string()), ("rule_correct", pa.bool_()),
     ("judge_correct", pa.bool_()), ("judge_reply", pa.string()), ("correct", pa.bool_()), ("tokens", pa.int32()),
-    ("logprob", pa.float64()), ("finish_reason", pa.string()), ("seed", pa.int64()), ("version", pa.int64())])
+    ("logprob", pa.float64()), ("finish_reason", pa.string()), ("seed", pa.int64()),
+    ("version", pa.int64()), ("meta", pa.string())])
 
 
 def _empty() -> pa.Table:
@@ -229,6 +233,8 @@ def summarize(task: TaskSpec, model: Model, table: pa.Table, progress: Progress)
                                     for s in by_item.values()) / n_items) if n_items else 0.0
     judged = [r for r in rows if r["judge_correct"] is not None]
     summary.update(agreement(judged))
+    if task.metric in official.OFFICIAL:
+        summary.update(official.aggregate(task.metric, rows))
     return summary
 
 

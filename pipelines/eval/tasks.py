@@ -31,13 +31,15 @@ from pathlib import Path
 from actors.tiny import cache_root
 from pipelines.algorithms.answers import extract_answer
 from pipelines.config_yaml import ConfigError, load_file
+from pipelines.eval import official
 from pipelines.eval.benchmarks import LAYOUTS
 from pipelines.eval.data import DataError, DataMissing, Item, read_hf, read_jsonl, write_jsonl
 from pipelines.runtime.rundir import atomic_write
 
 ANSWER_MODES = ("boxed", "boxed_or_last_line")
-METRICS = ("exact", "relaxed")
-RELAXED_TOL = 0.05  # ChartQA's relaxed accuracy: numbers within 5% of the reference
+# exact: the rule grader on the extracted answer; relaxed: ChartQA's relaxed accuracy on
+# it; a benchmark's name: that benchmark's official scoring (pipelines/eval/official.py)
+METRICS = ("exact", "relaxed", *official.OFFICIAL)
 
 
 @dataclass(frozen=True)
@@ -76,11 +78,13 @@ class TaskSpec:
     # -- asking ----------------------------------------------------------------
 
     def prompt_text(self, item: Item) -> str:
-        """The text the model is asked: the question with its lettered options."""
+        """The text the model is asked: ``prompt`` with the question, its lettered
+        options and the item's text fields (``Item.meta``, e.g. MathVista's hint)."""
         choices = ""
         if item.choices:
             choices = "\n" + "\n".join(f"{letter}. {text}" for letter, text in item.options.items())
-        return self.prompt.format(question=item.question, choices=choices)
+        fields = {k: v for k, v in item.meta.items() if isinstance(v, str)}
+        return self.prompt.format(**fields, question=item.question, choices=choices)
 
     def messages(self, item: Item) -> list[dict]:
         text = self.prompt_text(item)
@@ -103,12 +107,15 @@ class TaskSpec:
         return extract_answer(response, fallback=last_line)
 
     def correct(self, item: Item, response: str, grader) -> tuple[str | None, bool]:
-        """The extracted answer and whether it answers the item (rule grader)."""
+        """What was read from the response and whether it answers the item."""
+        if self.metric not in ("exact", "relaxed"):
+            return official.score(self.metric, item, response, grader)
         pred = self.extract(response)
-        rel_tol = RELAXED_TOL if self.metric == "relaxed" else None
-        kwargs = {"rel_tol": rel_tol} if rel_tol is not None else {}
-        ok = grader.grade(pred, item.answer, options=item.options or None, **kwargs)
-        return pred, ok
+        if self.metric == "relaxed":
+            targets = item.meta.get("answers") or [item.answer]
+            return pred, pred is not None and any(
+                official.relaxed_correctness(str(t), pred.strip()) for t in targets)
+        return pred, grader.grade(pred, item.answer, options=item.options or None)
 
     # -- data ------------------------------------------------------------------
 
@@ -190,6 +197,34 @@ def _mmzero(bench: str) -> TaskSpec:
                           description=f"{bench} under MM-Zero's protocol: T 0.6, last \\boxed{{}}")
 
 
+# Each benchmark under its official protocol (named after the benchmark): the prompt
+# lmms-eval 0.7.3 or the benchmark's authors ask it with, greedy, its own scoring
+# (pipelines/eval/official.py). MM-Vet's official score is a graded GPT judgement:
+# not built yet (its seed-protocol task mmzero_mmvet runs).
+_MC = "Answer with the option's letter from the given choices directly."
+OFFICIAL_TASKS = [
+    benchmark_task("chartqa", name="chartqa", metric="chartqa", max_tokens=16,
+                   prompt="{question}\nAnswer the question with a single word."),
+    benchmark_task("mathvista", name="mathvista", metric="mathvista", max_tokens=512,
+                   prompt="{question}{choices}\n{hint}"),
+    benchmark_task("mathverse", name="mathverse", metric="mathverse", max_tokens=1024,
+                   prompt="{query_wo}"),
+    benchmark_task("mathvision", name="mathvision", metric="mathvision", max_tokens=1024,
+                   prompt='Please solve the problem step by step and put your answer in one '
+                          '"\\boxed{{}}".{question}{choices}'),
+    benchmark_task("mmmu", name="mmmu", metric="mmmu", max_tokens=128,
+                   prompt="{question}{choices}\n\n{instruction}"),
+    benchmark_task("mmmu_pro", name="mmmu_pro", metric="mmmu_pro", max_tokens=256,
+                   prompt="{question}{choices}\n" + _MC.replace("option's", "option")),
+    benchmark_task("hallusionbench", name="hallusionbench", metric="hallusionbench",
+                   max_tokens=128, prompt="{question}"),
+    benchmark_task("visnumbench", name="visnumbench", metric="visnumbench", max_tokens=1024,
+                   prompt="Question: {question}\nOptions: {option}\nAnswer the question "
+                          "based on the most likely options."),
+    benchmark_task("mmsi", name="mmsi", metric="mmsi", max_tokens=2048,
+                   prompt="{question}\n" + _MC + " Enclose the option's letter within ``."),
+]
+
 BUILTIN: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec(name="smoke", data="smoke", prompt="{question}{choices}\nAnswer inside \\boxed{{}}.",
              max_tokens=32, description="built-in fixture drawn locally (no data needed)"),
@@ -198,6 +233,7 @@ BUILTIN: dict[str, TaskSpec] = {t.name: t for t in [
                    metric="relaxed", max_tokens=64,
                    description="ChartQA, relaxed accuracy (numbers within 5%), greedy"),
     *(_mmzero(b) for b in MMZERO_BENCHMARKS),
+    *OFFICIAL_TASKS,
 ]}
 
 
