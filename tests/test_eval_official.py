@@ -205,3 +205,36 @@ def test_fuzz_official_parsers_never_raise(text):
         official.visnumbench(item, text)
     official.mmmu_open(text)
     official.mmmu_choice(text, {"A": "x", "B": text[:5]}, random.Random(0))
+
+
+def test_mmvet_is_the_judges_graded_answer_and_needs_a_judge(tmp_path):
+    """MM-Vet's official score: the judge completes the few-shot table with a 0-1 grade
+    (<AND>: every element, <OR>: any); the task's accuracy is the mean grade. Without a
+    judge the task is refused before anything runs."""
+    from pipelines.eval.judge import MMVET_PROMPT, Judge, parse_score
+
+    item = Item(id="v1_0", question="What is x in the equation?", answer="-1<AND>-5")
+    sent = []
+
+    class JudgePool:
+        def generate(self, requests):
+            sent.extend(r.messages[0]["content"][0]["text"] for r in requests)
+            return [[Completion(reply, [1], [2], [-0.1], "stop", 0)]
+                    for reply in ("0.5", "1.0 since both", "maybe")]
+
+    class ModelPool:
+        def generate(self, requests):
+            return [[Completion(text, [1], [2], [-0.1], "stop", 0)]
+                    for text in ("x = -1", "x = -1 or x = -5", "x = 2")]
+
+    task = BUILTIN["mmvet"]
+    items = [item, Item(id="v1_1", question=item.question, answer=item.answer),
+             Item(id="v1_2", question=item.question, answer=item.answer)]
+    with pytest.raises(ValueError, match="pass --judge"):
+        evaluate_model(ModelPool(), Model(label="m", path="x"), [task], tmp_path,
+                       items={"mmvet": items})
+    [row] = evaluate_model(ModelPool(), Model(label="m", path="x"), [task], tmp_path,
+                           items={"mmvet": items}, judge=Judge(JudgePool()))
+    assert row["accuracy"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    assert sent[0] == MMVET_PROMPT + "What is x in the equation? | -1 <AND> -5 | x = -1 | "
+    assert (parse_score("0.7"), parse_score("1.5"), parse_score("correct")) == (0.7, None, None)

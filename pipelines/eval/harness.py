@@ -30,6 +30,7 @@ from pathlib import Path
 
 from pipelines.config import load_config
 from pipelines.contract import recipe_spec
+from pipelines.eval import official
 from pipelines.eval.data import DataError, DataMissing, Item
 from pipelines.eval.engines import read_adapter, read_weights, same_architecture, start_pool
 from pipelines.eval.judge import Judge
@@ -150,6 +151,10 @@ def run_eval(target: Target, tasks: Sequence[TaskSpec], items: dict[str, list[It
     (through the plugin, on the same pool); one pool for all models, one judge pool."""
     from pipelines.eval import report
 
+    graded = [t.name for t in tasks if t.metric in official.GRADED]
+    if graded and not judge_model:
+        raise ValueError(f"task(s) {', '.join(graded)} are scored by a judge's graded answer "
+                         "(their official protocol): pass --judge MODEL")
     cap = max_tokens or max(16, target.cfg.generator.max_model_len // 2)
     judge = judge_pool = None
     if judge_model:

@@ -61,3 +61,44 @@ class Judge:
         verdicts = [parse_verdict(r) for r in replies]
         self.unparsed += sum(v is None for v in verdicts)
         return list(zip(verdicts, replies))
+
+    def grade(self, triples: Sequence[tuple[str, str, str]]) -> list[tuple[float | None, str]]:
+        """MM-Vet's graded judgement (``MMVET_PROMPT``): (score in 0..1 or None, reply)
+        per (question, reference, response)."""
+        requests = []
+        for question, reference, response in triples:
+            spaced = reference.replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
+            line = " | ".join([question, spaced, response[-MAX_RESPONSE_CHARS:], ""])
+            requests.append(Request(
+                [{"role": "user", "content": [{"type": "text", "text": MMVET_PROMPT + line}]}],
+                sampling=Sampling(n=1, temperature=0.0, max_tokens=8), adapter=self.adapter))
+        replies = [samples[0].text for samples in self.pool.generate(requests)]
+        scores = [parse_score(r) for r in replies]
+        self.unparsed += sum(s is None for s in scores)
+        return list(zip(scores, replies))
+
+
+def parse_score(text: str) -> float | None:
+    """The first word of a graded reply as a score in [0, 1] (MM-Vet's parse); else None."""
+    word = text.strip().split(" ")[0][:16] if text.strip() else ""
+    try:
+        value = float(word)
+    except ValueError:
+        return None
+    return value if 0.0 <= value <= 1.0 else None
+
+
+# MM-Vet's grader prompt (arXiv 2308.02490; its evaluator's few-shot table), verbatim: the
+# benchmark's score is defined by it. The graded line follows it.
+MMVET_PROMPT = """Compare the ground truth and prediction from AI models, to give a correctness score for the prediction. <AND> in the ground truth means it is totally right only when all elements in the ground truth are present in the prediction, and <OR> means it is totally right when any one element in the ground truth is present in the prediction. The correctness score is 0.0 (totally wrong), 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, or 1.0 (totally right). Just complete the last space of the correctness score.
+
+Question | Ground truth | Prediction | Correctness
+--- | --- | --- | ---
+What is x in the equation? | -1 <AND> -5 | x = 3 | 0.0
+What is x in the equation? | -1 <AND> -5 | x = -1 | 0.5
+What is x in the equation? | -1 <AND> -5 | x = -5 | 0.5
+What is x in the equation? | -1 <AND> -5 | x = -5 or 5 | 0.5
+What is x in the equation? | -1 <AND> -5 | x = -1 or x = -5 | 1.0
+Can you explain this meme? | This meme is poking fun at the fact that the names of the countries Iceland and Greenland are misleading. Despite its name, Iceland is known for its beautiful green landscapes, while Greenland is mostly covered in ice and snow. The meme is saying that the person has trust issues because the names of these countries do not accurately represent their landscapes. | The meme talks about Iceland and Greenland. It's pointing out that despite their names, Iceland is not very icy and Greenland isn't very green. | 0.4
+Can you explain this meme? | This meme is poking fun at the fact that the names of the countries Iceland and Greenland are misleading. Despite its name, Iceland is known for its beautiful green landscapes, while Greenland is mostly covered in ice and snow. The meme is saying that the person has trust issues because the names of these countries do not accurately represent their landscapes. | The meme is using humor to point out the misleading nature of Iceland's and Greenland's names. Iceland, despite its name, has lush green landscapes while Greenland is mostly covered in ice and snow. The text 'This is why I have trust issues' is a playful way to suggest that these contradictions can lead to distrust or confusion. The humor in this meme is derived from the unexpected contrast between the names of the countries and their actual physical characteristics. | 1.0
+"""

@@ -311,11 +311,17 @@ def math_answer(item: Item, response: str, grader) -> tuple[str | None, bool]:
 
 OFFICIAL = {"chartqa": chartqa, "mathvista": mathvista, "mmmu": mmmu, "mmmu_pro": mmmu_pro,
             "hallusionbench": hallusionbench, "visnumbench": visnumbench, "mmsi": mmsi,
-            "mathvision": None, "mathverse": None}
+            "mathvision": None, "mathverse": None, "mmvet": None}
+# Scored by the judge's graded answer alone (MM-Vet's 0-1 correctness, judge.MMVET_PROMPT):
+# such a task needs --judge.
+GRADED = ("mmvet",)
 
 
 def score(metric: str, item: Item, response: str, grader) -> tuple[str | None, bool]:
-    """(what was read from the response, whether it is right) under ``metric``."""
+    """(what was read from the response, whether it is right) under ``metric``; a graded
+    metric's verdict is the judge's (False until it grades)."""
+    if metric in GRADED:
+        return None, False
     rule = OFFICIAL[metric]
     return math_answer(item, response, grader) if rule is None else rule(item, response)
 

@@ -82,6 +82,10 @@ def evaluate_model(pool, model: Model, tasks: Sequence[TaskSpec], out: Path, *,
     saved (progress; tests interrupt there). ``max_tokens`` caps every task's budget.
     """
 
+    graded = [t.name for t in tasks if t.metric in official.GRADED]
+    if graded and judge is None:
+        raise ValueError(f"task(s) {', '.join(graded)} are scored by a judge's graded answer "
+                         "(their official protocol): pass --judge MODEL")
     own = grader is None
     grader = grader or Grader()
     try:
@@ -188,14 +192,19 @@ def _run_chunk(pool, model, task, chunk, grader, judge, run_seed, max_tokens, ad
                             "response": c.text, "extracted": pred, "rule_correct": rule,
                             "judge_correct": None, "judge_reply": None, "correct": rule,
                             "tokens": len(c.token_ids), "logprob": float(sum(c.logprobs)),
-                            "finish_reason": c.finish_reason,
+                            "finish_reason": c.finish_reason, "score": float(rule),
                             "seed": seed, "version": c.version,
                             "meta": json.dumps(item.meta, sort_keys=True, default=str)})
-    if judge is not None and records:
-        verdicts = judge.judge([(r["question"], r["reference"], r["response"]) for r in records])
-        for record, (verdict, reply) in zip(records, verdicts):
+    triples = [(r["question"], r["reference"], r["response"]) for r in records]
+    if task.metric in official.GRADED and records:  # the judge's 0-1 grade is the score
+        for record, (grade, reply) in zip(records, judge.grade(triples)):
+            record["score"], record["judge_reply"] = grade or 0.0, reply
+            record["judge_correct"] = record["correct"] = grade == 1.0
+    elif judge is not None and records:
+        for record, (verdict, reply) in zip(records, judge.judge(triples)):
             record["judge_correct"], record["judge_reply"] = verdict, reply
             record["correct"] = record["rule_correct"] or bool(verdict)
+            record["score"] = float(record["correct"])
     return pa.Table.from_pylist(records, schema=_SCHEMA) if records else _empty()
 
 
@@ -205,7 +214,7 @@ _SCHEMA = pa.schema([
     ("response", pa.string()), ("extracted", pa.string()), ("rule_correct", pa.bool_()),
     ("judge_correct", pa.bool_()), ("judge_reply", pa.string()), ("correct", pa.bool_()), ("tokens", pa.int32()),
     ("logprob", pa.float64()), ("finish_reason", pa.string()), ("seed", pa.int64()),
-    ("version", pa.int64()), ("meta", pa.string())])
+    ("version", pa.int64()), ("meta", pa.string()), ("score", pa.float64())])
 
 
 def _empty() -> pa.Table:
@@ -224,7 +233,8 @@ def summarize(task: TaskSpec, model: Model, table: pa.Table, progress: Progress)
                "samples": len(rows), "skipped": progress.skipped,
                "refused": progress.refused,
                "computed": progress.computed, "reused": progress.reused,
-               "accuracy": sum(r["correct"] for r in rows) / len(rows) if rows else 0.0,
+               # the mean score: the share right, or (a graded task) the mean grade
+               "accuracy": sum(_score(r) for r in rows) / len(rows) if rows else 0.0,
                "rule_accuracy": sum(r["rule_correct"] for r in rows) / len(rows) if rows else 0.0,
                "mean_tokens": sum(r["tokens"] for r in rows) / len(rows) if rows else 0.0,
                "temperature": task.temperature}
@@ -236,6 +246,11 @@ def summarize(task: TaskSpec, model: Model, table: pa.Table, progress: Progress)
     if task.metric in official.OFFICIAL:
         summary.update(official.aggregate(task.metric, rows))
     return summary
+
+
+def _score(row: dict) -> float:
+    """A result row's score (rows written before scores were kept: its correctness)."""
+    return row["score"] if row.get("score") is not None else float(row["correct"])
 
 
 def agreement(judged: Sequence[dict]) -> dict:

@@ -199,8 +199,7 @@ def _mmzero(bench: str) -> TaskSpec:
 
 # Each benchmark under its official protocol (named after the benchmark): the prompt
 # lmms-eval 0.7.3 or the benchmark's authors ask it with, greedy, its own scoring
-# (pipelines/eval/official.py). MM-Vet's official score is a graded GPT judgement:
-# not built yet (its seed-protocol task mmzero_mmvet runs).
+# (pipelines/eval/official.py). MM-Vet's score is the judge's graded answer (--judge).
 _MC = "Answer with the option's letter from the given choices directly."
 OFFICIAL_TASKS = [
     benchmark_task("chartqa", name="chartqa", metric="chartqa", max_tokens=16,
@@ -221,6 +220,7 @@ OFFICIAL_TASKS = [
     benchmark_task("visnumbench", name="visnumbench", metric="visnumbench", max_tokens=1024,
                    prompt="Question: {question}\nOptions: {option}\nAnswer the question "
                           "based on the most likely options."),
+    benchmark_task("mmvet", name="mmvet", metric="mmvet", max_tokens=1024, prompt="{question}"),
     benchmark_task("mmsi", name="mmsi", metric="mmsi", max_tokens=2048,
                    prompt="{question}\n" + _MC + " Enclose the option's letter within ``."),
 ]
