@@ -168,6 +168,8 @@ EXPECTED_ITEMS = {
              ("validation_Accounting_2", "1.06", 2, []),
              ("validation_Art_1", "A", 2, ["<image 1>", "<image 2>"])],
     "mmmu_pro": [("test_History_1", "B", 1, None)],
+    "mmmu_pro_4": [("test_History_1", "B", 1, ["a", "b", "c", "d"])],
+    "mmmu_pro_vision": [("test_History_1", "B", 1, ["a", "b"])],
     "mmvet": [("v1_0", "-1<AND>-5", 1, []), ("v1_1", "Iceland<OR>Greenland", 1, [])],
     "hallusionbench": [("VD_illusion_0_0_0", "Yes", 1, []), ("VD_illusion_0_1_0", "No", 1, [])],
     "visnumbench": [("Synthetic/25_Scale", "C", 1, ["0.15", "0.27", "0.76", "0.64"]),

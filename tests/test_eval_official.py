@@ -6,6 +6,7 @@ arbitrary text."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -238,3 +239,106 @@ def test_mmvet_is_the_judges_graded_answer_and_needs_a_judge(tmp_path):
     assert row["accuracy"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
     assert sent[0] == MMVET_PROMPT + "What is x in the equation? | -1 <AND> -5 | x = -1 | "
     assert (parse_score("0.7"), parse_score("1.5"), parse_score("correct")) == (0.7, None, None)
+
+
+def _lmms_kwargs(task_dir: str, yaml_name: str) -> dict:
+    """The default ``lmms_eval_specific_kwargs`` of one of lmms-eval's task files."""
+    from pathlib import Path
+
+    import lmms_eval.tasks
+    import yaml
+
+    path = Path(lmms_eval.tasks.__file__).parent / task_dir / yaml_name
+    text = "\n".join(line for line in path.read_text().splitlines() if "!function" not in line)
+    return yaml.safe_load(text)["lmms_eval_specific_kwargs"]["default"]
+
+
+def test_lmms_evals_task_definitions_agree_on_the_fixture_rows(items):
+    """lmms-eval 0.7.3's own task code over the same fixture rows: the same prompts
+    (ChartQA, MMMU, MathVision, MMSI, HallusionBench) and, where lmms-eval scores by rule,
+    the same scores. Where lmms-eval departs from the official code, the official wins
+    and the test shows the case: its MMMU parser also takes a letter followed by a space
+    inside a word ("RGB is ..." reads as B), its MMSI extractor ignores case."""
+    pytest.importorskip("lmms_eval")
+    from eval_fixtures import datasets_rows
+    from lmms_eval.tasks.chartqa import utils as chartqa
+    from lmms_eval.tasks.hallusion_bench import evaluate_hb
+    from lmms_eval.tasks.hallusion_bench import utils as hallusion
+    from lmms_eval.tasks.mathvision import utils as mathvision
+    from lmms_eval.tasks.mmmu import utils as mmmu
+    from lmms_eval.tasks.mmsi_bench import utils as mmsi
+
+    rows = datasets_rows()
+    kwargs = _lmms_kwargs("chartqa", "chartqa.yaml")
+    for index, row in enumerate(rows["HuggingFaceM4/ChartQA"][None]["test"][1]):
+        doc = {"question": row["query"], "answer": row["label"][0], "type": "human_test"}
+        item = items["chartqa"][str(index)]
+        assert BUILTIN["chartqa"].prompt_text(item) == chartqa.chartqa_doc_to_text(doc, kwargs)
+        for reply in ("14", "0.59", "50%", "50", "fourteen", "14.7"):
+            theirs = chartqa.chartqa_process_results(doc, [reply])["relaxed_overall"] == 1.0
+            assert BUILTIN["chartqa"].correct(item, reply, None)[1] is theirs, (doc, reply)
+
+    kwargs = _lmms_kwargs("mmmu", "mmmu_val.yaml")
+    replies = {  # none leaves either parser to a random letter
+        "validation_Accounting_1": ("The answer is (B).", "I pick C here",
+                                    "(A) is wrong, so (D) then",
+                                    "the missing amount must be $77,490 in total"),
+        "validation_Accounting_2": ("So the ratio is 1.060.", "Therefore it is about 1.1",
+                                    "1.06", "no idea"),
+        "validation_Art_1": ("(A)", "B is older", "The answer is (B)."),
+    }
+    for config in ("Accounting", "Art"):
+        for doc in rows["MMMU/MMMU"][config]["validation"][1]:
+            item = items["mmmu"][doc["id"]]
+            assert BUILTIN["mmmu"].prompt_text(item) == mmmu.mmmu_doc_to_text(doc, kwargs)
+            for reply in replies[doc["id"]]:
+                parsed = mmmu.mmmu_process_results(doc, [reply])["mmmu_acc"]
+                _, metrics = mmmu.evaluate_mmmu([parsed])
+                theirs = metrics["acc"] == 1.0
+                assert BUILTIN["mmmu"].correct(item, reply, None)[1] is theirs, (doc["id"], reply)
+    accounting = items["mmmu"]["validation_Accounting_1"]
+    doc = rows["MMMU/MMMU"]["Accounting"]["validation"][1][0]
+    assert mmmu.mmmu_process_results(doc, ["RGB is fine"])["mmmu_acc"]["parsed_pred"] == ["B"]
+    # the official parser finds no letter there (" B " is not in it): a random one
+    assert {official.mmmu_choice("RGB is fine", accounting.options, random.Random(seed))
+            for seed in range(20)} == {"A", "B", "C", "D"}
+
+    kwargs = _lmms_kwargs("mathvision", "mathvision_test.yaml")
+    for doc in rows["MathLLMs/MathVision"][None]["test"][1]:
+        item = items["mathvision"][doc["id"]]
+        assert BUILTIN["mathvision"].prompt_text(item) == \
+            mathvision.mathvision_doc_to_text(doc, kwargs)
+
+    kwargs = _lmms_kwargs("mmsi_bench", "msr_bench.yaml")
+    [doc] = rows["RunsenXu/MMSI-Bench"][None]["test"][1]
+    [item] = items["mmsi"].values()
+    assert BUILTIN["mmsi"].prompt_text(item) == mmsi.msr_doc_to_text(doc, kwargs)
+    for reply in ("It is on the right: `B`", "``A``", "{B}", "B is right", "\\boxed{B}"):
+        theirs = mmsi.msr_process_results(doc, [reply])["average"]["score"]
+        assert BUILTIN["mmsi"].correct(item, reply, None)[1] is (theirs == 1.0), reply
+    assert mmsi.msr_process_results(doc, ["`b`"])["average"]["score"] == 1.0  # case ignored
+    assert BUILTIN["mmsi"].correct(item, "`b`", None)[1] is False  # the official regex: A-D
+
+    docs = rows["lmms-lab/HallusionBench"][None]["image"][1]
+    for doc in docs:
+        item = items["hallusionbench"]["_".join(doc[k] for k in official_keys())]
+        assert BUILTIN["hallusionbench"].prompt_text(item) == evaluate_hb.hb_doc_to_text(doc)
+    # the three accuracies against lmms-eval's (the official code's) on the same verdicts
+    for verdicts in (["1", "1"], ["1", "0"], ["0", "0"]):
+        data = hallusion.assign_correctness(
+            [{**doc, "verdict": v} for doc, v in zip(docs, verdicts)], "verdict")
+        rows_ = [{"item_id": "_".join(d[k] for k in official_keys()), "sample": 0,
+                  "correct": bool(d["correct"]),
+                  "meta": json.dumps({k: d[k] for k in official_keys()})} for d in data]
+        ours = official.hallusion_figures(rows_)
+        fig, every, pair = (hallusion.get_eval_fig(data), hallusion.get_eval_all(data, "verdict"),
+                            hallusion.get_eval_pair_all(data, "verdict"))
+        assert ours == {"aAcc": every["correct"] / every["total"],
+                        "fAcc": fig["correct"] / fig["total"],
+                        "qAcc": pair["correct"] / pair["total"]}, verdicts
+
+
+def official_keys():
+    from pipelines.eval.benchmarks import HALLUSION_KEYS
+
+    return HALLUSION_KEYS

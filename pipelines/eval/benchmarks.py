@@ -86,10 +86,15 @@ def _mathverse(row: dict, index: int) -> Item:
 
 
 def _mathvision(row: dict, index: int) -> Item:
+    options = [str(c) for c in row.get("options") or []]
+    # lmms-eval's layout of the options: "Choices: A. x\nB. y" and its instruction
+    block = ("\nChoices: " + "\n".join(f"{LETTERS[k]}. {o}" for k, o in enumerate(options))
+             + "\nAnswer the question with the option's letter from the given choices "
+             "directly.") if options else ""
     return Item(id=str(row["id"]), question=row["question"], answer=str(row["answer"]),
-                images=[encode_image(row["decoded_image"])],
-                choices=[str(c) for c in row.get("options") or []],
-                meta={"level": row.get("level"), "subject": row.get("subject")})
+                images=[encode_image(row["decoded_image"])], choices=options,
+                meta={"level": row.get("level"), "subject": row.get("subject"),
+                      "choices_block": block})
 
 
 _IMAGE_TAG = re.compile(r"<image (\d+)>")
@@ -112,6 +117,15 @@ def _mmmu(row: dict, index: int) -> Item:
                 images=images, choices=options if kind == "multiple-choice" else [],
                 meta={"question_type": kind, "instruction": instruction,
                       "subject": row.get("subject") or row.get("subfield")})
+
+
+def _mmmu_pro_vision(row: dict, index: int) -> Item:
+    """MMMU-Pro's vision setting: the question and its options are in the screenshot; the
+    options are kept for reading the answer, not shown in the prompt."""
+    return Item(id=str(row["id"]), question="", answer=str(row["answer"]),
+                images=[encode_image(row["image"])],
+                choices=[str(o) for o in parse_list(row["options"])],
+                meta={"subject": row.get("subject")})
 
 
 def _mmvet(row: dict, index: int) -> Item:
@@ -180,6 +194,9 @@ LAYOUTS: dict[str, Layout] = {
     "mmmu": Layout("MMMU/MMMU", "*", "validation", _mmmu,
                    "one config per subject (30): all are read"),
     "mmmu_pro": Layout("MMMU/MMMU_Pro", "standard (10 options)", "test", _mmmu),
+    "mmmu_pro_4": Layout("MMMU/MMMU_Pro", "standard (4 options)", "test", _mmmu),
+    "mmmu_pro_vision": Layout("MMMU/MMMU_Pro", "vision", "test", _mmmu_pro_vision,
+                              "the question and options are in the image"),
     "mmvet": Layout("whyu/mm-vet", None, "test", _mmvet),
     "hallusionbench": Layout("lmms-lab/HallusionBench", None, "image", _hallusion,
                              "the 951 questions with an image (lmms-eval's set)"),

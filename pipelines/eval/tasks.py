@@ -181,7 +181,8 @@ _MMZERO_PROMPT = ("{question}{choices}\n\nThink step by step inside <think></thi
 # Benchmarks MM-Zero reports (arXiv 2603.09206), each read in its published layout
 # (pipelines/eval/benchmarks.py).
 MMZERO_BENCHMARKS = ("chartqa", "mathvista", "mathverse", "mathvision", "mmmu", "mmmu_pro",
-                     "mmvet", "hallusionbench", "visnumbench", "mmsi")
+                     "mmmu_pro_4", "mmmu_pro_vision", "mmvet", "hallusionbench", "visnumbench",
+                     "mmsi")
 
 
 def benchmark_task(bench: str, **settings) -> TaskSpec:
@@ -192,7 +193,11 @@ def benchmark_task(bench: str, **settings) -> TaskSpec:
 
 
 def _mmzero(bench: str) -> TaskSpec:
-    return benchmark_task(bench, name=f"mmzero_{bench}", prompt=_MMZERO_PROMPT, answer="boxed",
+    # MMMU-Pro's vision setting shows the question and options in the image only
+    prompt = _MMZERO_PROMPT.replace("{question}{choices}", "Answer the multiple-choice "
+                                    "question in the image.") if bench.endswith("vision") \
+        else _MMZERO_PROMPT
+    return benchmark_task(bench, name=f"mmzero_{bench}", prompt=prompt, answer="boxed",
                           temperature=0.6, max_tokens=2048,
                           description=f"{bench} under MM-Zero's protocol: T 0.6, last \\boxed{{}}")
 
@@ -210,11 +215,17 @@ OFFICIAL_TASKS = [
                    prompt="{query_wo}"),
     benchmark_task("mathvision", name="mathvision", metric="mathvision", max_tokens=1024,
                    prompt='Please solve the problem step by step and put your answer in one '
-                          '"\\boxed{{}}".{question}{choices}'),
+                          '"\\boxed{{}}".{question}{choices_block}'),
     benchmark_task("mmmu", name="mmmu", metric="mmmu", max_tokens=128,
                    prompt="{question}{choices}\n\n{instruction}"),
     benchmark_task("mmmu_pro", name="mmmu_pro", metric="mmmu_pro", max_tokens=256,
                    prompt="{question}{choices}\n" + _MC.replace("option's", "option")),
+    benchmark_task("mmmu_pro_4", name="mmmu_pro_4", metric="mmmu_pro", max_tokens=256,
+                   prompt="{question}{choices}\n" + _MC.replace("option's", "option")),
+    benchmark_task("mmmu_pro_vision", name="mmmu_pro_vision", metric="mmmu_pro",
+                   max_tokens=256, prompt=_MC.replace("option's", "option") + " The last line "
+                   "of your response should be of the following format: 'Answer: $LETTER' "
+                   "(without quotes) where LETTER is one of options."),
     benchmark_task("hallusionbench", name="hallusionbench", metric="hallusionbench",
                    max_tokens=128, prompt="{question}"),
     benchmark_task("visnumbench", name="visnumbench", metric="visnumbench", max_tokens=1024,

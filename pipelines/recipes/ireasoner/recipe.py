@@ -56,7 +56,8 @@ class IReasonerRecipe:
     roles = ("policy",)
     # `coevolve eval`: the policy evaluated after every iteration, and on what (docs/eval.md)
     eval_role = "policy"
-    benchmarks = ("evolmm_chartqa",)
+    # the benchmarks of its table that coevolve reads (InfoVQA, AI2D, ScienceQA: lmms:<task>)
+    benchmarks = ("evolmm_chartqa", "mathvista", "mathvision", "mathverse", "mmmu")
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -71,8 +71,8 @@ class MMZeroRecipe:
     # `coevolve eval`: the policy evaluated after every iteration, and on what (docs/eval.md)
     eval_role = "solver"
     benchmarks = tuple(f"mmzero_{b}" for b in (
-        "mmsi", "mathverse", "mathvision", "mathvista", "mmvet", "mmmu_pro", "visnumbench",
-        "hallusionbench", "mmmu", "chartqa"))
+        "mmsi", "mathverse", "mathvision", "mathvista", "mmvet", "mmmu_pro", "mmmu_pro_4",
+        "mmmu_pro_vision", "visnumbench", "hallusionbench", "mmmu", "chartqa"))
 
     def __init__(self, cfg):
         self.cfg, self.m = cfg, cfg.mmzero
