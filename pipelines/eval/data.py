@@ -26,6 +26,7 @@ means nothing is there to read; any other ``DataError`` names the real cause.
 from __future__ import annotations
 
 import ast
+import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -257,6 +258,12 @@ def encode_image(image: Any) -> bytes:
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="PNG")
     return buf.getvalue()
+
+
+def item_seed(*parts) -> int:
+    """A 31-bit sampling seed from the parts naming one item (run seed, task, item id)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:

@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from pipelines.algorithms.answers import extract_answer
-from pipelines.eval.data import LETTERS, Item
+from pipelines.eval.data import LETTERS, Item, item_seed
 
 MAX_WORD = 100  # characters of one word the number patterns look at
 
@@ -209,8 +209,6 @@ def mmmu_open_correct(gold: str, preds: list) -> bool:
 
 
 def _rng(item: Item) -> random.Random:
-    from pipelines.eval.tasks import item_seed
-
     return random.Random(item_seed("mmmu", item.id))
 
 

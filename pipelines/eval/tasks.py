@@ -23,7 +23,6 @@ Other benchmarks run through lmms-eval's own task definitions with the
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,15 @@ from pipelines.algorithms.answers import extract_answer
 from pipelines.config_yaml import ConfigError, load_file
 from pipelines.eval import official
 from pipelines.eval.benchmarks import LAYOUTS
-from pipelines.eval.data import DataError, DataMissing, Item, read_hf, read_jsonl, write_jsonl
+from pipelines.eval.data import (
+    DataError,
+    DataMissing,
+    Item,
+    item_seed,
+    read_hf,
+    read_jsonl,
+    write_jsonl,
+)
 from pipelines.runtime.rundir import atomic_write
 
 ANSWER_MODES = ("boxed", "boxed_or_last_line")
@@ -158,12 +165,6 @@ class TaskSpec:
         return (f"{source}{config}, split {self.split!r}: `hf download {source} --repo-type "
                 f"dataset --local-dir {place.rstrip('/')}` (or the hub cache, or "
                 f"{self.name}.jsonl / a save_to_disk folder {self.name}/ in --data-dir)")
-
-
-def item_seed(*parts) -> int:
-    """A 31-bit sampling seed from the parts naming one item (run seed, task, item id)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def last_line(text: str) -> str | None:
