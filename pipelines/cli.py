@@ -261,7 +261,7 @@ def _eval(args) -> int:
                  data_dir=args.data_dir, max_tokens=args.max_tokens, lmms=lmms,
                  lmms_include=args.lmms_include, limit=args.limit)
     print(report.table(report.load_summary(target.out)))
-    print(f"plot: {target.out / 'comparison.png'}")
+    print(f"plot: {target.out / 'comparison.png'}, table: {target.out / 'summary.md'}")
     return 0
 
 

@@ -687,3 +687,22 @@ def test_the_lmms_plugin_keeps_blank_lines_and_accepts_lmms_evals_own_model_args
     with pytest.raises(ValueError, match=r"unknown model_args \['flavour'\]"):
         CoevolveLMM(pretrained="tiny://qwen2.5-vl", device="cpu", max_batch_size=8,
                     flavour="x")
+
+
+def test_the_markdown_table_puts_the_papers_numbers_beside_a_runs_own(tmp_path):
+    """An EvoLMM run on the paper's base model: the table shows base and every iteration
+    in percent, and the paper's base and trained numbers beside them; another base
+    model, or a recipe without published numbers, gets no paper columns."""
+    rows = [{"task": "mathvista", "model": "base", "iteration": 0, "accuracy": 0.5},
+            {"task": "mathvista", "model": "iter_0001", "iteration": 1, "accuracy": 0.625},
+            {"task": "smoke", "model": "base", "iteration": 0, "accuracy": 0.25}]
+    paper = report.published("evolmm", "Qwen/Qwen2.5-VL-7B-Instruct")
+    assert report.markdown(rows, paper).splitlines()[:4] == [
+        "| task | base | iter_0001 | paper: base | paper: trained |",
+        "| --- | --- | --- | --- | --- |",
+        "| mathvista | 50.0 | 62.5 | 68.46 | 70.52 |",
+        "| smoke | 25.0 | - | - | - |"]
+    assert report.published("evolmm", "tiny://qwen2.5-vl") is None
+    assert report.published("mmzero", "Qwen/Qwen2.5-VL-7B-Instruct") is None
+    assert report.markdown(rows).splitlines()[0] == "| task | base | iter_0001 |"
+    assert report.plot(rows, tmp_path / "c.png", paper).is_file()

@@ -37,7 +37,7 @@ from pipelines.eval.judge import Judge
 from pipelines.eval.runner import Model, evaluate_model, write_summary
 from pipelines.eval.tasks import TaskSpec, resolve_task
 from pipelines.registry import build_recipe, eval_role
-from pipelines.runtime.rundir import DONE, RunDir, atomic_json
+from pipelines.runtime.rundir import DONE, RunDir, atomic_json, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,9 @@ def run_eval(target: Target, tasks: Sequence[TaskSpec], items: dict[str, list[It
             if p is not None:
                 p.shutdown()
     summary = report.load_summary(target.out)
-    report.plot(summary, target.out / "comparison.png")
+    paper = report.published(target.recipe, getattr(target.cfg.model, "path", None))
+    report.plot(summary, target.out / "comparison.png", paper)
+    atomic_write(target.out / "summary.md", report.markdown(summary, paper))
     return rows
 
 

@@ -1,4 +1,6 @@
-"""The evaluation summary as a table and a comparison plot across models."""
+"""The evaluation summary as a table (text and markdown) and a comparison plot across
+models, with the numbers a seed's paper publishes beside them where the run's recipe
+and base model are the paper's setting."""
 
 from __future__ import annotations
 
@@ -8,6 +10,47 @@ import pyarrow.parquet as pq
 
 from pipelines.eval.runner import SUMMARY
 from pipelines.runtime.rundir import atomic_path
+
+
+# recipe -> (its paper's base model, where the numbers come from, task -> (base, trained)
+# in percent; None where the paper gives none). From the papers' headline tables.
+PUBLISHED: dict[str, tuple[str, str, dict[str, tuple[float | None, float]]]] = {
+    "evolmm": ("Qwen/Qwen2.5-VL-7B-Instruct", "EvoLMM paper, headline table", {
+        "evolmm_chartqa": (84.00, 86.70), "mathvista": (68.46, 70.52),
+        "mathvision": (23.91, 24.81), "mathverse": (43.78, 44.88), "mmmu": (51.11, 52.01)}),
+    "ireasoner": ("Qwen/Qwen2.5-VL-7B-Instruct", "iReasoner paper, headline table", {
+        "evolmm_chartqa": (None, 85.78), "mathvista": (None, 69.74),
+        "mathvision": (None, 25.29), "mathverse": (None, 45.91), "mmmu": (None, 52.37)}),
+}
+
+
+def published(recipe: str | None, base_model: str | None) -> tuple[str, dict] | None:
+    """(source, task -> (base, trained)) when ``recipe`` on ``base_model`` is a paper's
+    setting, else None."""
+    entry = PUBLISHED.get(recipe or "")
+    if entry is None or entry[0] != base_model:
+        return None
+    return entry[1], entry[2]
+
+
+def markdown(rows: list[dict], paper: tuple[str, dict] | None = None) -> str:
+    """Accuracy in percent per task (rows) and model (columns, training order), and the
+    paper's base and trained numbers beside them when given."""
+    if not rows:
+        return "(no results)\n"
+    models = _order(rows)
+    cell = {(r["task"], r["model"]): r["accuracy"] for r in rows}
+    head = ["task", *models] + (["paper: base", "paper: trained"] if paper else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for task in sorted({r["task"] for r in rows}):
+        values = [f"{100 * cell[(task, m)]:.1f}" if (task, m) in cell else "-" for m in models]
+        if paper:
+            base, trained = paper[1].get(task, (None, None))
+            values += [f"{x:.2f}" if x is not None else "-" for x in (base, trained)]
+        lines.append("| " + " | ".join([task, *values]) + " |")
+    if paper:
+        lines.append(f"\nPaper numbers: {paper[0]} (same base model and recipe).")
+    return "\n".join(lines) + "\n"
 
 
 def load_summary(out: Path) -> list[dict]:
@@ -48,8 +91,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> Path | None:
-    """Accuracy of every task across the models (training order); None without rows."""
+def plot(rows: list[dict], path: Path, paper: tuple[str, dict] | None = None) -> Path | None:
+    """Accuracy of every task across the models (training order), the paper's base and
+    trained numbers as open markers at the first and last model; None without rows."""
     if not rows:
         return None
     import matplotlib
@@ -62,13 +106,18 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     for t in sorted({r["task"] for r in rows}):
         by_model = {r["model"]: r["accuracy"] for r in rows if r["task"] == t}
         xs = [i for i, m in enumerate(models) if m in by_model]
-        ax.plot(xs, [by_model[models[i]] for i in xs], marker="o", label=t)
+        line, = ax.plot(xs, [by_model[models[i]] for i in xs], marker="o", label=t)
+        base, trained = (paper[1].get(t, (None, None)) if paper else (None, None))
+        for x, value in ((0, base), (len(models) - 1, trained)):
+            if value is not None:
+                ax.plot([x], [value / 100], marker="D", fillstyle="none", color=line.get_color())
     ax.set_xticks(range(len(models)), models, rotation=20)
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    ax.set_title("evaluation across models")
+    ax.set_title("evaluation across models" + ("\n(open diamonds: " + paper[0] + ")"
+                                               if paper else ""))
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
