@@ -181,8 +181,8 @@ EXPECTED_ITEMS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(n for n in BUILTIN if n.startswith(("mmzero_", "evolmm_"))))
-def test_every_builtin_benchmark_reads_its_published_layout(name, benchmark_data):
+@pytest.mark.parametrize("name", sorted(n for n, t in BUILTIN.items() if t.layout))
+def test_every_builtin_benchmark_reads_its_published_layout(name, benchmark_data, grader):
     """Each benchmark task reads its fixture (the real dataset's configs, splits, column
     names and types) through the code path of real data: ``DATA_DIR/<hub id>/`` loaded
     with the task's config and split; every image of an item, in order; the options
@@ -202,6 +202,13 @@ def test_every_builtin_benchmark_reads_its_published_layout(name, benchmark_data
         assert colors == [(255, 255, 255), (128, 128, 128)]
     if task.layout == "mathvista":
         assert items[1].question.endswith("(Unit: g)") and items[0].meta["precision"] == 1
+    # MM-Zero's protocol: the last boxed answer by the rule grader (MM-Vet's references
+    # with <AND>/<OR> need its judge)
+    if name.startswith("mmzero_") and task.layout != "mmvet" or name == "evolmm_chartqa":
+        for item in items:
+            assert task.correct(item, f"so \\boxed{{{item.answer}}}", grader)[1], item.id
+            assert not task.correct(item, "\\boxed{zzz}", grader)[1], item.id
+            assert not task.correct(item, item.answer, grader)[1] or name == "evolmm_chartqa"
 
 
 def test_task_files_and_jsonl_tasks(tmp_path):
@@ -505,9 +512,12 @@ def tiny_run(ray_cluster, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_coevolve_eval_on_a_run_directory_resumes_and_plots(tiny_run, capsys):
+def test_coevolve_eval_on_a_run_directory_resumes_and_plots(tiny_run, capsys, monkeypatch,
+                                                             tmp_path):
     """Base model and both iterations' policies on the smoke task, with a judge pool; an
-    evaluation stopped after two chunks resumes without asking the finished items again."""
+    evaluation stopped after two chunks resumes without asking the finished items again.
+    A named benchmark whose data is absent is listed with what it needs; the command
+    evaluates the rest and exits 0."""
     from pipelines.cli import main
     from pipelines.eval.harness import resolve_target, resolve_tasks, run_eval
 
@@ -525,9 +535,15 @@ def test_coevolve_eval_on_a_run_directory_resumes_and_plots(tiny_run, capsys):
     parts = tiny_run / "eval/.parts/smoke-base"
     assert sorted(p.name for p in parts.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
 
-    assert main(["eval", str(tiny_run), "--tasks", "smoke", "--max-tokens", "8",
-                 "--judge", "tiny://qwen2.5-vl"]) == 0
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "no-cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no-cache"))
+    assert main(["eval", str(tiny_run), "--tasks", "smoke", "mmzero_mathverse",
+                 "--max-tokens", "8", "--judge", "tiny://qwen2.5-vl"]) == 0
     printed = capsys.readouterr().out
+    assert "left out 1 task(s) whose data is not here:\n  mmzero_mathverse: not found; needs " \
+           "AI4Math/MathVerse, config 'testmini', split 'testmini'" in printed
+    assert (tiny_run / "eval/summary.md").read_text().startswith("| task | base |")
     summary = {r["model"]: r for r in report.load_summary(tiny_run / "eval")}
     assert sorted(summary) == ["base", "iter_0001", "iter_0002"]
     assert (summary["base"]["reused"], summary["base"]["computed"]) == (10, 2)
