@@ -35,6 +35,8 @@ from pipelines.algorithms.answers import (
     normalize,
 )
 from pipelines.algorithms.grading import DEFAULT_TIMEOUT_S, Grader, majority
+from pipelines.eval import official
+from pipelines.eval.data import Item
 from pipelines.recipes.evolmm.rewards import evolmm_normalize
 from pipelines.recipes.mmzero.rewards import format_ok, infer_content_type, parse_proposal
 
@@ -70,7 +72,20 @@ def adversarial(n: int) -> dict[str, str]:
         "option spam": _fill("(a) 1 ", n),
         "fraction spam": _fill("\\frac{1}{2}", n),
         "units": _fill("5 cm ", n),
+        "digits+comma": _fill("1", n, ","),
+        "open {": _fill("{", n),
+        "backticks": _fill("`a", n),
+        "indicator spam": _fill("the answer is ", n),
+        "Answer: spam": _fill("Answer: A ", n),
     }
+
+
+# Items the official scorers (pipelines/eval/official.py) read the inputs against.
+_CHOICE = Item(id="c", question="q", answer="B", choices=["alpha", "beta", "gamma", "delta"],
+               meta={"question_type": "multi_choice", "answer_type": "text"})
+_FLOAT = Item(id="f", question="q", answer="1.5",
+              meta={"question_type": "free_form", "answer_type": "float", "precision": 1})
+_YES = Item(id="y", question="q", answer="Yes")
 
 
 PARSERS: dict[str, Callable[[str], object]] = {
@@ -83,6 +98,15 @@ PARSERS: dict[str, Callable[[str], object]] = {
     "infer_content_type": infer_content_type,
     "normalize": normalize,
     "evolmm_normalize": evolmm_normalize,
+    "official chartqa": lambda t: official.chartqa(_FLOAT, t),
+    "official mathvista (choice)": lambda t: official.mathvista(_CHOICE, t),
+    "official mathvista (float)": lambda t: official.mathvista(_FLOAT, t),
+    "official mmmu (choice)": lambda t: official.mmmu(_CHOICE, t),
+    "official mmmu (open)": lambda t: official.mmmu(_FLOAT, t),
+    "official mmmu_pro": lambda t: official.mmmu_pro(_CHOICE, t),
+    "official hallusionbench": lambda t: official.hallusionbench(_YES, t),
+    "official visnumbench": lambda t: official.visnumbench(_CHOICE, t),
+    "official mmsi": lambda t: official.mmsi(_CHOICE, t),
 }
 
 
