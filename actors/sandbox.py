@@ -27,7 +27,8 @@ limit is set) that:
    where libseccomp is missing (except for root, whom the kernel exempts); and
    per request ``cpu_seconds`` of CPU time (SIGXCPU ends it; the parent counts a
    crash);
-4. exits when its parent dies, even while busy (a watchdog thread, within 1 s);
+4. exits when its parent dies, even while busy (a watchdog thread, within a quarter
+   second on an idle host);
 5. runs ``warm_up()`` (e.g. building a parser's grammar) and reports ready;
 6. answers requests in order, until stdin closes.
 
@@ -66,6 +67,8 @@ _BOOTSTRAP = ("import importlib, json, sys\n"
 
 Handler = Callable[[dict, bytes], tuple[dict, bytes]]
 logger = logging.getLogger(__name__)
+
+WATCHDOG_S = 0.25  # how often a worker checks that its parent is alive
 
 # What a worker keeps of its parent's environment: where programs, libraries, fonts and
 # temporary files are, and the locale. Nothing else: no HF, wandb or cloud tokens.
@@ -190,7 +193,7 @@ def serve(setup: Callable[[], Handler], memory_bytes: int,
 
     def watchdog() -> None:  # a busy worker never reads the EOF of a dead parent
         while os.getppid() == parent:
-            time.sleep(1.0)
+            time.sleep(WATCHDOG_S)
         os._exit(1)
 
     threading.Thread(target=watchdog, daemon=True).start()

@@ -75,11 +75,11 @@ def trained(ray_cluster, tmp_path_factory):
         group.shutdown()
 
 
-def start(name: str, engine_spec: EngineSpec, threads: int = 1):
+def start(name: str, engine_spec: EngineSpec, threads: int = 1, wait: bool = True):
     from actors.pool import GeneratorPool
 
     return GeneratorPool(name, engine_spec, n_engines=1, resources={"num_cpus": threads},
-                         threads=threads, run="test-shapes")
+                         threads=threads, run="test-shapes", wait=wait)
 
 
 def idle_cpu_seconds(pool, seconds: float) -> dict[str, float]:
@@ -427,6 +427,7 @@ def test_a_lora_push_reaches_every_engine_shape_and_the_probe_matches_the_traine
                          1, name="test/shapes-lora-trainer",
                          runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     lora_spec = {"enable_lora": True, "max_lora_rank": 8}
+    pools = {}
     try:
         batch = make_train_batch(resolve_model(MODEL), n_prompts=2, n=2, seed=6)
         batch = batch.with_column(old_logprobs=group.compute_logprobs(batch))
@@ -438,18 +439,22 @@ def test_a_lora_push_reaches_every_engine_shape_and_the_probe_matches_the_traine
         for name, tensor in iter_bucket_tensors(fp32["bucket"]):
             assert tensor.dtype == torch.float32 and wire[name].dtype == torch.bfloat16
             assert torch.equal(wire[name], tensor.to(torch.bfloat16)), name
+        pools = {}  # started side by side (the starts dominate), checked one by one
         for role, shape in (("lora-inproc", {}), ("lora-mp", {"multiprocess": True}),
                             ("lora-tp", {"tensor_parallel": 2})):
-            pool = start(role, spec(**lora_spec, **shape), threads=2 if shape else 1)
-            try:
-                if role == "lora-inproc":  # the base, where the trainer serves its adapter
-                    with pytest.raises(SyncMismatch, match=pool.name(0)):
-                        check(pool, group, 0, tol=1e-5)
-                pool.load_adapter("policy", group.adapter(dtype="float32"), version=1)
-                pool.default_adapter = "policy"
-                diff = check(pool, group, 0, tol=1e-5)
-                print(f"{role}: sync probe |engine - trainer| = {diff:.2e}")
-            finally:
-                pool.shutdown()
+            pools[role] = start(role, spec(**lora_spec, **shape), threads=2 if shape else 1,
+                                wait=False)
+        for role, pool in pools.items():
+            pool.wait_ready()
+            if role == "lora-inproc":  # the base, where the trainer serves its adapter
+                with pytest.raises(SyncMismatch, match=pool.name(0)):
+                    check(pool, group, 0, tol=1e-5)
+            pool.load_adapter("policy", group.adapter(dtype="float32"), version=1)
+            pool.default_adapter = "policy"
+            diff = check(pool, group, 0, tol=1e-5)
+            print(f"{role}: sync probe |engine - trainer| = {diff:.2e}")
+            pool.shutdown()
     finally:
+        for pool in pools.values():
+            pool.shutdown()
         group.shutdown()
