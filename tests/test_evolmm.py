@@ -63,28 +63,38 @@ def test_parsing_model_output():
     assert words_before_answer("no tags at all here") == 5
 
 
-def test_image_folder_skips_and_counts_bad_files_in_a_deterministic_order(tmp_path):
+def test_image_folder_walks_as_the_original_and_skips_and_counts_bad_files(tmp_path):
+    """Every first-level subfolder recursively; the top-level files only when there is no
+    subfolder; hidden names skipped at every level; bad files skipped and counted; a
+    deterministic order."""
     def png(path, colour):
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 8), colour).save(path)
 
-    png(tmp_path / "a.png", "red")
-    png(tmp_path / "b.JPG", "blue")  # extension case does not matter (a PNG inside: fine)
+    png(tmp_path / "a.png", "red")  # top level, beside subfolders: not read
+    png(tmp_path / "sub1" / "b.JPG", "blue")  # extension case does not matter
     png(tmp_path / "sub1" / "c.webp", "green")
     png(tmp_path / "sub2" / "d.bmp", "white")
-    png(tmp_path / "sub1" / "deep" / "e.png", "black")  # below the first level: not read
-    (tmp_path / "empty.png").write_bytes(b"")
-    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    (tmp_path / "notes.txt").write_text("not an image")
+    png(tmp_path / "sub1" / "deep" / "e.png", "black")  # below the first level: read
+    png(tmp_path / "sub1" / ".hidden.png", "black")
+    png(tmp_path / "sub1" / ".cache" / "f.png", "black")
+    png(tmp_path / ".thumbs" / "g.png", "black")
+    (tmp_path / "sub1" / "empty.png").write_bytes(b"")
+    (tmp_path / "sub2" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "sub2" / "notes.txt").write_text("not an image")
     (tmp_path / "sub2" / "text.png").write_text("a text file named .png")
     folder = ImageFolder(tmp_path, seed=3)
-    assert sorted(p.name for p in folder.paths) == ["a.png", "b.JPG", "c.webp", "d.bmp"]
+    assert sorted(p.name for p in folder.paths) == ["b.JPG", "c.webp", "d.bmp", "e.png"]
     assert folder.stats()["skipped"] == 3 and folder.skipped == {"empty": 1, "corrupt": 2}
     assert [p.name for p in ImageFolder(tmp_path, seed=3).paths] == \
         [p.name for p in folder.paths]
     assert Image.open(__import__("io").BytesIO(folder.image(5))).mode == "RGB"
     only = ImageFolder(tmp_path, include_subfolders=["sub2"], seed=0)
-    assert sorted(p.name for p in only.paths) == ["a.png", "b.JPG", "d.bmp"]
+    assert sorted(p.name for p in only.paths) == ["d.bmp"]
+    flat = tmp_path / "flat"  # no subfolder: the top-level files
+    png(flat / "x.png", "red")
+    png(flat / ".y.png", "red")
+    assert [p.name for p in ImageFolder(flat).paths] == ["x.png"]
     with pytest.raises(ValueError, match="include_subfolders"):
         ImageFolder(tmp_path, include_subfolders=["nope"])
     bad = tmp_path / "bad"

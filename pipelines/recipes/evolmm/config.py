@@ -14,8 +14,9 @@ class EvoLMMConfig:
     one backbone, trained on unlabeled images by the Solver's self-consistency."""
 
     data_dir: str = param(
-        "", "Folder of images (png, jpg, jpeg, webp, bmp, tiff), with its first-level "
-            "subfolders; empty: 64 bar charts drawn locally (a demo).")
+        "", "Folder of images (png, jpg, jpeg, webp, bmp, tiff): every first-level subfolder "
+            "recursively, its own files only when it has no subfolder, hidden names "
+            "skipped (the original's walk); empty: 64 bar charts drawn locally (a demo).")
     include_subfolders: list[str] | None = param(
         None, "Only these first-level subfolders of data_dir (default: all).")
     steps: int = param(100, "Generation steps of the phase.", ge=1)

@@ -1,9 +1,10 @@
 """Unlabeled images for EvoLMM and iReasoner: every image under a folder.
 
-``ImageFolder(data_dir, include_subfolders, seed)`` lists the images in
-``data_dir`` and in its first-level subfolders (only those named in
-``include_subfolders`` when it is given), with the extensions below, in a
-deterministic order drawn from the seed. Each image is opened and fully
+``ImageFolder(data_dir, include_subfolders, seed)`` lists the images as the
+original walks its folder: every first-level subfolder (only those named in
+``include_subfolders`` when it is given) recursively, and the files at the top
+level only when there is no subfolder; hidden names (``.name``) are skipped at
+every level. Extensions below, in a deterministic order drawn from the seed. Each image is opened and fully
 decoded when it is listed: a corrupt, empty or unreadable file, or a file
 that is not an image, is skipped and counted (``skipped``), never fatal. A
 folder with no usable image is a clear error.
@@ -37,33 +38,51 @@ def _usable(path: Path) -> str | None:
     return None
 
 
+def _hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Every file under ``folder``, sorted, hidden names (files and folders) left out;
+    links to folders are not followed (no cycles)."""
+    out = []
+    for path in sorted(folder.iterdir()):
+        if _hidden(path):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            out += _walk(path)
+        elif path.is_file():
+            out.append(path)
+    return out
+
+
 class ImageFolder:
     def __init__(self, data_dir: str | Path, include_subfolders: list[str] | None = None,
                  seed: int = 0):
         root = Path(data_dir).expanduser()
         if not root.is_dir():
             raise ValueError(f"data_dir {str(root)!r} is not a folder")
-        folders = [root]
-        subfolders = sorted(p for p in root.iterdir() if p.is_dir())
+        subfolders = sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p))
         if include_subfolders is not None:
             missing = sorted(set(include_subfolders) - {p.name for p in subfolders})
             if missing:
                 raise ValueError(f"include_subfolders: {missing} not found in {root}")
             subfolders = [p for p in subfolders if p.name in set(include_subfolders)]
-        folders += subfolders
+        files = [p for folder in subfolders for p in _walk(folder)] if subfolders else \
+            sorted(p for p in root.iterdir() if p.is_file() and not _hidden(p))
         self.skipped: Counter[str] = Counter()
         found = []
-        for folder in folders:
-            for path in sorted(folder.iterdir()):
-                if not path.is_file() or path.suffix.lower() not in EXTENSIONS:
-                    continue
-                why = _usable(path)
-                if why is None:
-                    found.append(path)
-                else:
-                    self.skipped[why] += 1
+        for path in files:
+            if path.suffix.lower() not in EXTENSIONS:
+                continue
+            why = _usable(path)
+            if why is None:
+                found.append(path)
+            else:
+                self.skipped[why] += 1
         if not found:
-            raise ValueError(f"no usable image in {root} or its first-level subfolders "
+            raise ValueError(f"no usable image in {root} (its subfolders, or its files when it "
+                             "has none) "
                              f"(extensions {', '.join(EXTENSIONS)}; skipped: "
                              f"{dict(self.skipped) or 'none'})")
         order = np.random.default_rng(seed).permutation(len(found))
