@@ -235,3 +235,49 @@ def test_a_select_prompt_that_cannot_fit_is_refused_up_front():
     cfg = load_config(None, ["run.recipe=r3v", "r3v.select_candidates=[0, 2]"])
     with pytest.raises(ValueError, match="at least 1"):
         R3VPhase(cfg, cfg.r3v)
+
+
+def test_evaluate_selection_by_hand():
+    """Two items with known answers (7 and 3), scripted greedy answers, five sampled
+    candidates each and the model's picks; every figure counted by hand below."""
+    from actors.generator import Completion
+
+    from pipelines.eval.data import Item
+    from pipelines.recipes.r3v.recipe import evaluate_selection
+
+    items = [Item(id="a", question="How many?", answer="7"),
+             Item(id="b", question="How many?", answer="3")]
+    candidates = {"a": ["Answer: 7", "Answer: 5", "Answer: 5", "Answer: 7", "Answer: 7"],
+                  "b": ["Answer: 1", "Answer: 1", "Answer: 3", "Answer: 2", "Answer: 3"]}
+    greedy = {"a": "Answer: 7", "b": "Answer: 2"}
+
+    class Pool:
+        calls = 0
+
+        def generate(self, requests):
+            self.calls += 1
+            out = []
+            for r in requests:
+                item = r.meta
+                if self.calls == 1 and r.sampling.n == 1:  # Test@1
+                    texts = [greedy[item.id]]
+                elif self.calls == 1:  # the sampled candidates
+                    texts = candidates[item.id][:r.sampling.n]
+                else:  # self-select: the model picks the first listed candidate
+                    prompt = r.messages[0]["content"][-1]["text"]
+                    texts = [prompt.split("Model's prediction 1:\n")[1].split("\n")[0]]
+                out.append([Completion(t, [1], [2], [-0.1], "stop", 0) for t in texts])
+            return out
+
+    figures = evaluate_selection(Pool(), items, seed=0, counts=[2, 3, 5], temperature=0.9,
+                                 top_p=0.95, max_tokens=16)
+    # Test@1: a right (7), b wrong (2)
+    assert figures["test@1"] == 0.5
+    # N=2: a [7,5] b [1,1]. select picks the first: a right, b wrong -> 0.5; majority: a's
+    # tie goes to the earliest (7, right), b's is 1 (wrong) -> 0.5; oracle: a only -> 0.5
+    assert (figures["select@2"], figures["majority@2"], figures["oracle@2"]) == (0.5, 0.5, 0.5)
+    # N=3: a [7,5,5] majority 5 (wrong); b [1,1,3] majority 1 (wrong); oracle: both
+    assert (figures["select@3"], figures["majority@3"], figures["oracle@3"]) == (0.5, 0.0, 1.0)
+    # N=5: a [7,5,5,7,7] majority 7 (right); b [1,1,3,2,3] tie 1 vs 3: the earliest, 1
+    assert (figures["select@5"], figures["majority@5"], figures["oracle@5"]) == (0.5, 0.5, 1.0)
+    assert figures["items"] == 2
