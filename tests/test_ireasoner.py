@@ -85,3 +85,36 @@ def test_tiny_ireasoner_run_embeds_steps_in_the_trainer(ray_cluster, tmp_path):
              if "solver/reward/mean" in m]
     assert len(lines) == 2 and all(m["solver/reward/mix_weight"] == 0.7 for m in lines)
     assert all("solver/reward/dominant_group" in m for m in lines)
+
+
+def test_solver_rewards_by_hand():
+    """Four answers 3, 3, 3, 5 (majority group D = the first three, |D|/N = 3/4), each with
+    one step; the steps of D embed as [1,0], [1,0], [0,1]. Short texts: no length cost.
+    Without warm-up the step share is 0.7 throughout:
+      soft_i  = share^0.7: 0.75^0.7 for D, 0.25^0.7 for the 5
+      centroid = normalise([2/3, 1/3]) = [2, 1]/sqrt(5); s = (cos + 1) / 2:
+      s = (2/sqrt(5) + 1)/2 for [1,0], (1/sqrt(5) + 1)/2 for [0,1]
+      step_i  = s_i * 0.75^0.7 in D, 0 outside
+      r_i     = 0.3 soft_i + 0.7 step_i"""
+    import types
+
+    from pipelines.config import load_config
+    from pipelines.recipes.ireasoner.recipe import IReasonerPhase
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/ireasoner/tiny-cpu.yaml", ["ireasoner.warmup=false"])
+    phase = IReasonerPhase(cfg, cfg.ireasoner)
+    texts = ["<think>Step 1: left</think><answer>3</answer>",
+             "<think>Step 1: left</think><answer>3</answer>",
+             "<think>Step 1: up</think><answer>3</answer>",
+             "<think>Step 1: down</think><answer>5</answer>"]
+    vectors = {"left": [1.0, 0.0], "up": [0.0, 1.0]}
+    ctx = types.SimpleNamespace(embed=lambda steps, max_tokens: [
+        np.asarray(next(v for k, v in vectors.items() if k in s)) for s in steps])
+    rewards, metrics = phase.solver_rewards(texts, ["3", "3", "3", "5"], step=0, ctx=ctx)
+    density = 0.75 ** 0.7
+    s_left, s_up = (2 / math.sqrt(5) + 1) / 2, (1 / math.sqrt(5) + 1) / 2
+    expected = [0.3 * density + 0.7 * s_left * density] * 2 + \
+        [0.3 * density + 0.7 * s_up * density, 0.3 * 0.25 ** 0.7]
+    assert rewards == pytest.approx(expected, abs=1e-6)
+    assert metrics["mix_weight"] == 0.7 and metrics["dominant_group"] == 3
