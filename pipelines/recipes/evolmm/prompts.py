@@ -1,4 +1,6 @@
-"""EvoLMM's two prompts, in our words; the tags are the ones the parsers read."""
+"""EvoLMM's two prompts, in our words, telling the model what the original's tell it
+(the Solver: a short number/word/phrase answer, only the answer inside the tag); the
+tags are the ones the parsers read."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ Answer with exactly two tags and nothing else:
 <question>the question, in one or two sentences</question>
 <rationale>why the question is not trivial but can be solved from the image</rationale>"""
 
-SOLVER = """Answer the question using only the image. Think briefly, then give a short
-final answer inside <answer></answer>.
+SOLVER = """You answer questions about images precisely, from the image alone. Think
+briefly, then give a short final answer (a number, a word or a phrase). Put only that
+answer inside <answer></answer>: no steps inside the tag.
 Question: {question}"""
 
 SOLVER_STEPS = """You reason precisely about images. Answer the question using only the image.
