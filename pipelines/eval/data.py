@@ -260,6 +260,12 @@ def encode_image(image: Any) -> bytes:
     return buf.getvalue()
 
 
+def last_line(text: str) -> str | None:
+    """The last non-empty line, stripped (the fallback answer of a response)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
 def item_seed(*parts) -> int:
     """A 31-bit sampling seed from the parts naming one item (run seed, task, item id)."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()

@@ -21,20 +21,15 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from pipelines.algorithms.answers import extract_answer
-from pipelines.eval.data import LETTERS, Item, item_seed
+from pipelines.eval.data import LETTERS, Item, item_seed, last_line
 
 MAX_WORD = 100  # characters of one word the number patterns look at
-
-
-def _last_line(text: str) -> str | None:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else None
 
 
 def extracted(response: str) -> str:
     """The final answer of a response: the last ``\\boxed{}`` or ``<answer>``, else the
     last line, else the whole (stripped)."""
-    return extract_answer(response, fallback=_last_line) or response.strip()
+    return extract_answer(response, fallback=last_line) or response.strip()
 
 
 # -- ChartQA: relaxed accuracy (pix2struct metrics.py, arXiv 2203.10244) ---------------

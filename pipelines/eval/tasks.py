@@ -37,6 +37,7 @@ from pipelines.eval.data import (
     DataMissing,
     Item,
     item_seed,
+    last_line,
     read_hf,
     read_jsonl,
     write_jsonl,
@@ -165,12 +166,6 @@ class TaskSpec:
         return (f"{source}{config}, split {self.split!r}: `hf download {source} --repo-type "
                 f"dataset --local-dir {place.rstrip('/')}` (or the hub cache, or "
                 f"{self.name}.jsonl / a save_to_disk folder {self.name}/ in --data-dir)")
-
-
-def last_line(text: str) -> str | None:
-    """The last non-empty line, stripped (the fallback answer of a response)."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else None
 
 
 # ---------------------------------------------------------------- built-in tasks
