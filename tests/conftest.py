@@ -72,29 +72,25 @@ def engines(ray_cluster, request):
 
 
 # Modules whose engines and trainer ranks take the most memory (multiprocess and
-# tensor-parallel engines, several real-vocabulary engines at once): with two test
-# processes, one of them at a time (below); the rest run beside them.
-MEMORY_HEAVY = {"test_driver", "test_engine_shapes", "test_generator", "test_mmzero"}
+# tensor-parallel engines, several real-vocabulary engines at once): never two of them
+# at once on a 24 GiB host, so with two test processes they form one xdist group, run
+# one after another by one process while the other takes every other module.
+MEMORY_HEAVY = ("test_engine_shapes", "test_driver", "test_generator", "test_mmzero")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_memory_heavy_module_at_a_time(request):
-    """A lock shared by the test processes of one pytest run (pytest-xdist workers are
-    children of one controller) around each module in MEMORY_HEAVY, so that two of them
-    never hold their engines at once on a 24 GiB host. Uncontended in a single process."""
-    import fcntl
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Each module its own xdist group (a module's tests share its fixtures' engines),
+    except the MEMORY_HEAVY ones: one group, collected first, so that the longest chain
+    starts at once (pyproject: ``--dist loadgroup --no-loadscope-reorder``). Before the
+    xdist hook that names the groups; harmless without xdist."""
+    def heavy(item) -> bool:
+        return item.module.__name__ in MEMORY_HEAVY
 
-    if request.module.__name__ not in MEMORY_HEAVY:
-        yield
-        return
-    controller = os.getppid() if os.environ.get("PYTEST_XDIST_WORKER") else os.getpid()
-    path = Path(tempfile.gettempdir()) / f"coevolve-tests-{controller}.memory.lock"
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    for item in items:
+        name = "memory-heavy" if heavy(item) else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(name))
+    items.sort(key=lambda item: not heavy(item))  # stable: collection order kept within
 
 
 def chart_png(seed: int = 0, size: tuple[int, int] = (96, 72)) -> bytes:

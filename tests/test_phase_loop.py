@@ -568,7 +568,8 @@ def test_the_restart_budget_counts_every_failure_and_names_them_all_when_spent(m
 
     from actors.restarts import RestartBudget, RestartsExhausted
 
-    monkeypatch.setattr(time, "strftime", lambda fmt: "2026-12-07 10:00:00")
+    # (fmt, when) too: a log handler's formatter may call it while the patch is on
+    monkeypatch.setattr(time, "strftime", lambda fmt, when=None: "2026-12-07 10:00:00")
     budget = RestartBudget(2)
     budget.spend("engine coevolve/r/solver/1", RuntimeError("actor died\n  in generate"))
     budget.spend("trainer group of proposer", "no answer within 600 s")
