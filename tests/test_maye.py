@@ -44,7 +44,9 @@ def test_score_components_by_hand():
     # no EOS, or shorter than min_tokens: -0.1 whatever the content
     assert score("<think>x</think>\\boxed{4}", finished=False).score == -0.1
     cut = score("<think>x</think>\\boxed{4}", tokens=3, min_tokens=4)
-    assert (cut.score, cut.accuracy, cut.penalised) == (-0.1, 0.0, True)
+    # penalised, but "correct" as the original counts it (before the penalty)
+    assert (cut.score, cut.accuracy, cut.penalised) == (-0.1, 1.0, True)
+    assert score("\\boxed{5}", finished=False).accuracy == 0.0
     assert score("no box", tokens=4, min_tokens=4).score == 0.0
 
 
@@ -71,6 +73,9 @@ def test_reflection_ratios_by_hand():
     assert stats["reflection_word/recheck"] == 1 and stats["reflection_word/yet"] == 1
     assert stats["reflection_word/rethink"] == 0
     assert len([k for k in stats if k.startswith("reflection_word/")]) == len(REFLECTION_WORDS)
+    # per word: occurrences (text.count), not responses; the ratios count responses
+    repeated = reflection_stats(["wait... wait, wait", "Wait"], [True, False])
+    assert repeated["reflection_word/wait"] == 4 and repeated["reflection_ratio"] == 1.0
     # no correct response: the ratios over correct ones are left out, not 0
     none_right = reflection_stats(["wait", "no"], [False, False])
     assert "reflection_ratio_correct" not in none_right

@@ -7,13 +7,15 @@ Score (MAYE, "Rethinking RL Scaling for Vision Language Models", as its code com
     format   = 1 if the response has exactly one <think>...</think> block (the blocks a
                lazy left-to-right scan finds, as the original's regex), else 0
     score    = invalid_score instead (-0.1) when the response has no end-of-sequence
-               token (cut at the budget) or fewer than ``min_tokens`` tokens
+               token (cut at the budget) or fewer than ``min_tokens`` tokens; its
+               ``accuracy`` is still graded (the original counts a response "correct"
+               before that penalty)
 
 Reflection analysis: a response is reflective when its lower-cased text contains any
 of ``REFLECTION_WORDS`` as a substring. Over a batch of responses with their
 correctness: the reflection ratio, the ratio among correct and among incorrect
 responses, the accuracy among reflective and among non-reflective responses, and for
-each word the number of responses that contain it. A ratio over an empty set (no
+each word the number of its occurrences (``text.count(word)``, as the original counts). A ratio over an empty set (no
 correct response, say) is left out of the metrics rather than logged as 0, as the
 original does, which would read as a measurement.
 """
@@ -67,9 +69,9 @@ def score_response(text: str, reference: str, *, finished: bool, tokens: int,
     length). ``grade(pred, ref)`` is the answer check (time-limited)."""
     answer = extract_boxed(text)
     share = cjk_share(text)
-    if not finished or tokens < min_tokens:
-        return Score(invalid_score, 0.0, 0.0, share, True, answer)
     accuracy = 1.0 if answer is not None and grade(answer, reference) else 0.0
+    if not finished or tokens < min_tokens:
+        return Score(invalid_score, accuracy, 0.0, share, True, answer)
     fmt = 1.0 if think_blocks(text) == 1 else 0.0
     return Score(accuracy + fmt - language_penalty * share, accuracy, fmt, share, False, answer)
 
@@ -96,5 +98,5 @@ def reflection_stats(texts: Sequence[str], correct: Sequence[bool]) -> dict[str,
     }
     out = {k: v for k, v in ratios.items() if not math.isnan(v)}
     for word in REFLECTION_WORDS:
-        out[f"reflection_word/{word}"] = float(sum(word in t for t in lowered))
+        out[f"reflection_word/{word}"] = float(sum(t.count(word) for t in lowered))
     return out
