@@ -34,6 +34,9 @@ class TrainBatch:
     # the sampling engine's log-probs of the completion tokens (the behaviour policy as the
     # engine computed it): the engine-trainer mismatch and truncated importance sampling
     engine_logprobs: list[np.ndarray] | None = None  # [S][T_i]
+    # per-sequence weight of its summed token loss (loss_agg micro-token-mean), set on the
+    # global batch before it is split (objectives.micro_token_weights)
+    loss_weights: np.ndarray | None = None  # [S]
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -63,6 +66,7 @@ class TrainBatch:
             old_logprobs=pick(self.old_logprobs),
             ref_logprobs=pick(self.ref_logprobs),
             engine_logprobs=pick(self.engine_logprobs),
+            loss_weights=pick(self.loss_weights),
         )
 
     def with_column(self, **columns) -> "TrainBatch":
@@ -187,8 +191,10 @@ class InputBuilder:
                     adv[i, p - 1:n - 1] = torch.tensor(batch.advantages[r], dtype=torch.float32)
                 else:
                     adv[i] = float(batch.advantages[r])
+        weights = None if batch.loss_weights is None else torch.tensor(
+            [float(batch.loss_weights[r]) for r in rows], dtype=torch.float32)
         return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask,
-                **aligned, "advantages": adv}
+                **aligned, "advantages": adv, "loss_weights": weights}
 
     def _packed(self, batch: TrainBatch, rows: list[int], dummy: bool,
                 row_pixels: list) -> dict | None:
@@ -252,6 +258,7 @@ class InputBuilder:
             old_logprobs=extend(sub.old_logprobs, np.zeros(0, np.float32)),
             ref_logprobs=extend(sub.ref_logprobs, np.zeros(0, np.float32)),
             engine_logprobs=extend(sub.engine_logprobs, np.zeros(0, np.float32)),
+            loss_weights=extend(sub.loss_weights, 0.0),
         )
         return dummy, list(range(len(rows) + 1))
 

@@ -8,15 +8,11 @@ tensors: no model, no Ray, no config file.
 Shapes: B = sequences, T = completion tokens (right-padded), V = vocabulary.
 `mask` is [B, T] with 1 on the tokens that count (completion, not padding).
 
-Micro-batch invariance (the reason `aggregate` takes global normalisers): a
-step's batch is usually split into micro-batches whose gradients are summed.
-If every micro-batch divided by its own token count, the sum would weight
-tokens differently depending on how the batch was split. So the caller counts
-the normalisers once over the WHOLE global batch (`loss_normalisers`) and
-passes them to every micro-batch; the micro-batch losses then sum exactly to
-the full-batch loss. Under data parallelism whose gradient reduction averages
-over W ranks (FSDP, DDP), multiply each rank's loss by W (equivalently pass
-normaliser / W) so that the average turns back into the global sum.
+Micro-batch invariance: micro-batch gradients are summed, so `aggregate` takes
+normalisers counted once over the WHOLE global batch (`loss_normalisers`; for
+micro-token-mean, per-sequence weights) and the micro-batch losses sum exactly to
+the full-batch loss, however the batch was split. Under data parallelism that
+averages gradients over W ranks (FSDP), each rank's loss is multiplied by W.
 
 Formulas follow verl's core_algos (PPO-clip with clip-higher, arXiv:2503.14476,
 and dual-clip, arXiv:1912.09729; k1/k2/k3/low_var_kl; the aggregation modes) and
@@ -28,13 +24,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from actors.logprobs import entropy_from_logits, upcast
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "micro-token-mean")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 POLICY_LOSSES = ("ppo", "reinforce")
 
@@ -104,6 +101,7 @@ def aggregate(
     mode: str,
     global_tokens: float | int | Tensor | None = None,
     global_seqs: float | int | Tensor | None = None,
+    seq_weights: Tensor | None = None,
 ) -> Tensor:
     """Reduce a per-token loss [B, T] to a scalar, split-invariantly.
 
@@ -111,6 +109,8 @@ def aggregate(
       token-mean:          sum_{b,t} m*l / N_tok
       seq-mean-token-mean: sum_b [ sum_t m*l / n_b ] / N_seq   (n_b = valid tokens of b)
       seq-mean-token-sum:  sum_b [ sum_t m*l ] / N_seq
+      micro-token-mean:    sum_b w_b sum_t m*l, w = ``seq_weights`` (micro_token_weights:
+                           MAYE's token mean per micro-batch, averaged)
     n_b is a property of one sequence, so it never depends on the split; only
     N_tok and N_seq do, hence they come from the caller (see module docstring
     and `loss_normalisers`). When None they default to this batch's own counts
@@ -124,12 +124,29 @@ def aggregate(
     tokens_per_seq = m.sum(-1)
     if mode == "token-mean":
         return masked.sum() / _normaliser(global_tokens, tokens_per_seq.sum(), loss_tok)
+    if mode == "micro-token-mean":
+        if seq_weights is None:
+            raise ValueError("loss aggregation micro-token-mean needs the batch's seq_weights "
+                             "(micro_token_weights)")
+        return (masked.sum(-1) * seq_weights.to(loss_tok.dtype)).sum()
     n_seq = _normaliser(global_seqs, (tokens_per_seq > 0).sum(), loss_tok)
     if mode == "seq-mean-token-mean":
         per_seq = masked.sum(-1) / tokens_per_seq.clamp(min=1)
     else:
         per_seq = masked.sum(-1)
     return per_seq.sum() / n_seq
+
+
+def micro_token_weights(lengths, seqs: int) -> np.ndarray:
+    """``micro-token-mean``'s weights for a global batch of sequences of ``lengths`` valid
+    tokens: runs of ``seqs`` in order (the last may be shorter), w_b = 1 / (runs with a
+    token * tokens of b's run): each run's token mean, averaged over the runs."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    runs = np.arange(len(lengths)) // seqs
+    tokens = np.bincount(runs, weights=lengths, minlength=runs.max(initial=-1) + 1)
+    counted = int((tokens > 0).sum())
+    per_run = np.divide(1.0, counted * tokens, out=np.zeros_like(tokens), where=tokens > 0)
+    return per_run[runs].astype(np.float32)
 
 
 # ---------------------------------------------------------- policy losses
@@ -206,12 +223,13 @@ def sft_loss(
     mode: str = "token-mean",
     global_tokens: float | int | Tensor | None = None,
     global_seqs: float | int | Tensor | None = None,
+    seq_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Masked negative log-likelihood: aggregate(-logprobs [B, T], mask, mode).
 
     Metrics: sft/nll (mean over this batch's valid tokens), sft/tokens.
     """
-    loss = aggregate(-logprobs, mask, mode, global_tokens, global_seqs)
+    loss = aggregate(-logprobs, mask, mode, global_tokens, global_seqs, seq_weights)
     metrics = {
         "sft/nll": masked_mean(-logprobs.detach(), mask).item(),
         "sft/tokens": float(mask.sum().item()),
@@ -274,6 +292,7 @@ class ObjectiveSpec:
                   (clip-higher when > clip_low). >= 0.
     dual_clip:    dual-clip constant c > 1 for negative advantages; None = off.
     loss_agg:     one of AGG_MODES, used for every term (policy, KL, entropy).
+    loss_agg_seqs: micro-token-mean: sequences per token mean (MAYE's micro-batch, 2).
     kl_coef:      weight of the KL-to-reference loss term; 0 = no KL term.
     kl_estimator: one of KL_ESTIMATORS (from ref_logprobs) or "full" (exact
                   over the vocabulary, needs logits and ref_logits).
@@ -290,6 +309,7 @@ class ObjectiveSpec:
     clip_high: float = 0.3
     dual_clip: float | None = 3.0
     loss_agg: str = "token-mean"
+    loss_agg_seqs: int = 2
     kl_coef: float = 0.0
     kl_estimator: str = "low_var_kl"
     entropy_coef: float = 0.0
@@ -309,6 +329,8 @@ class ObjectiveSpec:
             raise ValueError(f"dual_clip must be > 1 (or None to disable), got {self.dual_clip}")
         if self.loss_agg not in AGG_MODES:
             raise ValueError(f"loss_agg must be one of {AGG_MODES}, got {self.loss_agg!r}")
+        if self.loss_agg_seqs < 1:
+            raise ValueError(f"loss_agg_seqs must be >= 1, got {self.loss_agg_seqs}")
         if self.tis_cap < 0:
             raise ValueError(f"tis_cap must be >= 0 (0 = off), got {self.tis_cap}")
         if self.kl_coef < 0.0:
@@ -405,6 +427,7 @@ def policy_objective(
     engine_logprobs: Tensor | None = None,
     global_tokens: float | int | Tensor | None = None,
     global_seqs: float | int | Tensor | None = None,
+    seq_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The trainer's one loss: policy term + kl_coef * KL - entropy_coef * H.
 
@@ -419,14 +442,15 @@ def policy_objective(
     for the entropy metric); entropy [B, T]: per-token entropies computed
     elsewhere (``chunked_token_logprobs``), used instead of logits for the
     entropy bonus and metric. Every term is reduced with `aggregate(...,
-    spec.loss_agg, global_tokens, global_seqs)`, so micro-batch losses sum to
-    the global-batch loss when the global normalisers are passed.
+    spec.loss_agg, global_tokens, global_seqs, seq_weights)`, so micro-batch losses sum
+    to the global-batch loss when the global normalisers (or weights) are passed.
     old_logprobs is required for "ppo" (for a strictly on-policy step pass
     logprobs.detach(), which makes the ratio 1 and the gradient REINFORCE's).
     The KL and entropy are logged whenever their inputs are given, even with
     a zero coefficient. Metrics are over this micro-batch's valid tokens.
     """
-    agg = dict(mode=spec.loss_agg, global_tokens=global_tokens, global_seqs=global_seqs)
+    agg = dict(mode=spec.loss_agg, global_tokens=global_tokens, global_seqs=global_seqs,
+               seq_weights=seq_weights)
     pg_tok, metrics = _policy_term(spec, logprobs, advantages, mask, old_logprobs,
                                    engine_logprobs)
     pg_loss = aggregate(pg_tok, mask, **agg)

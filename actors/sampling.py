@@ -26,6 +26,7 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off (vLLM's: seen tokens' logits divided by it)
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
@@ -140,7 +141,7 @@ def sampling_params(s: Sampling, banned: list[int]):
 
     return SamplingParams(
         n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-        max_tokens=s.max_tokens, stop=list(s.stop) or None, seed=s.seed, logprobs=0,
+        repetition_penalty=s.repetition_penalty, max_tokens=s.max_tokens, stop=list(s.stop) or None, seed=s.seed, logprobs=0,
         logit_bias=dict.fromkeys(banned, BAN) if banned else None,
     )
 

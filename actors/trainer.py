@@ -434,7 +434,7 @@ class TrainerActor(TrainerWeightSender):
             spec = dataclasses.replace(spec, kl_coef=kl_coef)
         if self.spec.sft:
             return sft_loss(self._logprobs(self.model, mb), mask, spec.loss_agg, global_tokens,
-                            global_seqs)
+                            global_seqs, mb.get("loss_weights"))
         if mb["advantages"] is None:
             raise ValueError("a policy batch needs advantages")
         extra = {}
@@ -453,6 +453,7 @@ class TrainerActor(TrainerWeightSender):
                 extra["logits"] = logits
         old = mb["old_logprobs"] if mb["old_logprobs"] is not None else logp.detach()
         extra["engine_logprobs"] = mb.get("engine_logprobs")
+        extra["seq_weights"] = mb.get("loss_weights")
         return policy_objective(spec, logp, mb["advantages"], mask, old_logprobs=old,
                                 ref_logprobs=mb["ref_logprobs"], global_tokens=global_tokens,
                                 global_seqs=global_seqs, **extra)

@@ -154,7 +154,13 @@ class TrainerGroup:
     def forward_backward(self, batch: TrainBatch, micro_batch_tokens: int | None = None,
                          kl_coef: float | None = None, adapter: str | None = None) -> dict:
         from actors.batching import split_for_ranks
+        from actors.objectives import micro_token_weights
 
+        objective = self.spec.objective
+        if objective.loss_agg == "micro-token-mean":  # runs of the global batch's order
+            batch = batch.with_column(loss_weights=micro_token_weights(
+                [len(ids) - p for ids, p in zip(batch.input_ids, batch.prompt_lens)],
+                objective.loss_agg_seqs))
         results = self._all("forward_backward", micro_batch_tokens, kl_coef, adapter,
                             per_rank=split_for_ranks(batch, self.world_size))
         return merge_metrics(results)

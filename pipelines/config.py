@@ -252,6 +252,9 @@ class AlgorithmConfig:
     baseline_decay: float = param(
         0.9, "reinforce: EMA baseline decay, b <- decay * b + (1 - decay) * r.", ge=0, lt=1)
     gamma: float = param(1.0, "reinforce_pp: discount of the token-level returns.", ge=0, le=1)
+    whiten_size: int = param(
+        0, "reinforce_pp: whiten the returns over each run of this many consecutive "
+        "responses instead of the whole batch (0); MAYE whitens each rank's 128.", ge=0)
     kl_in_reward: float = param(
         0.0, "reinforce_pp: coefficient of the per-token -k3 KL reward (MAYE: 0).", ge=0)
     mini_batches: int = param(
@@ -272,9 +275,12 @@ class AlgorithmConfig:
     kl_estimator: Literal["k1", "k2", "k3", "low_var_kl", "full"] = param(
         "low_var_kl", "KL estimator (low_var_kl = k3 clamped to [-10, 10])."
     )
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = param(
-        "token-mean", "How per-token losses are reduced over the batch."
-    )
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                      "micro-token-mean"] = param(
+        "token-mean", "How per-token losses are reduced over the batch (docs/algorithms.md): "
+        "micro-token-mean is a token mean per run of loss_agg_seqs sequences, averaged over "
+        "the runs (MAYE's micro-batches of 2).")
+    loss_agg_seqs: int = param(2, "micro-token-mean: sequences per token mean.", ge=1)
     entropy_coef: float = param(0.0, "Entropy bonus coefficient.", ge=0)
     behaviour_logprobs: Literal["auto", "trainer", "engine"] = param(
         "auto", "Where the PPO ratio's behaviour log-probs come from: trainer (a forward "

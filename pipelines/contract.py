@@ -138,6 +138,8 @@ class SFTPhase(Protocol):
 
     def batch_examples(self, step: int, seed_path: tuple[int, ...]) -> list: ...
 
+    # optional: ``held_out(step) -> list``, examples scored (not trained on) after ``step``
+
 
 Phase = RLPhase | MultiPolicyPhase | SFTPhase  # a phase of any kind
 

@@ -121,6 +121,23 @@ def test_reinforce_pp_scores_at_last_token_mean_kept():
     assert adv[1].tolist() == pytest.approx([-0.9 * scale + 0.4] * 2 + [0.0], rel=1e-6)
 
 
+def test_reinforce_pp_whitens_each_run_of_whiten_size_on_its_own():
+    """MAYE whitens each rank's share: runs of 2 here. The first run is the test above;
+    the second has one return value (2) on all its tokens: no spread, its mean kept."""
+    scores = torch.tensor([1.0, -0.5, 2.0, 2.0])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    adv, _, _ = reinforce_pp_advantages(scores, mask, whiten_size=2)
+    scale = 1 / math.sqrt(2.7 / 4 + 1e-8)
+    assert adv[0].tolist() == pytest.approx([0.6 * scale + 0.4] * 3, rel=1e-6)
+    assert adv[1].tolist() == pytest.approx([-0.9 * scale + 0.4] * 2 + [0.0], rel=1e-6)
+    assert adv[2].tolist() == pytest.approx([2.0, 0.0, 0.0])
+    assert adv[3].tolist() == pytest.approx([2.0, 2.0, 0.0])
+    # over the whole batch (0, or a size >= the batch) the second run is not constant
+    whole, _, _ = reinforce_pp_advantages(scores, mask)
+    assert torch.equal(whole, reinforce_pp_advantages(scores, mask, whiten_size=8)[0])
+    assert whole[2, 0].item() != pytest.approx(2.0)
+
+
 def test_reinforce_pp_kl_rewards_and_discount_by_hand():
     # ref - logp = ln 2 on each token -> k3 = 2 - ln 2 - 1; r_t = -0.1 * k3 (+ score 1 at t = 2)
     mask = torch.ones(1, 3, dtype=torch.float64)

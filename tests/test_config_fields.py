@@ -111,6 +111,7 @@ def built(cfg) -> dict:
 NEEDS = {"algorithm.baseline_decay": "algorithm.advantage=reinforce",
          "algorithm.gamma": "algorithm.advantage=reinforce_pp",
          "algorithm.kl_in_reward": "algorithm.advantage=reinforce_pp",
+         "algorithm.whiten_size": "algorithm.advantage=reinforce_pp",
          "algorithm.kl_target": "algorithm.kl_control=adaptive",
          "algorithm.kl_rate": "algorithm.kl_control=adaptive"}
 

@@ -146,9 +146,12 @@ def test_no_request_carries_vocabulary_sized_state(family, banned, tiny_cache):
     assert ids[5:] == list(range(len(tokenizer), rows))
     variants = [Sampling(), Sampling(n=8, temperature=0.7, top_p=0.9, max_tokens=1024),
                 Sampling(temperature=0.0, stop=["</answer>", "\n\n"], seed=3),
-                Sampling(n=4, top_k=50, seed=1 << 30)]
+                Sampling(n=4, top_k=50, seed=1 << 30),
+                Sampling(n=5, top_k=1, repetition_penalty=1.05)]  # EvoLMM's original's
     for s in variants:
         params = sampling_params(s, ids)
+        assert params.repetition_penalty == s.repetition_penalty
+        assert params.top_k == s.top_k or not s.top_k
         assert params.logit_bias == dict.fromkeys(ids, BAN) and not params.allowed_token_ids
         check_gpu_sampler_limits(params)
     everything_else = [i for i in range(len(tokenizer)) if i not in set(ids)]

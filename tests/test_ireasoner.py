@@ -14,7 +14,7 @@ from pipelines.recipes.ireasoner.steps import extract_steps, mix_weight, step_ag
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_steps_from_tags_numbered_lines_and_sentences():
+def test_steps_from_tags_and_numbered_lines_and_unnumbered_text_is_one_step():
     assert extract_steps("<think><step>a</step> junk <step> b  c </step></think>"
                          "<answer>1</answer>") == ["a", "b c"]
     messy = """<think>Step 1: the chart has
@@ -25,9 +25,14 @@ Step3 - it reads 40
 </think><answer>40</answer>"""
     assert extract_steps(messy) == ["the chart has three bars.", "the middle one is tallest",
                                     "it reads 40"]
-    # no <think>: the text before <answer>; no numbering: sentences
-    assert extract_steps("Bars are red. One is tall! Why? <answer>x</answer>") == [
-        "Bars are red.", "One is tall!", "Why?"]
+    # no <think>: the text before <answer>; no numbering: one step, as the original
+    # (meghanaasunil/iReasoner data_and_utils.extract_steps: unnumbered lines join the step
+    # before, the first one starting it; its sentence split is reached only without lines)
+    assert extract_steps("Bars are red. One is tall!\nWhy? <answer>x</answer>") == [
+        "Bars are red. One is tall! Why?"]
+    # text before the first number is a step of its own
+    assert extract_steps("<think>Look.\nStep 1: red\nStep 2: tall</think>") == [
+        "Look.", "red", "tall"]
     assert extract_steps("\n".join(f"{k}. s{k}" for k in range(1, 12))) == [
         f"s{k}" for k in range(1, 9)]  # at most 8
     assert extract_steps(None) == [] and extract_steps("<answer>5</answer>") == []
@@ -118,3 +123,25 @@ def test_solver_rewards_by_hand():
         [0.3 * density + 0.7 * s_up * density, 0.3 * 0.25 ** 0.7]
     assert rewards == pytest.approx(expected, abs=1e-6)
     assert metrics["mix_weight"] == 0.7 and metrics["dominant_group"] == 3
+
+
+def test_the_roles_budgets_and_the_originals_sampling_reach_the_requests():
+    """ireasoner.proposer_max_tokens gives the Proposer its own budget (the original's 128
+    against the Solver's 256); top_k and repetition_penalty reach both roles (1 and 1.05
+    reproduce the original's near-greedy generation config)."""
+    from pipelines.config import load_config
+    from pipelines.recipes.ireasoner.recipe import IReasonerPhase
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/ireasoner/qwen2.5-vl-7b-2gpu.yaml",
+                      ["ireasoner.top_k=1", "ireasoner.repetition_penalty=1.05"])
+    phase = IReasonerPhase(cfg, cfg.ireasoner)
+    rng = np.random.default_rng(0)
+    proposer, solver = phase._sampling(rng, proposer=True), phase._sampling(rng, n=5)
+    assert (proposer.max_tokens, solver.max_tokens, solver.n) == (128, 256, 5)
+    for s in (proposer, solver):
+        assert (s.top_k, s.repetition_penalty) == (1, 1.05)
+    tiny = load_config(root / "configs/ireasoner/tiny-cpu.yaml")
+    phase = IReasonerPhase(tiny, tiny.ireasoner)  # one budget when the Proposer's is 0
+    assert phase._sampling(rng, proposer=True).max_tokens == tiny.ireasoner.max_tokens
+    assert (phase._sampling(rng).top_k, phase._sampling(rng).repetition_penalty) == (0, 1.0)

@@ -177,27 +177,6 @@ def test_maye_learns_a_fixed_answer_and_resumes_after_a_kill(ray_cluster, tmp_pa
     assert sampled["max"] - sampled["before"] >= 0.3
 
 
-def test_gpu_preset_has_the_originals_values():
-    from conftest import ROOT
-
-    from pipelines.config import load_config
-
-    cfg = load_config(ROOT / "configs/maye/qwen2.5-vl-7b-8gpu.yaml")
-    m, t, a = cfg.maye, cfg.trainer, cfg.algorithm
-    assert (m.prompts_per_step, m.updates_per_step, m.max_tokens, m.epochs, m.pass_k) == \
-        (896, 32, 2048, 30, 8)
-    assert (m.temperature, m.top_p, m.min_tokens, m.invalid_score, m.language_penalty) == \
-        (1.0, 1.0, 1, -0.1, 0.1)
-    assert (t.lr, tuple(t.betas), t.weight_decay, t.schedule, t.warmup_ratio, t.grad_clip) == \
-        (5e-6, (0.9, 0.95), 0.01, "cosine", 0.1, 1.0)
-    assert t.freeze_vision and t.freeze_projector and not t.lora.enabled
-    assert (a.advantage, a.gamma, a.kl_in_reward, a.loss, a.clip_low, a.clip_high) == \
-        ("reinforce_pp", 1.0, 0.0, "ppo", 0.2, 0.2)
-    assert (a.dual_clip, a.kl_coef, a.kl_estimator, a.loss_agg) == \
-        (0.0, 1e-3, "low_var_kl", "token-mean")
-    assert cfg.placement.trainer_ranks == 7 and cfg.placement.roles["policy"].engines == 1
-
-
 def test_reinforce_pp_on_one_response_per_question_by_hand():
     """MAYE's advantages for three questions with one response each (scores 2, 0, -0.1;
     2, 1 and 3 tokens), through the estimator the phase uses. Returns (gamma 1): 2 2 | 0 |

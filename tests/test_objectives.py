@@ -18,6 +18,7 @@ from actors.objectives import (
     full_kl,
     kl_penalty,
     loss_normalisers,
+    micro_token_weights,
     policy_objective,
     ppo_clip_loss,
     reinforce_loss,
@@ -236,9 +237,34 @@ def test_aggregate_modes_by_hand():
         aggregate(LOSS, MASK, "mean")
 
 
+def test_micro_token_mean_by_hand():
+    """MAYE's aggregation: a token mean per run of 2 sequences, averaged over the runs."""
+    # lengths 3, 1 | 4, 0 | 2: runs of 4, 4 and 2 tokens, 3 runs -> 1/12, 1/12, 1/6
+    w = micro_token_weights([3, 1, 4, 0, 2], 2)
+    assert w.tolist() == pytest.approx([1 / 12, 1 / 12, 1 / 12, 1 / 12, 1 / 6])
+    loss = t([1, 2, 3, 0], [4, 0, 0, 0], [1, 1, 1, 1], [7, 7, 7, 7], [2, 6, 0, 0])
+    mask = t([1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0])
+    # run means: (6 + 4) / 4 = 2.5, 4 / 4 = 1, 8 / 2 = 4; their mean 7.5 / 3 = 2.5
+    got = aggregate(loss, mask, "micro-token-mean", seq_weights=torch.as_tensor(w))
+    assert got.item() == pytest.approx(7.5 / 3)
+    # against the whole batch's token mean, 22 / 10: the 2-token run weighs more here
+    assert aggregate(loss, mask, "token-mean").item() == pytest.approx(22 / 10)
+    # runs of 1 are seq-mean-token-mean; one run of all is token-mean
+    one = torch.as_tensor(micro_token_weights([3, 1, 4, 0, 2], 1))
+    assert aggregate(loss, mask, "micro-token-mean", seq_weights=one).item() == \
+        pytest.approx(aggregate(loss, mask, "seq-mean-token-mean").item())
+    every = torch.as_tensor(micro_token_weights([3, 1, 4, 0, 2], 5))
+    assert aggregate(loss, mask, "micro-token-mean", seq_weights=every).item() == \
+        pytest.approx(2.2)
+    assert micro_token_weights([0, 0], 2).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="seq_weights"):
+        aggregate(loss, mask, "micro-token-mean")
+
+
 def test_aggregate_of_all_padding_is_zero_not_nan():
     for mode in AGG_MODES:
-        assert aggregate(LOSS, torch.zeros_like(MASK), mode).item() == 0.0
+        weights = torch.zeros(MASK.shape[0], dtype=torch.float64)
+        assert aggregate(LOSS, torch.zeros_like(MASK), mode, seq_weights=weights).item() == 0.0
 
 
 def _microbatch_problem():
@@ -257,9 +283,13 @@ def _microbatch_problem():
 def _grad(spec, logits, ids, mask, old, ref, adv, splits, use_globals):
     param = logits.clone().requires_grad_()
     tokens, seqs = loss_normalisers(mask)
+    weights = torch.as_tensor(micro_token_weights(mask.sum(-1).tolist(), 2))
     total = 0.0
     for sl in torch.arange(mask.shape[0]).chunk(splits):
         kwargs = dict(global_tokens=tokens, global_seqs=seqs) if use_globals else {}
+        # micro-token-mean: the global batch's weights, or (naive) the micro-batch's own
+        kwargs["seq_weights"] = weights[sl] if use_globals else torch.as_tensor(
+            micro_token_weights(mask[sl].sum(-1).tolist(), 2))
         loss, _ = policy_objective(
             spec, token_logprobs(param[sl], ids[sl]), adv[sl], mask[sl],
             old_logprobs=old[sl], ref_logprobs=ref[sl], logits=param[sl], **kwargs,
@@ -274,13 +304,16 @@ def _grad(spec, logits, ids, mask, old, ref, adv, splits, use_globals):
 def test_aggregation_is_microbatch_invariant(mode):
     problem = _microbatch_problem()
     spec = ObjectiveSpec(loss_agg=mode, kl_coef=0.1, entropy_coef=0.01)
+    # micro-token-mean split into its own runs (4 x 2 rows) IS the average of the
+    # micro-batches' losses, so the control below could not tell: split 3, 3, 2
+    splits = 3 if mode == "micro-token-mean" else 4
     full_loss, full_grad = _grad(spec, *problem, splits=1, use_globals=False)
-    micro_loss, micro_grad = _grad(spec, *problem, splits=4, use_globals=True)
+    micro_loss, micro_grad = _grad(spec, *problem, splits=splits, use_globals=True)
     assert micro_loss.item() == pytest.approx(full_loss.item(), rel=1e-9)
     assert ((micro_grad - full_grad).norm() / full_grad.norm()).item() < 1e-6
     # Control: per-micro-batch normalisers (averaged) give a different gradient,
     # so the comparison above can fail.
-    _, naive_grad = _grad(spec, *problem, splits=4, use_globals=False)
+    _, naive_grad = _grad(spec, *problem, splits=splits, use_globals=False)
     assert ((naive_grad - full_grad).norm() / full_grad.norm()).item() > 1e-3
 
 

@@ -11,13 +11,12 @@ from pipelines.recipes.r3v.mix import (
     SELECT,
     Sample,
     build_mix,
+    is_rationale,
     majority_answer,
     rationale_answer,
 )
 
-
-def exact_grader(item):
-    return lambda a, b: a == b
+REASONING = "counting the shapes one by one in the picture gives"  # 51 characters
 
 
 def items():
@@ -26,8 +25,8 @@ def items():
 
 
 def s(item_id, answer, correct, n, iteration=1):
-    return Sample(item_id, f"rationale {item_id}.{n}\nAnswer: {answer}", answer, correct,
-                  iteration)
+    return Sample(item_id, f"rationale {item_id}.{n}: {REASONING}\nAnswer: {answer}", answer,
+                  correct, iteration)
 
 
 def pool():
@@ -47,42 +46,62 @@ def pool():
 
 
 def test_which_questions_yield_which_examples():
-    examples, counts = build_mix(items(), pool(), np.random.default_rng(0), grader=exact_grader)
+    examples, counts = build_mix(items(), pool(), np.random.default_rng(0), distilled=True)
     # direct QA for all 5; the one solution; self-CoT for q2..q5; refine for q3, q4, q5;
-    # select: q3 (2+1), q4 none (its second wrong answer is unparsable), q5 two
+    # select: q3 (2+1), q4 (1+2: its unparsable wrong answer is a candidate like any), q5 two
     assert counts == {"direct": 5, "distilled": 1, "self_cot": 4, "self_refine": 3,
-                      "self_select": 3}
-    assert len(examples) == 16
+                      "self_select": 4}
+    assert len(examples) == 17
     by_prompt = {ex.messages[0]["content"][-1]["text"]: ex.target for ex in examples}
     refine_q3 = next(p for p in by_prompt if p.startswith("question 3?") and "prediction:\n" in p)
     assert "rationale 3.1" in refine_q3 and by_prompt[refine_q3].startswith("rationale 3.2")
     cot_q5 = [t for p, t in by_prompt.items() if p.startswith("question 5?")
               and "prediction" not in p and "chain-of-thought" in p]
-    assert cot_q5 == ["rationale 5.0\nAnswer: 5"]  # the last right one (iteration 2)
+    assert cot_q5 == [f"rationale 5.0: {REASONING}\nAnswer: 5"]  # the last right one (iter. 2)
     selects = [(p, t) for p, t in by_prompt.items() if SELECT in p]
-    assert sorted(t for _, t in selects) == ["Answer: 3", "Answer: 5", "Answer: 5"]
+    assert sorted(t for _, t in selects) == ["Answer: 3", "Answer: 4", "Answer: 5", "Answer: 5"]
     q3 = next(p for p, _ in selects if p.startswith("question 3?"))
     assert all(f"rationale 3.{n}" in q3 for n in range(3))
     assert by_prompt[next(p for p in by_prompt if p.startswith("question 1?") and "directly" in p)] \
         == "Answer: 1"
 
 
-def test_select_skipped_when_the_right_candidates_disagree():
-    # two right answers that the grader does not call equal: the 2 + 1 select is skipped
+def test_select_is_kept_when_the_right_candidates_are_written_differently():
+    # two right answers written differently ("3", "3.0"): the target is the reference, so
+    # the 2 + 1 select stays (the original never compares them)
     mixed = [s("3", "3", True, 0), s("3", "0", False, 1), s("3", "3.0", True, 2)]
-    _, counts = build_mix(items()[2:3], mixed, np.random.default_rng(0), grader=exact_grader)
-    assert counts["self_select"] == 0 and counts["self_refine"] == 1
-    # the kinds can be switched off
-    _, counts = build_mix(items()[2:3], mixed, np.random.default_rng(0), grader=exact_grader,
+    _, counts = build_mix(items()[2:3], mixed, np.random.default_rng(0))
+    assert counts["self_select"] == 1 and counts["self_refine"] == 1
+    # the kinds can be switched off; the solution is off by default
+    _, counts = build_mix(items(), mixed, np.random.default_rng(0),
                           direct_qa=False, self_refine=False, self_select=False)
     assert counts == {"direct": 0, "distilled": 0, "self_cot": 1, "self_refine": 0,
                       "self_select": 0}
 
 
+def test_bare_answers_are_left_out_of_the_reasoning_kinds():
+    """The original's filter: a prediction of <= 50 characters, or one starting with
+    "Answer", is not a rationale (self-CoT, refine and select use rationales only)."""
+    assert is_rationale("x" * 51) and not is_rationale("x" * 50)
+    assert not is_rationale("Answer: 3, since " + REASONING)
+    assert is_rationale(" Answer: 3, since " + REASONING)  # as the original: a prefix test
+    short_right = Sample("3", "3 shapes\nAnswer: 3", "3", True, 1)
+    bare_right = Sample("3", "Answer: 3 " + REASONING, "3", True, 1)
+    for right in (short_right, bare_right):
+        pool = [right, s("3", "0", False, 1), s("3", "1", False, 2)]
+        _, counts = build_mix(items()[2:3], pool, np.random.default_rng(0))
+        # without a right rationale: no self-CoT, refine or select; the direct answer stays
+        assert counts == {"direct": 1, "distilled": 0, "self_cot": 0, "self_refine": 0,
+                          "self_select": 0}
+        _, counts = build_mix(items()[2:3], pool, np.random.default_rng(0),
+                              filter_rationales=False)
+        assert (counts["self_cot"], counts["self_refine"], counts["self_select"]) == (1, 1, 1)
+
+
 def test_candidates_are_shuffled_by_the_seed():
     def order(seed):
         examples, _ = build_mix(items()[2:3], pool()[6:9], np.random.default_rng(seed),
-                                grader=exact_grader, direct_qa=False, self_refine=False)
+                                direct_qa=False, self_refine=False)
         text = next(ex.messages[0]["content"][-1]["text"] for ex in examples if SELECT in
                     ex.messages[0]["content"][-1]["text"])
         return [text.index(f"rationale 3.{n}") for n in range(3)]
@@ -109,6 +128,8 @@ def test_gpu_preset_has_the_originals_values():
     cfg = load_config(ROOT / "configs/r3v/qwen2-vl-7b-8gpu.yaml")
     r, t = cfg.r3v, cfg.trainer
     assert (r.samples, r.temperature, r.top_p, r.epochs, r.batch_size) == (3, 0.9, 0.95, 3, 64)
+    assert (r.max_tokens, r.val_fraction, r.distilled, r.filter_rationales) == \
+        (200, 0.1, False, True)
     assert r.select_candidates == [2, 3, 4, 5, 6] and cfg.run.iterations == 3
     assert (t.lr, t.schedule, t.warmup_ratio, t.weight_decay, t.freeze_vision) == \
         (3e-5, "warmup", 0.1, 0.05, True)
@@ -145,6 +166,10 @@ def test_r3v_two_iterations_resume_after_a_kill(ray_cluster, tmp_path):
     data = rows[0]
     assert data["data/pool_samples"] == 96  # models 0 and 1
     assert data["data/mix_direct"] == 16 and data["data/mix_distilled"] == 16
+    # 10% of the mix held out, scored after each of the 2 epochs (also after the resume)
+    held = [m for m in rows if "sft/val_loss" in m]
+    assert [m["step"] for m in held] == [len(rows) // 2, len(rows)], held
+    assert all(0 < m["sft/val_loss"] < 20 for m in held)
     print("iteration 2 mix:", {k: v for k, v in data.items() if k.startswith("data/mix")},
           "sample accuracy", data["data/sample_accuracy"])
     evals = {p.stem: json.loads(p.read_text()) for p in (run / "r3v_eval").glob("*.json")}
@@ -159,6 +184,33 @@ def test_r3v_two_iterations_resume_after_a_kill(ray_cluster, tmp_path):
     table = [line.split(" | ")[0] for line in (run / "r3v_report.md").read_text().splitlines()
              if line.startswith("| ") and "---" not in line]
     assert table == ["| model", "| base", "| iter_0001", "| iter_0002"]
+
+
+def test_a_tenth_of_the_mix_is_held_out_and_scored_after_each_epoch(monkeypatch):
+    from pipelines.runtime import sft
+
+    examples = [sft.SFTExample([], str(k)) for k in range(25)]
+    phase = sft.SFTPhase("sft", "policy", examples, batch_size=8, epochs=2, val_fraction=0.1)
+    assert [e.target for e in phase.validation] == ["23", "24"]  # floor(2.5), the last ones
+    assert len(phase.examples) == 23 and phase.per_epoch == 3 and phase.steps == 6
+    trained = {e.target for step in range(3) for e in phase.batch_examples(step, (1,))}
+    assert trained == {str(k) for k in range(23)}  # each once per epoch, never a held one
+    assert [bool(phase.held_out(step)) for step in range(6)] == [False, False, True] * 2
+    assert sft.SFTPhase("sft", "policy", examples, 8).validation == []
+    with pytest.raises(ValueError, match="val_fraction"):
+        sft.SFTPhase("sft", "policy", examples, 8, val_fraction=1.0)
+
+    # the loss: minus the sum of the target tokens' log-probs over their count, whatever
+    # the chunks (2 + 1 examples here: 3 + 1 + 2 tokens)
+    class Group:
+        def compute_logprobs(self, batch):
+            return [np.array(x, np.float32) for x in batch]
+
+    logps = {"a": [-1.0, -2.0, -0.5], "b": [-3.0], "c": [-0.25, -0.25]}
+    monkeypatch.setattr(sft, "sft_batch", lambda chunk, processor: [logps[e.target]
+                                                                    for e in chunk])
+    held = [sft.SFTExample([], k) for k in "abc"]
+    assert sft.held_out_loss(Group(), held, None, chunk=2) == pytest.approx(7.0 / 6)
 
 
 def test_status_counts_sft_steps_and_names_the_report(tmp_path):

@@ -690,6 +690,11 @@ def test_a_dummy_image_row_gets_its_own_pixels_not_a_cached_prompts():
     merge = builder.processor.image_processor.merge_size ** 2
     tokens = int((mb["inputs"]["input_ids"] == builder.image_token_id).sum())
     assert tokens == int(mb["inputs"]["image_grid_thw"].prod()) // merge == 4
+    # MAYE's micro-token-mean weights travel with their rows; the dummy row weighs 0
+    weighted = batch.with_column(loss_weights=np.array([0.5, 0.25, 1.0], np.float32))
+    mb = builder.build(weighted.select([1, 0]), [0, 1], 1, ensure_image=True)
+    assert mb["loss_weights"].tolist() == [0.25, 0.5, 0.0]
+    assert builder.build(batch, [0, 1], 2)["loss_weights"] is None
 
 
 @pytest.mark.slow

@@ -180,6 +180,7 @@ def reinforce_pp_advantages(
     kl_coef: float = 0.0,
     gamma: float = 1.0,
     shift_mean: bool = False,
+    whiten_size: int = 0,
 ) -> tuple[Tensor, Tensor, dict[str, float]]:
     """REINFORCE++ as in MAYE: token rewards -> returns -> batch whitening.
 
@@ -190,8 +191,10 @@ def reinforce_pp_advantages(
       A   = masked_whiten(G, mask, shift_mean)
     Default shift_mean=False is MAYE's "mean kept" (its torchtune whiten re-adds
     the mean); verl's REINFORCE++ uses shift_mean=True (zero mean).
-    Defaults kl_coef 0, gamma 1 are MAYE's. A sequence with no valid token
-    receives no score. Returns (advantages [B, T], returns [B, T], metrics).
+    Defaults kl_coef 0, gamma 1 are MAYE's. ``whiten_size`` > 0 whitens each run of
+    that many consecutive sequences on its own (MAYE whitens each rank's share, 128
+    responses) instead of the whole batch. A sequence with no valid token receives no
+    score. Returns (advantages [B, T], returns [B, T], metrics).
     """
     m = mask.to(scores.dtype)
     rewards = torch.zeros_like(m)
@@ -206,7 +209,10 @@ def reinforce_pp_advantages(
     has_valid = (m.sum(-1) > 0).to(scores.dtype)
     rewards = rewards.scatter_add(1, last.unsqueeze(-1), (scores * has_valid).unsqueeze(-1))
     returns = discounted_returns(rewards, m, gamma)
-    advantages = masked_whiten(returns, m, shift_mean=shift_mean)
+    size = whiten_size or max(len(returns), 1)
+    advantages = torch.cat([masked_whiten(returns[i:i + size], m[i:i + size],
+                                          shift_mean=shift_mean)
+                            for i in range(0, len(returns), size)]) if len(returns) else returns
     valid = m.bool()
     metrics = {
         "adv/returns_mean": returns[valid].mean().item() if valid.any() else 0.0,

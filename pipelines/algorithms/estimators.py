@@ -14,7 +14,8 @@ continues with the same baseline):
   (EvoLMM; docs/algorithms.md).
 - ``reinforce_pp``: per token: the score at the last completion token, minus
   ``kl_in_reward * k3`` at every token, returns with discount ``gamma``,
-  whitened over the batch with the mean kept (REINFORCE++ as MAYE runs it;
+  whitened over the batch (or runs of ``whiten_size`` sequences, MAYE's per-rank
+  share) with the mean kept (REINFORCE++ as MAYE runs it;
   docs/algorithms.md); needs the old (and, with a KL reward, the reference)
   log-probs, so the phase computes advantages after them.
 
@@ -97,8 +98,8 @@ class ReinforcePPEstimator:
 
     token_level = True
 
-    def __init__(self, kl_in_reward: float, gamma: float):
-        self.kl_in_reward, self.gamma = kl_in_reward, gamma
+    def __init__(self, kl_in_reward: float, gamma: float, whiten_size: int = 0):
+        self.kl_in_reward, self.gamma, self.whiten_size = kl_in_reward, gamma, whiten_size
         self.needs_reference = kl_in_reward > 0
 
     def advantages(self, rewards: np.ndarray, groups: Sequence[int], batch=None):
@@ -125,7 +126,8 @@ class ReinforcePPEstimator:
         adv, _, metrics = reinforce_pp_advantages(
             torch.tensor(rewards, dtype=torch.float64), mask,
             logprobs=old, ref_logprobs=ref if self.needs_reference else None,
-            kl_coef=self.kl_in_reward, gamma=self.gamma, shift_mean=False)
+            kl_coef=self.kl_in_reward, gamma=self.gamma, shift_mean=False,
+            whiten_size=self.whiten_size)
         return [adv[i, :n].float().numpy() for i, n in enumerate(lengths)], metrics
 
     def state_dict(self) -> dict:
@@ -142,7 +144,8 @@ def make_estimator(algorithm):
     if name == "reinforce":
         return ReinforceEstimator(algorithm.baseline_decay)
     if name == "reinforce_pp":
-        return ReinforcePPEstimator(algorithm.kl_in_reward, algorithm.gamma)
+        return ReinforcePPEstimator(algorithm.kl_in_reward, algorithm.gamma,
+                                    algorithm.whiten_size)
     raise ValueError(f"algorithm.advantage: unknown estimator {name!r}; one of {ESTIMATORS}")
 
 

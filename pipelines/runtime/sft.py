@@ -7,7 +7,11 @@ target tokens, docs/algorithms.md) when it says ``objective = "sft"`` and gives
 Everything else is an RL phase's: the trainer group, checkpoints every
 ``run.save_every`` steps, resume, the hf/ export and metrics. It needs no
 engines. ``SFTPhase`` is the usual shape: a fixed list of examples, shuffled
-each epoch from the run's seed, ``batch_size`` examples per optimizer step.
+each epoch from the run's seed, ``batch_size`` examples per optimizer step, and
+optionally a share of them held out (``val_fraction``, LLaMA-Factory's ``val_size``):
+never trained on, scored after every epoch (``sft/val_loss``, the mean negative
+log-likelihood per target token). A phase may give ``held_out(step)``: the examples to
+score after that step (none on the other steps).
 
 Token ids come from the model's own processor and chat template, as the
 engines build prompts: the prompt is the chat with the generation prompt
@@ -37,12 +41,19 @@ class SFTExample:
 
 class SFTPhase:
     """``batch_size`` examples per step from ``examples``, every example once per epoch
-    in an order drawn from the step's seed; ``epochs`` passes."""
+    in an order drawn from the step's seed; ``epochs`` passes. The last
+    ``floor(val_fraction * len(examples))`` examples (shuffle them first) are held out."""
 
     objective = "sft"
 
     def __init__(self, name: str, role: str, examples: list[SFTExample], batch_size: int,
-                 epochs: int = 1):
+                 epochs: int = 1, val_fraction: float = 0.0):
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"SFT phase {name}: val_fraction must be in [0, 1), got "
+                             f"{val_fraction}")
+        held = int(len(examples) * val_fraction)
+        self.validation = list(examples[len(examples) - held:]) if held else []
+        examples = examples[:len(examples) - held]
         if not examples:
             raise ValueError(f"SFT phase {name}: no examples")
         self.name, self.role, self.examples = name, role, list(examples)
@@ -54,6 +65,21 @@ class SFTPhase:
         epoch, k = divmod(step, self.per_epoch)
         order = np.random.default_rng([*seed_path, epoch]).permutation(len(self.examples))
         return [self.examples[i] for i in order[k * self.batch_size:(k + 1) * self.batch_size]]
+
+    def held_out(self, step: int) -> list[SFTExample]:
+        """The held-out examples after an epoch's last step; none after the others."""
+        return self.validation if (step + 1) % self.per_epoch == 0 else []
+
+
+def held_out_loss(group, examples: list[SFTExample], processor, chunk: int) -> float:
+    """Mean negative log-likelihood per target token of ``examples`` (no update)."""
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), chunk):
+        for logp in group.compute_logprobs(sft_batch(examples[start:start + chunk],
+                                                     processor)):
+            total -= float(np.sum(logp, dtype=np.float64))
+            tokens += len(logp)
+    return total / max(tokens, 1)
 
 
 def sft_batch(examples: list[SFTExample], processor) -> TrainBatch:
@@ -116,6 +142,11 @@ class SFTSteps:
             with timer("update"):
                 train = r.group.forward_backward(batch)
                 train.update(r.group.optim_step())
+            held = getattr(r.phase, "held_out", lambda _: [])(step)
+            if held:
+                with timer("validation"):
+                    train["sft/val_loss"] = held_out_loss(r.group, held, r.processor,
+                                                          len(examples))
         return {**{k if "/" in k else f"train/{k}": v for k, v in train.items()},
                 "sft/examples": float(len(examples)), **r.data_metrics,
                 **{f"timing/{k}": v for k, v in timer.seconds.items()}}

@@ -38,3 +38,11 @@ class EvoLMMConfig:
     max_tokens: int = param(128, "Completion budget of both roles (tokens).", ge=1)
     temperature: float = param(1.0, "Sampling temperature of both roles.", gt=0)
     top_p: float = param(1.0, "Nucleus sampling of both roles.", gt=0, le=1)
+    top_k: int = param(0, "Top-k sampling of both roles (0: off). The original's HF generate "
+                       "took Qwen2.5-VL-Instruct's generation config, top_k 1: near-greedy "
+                       "answers (docs/evolmm.md); 1 reproduces it.", ge=0)
+    repetition_penalty: float = param(
+        1.0, "Repetition penalty of both roles (1: off); the original's was the model's "
+        "generation config's 1.05.", gt=0)
+    proposer_max_tokens: int = param(0, "The Proposer's completion budget (tokens); 0: "
+                                     "max_tokens.", ge=0)

@@ -18,9 +18,14 @@ answer inside <answer></answer>: no steps inside the tag.
 Question: {question}"""
 
 SOLVER_STEPS = """You reason precisely about images. Answer the question using only the image.
-Inside <think></think>, reason in numbered lines (Step 1: ..., Step 2: ..., ...), each
-stating one concrete claim about what the image shows. Then give a short final answer
-inside <answer></answer>, and write nothing outside the two tags.
+Write your reasoning inside <think></think> as numbered lines, laid out like this:
+<think>
+Step 1: ...
+Step 2: ...
+Step 3: ...
+</think>
+Each step states one concrete claim about what the image shows that leads to the answer.
+Then give a short final answer inside <answer></answer>. Write nothing outside the two tags.
 Question: {question}"""
 
 

@@ -88,15 +88,19 @@ class EvoLMMPhase:
                             length_lambda=self.s.length_lambda,
                             length_target=self.s.length_target), {}
 
-    def _sampling(self, rng, n: int = 1) -> Sampling:
-        return Sampling(n=n, temperature=self.s.temperature, top_p=self.s.top_p,
-                        max_tokens=self.s.max_tokens, seed=int(rng.integers(1 << 31)))
+    def _sampling(self, rng, n: int = 1, proposer: bool = False) -> Sampling:
+        s = self.s
+        budget = s.proposer_max_tokens if proposer and s.proposer_max_tokens else s.max_tokens
+        return Sampling(n=n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                        repetition_penalty=s.repetition_penalty, max_tokens=budget,
+                        seed=int(rng.integers(1 << 31)))
 
     def rollout(self, step: int, rng: np.random.Generator, ctx) -> list[Rollout]:
         per_step = 1 if self.s.schedule == "faithful" else self.s.images_per_step
         images = [self.images.image(step * per_step + k) for k in range(per_step)]
         ask = [Request(prompts.image_message(prompts.PROPOSER), images=[im],
-                       sampling=self._sampling(rng), adapter="proposer") for im in images]
+                       sampling=self._sampling(rng, proposer=True), adapter="proposer")
+               for im in images]
         proposals = ctx.pool.generate(ask)
         questions = [parse_question(p[0].text) for p in proposals]
         n = self.s.solver_samples

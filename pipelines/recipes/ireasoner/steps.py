@@ -17,7 +17,6 @@ import numpy as np
 from pipelines.algorithms.answers import extract_tag, tag_blocks
 
 _STEP_LINE = re.compile(r"\s*(?:step\s*\d+\s*[:.)-]?|\d+\s*[.)])\s*", re.IGNORECASE)
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _ANSWER_OPEN = re.compile(r"<answer>", re.IGNORECASE)
 
 
@@ -33,27 +32,24 @@ def reasoning(text: str | None) -> str:
 
 def extract_steps(text: str | None, max_steps: int = 8) -> list[str]:
     """Steps of the reasoning: ``<step>`` blocks, else numbered lines ("Step k ..." or
-    "k." / "k)"; other lines continue the step before), else sentences."""
+    "k." / "k)"); a line without a number continues the step before it, so reasoning
+    without numbers is one step (as the original: its sentence split never runs)."""
     body = reasoning(text)
     blocks = tag_blocks(body, "step")
     if blocks:
         steps = [body[a:b] for a, b in blocks]
     else:
         steps = []
-        numbered = False
         for line in body.splitlines():
             if not line.strip():
                 continue
             match = _STEP_LINE.match(line)
             if match and match.end() > len(line) - len(line.lstrip()):
-                numbered = True
                 steps.append(line[match.end():])
-            elif numbered and steps:
+            elif steps:
                 steps[-1] += " " + line.strip()
             else:
                 steps.append(line)
-        if not numbered:
-            steps = [s for s in _SENTENCE_END.split(" ".join(body.split())) if s]
     steps = [" ".join(s.split()) for s in steps]
     return [s for s in steps if s][:max_steps]
 

@@ -7,8 +7,9 @@ The mix of iteration k, from the labeled items and the pool of rationales that
 models 0..k-1 sampled (3 per question each, in the order they were made):
 
 - direct QA: every question with the instruction to answer directly -> ``Answer: X``;
-- distilled CoT: every item with a ``solution`` -> the solution and ``Answer: X``
-  (the original's GPT rationales; the tiny presets' drawn data has one);
+- distilled CoT (off by default, as the original's Qwen2-VL version): every item with a
+  ``solution`` -> the solution and ``Answer: X`` (the GPT rationales of the LLaVA
+  version; the tiny preset's drawn data has one);
 - self-CoT: each question with a correct rationale -> its last correct one;
 - self-refine: each question with correct and wrong rationales -> prompt with its last
   wrong one and "judge the correctness of the model's prediction and refine it" ->
@@ -17,8 +18,12 @@ models 0..k-1 sampled (3 per question each, in the order they were made):
   2 right + 1 wrong (its last two right, its last wrong) when it has two right ones and
   1 right + 2 wrong (its last right, its last two wrong) when it has two wrong ones;
   candidates shuffled, "which prediction is correct?" -> ``Answer: X`` with the
-  reference answer. Skipped when a candidate's answer is unparsable or the right
-  candidates' answers differ (the 2 + 1 case).
+  reference answer. Never skipped for what a candidate's answer says (an unparsable
+  wrong one, two right ones written differently): the target is the reference.
+
+Self-CoT, self-refine and self-select use rationales only (``filter_rationales``, on as
+in the original): a text of 50 characters or fewer, or one that starts with "Answer",
+is a bare answer, not reasoning, and is left out of them.
 """
 
 from __future__ import annotations
@@ -43,6 +48,13 @@ SELECT = "Which prediction is correct? Give the final answer as \"Answer: X\"."
 KINDS = ("direct", "distilled", "self_cot", "self_refine", "self_select")
 
 _ANSWER_RE = re.compile(r"answer\s*:", re.IGNORECASE)
+MIN_RATIONALE_CHARS = 51  # the original drops predictions of <= 50 characters
+
+
+def is_rationale(text: str) -> bool:
+    """Reasoning, not a bare answer: longer than 50 characters and not starting with
+    "Answer" (the original's filter of self-CoT, refine and select data)."""
+    return len(text) >= MIN_RATIONALE_CHARS and not text.startswith("Answer")
 
 
 def after_answer(text: str) -> str | None:
@@ -91,14 +103,14 @@ def select_messages(item: Item, candidates: Sequence[str]) -> list[dict]:
 
 
 def build_mix(items: Sequence[Item], pool: Sequence[Sample], rng: np.random.Generator, *,
-              grader: Callable[[Item], Callable[[str, str], bool]], direct_qa: bool = True,
-              distilled: bool = True, self_refine: bool = True,
-              self_select: bool = True) -> tuple[list[SFTExample], dict[str, int]]:
-    """The SFT examples of one iteration, shuffled, and how many of each kind;
-    ``grader(item)`` is the answer check of an item's answers."""
+              direct_qa: bool = True, distilled: bool = False, self_refine: bool = True,
+              self_select: bool = True,
+              filter_rationales: bool = True) -> tuple[list[SFTExample], dict[str, int]]:
+    """The SFT examples of one iteration, shuffled, and how many of each kind."""
     by_item: dict[str, list[Sample]] = {}
     for s in pool:
-        by_item.setdefault(s.item_id, []).append(s)
+        if is_rationale(s.text) or not filter_rationales:
+            by_item.setdefault(s.item_id, []).append(s)
     out: list[tuple[str, SFTExample]] = []
 
     def add(kind: str, messages: list[dict], target: str, item: Item) -> None:
@@ -122,11 +134,7 @@ def build_mix(items: Sequence[Item], pool: Sequence[Sample], rng: np.random.Gene
             continue
         for chosen in ([*right[-2:], wrong[-1]] if len(right) >= 2 else None,
                        [right[-1], *wrong[-2:]] if len(wrong) >= 2 else None):
-            if chosen is None or any(s.answer is None for s in chosen):
-                continue
-            good = [s.answer for s in chosen if s.correct]
-            same = grader(item)
-            if len(good) == 2 and not (same(good[0], good[1]) or same(good[1], good[0])):
+            if chosen is None:
                 continue
             order = rng.permutation(len(chosen))
             add("self_select", select_messages(item, [chosen[i].text for i in order]),

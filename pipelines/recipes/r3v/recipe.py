@@ -90,10 +90,12 @@ class R3VPhase:
         samples = read_pool(ctx.run_dir, ctx.iteration)
         rng = np.random.default_rng([*ctx.seed_path, 1])
         examples, counts = build_mix(
-            items, samples, rng, grader=grader, direct_qa=s.direct_qa, distilled=True, self_refine=s.self_refine,
-            self_select=s.self_select)
+            items, samples, rng, direct_qa=s.direct_qa, distilled=s.distilled,
+            self_refine=s.self_refine, self_select=s.self_select,
+            filter_rationales=s.filter_rationales)
         if examples:
-            self._sft = SFTPhase(self.name, self.role, examples, s.batch_size, s.epochs)
+            self._sft = SFTPhase(self.name, self.role, examples, s.batch_size, s.epochs,
+                                 val_fraction=s.val_fraction)
             self.steps = self._sft.steps
         else:
             self.steps = 0
@@ -166,6 +168,9 @@ class R3VPhase:
 
     def batch_examples(self, step: int, seed_path):
         return self._sft.batch_examples(step, seed_path)
+
+    def held_out(self, step: int) -> list:
+        return self._sft.held_out(step)
 
     def finish(self, ctx) -> None:
         pool, adapter = self.serve(ctx, ctx.iteration)
@@ -302,7 +307,7 @@ class R3VRecipe(LabeledRecipe):
         solutions in R3V's prompts (the mix with an empty pool), cycled to ``count`` in an
         order drawn from ``seed``: a random tiny model learns the answer format first."""
         items, _ = usable(load_items(cfg.r3v.train, "train"), "r3v.train")
-        examples, _ = build_mix(items, [], np.random.default_rng(seed), grader=grader)
+        examples, _ = build_mix(items, [], np.random.default_rng(seed), distilled=True)
         return [examples[i % len(examples)] for i in range(count)]
 
     def phases(self, iteration: int) -> list[R3VPhase]:
