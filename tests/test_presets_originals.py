@@ -19,8 +19,13 @@ ORIGINALS = {
         "evolmm.solver_samples": 5, "evolmm.proposer_update_freq": 5, "trainer.lr": 1e-6,
         "trainer.lora.rank": 16, "trainer.lora.alpha": 32, "trainer.lora.dropout": 0.05,
         "algorithm.kl_coef": 1e-3},
-    "configs/ireasoner/qwen2.5-vl-7b-2gpu.yaml": {  # meghanaasunil/iReasoner
-        "model.path": "Qwen/Qwen2.5-VL-7B-Instruct", "ireasoner.steps": 2500,
+    "configs/ireasoner/qwen2.5-vl-7b-2gpu.yaml": {  # meghanaasunil/iReasoner train.sh, config.py
+        "model.path": "Qwen/Qwen2.5-VL-7B-Instruct", "ireasoner.steps": 2500, "run.seed": 42,
+        "ireasoner.proposer_update_freq": 5, "ireasoner.step_tokens": 64,
+        "ireasoner.max_steps": 8, "ireasoner.min_group": 2, "ireasoner.density_gamma": 0.7,
+        "ireasoner.position_decay": 0.15, "ireasoner.step_weight": 0.7,
+        "ireasoner.warmup_start": 0.3, "ireasoner.length_lambda": 0.05,
+        "ireasoner.length_target": 64.0, "ireasoner.gamma": 0.7,
         "ireasoner.max_tokens": 256, "ireasoner.proposer_max_tokens": 128,
         "ireasoner.solver_samples": 5, "trainer.lr": 1e-6,
         "trainer.lora.rank": 16, "trainer.lora.alpha": 32, "algorithm.kl_coef": 1e-3},
@@ -48,7 +53,10 @@ ORIGINALS = {
         "algorithm.kl_in_reward": 0.0, "algorithm.clip_low": 0.2, "algorithm.clip_high": 0.2,
         "algorithm.kl_coef": 1e-3, "algorithm.kl_estimator": "low_var_kl",
         "algorithm.loss_agg": "micro-token-mean", "algorithm.loss_agg_seqs": 2,
-        "algorithm.whiten_size": 128, "placement.trainer_ranks": 7},
+        "algorithm.whiten_size": 128, "placement.trainer_ranks": 7,
+        # maye/datasets/math.py asks for step-by-step reasoning and a boxed answer, no tags
+        "maye.instruction": "Solve the problem step by step and put the final answer in "
+                            "\\boxed{}."},
 }
 
 

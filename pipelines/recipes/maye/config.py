@@ -7,6 +7,13 @@ from dataclasses import dataclass
 from pipelines.config import param
 
 
+# The original's request (maye/datasets/math.py), in our words: no <think> tags asked for,
+# though the format reward pays for one block.
+ORIGINAL_INSTRUCTION = "Solve the problem step by step and put the final answer in \\boxed{}."
+THINK_TAGS_INSTRUCTION = ("Please reason step by step inside <think> </think> tags, and put "
+                          "your final answer within \\boxed{}.")
+
+
 @dataclass
 class MayeConfig:
     """The maye recipe (docs/maye.md): Reinforce++ on a labeled data set, one response per
@@ -33,8 +40,11 @@ class MayeConfig:
     temperature: float = param(1.0, "Rollout sampling temperature.", ge=0)
     top_p: float = param(1.0, "Rollout nucleus sampling threshold.", gt=0, le=1)
     instruction: str = param(
-        "Please reason step by step inside <think> </think> tags, and put your final answer "
-        "within \\boxed{}.", "Appended to each question (training and evaluation).")
+        ORIGINAL_INSTRUCTION, "Appended to each question (training and evaluation). The "
+        "default asks what the original asks (step by step, the answer in \\boxed{}), not "
+        "for <think> tags, so the format reward and the reflection curves compare with the "
+        "paper's; the tiny preset asks for the tags its warm start teaches "
+        "(THINK_TAGS_INSTRUCTION, pipelines/recipes/maye/config.py).")
     language_penalty: float = param(0.1, "Score penalty per unit share of CJK characters.",
                                     ge=0)
     invalid_score: float = param(
