@@ -73,24 +73,33 @@ def engines(ray_cluster, request):
 
 # Modules whose engines and trainer ranks take the most memory (multiprocess and
 # tensor-parallel engines, several real-vocabulary engines at once): never two of them
-# at once on a 24 GiB host, so with two test processes they form one xdist group, run
-# one after another by one process while the other takes every other module.
+# at once on a 24 GiB host, so with two test processes they form one scheduling unit,
+# run one after another by one process while the other takes every other module.
 MEMORY_HEAVY = ("test_engine_shapes", "test_driver", "test_generator", "test_mmzero")
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Each module its own xdist group (a module's tests share its fixtures' engines),
-    except the MEMORY_HEAVY ones: one group, collected first, so that the longest chain
-    starts at once (pyproject: ``--dist loadgroup --no-loadscope-reorder``). Before the
-    xdist hook that names the groups; harmless without xdist."""
-    def heavy(item) -> bool:
-        return item.module.__name__ in MEMORY_HEAVY
+def heavy(nodeid: str) -> bool:
+    return Path(nodeid.split("::", 1)[0]).stem in MEMORY_HEAVY
 
-    for item in items:
-        name = "memory-heavy" if heavy(item) else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(name))
-    items.sort(key=lambda item: not heavy(item))  # stable: collection order kept within
+
+def pytest_collection_modifyitems(config, items):
+    """The MEMORY_HEAVY modules first, so that the longest unit starts at once
+    (collection order kept within; pyproject: ``--no-loadscope-reorder``)."""
+    items.sort(key=lambda item: not heavy(item.nodeid))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's loadscope scheduling with units of one module each (its fixtures
+    start engines once), except the MEMORY_HEAVY modules: one unit. (xdist's loadgroup
+    would do it with markers, but it renames items by a field pytest 9.2 no longer
+    reads, and splits the other modules test by test.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class HeavyModulesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "memory-heavy" if heavy(nodeid) else nodeid.split("::", 1)[0]
+
+    return HeavyModulesTogether(config, log)
 
 
 def chart_png(seed: int = 0, size: tuple[int, int] = (96, 72)) -> bytes:
