@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -152,6 +153,12 @@ def test_tiny_run_on_a_folder_with_corrupt_files_resumes_after_sigkill_identical
 
     lines = curve("whole")
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    # after the preset's warm start the Solver answers in tags and its rewards vary
+    print("answer-tag share, reward std per step:",
+          [(m["solver/reward/answer_tag_share"], round(m["solver/reward/std"], 3))
+           for m in lines])
+    assert all(m["solver/reward/answer_tag_share"] > 0.5 for m in lines)
+    assert all(m["solver/reward/std"] > 0 for m in lines)
     assert lines[0]["data/images"] == 8 and lines[0]["data/skipped"] == 2
     # the Proposer trains every second step (preset proposer_update_freq 2), the Solver
     # five times per step (one update per sample), each with its own adaptive beta
@@ -165,3 +172,35 @@ def test_tiny_run_on_a_folder_with_corrupt_files_resumes_after_sigkill_identical
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     state = json.loads((tmp_path / "killed/state.json").read_text())
     assert state["finished"]
+
+
+def test_the_warm_start_examples_parse_as_the_recipes_read_them():
+    """The built-in warm start (tiny presets): five examples per drawn figure, whose
+    targets the recipes' own parsers read back as the figure's question and answers
+    (EvoLMM's answer tag, iReasoner's two numbered steps); deterministic in the seed."""
+    from pipelines.config import load_config
+    from pipelines.recipes.evolmm.recipe import EvoLMMRecipe
+    from pipelines.recipes.evolmm.warm_start import sft_examples
+    from pipelines.recipes.ireasoner.recipe import IReasonerRecipe
+    from pipelines.recipes.ireasoner.steps import extract_steps
+
+    examples = sft_examples(10, seed=0)
+    assert len(examples) == 10 and all(len(e.images) == 1 for e in examples)
+    assert [e.target for e in sft_examples(10, seed=0)] == [e.target for e in examples]
+    assert [e.target for e in sft_examples(10, seed=1)] != [e.target for e in examples]
+    for first in (0, 5):  # a figure: Proposer, then (EvoLMM, iReasoner) x (easy, hard)
+        proposer, evo_easy, ire_easy, evo_hard, ire_hard = examples[first:first + 5]
+        question, fallback = parse_question(proposer.target)
+        assert not fallback and question in evo_easy.messages[0]["content"][1]["text"]
+        for evo, ire in ((evo_easy, ire_easy), (evo_hard, ire_hard)):
+            answer = final_answer(evo.target)
+            assert answer and final_answer(ire.target) == answer
+            assert len(extract_steps(ire.target)) == 2
+    with Image.open(io.BytesIO(examples[0].images[0])) as im:
+        assert max(im.size) <= 224
+    # both recipes ask for the same examples: one cached warm start serves both
+    root = Path(__file__).resolve().parents[1]
+    evo = EvoLMMRecipe(load_config(root / "configs/evolmm/tiny-cpu.yaml"))
+    ire = IReasonerRecipe(load_config(root / "configs/ireasoner/tiny-cpu.yaml"))
+    assert [e.target for e in evo.warm_start_examples(6, 2, None)] == \
+        [e.target for e in ire.warm_start_examples(6, 2, None)]

@@ -158,5 +158,13 @@ class EvoLMMRecipe:
     def __init__(self, cfg):
         self.cfg = cfg
 
+    def warm_start_examples(self, count: int, seed: int, cfg) -> list:
+        """``model.warm_start.data: recipe``: the Proposer's and both Solver formats on
+        drawn figures (pipelines/recipes/evolmm/warm_start.py; the same examples for
+        EvoLMM and iReasoner, so one cached warm start serves both)."""
+        from pipelines.recipes.evolmm.warm_start import sft_examples
+
+        return sft_examples(count, seed)
+
     def phases(self, iteration: int) -> list[EvoLMMPhase]:
         return [EvoLMMPhase(self.cfg, self.cfg.evolmm)]
