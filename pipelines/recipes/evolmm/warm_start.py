@@ -23,6 +23,7 @@ from pipelines.runtime.sft import SFTExample
 PER_FIGURE = 5
 KINDS = ("shapes", "bars", "table")
 RATIONALE = "It asks what the figure shows, which the image alone answers."
+READ, COUNT = "I read it from the image.", "I count and compare."  # the Solver's hints
 
 
 def proposer_target(question: str) -> str:
@@ -66,9 +67,8 @@ def sft_examples(count: int, seed: int, side: int = 224) -> list[SFTExample]:
         p, image = fig.proposal, [result.png]
         out.append(SFTExample(prompts.image_message(prompts.PROPOSER),
                               proposer_target(p.easy_question), image))
-        for question, answer, hint in ((p.easy_question, p.easy_answer, "I read it from the "
-                                        "image."),
-                                       (p.hard_question, p.hard_answer, "I count and compare.")):
+        for question, answer, hint in ((p.easy_question, p.easy_answer, READ),
+                                       (p.hard_question, p.hard_answer, COUNT)):
             out.append(SFTExample(prompts.image_message(prompts.SOLVER.format(question=question)),
                                   solver_target(answer, hint), image))
             out.append(SFTExample(
