@@ -153,12 +153,14 @@ def test_tiny_run_on_a_folder_with_corrupt_files_resumes_after_sigkill_identical
 
     lines = curve("whole")
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
-    # after the preset's warm start the Solver answers in tags and its rewards vary
+    # after the preset's warm start the Solver answers in tags and its rewards vary. A
+    # step of the faithful schedule is one image's 5 answers: when they all agree, or all
+    # differ, their rewards are equal (measured: one such step in 4 in each recipe)
     print("answer-tag share, reward std per step:",
           [(m["solver/reward/answer_tag_share"], round(m["solver/reward/std"], 3))
            for m in lines])
     assert all(m["solver/reward/answer_tag_share"] > 0.5 for m in lines)
-    assert all(m["solver/reward/std"] > 0 for m in lines)
+    assert sum(m["solver/reward/std"] > 0 for m in lines) >= 3
     assert lines[0]["data/images"] == 8 and lines[0]["data/skipped"] == 2
     # the Proposer trains every second step (preset proposer_update_freq 2), the Solver
     # five times per step (one update per sample), each with its own adaptive beta

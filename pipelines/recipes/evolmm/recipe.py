@@ -34,21 +34,25 @@ from pipelines.recipes.evolmm.rewards import (
     well_formed,
     words_before_answer,
 )
-from pipelines.recipes.simple.recipe import draw_chart
 from pipelines.runtime.rundir import atomic_write
 
 DEMO_IMAGES = 64
 
 
 def draw_demo_images(folder, count: int = DEMO_IMAGES, seed: int = 0) -> None:
-    """``count`` bar charts (the simple recipe's drawing) as PNG files in ``folder``."""
+    """``count`` drawn figures as PNG files in ``folder``: the warm start's kinds (rows of
+    shapes, bar charts, tables; pipelines/recipes/evolmm/warm_start.py) from a seed
+    stream of their own, so the tiny presets' questions are about what it taught."""
+    from pipelines.recipes.evolmm.warm_start import demo_figures, render
 
     folder.mkdir(parents=True, exist_ok=True)
-    seeds = np.random.default_rng(seed).integers(1 << 31, size=count)
-    for i, chart_seed in enumerate(seeds):
-        path = folder / f"chart_{i:03d}.png"
-        if not path.exists():
-            atomic_write(path, draw_chart(int(chart_seed)))
+    missing = [i for i in range(count) if not (folder / f"figure_{i:03d}.png").exists()]
+    if not missing:
+        return
+    drawn = demo_figures(count, seed)
+    for i, result in zip(missing, render([drawn[i].svg for i in missing], 224)):
+        if result.ok:
+            atomic_write(folder / f"figure_{i:03d}.png", result.png)
 
 
 class EvoLMMPhase:

@@ -53,11 +53,21 @@ def render(svgs: list[str], side: int) -> list:
         pool.close()
 
 
+def drawn_figures(count: int, stream: list[int]) -> list:
+    rng = np.random.default_rng(stream)
+    return [figures.figure(KINDS[i % len(KINDS)], rng) for i in range(count)]
+
+
+def demo_figures(count: int, seed: int) -> list:
+    """The figures of the tiny presets' image folder (a stream apart from the warm
+    start's: the same kinds, other pictures)."""
+    return drawn_figures(count, [seed, 4])
+
+
 def sft_examples(count: int, seed: int, side: int = 224) -> list[SFTExample]:
     """``count`` examples, deterministic in ``seed`` (five per figure, in order)."""
-    rng = np.random.default_rng([seed, 3])  # a stream of its own (MM-Zero's: 1, held out: 2)
-    drawn = [figures.figure(KINDS[i % len(KINDS)], rng)
-             for i in range(math.ceil(count / PER_FIGURE))]
+    # a stream of its own (MM-Zero's warm start: 1, its held-out set: 2, the demo: 4)
+    drawn = drawn_figures(math.ceil(count / PER_FIGURE), [seed, 3])
     renders = render([fig.svg for fig in drawn], side)
     out = []
     for fig, result in zip(drawn, renders):
