@@ -141,7 +141,8 @@ def sampling_params(s: Sampling, banned: list[int]):
 
     return SamplingParams(
         n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-        repetition_penalty=s.repetition_penalty, max_tokens=s.max_tokens, stop=list(s.stop) or None, seed=s.seed, logprobs=0,
+        repetition_penalty=s.repetition_penalty, max_tokens=s.max_tokens,
+        stop=list(s.stop) or None, seed=s.seed, logprobs=0,
         logit_bias=dict.fromkeys(banned, BAN) if banned else None,
     )
 

@@ -67,9 +67,9 @@ def doc_table(text: str) -> dict[str, list[str]]:
     return out
 
 
-def compare(run: Path, doc: str) -> list[str]:
-    """The rows whose figures differ (or are missing from the doc), described."""
-    got = [column(run, k) for k in (1, 2)]
+def compare(got: list[dict[str, str]], doc: str) -> list[str]:
+    """The rows whose figures (``got``: the columns of iterations 1 and 2) differ from the
+    doc's (or are missing from it), described."""
     quoted = doc_table(doc)
     wrong = []
     for row in ROWS:
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| | iteration 1 | iteration 2 |\n| --- | --- | --- |")
     for row in ROWS:
         print(f"| {row} | {cols[0][row]} | {cols[1][row]} |")
-    wrong = compare(args.run, args.doc.read_text())
+    wrong = compare(cols, args.doc.read_text())
     for line in wrong:
         print("DIFFERS:", line)
     print("the doc's figures are the run's" if not wrong else f"{len(wrong)} row(s) differ")

@@ -16,7 +16,8 @@ class EvoLMMConfig:
     data_dir: str = param(
         "", "Folder of images (png, jpg, jpeg, webp, bmp, tiff): every first-level subfolder "
             "recursively, its own files only when it has no subfolder, hidden names "
-            "skipped (the original's walk); empty: 64 figures drawn locally (a demo: rows of shapes, bar charts, tables).")
+            "skipped (the original's walk); empty: 64 figures drawn locally (a demo: rows "
+            "of shapes, bar charts, tables).")
     include_subfolders: list[str] | None = param(
         None, "Only these first-level subfolders of data_dir (default: all).")
     steps: int = param(100, "Generation steps of the phase.", ge=1)

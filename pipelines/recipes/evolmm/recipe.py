@@ -43,14 +43,14 @@ def draw_demo_images(folder, count: int = DEMO_IMAGES, seed: int = 0) -> None:
     """``count`` drawn figures as PNG files in ``folder``: the warm start's kinds (rows of
     shapes, bar charts, tables; pipelines/recipes/evolmm/warm_start.py) from a seed
     stream of their own, so the tiny presets' questions are about what it taught."""
-    from pipelines.recipes.evolmm.warm_start import demo_figures, render
+    from pipelines.recipes.evolmm.warm_start import SIDE, demo_figures, render
 
     folder.mkdir(parents=True, exist_ok=True)
     missing = [i for i in range(count) if not (folder / f"figure_{i:03d}.png").exists()]
     if not missing:
         return
     drawn = demo_figures(count, seed)
-    for i, result in zip(missing, render([drawn[i].svg for i in missing], 224)):
+    for i, result in zip(missing, render([drawn[i].svg for i in missing], SIDE)):
         if result.ok:
             atomic_write(folder / f"figure_{i:03d}.png", result.png)
 

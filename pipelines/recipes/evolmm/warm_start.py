@@ -24,6 +24,7 @@ PER_FIGURE = 5
 KINDS = ("shapes", "bars", "table")
 RATIONALE = "It asks what the figure shows, which the image alone answers."
 READ, COUNT = "I read it from the image.", "I count and compare."  # the Solver's hints
+SIDE = 224  # rendered figures' largest side (the warm start's and the demo folder's)
 
 
 def proposer_target(question: str) -> str:
@@ -64,7 +65,7 @@ def demo_figures(count: int, seed: int) -> list:
     return drawn_figures(count, [seed, 4])
 
 
-def sft_examples(count: int, seed: int, side: int = 224) -> list[SFTExample]:
+def sft_examples(count: int, seed: int, side: int = SIDE) -> list[SFTExample]:
     """``count`` examples, deterministic in ``seed`` (five per figure, in order)."""
     # a stream of its own (MM-Zero's warm start: 1, its held-out set: 2, the demo: 4)
     drawn = drawn_figures(math.ceil(count / PER_FIGURE), [seed, 3])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines.recipes.evolmm import prompts
-from pipelines.recipes.evolmm.recipe import EvoLMMPhase
+from pipelines.recipes.evolmm.recipe import EvoLMMPhase, EvoLMMRecipe
 from pipelines.recipes.evolmm.rewards import evolmm_normalize, soft_rewards, words_before_answer
 from pipelines.recipes.ireasoner.steps import extract_steps, mix_weight, step_agreement
 
@@ -62,13 +62,8 @@ class IReasonerRecipe:
     def __init__(self, cfg):
         self.cfg = cfg
 
-    def warm_start_examples(self, count: int, seed: int, cfg) -> list:
-        """``model.warm_start.data: recipe``: the Proposer's and both Solver formats on
-        drawn figures (pipelines/recipes/evolmm/warm_start.py; the same examples for
-        EvoLMM and iReasoner, so one cached warm start serves both)."""
-        from pipelines.recipes.evolmm.warm_start import sft_examples
-
-        return sft_examples(count, seed)
+    # EvoLMM's examples: both Solver formats are in them, so one cached warm start serves both
+    warm_start_examples = EvoLMMRecipe.warm_start_examples
 
     def phases(self, iteration: int) -> list[IReasonerPhase]:
         return [IReasonerPhase(self.cfg, self.cfg.ireasoner)]
