@@ -7,7 +7,7 @@
     coevolve generate [FILE] [key=value ...]               sample from the model in a vLLM actor
     coevolve plan FILE [key=value ...] [--cluster FILE]    placement and memory per device, no GPU
                  [--timings RUN_DIR]                      and the step time, in turns and overlapped
-    coevolve plot RUN_DIR                                  co-evolution figures of an MM-Zero run
+    coevolve plot RUN_DIR                                  a run's figures (MM-Zero, EvoLMM, iReasoner)
     coevolve eval RUN_DIR|MODEL [--tasks ...]              benchmarks for every iteration's policy
 
 User errors (bad config values, missing files, bad model references) exit
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from pipelines.config import ConfigError, dump_config, load_config
 
@@ -76,8 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     _export_parser(sub)
     _eval_parser(sub)
 
-    plot = sub.add_parser("plot", help="draw the co-evolution figures of an MM-Zero run from its "
-                                       "iter_*/coevo.json (iter_*/coevo.png and coevo.png)")
+    plot = sub.add_parser("plot", help="redraw a run's figures: an MM-Zero run's from its "
+                                       "iter_*/coevo.json (iter_*/coevo.png and coevo.png), an "
+                                       "EvoLMM or iReasoner phase's curves.png from its metrics")
     plot.add_argument("run_dir", help="runs/<name>")
     plot.set_defaults(func=_plot)
     return parser
@@ -266,9 +268,13 @@ def _eval(args) -> int:
 
 
 def _plot(args) -> int:
+    from pipelines.recipes.evolmm.figure import plot_run as phase_curves
     from pipelines.recipes.mmzero.coevo import plot_run
 
-    for path in plot_run(args.run_dir):
+    written = phase_curves(args.run_dir) if Path(args.run_dir).is_dir() else []
+    if not written or any(Path(args.run_dir).glob("iter_*/coevo.json")):
+        written += plot_run(args.run_dir)
+    for path in written:
         print(path)
     return 0
 

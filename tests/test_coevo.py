@@ -29,11 +29,13 @@ def funnel_items() -> list[FunnelItem]:
     """7 proposals: 6 parsed, 4 rendered and evaluated, 2 kept."""
     return [
         FunnelItem(True, "data_chart", True, 1000, True, easy_consistency=1.0,
-                   hard_consistency=0.5, kept=True),
+                   hard_consistency=0.5, kept=True, label_right=True),
         FunnelItem(True, "data_chart", True, 2000, True, easy_consistency=0.8,
-                   hard_consistency=0.3, kept=True),
-        FunnelItem(True, "geometry", True, 1500, True, easy_consistency=0.6, hard_consistency=0.9),
-        FunnelItem(True, "geometry", True, 500, True, easy_consistency=0.2, hard_consistency=0.1),
+                   hard_consistency=0.3, kept=True, label_right=False),
+        FunnelItem(True, "geometry", True, 1500, True, easy_consistency=0.6, hard_consistency=0.9,
+                   label_right=True),
+        FunnelItem(True, "geometry", True, 500, True, easy_consistency=0.2, hard_consistency=0.1,
+                   label_right=True),
         FunnelItem(True, "data_chart", rendered=False, svg_chars=3000),  # SVG that failed to render
         FunnelItem(True, "geometry"),  # CodeGen wrote no SVG
         FunnelItem(False),  # unparsable proposal
@@ -60,6 +62,9 @@ def test_metrics_hand_computed():
     # SVG lengths of the 5 items that have one: (1000 + 2000 + 1500 + 500 + 3000) / 5
     assert m["mean_svg_chars"] == pytest.approx(1600.0)
     assert (m["codegen_kept"], m["solver_kept"]) == (12, 2)
+    # the majority equals the Proposer's hard answer on 3 of 4 evaluated items, 1 of 2 kept
+    assert m["pseudo_label_accuracy"] == pytest.approx(0.75)
+    assert m["kept_pseudo_label_accuracy"] == pytest.approx(0.5)
 
 
 def test_entropy_extremes_and_missing_type_is_other():
@@ -81,6 +86,7 @@ def test_empty_inputs():
     for key in ("difficulty", "solvability", "hard_consistency", "easy_hard_gap", "render_rate",
                 "mean_svg_chars"):
         assert m[key] is None, key
+    assert m["pseudo_label_accuracy"] is None and m["kept_pseudo_label_accuracy"] is None
     assert m["content_type_entropy"] == 0.0
     assert m["content_types"] == dict.fromkeys(TYPES, 0.0)
     assert m["funnel"] == dict.fromkeys(("proposals", "parsed", "rendered", "evaluated", "kept"), 0)

@@ -84,11 +84,13 @@ def test_tiny_ireasoner_run_embeds_steps_in_the_trainer(ray_cluster, tmp_path):
     images = drawn_folder(tmp_path / "images")
     cfg = load_config(ROOT / "configs/ireasoner/tiny-cpu.yaml", [
         f"run.root={tmp_path}", f"ireasoner.data_dir={images}", "logging.progress=false",
-        "ireasoner.warmup=false", "ireasoner.steps=2"])
+        "ireasoner.warmup=false", "ireasoner.steps=2", "ireasoner.schedule=faithful"])
     Driver(cfg).run()
     lines = [m for m in read_metrics(tmp_path / "ireasoner-tiny/iter_0001/ireasoner/metrics.jsonl")
              if "solver/reward/mean" in m]
     assert len(lines) == 2 and all(m["solver/reward/mix_weight"] == 0.7 for m in lines)
+    # the original's schedule: one image per step, one Solver update per sampled answer
+    assert all(m["solver/train/updates"] == 5 for m in lines)
     assert all("solver/reward/dominant_group" in m for m in lines)
 
 

@@ -16,8 +16,31 @@ from pipelines.runtime.rundir import (
     complete_checkpoints,
 )
 
+# a metric is shown under its own name or a policy's (``solver/reward/mean``: EvoLMM)
 SHOWN = ("reward/mean", "sft/nll", "train/grad_norm", "policy/loss", "policy/kl", "rollout/response_tokens",
-         "perf/tokens_per_s")
+         "perf/tokens_per_s", "reward/pseudo_label_accuracy", "reward/sample_accuracy")
+HELDOUT = ("greedy", "sampled", "majority")  # EvoLMM's held-out scores (heldout/<name>)
+
+
+def _step_row(m: dict) -> bool:
+    return "sft/nll" in m or any(k == "reward/mean" or k.endswith("/reward/mean") for k in m)
+
+
+def _shown(row: dict) -> str:
+    keys = [k for name in SHOWN for k in row if k == name or k.endswith("/" + name)]
+    return ", ".join(f"{k} {row[k]:.4g}" for k in keys)
+
+
+def _heldout_line(metrics: list[dict]) -> str | None:
+    """Held-out accuracy before training and at its newest scoring, when scored."""
+    before = next((m for m in metrics if "heldout/sampled_before" in m), None)
+    after = next((m for m in reversed(metrics) if "heldout/sampled" in m), None)
+    if before is None:
+        return None
+    parts = [f"{k} {before[f'heldout/{k}_before']:.3f}" + (
+        f" -> {after[f'heldout/{k}']:.3f}" if after else "") for k in HELDOUT]
+    at = f" (step {after['step']})" if after else ""
+    return "  held-out accuracy " + ", ".join(parts) + at
 
 
 def render_status(run_dir: str | Path) -> str:
@@ -43,16 +66,17 @@ def render_status(run_dir: str | Path) -> str:
                         key=lambda d: (d.parent.name, order.get(f"{d.parent.name}/{d.name}",
                                                                 len(order)), d.name))
     for phase_dir in phase_dirs:
-        metrics = [m for m in read_metrics(phase_dir / "metrics.jsonl")
-                   if "reward/mean" in m or "sft/nll" in m]
+        metrics = [m for m in read_metrics(phase_dir / "metrics.jsonl") if _step_row(m)]
         done = PhaseDir(phase_dir).has(DONE)
         ckpts = [p.name for _, p in complete_checkpoints(PhaseDir(phase_dir).ckpt)]
         lines.append(f"\n{phase_dir.parent.name}/{phase_dir.name}: {'done' if done else 'in progress'}"
                      f", {len(metrics)} steps logged, checkpoints: {', '.join(ckpts) or 'none'}")
         if metrics:
             last = metrics[-1]
-            shown = ", ".join(f"{k} {last[k]:.4g}" for k in SHOWN if k in last)
-            lines.append(f"  step {last['step']}: {shown}")
+            lines.append(f"  step {last['step']}: {_shown(last)}")
+            heldout = _heldout_line(metrics)
+            if heldout:
+                lines.append(heldout)
             lines.append(_timing_table(metrics))
     for path in sorted(run_dir.glob("iter_*/coevo.json")):
         lines.append(_coevo_line(path))
@@ -72,7 +96,10 @@ def _coevo_line(path: Path) -> str:
     return (f"\n{path.parent.name} co-evolution: difficulty {fmt(c.get('difficulty'))}, "
             f"solvability {fmt(c.get('solvability'))}, render rate {fmt(c.get('render_rate'))}, "
             f"funnel " + " -> ".join(f"{k} {v}" for k, v in funnel.items()) +
-            f", kept codegen {c.get('codegen_kept')} solver {c.get('solver_kept')}")
+            f", kept codegen {c.get('codegen_kept')} solver {c.get('solver_kept')}"
+            f"; pseudo-labels right {fmt(c.get('pseudo_label_accuracy'))} "
+            f"(kept {fmt(c.get('kept_pseudo_label_accuracy'))}), held-out accuracy "
+            f"{fmt(c.get('heldout_accuracy_before'))} -> {fmt(c.get('heldout_accuracy'))}")
 
 
 def _timing_table(metrics: list[dict]) -> str:

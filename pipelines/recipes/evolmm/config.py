@@ -28,9 +28,31 @@ class EvoLMMConfig:
     images_per_step: int = param(8, "Images per step in the batched schedule.", ge=1)
     solver_samples: int = param(5, "N: answers the Solver samples per question.", ge=2)
     proposer_update_freq: int = param(5, "Update the Proposer every K steps.", ge=1)
-    reward: Literal["soft", "discrete"] = param(
-        "soft", "Solver reward: soft p(a)^gamma with the length penalty, or discrete (1 for the "
-        "majority answer, the paper's ablation).")
+    reward: Literal["soft", "discrete", "shuffled"] = param(
+        "soft", "Solver reward: soft p(a)^gamma with the length penalty, discrete (1 for the "
+        "majority answer, the paper's ablation), or shuffled (the soft rewards permuted across "
+        "the step's answers: a control with the same compute and no signal, "
+        "benchmarks/label_free.py).")
+    questions: Literal["proposer", "known"] = param(
+        "proposer", "proposer: the Proposer writes each image's question (the original); known: "
+        "the Solver answers the image's own questions from data_dir/answers.jsonl (the drawn "
+        "demo figures have them) and the Proposer is neither asked nor trained, test-time RL "
+        "on fixed questions (TTRL, arXiv:2504.16084). The answers are never rewarded: they "
+        "only score the majority vote (reward/pseudo_label_accuracy).")
+    heldout: int = param(
+        0, "Held-out questions the Solver is scored on before the first step and after every "
+        "heldout_every steps and the last: heldout/greedy, heldout/sampled (mean of "
+        "heldout_samples answers at the run's temperature) and heldout/majority (their "
+        "majority vote); the first this many of heldout_dir's, or without it both questions "
+        "of drawn bar charts and tables that neither the warm start nor the demo folder "
+        "holds; 0: off.", ge=0)
+    heldout_dir: str = param(
+        "", "A folder of held-out images with an answers.jsonl (as data_dir's; "
+        "docs/evolmm.md), never trained on; empty: drawn figures.")
+    heldout_samples: int = param(8, "Answers per held-out question for heldout/sampled and "
+                                 "heldout/majority.", ge=1)
+    heldout_every: int = param(0, "Score the held-out set every this many steps too (0: only "
+                               "before the first step and after the last).", ge=0)
     gamma: float = param(0.7, "Exponent of the answer share in the soft reward.", gt=0)
     length_lambda: float = param(0.10, "Weight of the length penalty.", ge=0, le=1)
     length_target: float = param(6.0, "T: words before <answer> that cost nothing.", gt=0)

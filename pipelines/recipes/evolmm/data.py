@@ -8,11 +8,19 @@ every level. Extensions below, in a deterministic order drawn from the seed. Eac
 decoded when it is listed: a corrupt, empty or unreadable file, or a file
 that is not an image, is skipped and counted (``skipped``), never fatal. A
 folder with no usable image is a clear error.
+
+Hidden answers (optional): ``answers.jsonl`` at the folder's top, one
+``{"image": "<path under the folder>", "question": ..., "answer": ...}`` per
+line, any number per image. The recipes never reward with them: they ask those
+questions (``evolmm.questions: known``) and compare the Solver's majority
+answer with them (pseudo-label accuracy, docs/evolmm.md). A malformed line, or
+one naming no listed image, is skipped and counted (``answers_skipped``).
 """
 
 from __future__ import annotations
 
 import io
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +28,7 @@ import numpy as np
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tiff", ".tif")
 MAX_PIXELS = 8192 * 8192  # larger images are refused as decompression bombs
+ANSWERS = "answers.jsonl"
 
 
 def _usable(path: Path) -> str | None:
@@ -87,6 +96,11 @@ class ImageFolder:
                              f"{dict(self.skipped) or 'none'})")
         order = np.random.default_rng(seed).permutation(len(found))
         self.paths = [found[i] for i in order]
+        self.answers, self.answers_skipped = _read_answers(root, set(found))
+
+    def known(self, index: int) -> list[tuple[str, str]]:
+        """The (question, hidden answer) pairs of image ``index`` (cycling), if any."""
+        return self.answers.get(self.paths[index % len(self.paths)], [])
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -103,4 +117,33 @@ class ImageFolder:
     def stats(self) -> dict[str, float]:
         return {"images": float(len(self.paths)),
                 **{f"skipped_{k}": float(v) for k, v in self.skipped.items()},
-                "skipped": float(sum(self.skipped.values()))}
+                "skipped": float(sum(self.skipped.values())),
+                **({"answered_images": float(len(self.answers)),
+                    "answers_skipped": float(self.answers_skipped)}
+                   if self.answers or self.answers_skipped else {})}
+
+
+def _read_answers(root: Path, images: set[Path]) -> tuple[dict[Path, list[tuple[str, str]]], int]:
+    """``root/answers.jsonl`` as {image path: [(question, answer), ...]}, and how many
+    lines were skipped (not JSON, not three strings, or no listed image)."""
+    path = root / ANSWERS
+    if not path.is_file():
+        return {}, 0
+    out: dict[Path, list[tuple[str, str]]] = {}
+    skipped = 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            image, question, answer = row["image"], row["question"], row["answer"]
+        except (ValueError, TypeError, KeyError):
+            skipped += 1
+            continue
+        full = root / image if isinstance(image, str) else None
+        if full not in images or not (isinstance(question, str) and isinstance(answer, str)) \
+                or not question.strip() or not answer.strip():
+            skipped += 1
+            continue
+        out.setdefault(full, []).append((question.strip(), answer.strip()))
+    return out, skipped

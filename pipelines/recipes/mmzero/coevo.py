@@ -45,6 +45,8 @@ class FunnelItem:
     easy_consistency: float | None = None  # Solver self-consistency c on the easy question
     hard_consistency: float | None = None  # ... on the hard question (h in the formulas)
     kept: bool = False  # passed the Solver data filter
+    # the majority (pseudo-label) equals the Proposer's hard answer; None: not evaluated
+    label_right: bool | None = None
 
 
 def coevo_metrics(items: list[FunnelItem], codegen_kept: int, solver_kept: int,
@@ -63,6 +65,10 @@ def coevo_metrics(items: list[FunnelItem], codegen_kept: int, solver_kept: int,
     - ``funnel`` = counts {proposals, parsed, rendered, evaluated, kept}.
     - ``mean_svg_chars`` = mean SVG length over items that have one (rendered or not).
     - ``codegen_kept`` / ``solver_kept`` = training items of this iteration's phases.
+    - ``pseudo_label_accuracy`` = share of evaluated items whose pseudo-label (the
+      Solver's majority answer to the hard question) equals the hidden answer, the
+      Proposer's hard answer that CodeGen drew; ``kept_pseudo_label_accuracy`` = the same
+      over kept items, the labels the Solver trains on.
 
     A mean over nothing is None (not 0: a difficulty of 0 would read as "too easy");
     counts are 0, the entropy of no parsed items is 0 and their shares are all 0.
@@ -98,6 +104,9 @@ def coevo_metrics(items: list[FunnelItem], codegen_kept: int, solver_kept: int,
         "mean_svg_chars": _mean([it.svg_chars for it in items if it.svg_chars is not None]),
         "codegen_kept": codegen_kept,
         "solver_kept": solver_kept,
+        "pseudo_label_accuracy": _mean([float(bool(it.label_right)) for it in evaluated]),
+        "kept_pseudo_label_accuracy": _mean([float(bool(it.label_right)) for it in items
+                                             if it.kept]),
     }
 
 
@@ -208,8 +217,10 @@ CURVES = (
      ("content_type_entropy",), (0, 1.05)),
     ("mean SVG length", "characters", ("mean_svg_chars",), None),
     ("kept training items", "items", ("codegen_kept", "solver_kept"), None),
-    ("held-out Solver accuracy\n(drawn figures with known answers, T 0.6)", "accuracy",
-     ("heldout_accuracy_before", "heldout_accuracy"), (0, 1.05)),
+    ("Solver against known answers: held-out figures (T 0.6)\nand pseudo-labels "
+     "(majority = the Proposer's hard answer)", "accuracy",
+     ("heldout_accuracy_before", "heldout_accuracy", "pseudo_label_accuracy",
+      "kept_pseudo_label_accuracy"), (0, 1.05)),
     ("mean reward over the phase's steps", "reward",
      tuple(f"{p}_reward_mean" for p in PHASES), "auto"),
     ("reward std within steps (0 = no learning signal)", "std",
@@ -219,6 +230,8 @@ CURVES = (
 LABELS = {"codegen_kept": "CodeGen (render-rate filter)", "solver_kept": "Solver (consistency filter)",
           "heldout_accuracy_before": "before the Solver phase",
           "heldout_accuracy": "after the Solver phase",
+          "pseudo_label_accuracy": "pseudo-labels, evaluated items",
+          "kept_pseudo_label_accuracy": "pseudo-labels, kept items",
           **{f"{p}_reward_{k}": p for p in PHASES for k in ("mean", "std")}}
 
 

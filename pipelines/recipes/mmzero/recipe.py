@@ -323,6 +323,8 @@ class SolverPhase:
                     True, a.easy_consistency, a.hard_consistency)
                 f.kept = solver_keep(a.easy_consistency, a.hard_consistency, True, a.label,
                                      m.solver_easy_min, tuple(m.solver_hard_range))
+                # the hidden answer: the Proposer's, which CodeGen drew and the Solver never saw
+                f.label_right = a.label is not None and grade(a.label, p.hard_answer)
             if f.kept:
                 items.append({"png": result.png, "question": p.hard_question, "label": a.label,
                               "bootstrap": False})
