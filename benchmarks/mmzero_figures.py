@@ -26,6 +26,7 @@ ROWS = (
     "Solver: reward std (step 1, 2)",
     "gradient norm, every phase and step",
     "held-out Solver accuracy, before and after",
+    "Solver pseudo-labels equal to the Proposer's answer (evaluated, kept)",
 )
 
 
@@ -54,6 +55,7 @@ def column(run: Path, iteration: int) -> dict[str, str]:
         pair(s[0]["reward/std"], s[1]["reward/std"]),
         f"{min(norms):.2f}-{max(norms):.2f}",
         f"{coevo['heldout_accuracy_before']:.3f}, {coevo['heldout_accuracy']:.3f}",
+        pair(coevo["pseudo_label_accuracy"], coevo["kept_pseudo_label_accuracy"]),
     )))
 
 

@@ -315,3 +315,55 @@ def test_status_and_curves_show_pseudo_labels_and_heldout_accuracy(tmp_path, cap
     assert capsys.readouterr().out.split() == [str(phase / "curves.png")]
     with Image.open(phase / "curves.png") as image:
         assert image.size == (1200, 800)
+
+
+def test_known_questions_mode_asks_the_images_questions_and_scores_the_votes(tmp_path):
+    """questions: known: no Proposer request or update; each image's question from its
+    answers.jsonl; the majority checked against the hidden answer by hand; reward:
+    shuffled moves the same rewards between answers."""
+    import json
+    from types import SimpleNamespace
+
+    from actors.sampling import Completion
+    from pipelines.config import load_config
+    from pipelines.recipes.evolmm.recipe import EvoLMMPhase
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8), "red").save(tmp_path / name)
+    (tmp_path / "answers.jsonl").write_text(
+        json.dumps({"image": "a.png", "question": "Colour of a?", "answer": "red"}) + "\n"
+        + json.dumps({"image": "b.png", "question": "Colour of b?", "answer": "blue"}) + "\n")
+    replies = {"Colour of a?": ["red", "red", "green", "red"],  # majority red: right
+               "Colour of b?": ["red", "red", "blue", "green"]}  # majority red: wrong
+
+    class Pool:
+        def __init__(self):
+            self.asked = []
+
+        def generate(self, requests):
+            self.asked += requests
+            return [[Completion(f"<think>x</think><answer>{a}</answer>", [], [], [], "stop", 0)
+                     for a in replies[r.messages[0]["content"][1]["text"].split(": ")[-1]]]
+                    for r in requests]
+
+    def rollout(reward: str):
+        cfg = load_config(ROOT / "configs/evolmm/tiny-cpu.yaml", [
+            f"evolmm.data_dir={tmp_path}", "evolmm.questions=known", "evolmm.images_per_step=2",
+            "evolmm.solver_samples=4", "evolmm.proposer_update_freq=1", f"evolmm.reward={reward}"])
+        phase = EvoLMMPhase(cfg, cfg.evolmm)
+        phase.prepare(SimpleNamespace(run_dir=tmp_path))
+        pool = Pool()
+        out = phase.rollout(0, np.random.default_rng(0), SimpleNamespace(pool=pool, dir=tmp_path))
+        return out, pool.asked
+
+    [solver], asked = rollout("soft")
+    assert {r.adapter for r in asked} == {"solver"} and len(asked) == 2  # no Proposer
+    m = solver.scores.metrics
+    # majorities: red (= red), red (!= blue): 1/2; single answers right: 3/4 and 1/4: 4/8
+    assert (m["pseudo_label_accuracy"], m["sample_accuracy"], m["known_questions"]) == \
+        (0.5, 0.5, 2.0)
+    assert m["question_fallbacks"] == 0.0
+    [shuffled], _ = rollout("shuffled")
+    soft_rewards_ = sorted(r for group in solver.scores.rewards for r in group)
+    assert sorted(r for group in shuffled.scores.rewards for r in group) == soft_rewards_
+    assert shuffled.scores.rewards != solver.scores.rewards

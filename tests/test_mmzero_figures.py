@@ -28,7 +28,8 @@ def write_run(root, iteration: int, scale: float) -> None:
             "".join(json.dumps({"step": k + 1, **r}) + "\n" for k, r in enumerate(rows))
             + json.dumps({"step": 2, "timing/export": 1.0}) + "\n")  # a row without rewards
     (root / f"iter_{iteration:04d}" / "coevo.json").write_text(
-        json.dumps({"heldout_accuracy_before": 0.1667, "heldout_accuracy": 0.2083}))
+        json.dumps({"heldout_accuracy_before": 0.1667, "heldout_accuracy": 0.2083,
+                    "pseudo_label_accuracy": 0.4737, "kept_pseudo_label_accuracy": 0.6}))
 
 
 def test_the_table_is_recomputed_and_a_differing_figure_is_named(tmp_path):
@@ -37,7 +38,7 @@ def test_the_table_is_recomputed_and_a_differing_figure_is_named(tmp_path):
     col = column(tmp_path, 1)
     assert [col[r] for r in ROWS] == ["0.50, 0.75", "0.88, 0.42", "0.75, 0.52", "9",
                                       "0.50, 0.91", "10 (19)", "0.45, 0.23", "0.13-2.11",
-                                      "0.167, 0.208"]
+                                      "0.167, 0.208", "0.47, 0.60"]
     doc = "| | iteration 1 | iteration 2 |\n| --- | --- | --- |\n" + "".join(
         f"| {r} | {col[r]} | {col[r]} |\n" for r in ROWS)
     assert compare([col, column(tmp_path, 2)], doc) == []
