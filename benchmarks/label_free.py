@@ -1,6 +1,6 @@
 """Does label-free self-evolution make a model better? Held-out accuracy against a control.
 
-    .venv/bin/python -m benchmarks.label_free [--seeds 0 1 2] [--steps 60]
+    .venv/bin/python -m benchmarks.label_free [--seeds 0 1 2] [--steps 40] [--arms ...]
 
 For each seed, two EvoLMM runs (the real engine: vLLM in Ray actors, the FSDP2
 trainer, LoRA adapters) that differ in one thing:
@@ -18,7 +18,7 @@ images (64) and the held-out images (64) are drawn from different seed streams;
 their answers sit in ``answers.jsonl`` and are never rewarded: they score the
 majority vote (pseudo-label accuracy) and the held-out set.
 
-The warm start: 600 SFT steps on the Solver's format whose answers are wrong
+The warm start: 1200 SFT steps (batch 8) on the Solver's format whose answers are wrong
 ``NOISE`` of the time (another colour, uniformly), with the vision tower trained
 (the 0.8 M-parameter tiny model learns colour slowly: the answer is one token of a
 ~15-token target; 300 steps on colour and shape questions with clean answers gave
@@ -31,8 +31,9 @@ has next to no room here, and the table shows it beside the others.
 
 Prints a table (recipe, seed, arm, held-out greedy / sampled / majority before
 and after, pseudo-label accuracy at the start and the end of training), writes
-``benchmarks/results/label_free-<time>.json`` and a PNG beside it. About 5
-minutes per run on 2 CPU cores (the warm start, 2 minutes, is cached per seed).
+``benchmarks/results/label_free-<time>.json`` and a PNG beside it. About 25
+minutes on 2 CPU cores for the default 3 seeds x 2 arms (the warm start, 3.5 minutes,
+is trained once per seed and cached).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ STYLE = {"soft": "-", "shuffled": "--", "discrete": ":"}
 OVERRIDES = ("evolmm.questions=known", "evolmm.schedule=batched", "evolmm.images_per_step=8",
              "evolmm.solver_samples=8", "evolmm.heldout=64", "evolmm.heldout_every=10",
              "model.warm_start.data=benchmarks.label_free:warm_examples",
-             "model.warm_start.examples=4800", "model.warm_start.steps=600",
+             "model.warm_start.examples=9600", "model.warm_start.steps=1200",
              "trainer.freeze_vision=false", "run.save_every=20")
 
 
@@ -194,8 +195,10 @@ def figure(results: list[dict], path: Path) -> None:
     right.set(title="pseudo-label accuracy (majority of 8 = hidden answer)", xlabel="step",
               ylabel="share of the step's questions", ylim=(0, 1.05))
     left.legend(fontsize=8)
-    fig.suptitle("EvoLMM on drawn shapes: label-free rewards (solid: soft, dotted: majority "
-                 "0/1) vs the shuffled-reward control (dashed)")
+    names = {"soft": "soft reward (solid)", "discrete": "majority 0/1 reward (dotted)",
+             "shuffled": "shuffled-reward control (dashed)"}
+    arms = [names[a] for a in STYLE if any(r["arm"] == a for r in results)]
+    fig.suptitle("EvoLMM on drawn shapes, held-out images: " + " vs ".join(arms))
     fig.savefig(path, format="png")
 
 
