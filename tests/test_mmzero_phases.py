@@ -425,6 +425,9 @@ def test_solver_phase_prepare_score_finish(recipe, tmp_path):
         "easy_hard_gap": 0.1, "render_rate": 5 / 7, "content_type_entropy": entropy,
         "mean_svg_chars": float(len(SVG)),  # S5 had no code: not counted
         "codegen_kept": 1, "solver_kept": 3,
+        # every proposal's hard answer is 5; the majorities 5, 8, 1, 6, 1 (S1, S2, S3, S4, S7):
+        # right on 1 of 5 evaluated items, 1 of 3 kept (S1, S2, S7)
+        "pseudo_label_accuracy": 1 / 5, "kept_pseudo_label_accuracy": 1 / 3,
         # no phase logged a step here (metrics.jsonl absent): no reward figures
         **{f"{p}_reward_{k}": None for p in ("proposer", "codegen", "solver")
            for k in ("mean", "std")}})
