@@ -211,7 +211,8 @@ def test_the_warm_start_examples_parse_as_the_recipes_read_them():
 
 
 def test_pseudo_label_accuracy_by_hand():
-    from pipelines.recipes.evolmm.known import hidden_answer, majority, pseudo_label_metrics
+    from pipelines.recipes.evolmm.known import hidden_answer, pseudo_label_metrics
+    from pipelines.recipes.evolmm.rewards import majority_answer as majority
 
     groups = [["3", "3", "4"], ["red", "Blue", "blue"], ["A", "B"], ["7", "", ""]]
     # majorities 3, blue, a (tie: the first met), "" (an unparsable majority is never right)

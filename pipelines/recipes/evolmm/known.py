@@ -18,24 +18,15 @@ the warm start nor the demo folder holds: greedy, sampled and majority-vote accu
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 
 from actors.sampling import Request, Sampling
-from pipelines.recipes.evolmm.rewards import evolmm_normalize, final_answer
+from pipelines.recipes.evolmm.rewards import evolmm_normalize, final_answer, majority_answer
 
 HELDOUT_KINDS = ("bars", "table")  # shapes: 36 figures in all, every one in the warm start
 HELDOUT_STREAM = 5  # the warm start draws from stream 3, the demo folder from 4
-
-
-def majority(answers: Sequence[str]) -> str:
-    """The most frequent normalised answer (ties: the first met), as the rewards vote."""
-    keys = [evolmm_normalize(a) for a in answers]
-    counts = Counter(keys)
-    top = max(counts.values())
-    return next(k for k in keys if counts[k] == top)
 
 
 def hidden_answer(question: str, known: Sequence[tuple[str, str]]) -> str | None:
@@ -55,7 +46,7 @@ def pseudo_label_metrics(groups: Sequence[Sequence[str]],
     if not pairs:
         return {}
     return {
-        "pseudo_label_accuracy": float(np.mean([majority(g) == h for g, h in pairs])),
+        "pseudo_label_accuracy": float(np.mean([majority_answer(g) == h for g, h in pairs])),
         "sample_accuracy": float(np.mean([evolmm_normalize(a) == h for g, h in pairs
                                           for a in g])),
         "known_questions": float(len(pairs)),

@@ -84,13 +84,19 @@ def soft_rewards(answers: Sequence[str], words: Sequence[int], *, gamma: float =
     return out
 
 
+def majority_answer(answers: Sequence[str],
+                    normalize: Callable[[str], str] = evolmm_normalize) -> str:
+    """The most frequent normalised answer (ties: the one seen first)."""
+    keys, counts = answer_shares(answers, normalize)
+    top = max(counts.values())
+    return next(k for k in keys if counts[k] == top)
+
+
 def discrete_rewards(answers: Sequence[str],
                      normalize: Callable[[str], str] = evolmm_normalize) -> list[float]:
     """1 for answers in the majority group (ties: the one seen first), else 0."""
-    keys, counts = answer_shares(answers, normalize)
-    top = max(counts.values())
-    majority = next(k for k in keys if counts[k] == top)
-    return [1.0 if k == majority else 0.0 for k in keys]
+    majority = majority_answer(answers, normalize)
+    return [1.0 if normalize(a) == majority else 0.0 for a in answers]
 
 
 def answer_entropy(answers: Sequence[str],

@@ -14,7 +14,12 @@ import numpy as np
 
 from pipelines.recipes.evolmm import prompts
 from pipelines.recipes.evolmm.recipe import EvoLMMPhase, EvoLMMRecipe
-from pipelines.recipes.evolmm.rewards import evolmm_normalize, soft_rewards, words_before_answer
+from pipelines.recipes.evolmm.rewards import (
+    evolmm_normalize,
+    majority_answer,
+    soft_rewards,
+    words_before_answer,
+)
 from pipelines.recipes.ireasoner.steps import extract_steps, mix_weight, step_agreement
 
 
@@ -34,8 +39,7 @@ class IReasonerPhase(EvoLMMPhase):
         if weight == 0.0:
             return soft, metrics
         keys = [evolmm_normalize(f) for f in finals]
-        top = max(keys.count(k) for k in keys)
-        majority = next(k for k in keys if keys.count(k) == top)
+        majority = majority_answer(finals)
         group = [i for i, k in enumerate(keys) if k == majority]
         steps = [extract_steps(t, s.max_steps) if i in group else [] for i, t in enumerate(texts)]
         flat = [step_text for i in group for step_text in steps[i]]
